@@ -1,0 +1,31 @@
+"""blockgraph: a declarative model builder for PyTorch.
+
+A YAML spec is validated, its dataflow and every tensor shape are resolved statically (no torch needed), and it is
+compiled into an ordinary ``nn.Module``.
+"""
+
+from blockgraph.api import (
+    analyze,
+    build_model,
+    create_model,
+    list_models,
+    load_timm_state_dict,
+    validate,
+)
+from blockgraph.errors import BlockgraphError, GraphError, MultiError, ShapeError, SpecError, WeightsError
+
+__all__ = [
+    "BlockgraphError",
+    "GraphError",
+    "MultiError",
+    "ShapeError",
+    "SpecError",
+    "WeightsError",
+    "analyze",
+    "build_model",
+    "create_model",
+    "list_models",
+    "load_timm_state_dict",
+    "validate",
+]
+__version__ = "0.1.0"

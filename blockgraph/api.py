@@ -1,0 +1,218 @@
+"""The public Python API: validate, build, create and list models, load timm weights.
+
+``validate`` and everything before compilation never import torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
+from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.graph.build import Graph, build_graph
+from blockgraph.graph.infer import Inference, infer
+from blockgraph.spec.expand import Expanded, expand
+from blockgraph.spec.schema import ModelBase, ParsedSpec, parse
+
+if TYPE_CHECKING:
+    from torch import nn
+
+SPEC_DIR = Path(os.environ.get("BLOCKGRAPH_SPECS", Path(__file__).resolve().parent.parent / "specs"))
+"""Where the reference specs live (``create_model`` / ``list_models``); ``BLOCKGRAPH_SPECS`` overrides it."""
+
+SpecLike = str | os.PathLike[str] | ModelBase
+
+
+@dataclass
+class Analysis:
+    """Everything known about a spec before any weight exists."""
+
+    expanded: Expanded
+    parsed: ParsedSpec
+    graph: Graph
+    inference: Inference
+
+    @property
+    def spec(self) -> ModelBase:
+        return self.parsed.model
+
+
+def _looks_like_path(text: str) -> bool:
+    return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.exists(text))
+
+
+def analyze(
+    spec: SpecLike,
+    *,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+) -> Analysis:
+    """Run the pipeline up to static shapes: load → expand → parse → graph → infer (no torch).
+
+    Args:
+        spec: a spec file path, YAML text, or a :class:`ModelBase`.
+        variant: a variant of a family spec (``"small"``).
+        overrides: variable values replacing the spec's.
+        num_classes: shorthand for ``overrides={"num_classes": n}``.
+    """
+    overrides = dict(overrides or {})
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if isinstance(spec, ModelBase):
+        expanded = expand(
+            Path(os.devnull), text=_dump(spec), file=f"<{spec.name}>", variant=variant, overrides=overrides
+        )
+    elif isinstance(spec, str) and not _looks_like_path(spec):
+        expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides)
+    else:
+        expanded = expand(spec, variant=variant, overrides=overrides)
+    parsed = parse(expanded)
+    graph = build_graph(parsed)
+    return Analysis(expanded, parsed, graph, infer(graph))
+
+
+def _dump(spec: ModelBase) -> str:
+    import json
+
+    data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data.pop("variant", None)
+    return json.dumps(data)  # JSON is YAML
+
+
+@dataclass
+class Report:
+    """What :func:`validate` found: the model's nodes and their static types, and the accepted input sizes."""
+
+    name: str
+    variant: str | None
+    input: tuple[int, int, int]
+    """The checked input (C, H, W): the one asked for, or the spec's default size."""
+    nodes: list[dict[str, Any]]
+    accepted: list[str]
+    """The accepted input sizes, as simple constraints (``H >= 32``)."""
+    outputs: dict[str, str]
+    warnings: list[BlockgraphError] = field(default_factory=list)
+    analysis: Analysis | None = field(default=None, repr=False)
+
+    def format(self) -> str:
+        c, h, w = self.input
+        lines = [f"{self.name}: valid ({len(self.nodes)} nodes)"]
+        lines.append(f"accepts: {'; '.join(self.accepted)}")
+        lines.append(f"checked at input {c}x{h}x{w}: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
+        lines += [w.format() for w in self.warnings]
+        return "\n".join(lines)
+
+
+def validate(
+    spec: SpecLike,
+    *,
+    input_size: Sequence[int] | None = None,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Report:
+    """Check a spec statically (no torch import), at ``input_size`` (``(C, H, W)`` or ``(H, W)``) or its default.
+
+    Raises:
+        BlockgraphError: the spec is invalid, or the model cannot take ``input_size``; the error says where and why.
+    """
+    analysis = analyze(spec, variant=variant, overrides=overrides)
+    model = analysis.spec
+    c, h, w = _input_triplet(input_size, model)
+    analysis.inference.check(h, w, channels=c)
+    env = {"H": h, "W": w}
+    nodes = []
+    for node in analysis.graph:
+        t = analysis.inference.types[node.name]
+        nodes.append({"name": node.name, "op": node.op, "type": str(t), "shape": list(t.shape(env, batch=1))})
+    graph = analysis.graph
+    outputs = {}
+    for key, out in {**graph.outputs, **graph.features}.items():
+        outputs[key] = "x".join(map(str, analysis.inference.types[out.node].shape(env, batch=1)))
+    return Report(
+        model.name,
+        model.variant,
+        (c, h, w),
+        nodes,
+        analysis.inference.acceptance.describe(),
+        outputs,
+        list(graph.warnings),
+        analysis,
+    )
+
+
+def _input_triplet(size: Sequence[int] | None, model: ModelBase) -> tuple[int, int, int]:
+    if size is None:
+        return (model.input.channels, *model.input.size)
+    size = tuple(int(s) for s in size)
+    if len(size) == 2:
+        return (model.input.channels, *size)
+    if len(size) == 3:
+        return size  # type: ignore[return-value]
+    raise SpecError(f"input size {list(size)} must be (C, H, W) or (H, W)", pos=Pos("<input>"))
+
+
+def build_model(
+    spec: SpecLike,
+    *,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+    features_only: bool = False,
+    outputs: Sequence[str] | None = None,
+    device: Any = None,
+    dtype: Any = None,
+) -> nn.Module:
+    """Build the ``nn.Module`` a spec describes.
+
+    The module carries ``.spec``, ``.feature_info``, ``.summary()`` and ``.code`` (its generated forward).
+    ``forward`` returns the one output as a tensor, the features as a list (``features_only``), or a dict when
+    ``outputs`` names several.
+    """
+    from blockgraph.compiler.codegen import compile_model
+
+    analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    model = compile_model(analysis.inference, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
+    model.spec_data = analysis.expanded.standalone()
+    return model
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the reference specs (one file per named model in ``specs/``) matching a glob pattern."""
+    names = []
+    for path in sorted(SPEC_DIR.glob("*.yaml")):
+        if fnmatch.fnmatch(path.stem, pattern):
+            names.append(path.stem)
+    return names
+
+
+def spec_path(name: str) -> Path:
+    """The file of a reference spec by name."""
+    path = SPEC_DIR / f"{name}.yaml"
+    if not path.is_file():
+        import difflib
+
+        close = difflib.get_close_matches(name, list_models(), n=3)
+        raise SpecError(
+            f"no reference spec named '{name}'",
+            pos=Pos(str(SPEC_DIR)),
+            hint=f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see blockgraph.list_models()",
+        )
+    return path
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a reference model by name (``create_model("coat_lite_small", num_classes=10)``)."""
+    return build_model(spec_path(name), **kwargs)
+
+
+def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
+    """Load a timm twin's weights into a built model, strictly, through the spec's rename rules."""
+    from blockgraph.compiler.weights import load_timm_state_dict as load
+
+    return load(model, state_dict)

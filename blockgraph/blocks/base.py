@@ -1,0 +1,64 @@
+"""What a block's ``build`` receives, and small torch helpers shared by block files (imported lazily)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockgraph.blocks.lazy import Module, nn, torch
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Where and how a block's module is built: ``device``/``dtype`` go to every parameter (``meta`` works)."""
+
+    node: str
+    device: Any = None
+    dtype: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dd(self) -> dict[str, Any]:
+        """``{"device": ..., "dtype": ...}`` for layer constructors, timm style."""
+        return {"device": self.device, "dtype": self.dtype}
+
+
+def init_linear(layer: Any, std: float = 0.02) -> Any:
+    """timm's ViT-family init: weight ~ trunc_normal(std), bias zero (no-op on the meta device)."""
+    if layer.weight.device.type != "meta":
+        nn.init.trunc_normal_(layer.weight, std=std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    return layer
+
+
+class DropPath(Module):
+    """Stochastic depth per sample (Huang et al., "Deep Networks with Stochastic Depth", 2016), timm semantics:
+    scales kept samples by ``1 / keep``; the identity at inference or with ``p == 0``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path(p: float) -> Any:
+    """A :class:`DropPath`, or ``nn.Identity`` when ``p == 0`` (as timm, so module trees match)."""
+    return DropPath(p) if p > 0.0 else nn.Identity()
+
+
+ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU", "silu": "SiLU", "hardswish": "Hardswish", "identity": "Identity"}
+
+
+def activation(name: str) -> Any:
+    """An activation module by its spec name (``gelu`` is the exact erf form)."""
+    return getattr(nn, ACTIVATIONS[name])()

@@ -1,0 +1,61 @@
+"""Classification heads."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from blockgraph.blocks.base import BuildContext, init_linear
+from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.graph.infer import InferContext
+from blockgraph.spec.schema import BlockSpec, register
+from blockgraph.types import TensorType
+
+
+@register
+class ClsHeadSpec(BlockSpec):
+    """Norm → pool (the cls token, or the mean of the image tokens) → dropout → linear classifier
+    (CoaT-Lite's and ViT's head)."""
+
+    op: Literal["cls_head"]
+    dim: PositiveInt
+    """Channels of the tokens."""
+    num_classes: NonNegativeInt
+    """Classes; 0 gives the pooled features (no classifier)."""
+    pool: Literal["token", "avg"] = "token"
+    """``token``: the first (cls) token; ``avg``: the mean of the tokens after the extra ones."""
+    norm: bool = True
+    norm_eps: PositiveFloat = 1e-6
+    drop: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
+        ctx.expect(x, layout="tokens", channels=self.dim)
+        if self.pool == "token" and x.extra == 0:
+            ctx.fail(
+                "`pool: token` needs a cls token, but the tokens carry none",
+                field="pool",
+                hint="use `pool: avg`, or insert_cls_token earlier",
+            )
+        return TensorType.vector(self.num_classes or self.dim)
+
+    def build(self, ctx: BuildContext, x: TensorType) -> ClsHead:
+        return ClsHead(self.dim, self.num_classes, self.pool, x.extra, self.norm, self.norm_eps, self.drop, **ctx.dd)
+
+
+class ClsHead(Module):
+    """``norm`` → pool → drop → ``fc``."""
+
+    def __init__(self, dim, num_classes, pool="token", extra=1, norm=True, eps=1e-6, drop=0.0, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.pool = pool
+        self.extra = extra
+        self.norm = nn.LayerNorm(dim, eps=eps, **dd) if norm else nn.Identity()
+        self.drop = nn.Dropout(drop)
+        self.fc = init_linear(nn.Linear(dim, num_classes, **dd)) if num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "token" else x[:, self.extra :].mean(dim=1)  # [B, C]
+        return self.fc(self.drop(x))

@@ -1,0 +1,220 @@
+"""The command line: ``blockgraph validate|build|schema|list``.
+
+Exit status: 0 success; 2 the spec or input is invalid (each error on stderr as ``FILE:LINE:COL: error: MESSAGE``
+then ``hint: ...``); 3 an internal error (a bug in blockgraph: one line, please report). ``validate``, ``schema``
+and ``list`` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from blockgraph.errors import BlockgraphError, Pos, SpecError
+
+EXIT_INVALID = 2
+EXIT_INTERNAL = 3
+
+
+def _input_size(text: str) -> tuple[int, ...]:
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)(?:\s*x\s*(\d+))?\s*", text)
+    if not match:
+        raise SpecError(
+            f"--input {text!r} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
+        )
+    size = tuple(int(g) for g in match.groups() if g is not None)
+    if any(s == 0 or s > 1_000_000 for s in size):
+        raise SpecError(f"--input {text!r}: sizes must be between 1 and 1000000", pos=Pos("<command line>"))
+    return size
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise SpecError(
+                f"--set {pair!r} must be NAME=VALUE", pos=Pos("<command line>"), hint="--set depths=[1,1,1,1]"
+            )
+        try:
+            out[name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {name}: cannot read {value!r} ({e})", pos=Pos("<command line>")) from e
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from blockgraph.api import validate
+
+    size = _input_size(args.input) if args.input else None
+    report = validate(args.spec, input_size=size, variant=args.variant, overrides=_overrides(args.set))
+    if args.json:
+        print(json.dumps({"name": report.name, "input": list(report.input), "accepts": report.accepted,
+                          "outputs": report.outputs, "nodes": report.nodes}, indent=2))  # fmt: skip
+    else:
+        print(report.format())
+    for warning in report.warnings:
+        print(warning.format(), file=sys.stderr)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from blockgraph.api import build_model, validate
+
+    size = _input_size(args.input) if args.input else None
+    overrides = _overrides(args.set)
+    report = validate(args.spec, input_size=size, variant=args.variant, overrides=overrides)
+    c, h, w = report.input
+    model = build_model(
+        args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only, device=args.device
+    )
+    if args.out:
+        save(model, args.out)
+    if args.json:
+        print(json.dumps(_build_json(model, report), indent=2))
+    else:
+        print(model.summary((h, w)))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def _build_json(model: Any, report: Any) -> dict[str, Any]:
+    c, h, w = report.input
+    inference = model.inference
+    graph = inference.graph
+    nodes = []
+    for name in model.nodes:
+        t = inference.types[name]
+        nodes.append({
+            "name": name,
+            "op": graph.nodes[name].op,
+            "inputs": [e.src if e.out is None else f"{e.src}.{e.out}" for e in graph.in_edges(name)],
+            "shape": list(t.shape({"H": h, "W": w}, batch=1)),
+            "type": str(t),
+            "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
+        })  # fmt: skip
+    outputs = {}
+    for key in model.outputs:
+        out = graph.outputs.get(key) or graph.features[key]
+        outputs[key] = list(inference.types[out.node].shape({"H": h, "W": w}, batch=1))
+    return {
+        "name": model.spec.name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "input": [1, c, h, w],
+        "outputs": outputs,
+        "accepts": report.accepted,
+        "nodes": nodes,
+    }
+
+
+def save(model: Any, path: str) -> None:
+    """Write the weights with the spec embedded (and its sha256), atomically: a temp file renamed into place."""
+    import hashlib
+
+    import torch
+
+    spec_json = json.dumps(model.spec_data, sort_keys=True)
+    payload = {
+        "format": "blockgraph-checkpoint/1",
+        "spec": spec_json,
+        "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest(),
+        "state_dict": model.state_dict(),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".blockgraph-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import blockgraph.blocks  # noqa: F401
+    from blockgraph.spec.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import blockgraph.blocks  # noqa: F401
+    from blockgraph.api import list_models
+    from blockgraph.spec.schema import registry
+
+    if args.ops:
+        for op, cls in registry().items():
+            print(f"{op:24} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    else:
+        for name in list_models(args.pattern):
+            print(name)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockgraph", description="Declarative model builder for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def spec_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("spec", help="a spec file (YAML)")
+        q.add_argument("--variant", help="variant of a family spec (e.g. small)")
+        q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
+        q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+
+    v = sub.add_parser("validate", help="check a spec statically (no torch)")
+    spec_args(v)
+    v.set_defaults(func=cmd_validate)
+    b = sub.add_parser("build", help="build the module and print its table")
+    spec_args(b)
+    b.add_argument("--out", help="write weights + embedded spec to this file (atomically)")
+    b.add_argument("--features-only", action="store_true", help="return the feature maps")
+    b.add_argument("--device", default=None, help="device to build on (e.g. meta)")
+    b.set_defaults(func=cmd_build)
+    s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
+    s.set_defaults(func=cmd_schema)
+    ls = sub.add_parser("list", help="list reference models (or ops)")
+    ls.add_argument("pattern", nargs="?", default="*")
+    ls.add_argument("--ops", action="store_true", help="list the registered ops")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BlockgraphError as e:
+        print(e.format(), file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # noqa: BLE001 - the one place that turns bugs into a one-line report
+        where = ""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None:
+            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+        print(
+            f"internal error: {type(e).__name__}: {e}{where} (this is a bug in blockgraph; please report it, "
+            "with the spec; BLOCKGRAPH_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        if os.environ.get("BLOCKGRAPH_DEBUG"):
+            raise
+        return EXIT_INTERNAL

@@ -1,0 +1,227 @@
+"""Compile an inferred graph into an ``nn.Module`` with a straight-line, generated ``forward``.
+
+Each node's module is built by its block (``BlockSpec.build``) and installed under the node's dotted name
+(``stage1.blocks.0`` → ``model.stage1.blocks[0]``); shared modules are installed once under their qualified name
+and handed to their users as keyword arguments. ``forward`` is Python source generated once per model (like
+``torch.fx``'s ``GraphModule.code``): one line per node, no interpretation loop, readable via ``model.code``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+import re
+from collections.abc import Sequence
+from itertools import count
+from typing import Any
+
+from torch import nn
+
+from blockgraph.blocks.base import BuildContext
+from blockgraph.compiler.model import BlockgraphModel
+from blockgraph.errors import BlockgraphError
+from blockgraph.graph.infer import Inference
+from blockgraph.types import Expr, TensorType
+
+_counter = count()
+
+
+class Container(nn.Module):
+    """A namespace module for dotted names (``stage1`` holding ``patch_embed``, ``blocks``, ...)."""
+
+
+def select_outputs(
+    inference: Inference, outputs: Sequence[str] | None, features_only: bool
+) -> tuple[list[tuple[str, str, str | None]], str]:
+    """The outputs to compute as ``(name, node, port)``, and how forward returns them (tensor, list or dict)."""
+    graph = inference.graph
+    if features_only:
+        chosen = [(k, o.node, o.port) for k, o in graph.features.items()]
+        if not chosen:
+            raise BlockgraphError(
+                "features_only asked for, but the spec declares no `features:`",
+                pos=graph.pos(()),
+                hint="declare the feature maps under `features:` with their strides",
+            )
+        return chosen, "list"
+    table = {**graph.features, **graph.outputs}
+    names = list(outputs) if outputs else (graph.spec.default_outputs or list(graph.outputs) or list(graph.features))
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise BlockgraphError(
+            f"unknown output(s): {', '.join(unknown)}", pos=graph.pos(()), hint=f"declared: {', '.join(table)}"
+        )
+    if not names:
+        raise BlockgraphError("the spec declares no outputs", pos=graph.pos(()), hint="add `outputs: {logits: head}`")
+    chosen = [(n, table[n].node, table[n].port) for n in names]
+    return chosen, "tensor" if len(chosen) == 1 and not outputs else "dict"
+
+
+def compile_model(
+    inference: Inference,
+    *,
+    outputs: Sequence[str] | None = None,
+    features_only: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+) -> BlockgraphModel:
+    """Build the modules of every node the chosen outputs need, and generate ``forward``."""
+    graph = inference.graph
+    chosen, returns = select_outputs(inference, outputs, features_only)
+    needed = graph.ancestors([node for _, node, _ in chosen])
+    order = [name for name in graph.order() if name in needed]
+
+    modules: dict[str, nn.Module] = {}
+    shared_used = sorted({q for name in order for q in graph.nodes[name].shared.values()})
+    for qualified in shared_used:
+        spec = graph.shared[qualified].spec
+        modules[qualified] = spec.build(BuildContext(qualified, device, dtype))
+    for name in order:
+        node = graph.nodes[name]
+        if node.is_input:
+            continue
+        types = [_input_type(inference, e) for e in graph.in_edges(name)]
+        modules[name] = node.spec.build(BuildContext(name, device, dtype), *types)  # type: ignore[union-attr]
+
+    model_cls = type(f"{_class_name(graph.spec.name)}", (BlockgraphModel,), {"__module__": BlockgraphModel.__module__})
+    model = model_cls()
+    _install(model, modules)
+    code = _generate(inference, order, chosen, returns, model)
+    filename = f"<blockgraph {graph.spec.name} #{next(_counter)}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
+    model_cls.forward = namespace["forward"]  # type: ignore[attr-defined]
+    model._setup(inference, chosen, returns, order, code)
+    return model
+
+
+def _input_type(inference: Inference, edge: Any) -> TensorType:
+    value: Any = inference.types[edge.src]
+    return value[edge.out] if edge.out is not None else value
+
+
+def _class_name(name: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) or "Model"
+
+
+def _install(root: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Place modules under their dotted names; a namespace whose children are 0..n-1 becomes a ModuleList."""
+    tree: dict[str, Any] = {}
+    for dotted, module in modules.items():
+        parts = dotted.split(".")
+        here = tree
+        for part in parts[:-1]:
+            here = here.setdefault(part, {})
+            if not isinstance(here, dict):
+                raise BlockgraphError(f"module name '{dotted}' is used both as a block and as a namespace")
+        here[parts[-1]] = module
+
+    def materialize(node: Any) -> nn.Module:
+        if isinstance(node, nn.Module):
+            return node
+        keys = list(node)
+        if keys and all(k.isdigit() for k in keys) and sorted(map(int, keys)) == list(range(len(keys))):
+            return nn.ModuleList(materialize(node[str(i)]) for i in range(len(keys)))
+        container = Container()
+        for key in keys:
+            container.add_module(key, materialize(node[key]))
+        return container
+
+    for key, value in tree.items():
+        root.add_module(key, materialize(value))
+
+
+def accessor(dotted: str) -> str:
+    """Python code reaching a submodule from ``self``: ``stage1.blocks.0`` → ``self.stage1.blocks[0]``."""
+    out = "self"
+    for part in dotted.split("."):
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+class _Names:
+    def __init__(self, reserved: set[str]):
+        self.used = set(reserved)
+
+    def __call__(self, wanted: str) -> str:
+        base = re.sub(r"\W", "_", wanted)
+        if not base or base[0].isdigit() or keyword.iskeyword(base):
+            base = f"v_{base}"
+        name, i = base, 1
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+def _generate(
+    inference: Inference,
+    order: list[str],
+    chosen: list[tuple[str, str, str | None]],
+    returns: str,
+    model: nn.Module,
+) -> str:
+    graph = inference.graph
+    spec = graph.spec
+    names = _Names({"self", "H", "W", "torch"})
+    var: dict[str, str] = {}
+    image = names(spec.input.name)
+    var[spec.input.name] = image
+    lines = [
+        f"def forward(self, {image}):",
+        f"    H, W = {image}.shape[-2], {image}.shape[-1]",
+    ]
+    checks = _acceptance_code(inference, image)
+    lines.append(f"    if {checks}:")
+    lines.append(f"        self._reject({image})")
+    sizes: dict[str, str] = {}
+    for name in order:
+        node = graph.nodes[name]
+        if node.is_input:
+            continue
+        edges = graph.in_edges(name)
+        args = [var[e.src] if e.out is None else f"{var[e.src]}[{e.out!r}]" for e in edges]
+        if type(node.spec).needs_size:
+            grid = _input_type(inference, edges[0]).grid
+            key = f"({_py(grid[0])}, {_py(grid[1])})"
+            if key not in sizes:
+                sizes[key] = names(f"size_{len(sizes) + 1}")
+                lines.append(f"    {sizes[key]} = {key}")
+            args.append(sizes[key])
+        args += [f"{field}={accessor(q)}" for field, q in node.shared.items()]
+        var[name] = names(name)
+        t = inference.types[name]
+        comment = f"  # {t.symbolic_shape()}" if isinstance(t, TensorType) else ""
+        lines.append(f"    {var[name]} = {accessor(name)}({', '.join(args)}){comment}")
+
+    def ref(node: str, port: str | None) -> str:
+        return var[node] if port is None else f"{var[node]}[{port!r}]"
+
+    if returns == "tensor":
+        lines.append(f"    return {ref(chosen[0][1], chosen[0][2])}")
+    elif returns == "list":
+        lines.append(f"    return [{', '.join(ref(n, p) for _, n, p in chosen)}]")
+    else:
+        lines.append("    return {" + ", ".join(f"{k!r}: {ref(n, p)}" for k, n, p in chosen) + "}")
+    return "\n".join(lines) + "\n"
+
+
+def _py(e: Expr) -> str:
+    return e.to_python({"H": "H", "W": "W"})
+
+
+def _acceptance_code(inference: Inference, image: str) -> str:
+    """A Python condition that is true when the input must be rejected (wrong rank, channels or size)."""
+    parts = [f"{image}.ndim != 4", f"{image}.shape[1] != {inference.graph.spec.input.channels}"]
+    seen = set()
+    for item in inference.constraints:
+        c = item.constraint
+        text = _py(c.expr)
+        test = {"ge": f"{text} < {c.value}", "eq": f"{text} != {c.value}", "divisible": f"({text}) % {c.value} != 0"}
+        line = test[c.kind]
+        if line not in seen:
+            seen.add(line)
+            parts.append(line)
+    return " or ".join(parts)

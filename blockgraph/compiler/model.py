@@ -1,0 +1,110 @@
+"""The module class compiled models derive from: spec, feature info, summary, generated code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from blockgraph.errors import ShapeError
+from blockgraph.graph.infer import Inference
+from blockgraph.spec.schema import ModelBase
+from blockgraph.types import TensorType
+
+
+def format_table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    """A plain-text table with aligned columns (``right``: indices of right-aligned columns)."""
+    right = right or set()
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i]) for i, c in enumerate(cells)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+class BlockgraphModel(nn.Module):
+    """Base of compiled models. Each compiled model gets its own subclass whose ``forward`` is generated code.
+
+    Attributes:
+        spec: the validated spec (:class:`~blockgraph.spec.schema.ModelBase`).
+        feature_info: one dict per feature output: ``name``, ``module`` (node), ``num_chs``, ``reduction``.
+        code: the source of the generated ``forward``.
+        outputs: the outputs ``forward`` returns, in order.
+    """
+
+    spec: ModelBase
+    feature_info: list[dict[str, Any]]
+    code: str
+    outputs: list[str]
+
+    def _setup(
+        self,
+        inference: Inference,
+        chosen: list[tuple[str, str, str | None]],
+        returns: str,
+        order: list[str],
+        code: str,
+    ) -> None:
+        graph = inference.graph
+        self.spec = graph.spec
+        self.code = code
+        self.outputs = [name for name, _, _ in chosen]
+        self.returns = returns
+        self.nodes = [n for n in order if not graph.nodes[n].is_input]
+        self.feature_info = []
+        for key, out in graph.features.items():
+            t = inference.types[out.node]
+            t = t[out.port] if out.port is not None else t
+            self.feature_info.append({"name": key, "module": out.node, "num_chs": t.channels, "reduction": t.stride()})
+        self._inference = inference
+
+    @property
+    def inference(self) -> Inference:
+        """The static analysis this model was compiled from (types, constraints, accepted sizes)."""
+        return self._inference
+
+    def _reject(self, x: Any) -> None:
+        """Raise a :class:`ShapeError` explaining why ``forward`` cannot take ``x`` (called only on failure)."""
+        spec = self.spec
+        shape = tuple(x.shape)
+        if x.ndim != 4:
+            raise ShapeError(
+                f"'{spec.name}' takes a 4-d image batch [B, {spec.input.channels}, H, W], got shape {list(shape)}",
+                node=spec.input.name,
+                hint="add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else None,
+            )
+        self._inference.check(shape[2], shape[3], channels=shape[1])
+        raise ShapeError(f"input of shape {list(shape)} rejected", node=spec.input.name)  # pragma: no cover
+
+    def node_types(self) -> dict[str, TensorType]:
+        return {n: self._inference.types[n] for n in self.nodes}
+
+    def summary(self, input_size: tuple[int, int] | None = None, batch: int = 1) -> str:
+        """A table of every node: name, op, output shape (symbolic and at ``input_size``), parameters."""
+        graph = self._inference.graph
+        h, w = input_size or self.spec.input.size
+        rows = []
+        for qualified in sorted({q for n in self.nodes for q in graph.nodes[n].shared.values()}):
+            module = self.get_submodule(qualified)
+            rows.append([qualified, f"{graph.shared[qualified].spec.op} (shared)", "", "", _params(module)])
+        for name in self.nodes:
+            node = graph.nodes[name]
+            t = self._inference.types[name]
+            concrete = t.shape({"H": h, "W": w}, batch=batch) if isinstance(t, TensorType) else ""
+            symbolic = str(t)
+            rows.append([name, node.op, symbolic, _shape(concrete), _params(self.get_submodule(name))])
+        total = sum(p.numel() for p in self.parameters())
+        table = format_table(["node", "op", "type", f"shape @ {batch}x{h}x{w}", "params"], rows, right={4})
+        return f"{table}\n\n{self.spec.name}: {total:,} parameters, outputs: {', '.join(self.outputs)}"
+
+
+def _params(module: nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()):,}"
+
+
+def _shape(shape: Any) -> str:
+    return "x".join(str(d) for d in shape) if shape else ""

@@ -1,0 +1,358 @@
+"""The dataflow graph of a parsed spec, kept behind a small API of our own (networkx underneath).
+
+Nodes are block instances named ``stage.block`` (``stage2.blocks.3``), plus one node per model input. Edges point
+the way data flows, producer → consumer, and carry the consumer's input ``port`` (0, 1, ...) and the producer's
+output port name (``None`` for single-output blocks). Shared modules are not dataflow nodes: each lives in
+:attr:`Graph.shared` with the nodes that use it. Analysis results are stored on nodes under documented keys of
+:attr:`Node.meta` (``"type"``: the static :class:`~blockgraph.types.TensorType`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from blockgraph.errors import BlockgraphError, GraphError, Pos, raise_all
+from blockgraph.spec.expand import Path
+from blockgraph.spec.schema import BlockSpec, ModelBase, OutputSpec, ParsedSpec
+
+
+@dataclass
+class Node:
+    """A block instance (or a model input, when ``spec`` is None)."""
+
+    name: str
+    spec: BlockSpec | None
+    path: Path
+    """Where the block is in the expanded spec (``("stages", 1, "blocks", 3)``), for error positions."""
+    index: int
+    """Declaration order: ties in the topological order are broken by it, so the order follows the spec."""
+    stage: str | None = None
+    shared: dict[str, str] = field(default_factory=dict)
+    """Field name → qualified name of the shared module it uses (``{"cpe": "stage1.cpe"}``)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def op(self) -> str:
+        return self.spec.op if self.spec is not None else "input"
+
+    @property
+    def is_input(self) -> bool:
+        return self.spec is None
+
+
+@dataclass
+class SharedModule:
+    """A module declared once under ``shared:`` and used by several blocks."""
+
+    name: str
+    spec: BlockSpec
+    path: Path
+    users: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str
+    dst: str
+    port: int
+    out: str | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    node: str
+    port: str | None
+    spec: OutputSpec
+    path: Path
+
+
+class Graph:
+    """The dataflow graph of one model spec."""
+
+    def __init__(self, parsed: ParsedSpec):
+        self.parsed = parsed
+        self.spec: ModelBase = parsed.model
+        self.source = parsed.source
+        self._g = nx.MultiDiGraph()
+        self.nodes: dict[str, Node] = {}
+        self.shared: dict[str, SharedModule] = {}
+        self.outputs: dict[str, Output] = {}
+        self.features: dict[str, Output] = {}
+        self.groups: dict[str, list[str]] = {}
+        """A repeated block's name (``stage1.blocks``) → its nodes (``stage1.blocks.0`` ...)."""
+        self.warnings: list[BlockgraphError] = []
+        self._errors: list[BlockgraphError] = []
+
+    # ----------------------------------------------------------------------------------------------- queries
+
+    def pos(self, path: Path) -> Pos:
+        return self.source.value(path)
+
+    def node(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def in_edges(self, name: str) -> list[Edge]:
+        """The edges into ``name``, by port."""
+        edges = [Edge(u, v, d["port"], d["out"]) for u, v, d in self._g.in_edges(name, data=True)]
+        return sorted(edges, key=lambda e: e.port)
+
+    def out_edges(self, name: str) -> list[Edge]:
+        return [Edge(u, v, d["port"], d["out"]) for u, v, d in self._g.out_edges(name, data=True)]
+
+    def order(self) -> list[str]:
+        """Nodes in topological order, ties broken by declaration order (deterministic)."""
+        index = {name: node.index for name, node in self.nodes.items()}
+        return list(nx.lexicographical_topological_sort(self._g, key=index.__getitem__))
+
+    def ancestors(self, names: list[str]) -> set[str]:
+        out = set(names)
+        for name in names:
+            out |= nx.ancestors(self._g, name)
+        return out
+
+    def __iter__(self) -> Iterator[Node]:
+        return (self.nodes[n] for n in self.order())
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def to_networkx(self) -> nx.MultiDiGraph:
+        """A copy of the underlying networkx graph (node attribute ``node``: our :class:`Node`)."""
+        return self._g.copy()
+
+    # ------------------------------------------------------------------------------------------------- lint
+
+    def lint(self) -> list[BlockgraphError]:
+        """Check the graph's invariants; return every problem found (errors first, then warnings).
+
+        Errors: duplicate names, unknown references and shared modules (collected while building), cycles
+        (each listed node by node), outputs that name no node. Warnings: nodes that reach no output.
+        """
+        problems = [p for p in self._errors if p.kind != "warning"]
+        for cycle in _cycles(self._g):
+            explicit = [n for n in cycle if self.nodes[n].spec is not None and self.nodes[n].spec.from_ is not None]
+            first = self.nodes[explicit[0] if explicit else cycle[0]]
+            shown = " -> ".join([*cycle, cycle[0]])
+            problems.append(
+                GraphError(
+                    f"the dataflow has a cycle: {shown}",
+                    pos=self.pos(first.path + ("from",)),
+                    node=first.name,
+                    hint="a block's `from:` must name a block that runs before it",
+                )
+            )
+        if not problems:
+            problems.extend(p for p in self._errors if p.kind == "warning")
+            problems.extend(self._unused())
+        return problems
+
+    def _unused(self) -> list[BlockgraphError]:
+        targets = [o.node for o in (*self.outputs.values(), *self.features.values())]
+        if not targets:
+            return []
+        used = self.ancestors(targets)
+        warnings: list[BlockgraphError] = []
+        for name, node in self.nodes.items():
+            if name not in used and not node.is_input:
+                warnings.append(
+                    GraphError(
+                        "this block's output reaches no model output",
+                        pos=self.pos(node.path),
+                        node=name,
+                        hint="use it as a `from:` of another block or name it under `outputs:`/`features:`",
+                        warning=True,
+                    )
+                )
+        return warnings
+
+    # ----------------------------------------------------------------------------------------------- building
+
+    def _add(self, node: Node) -> None:
+        if node.name in self.nodes or node.name in self.groups:
+            other = self.nodes.get(node.name)
+            where = f" (first defined at {self.pos(other.path)})" if other else ""
+            self._errors.append(
+                GraphError(
+                    f"duplicate node name '{node.name}'{where}",
+                    pos=self.source.value(node.path + ("name",)),
+                    node=node.name,
+                    hint="every block of a stage needs its own `name:`",
+                )
+            )
+            return
+        self.nodes[node.name] = node
+        self._g.add_node(node.name, node=node)
+
+    def _connect(self, src: str, dst: str, port: int, out: str | None) -> None:
+        self._g.add_edge(src, dst, key=port, port=port, out=out)
+
+    def _resolve(self, ref: str, stage: str | None) -> tuple[str, str | None] | None:
+        """A ``from:`` reference → (node, output port); local names are tried in the stage first."""
+        candidates = [f"{stage}.{ref}", ref] if stage else [ref]
+        for name in candidates:
+            if name in self.nodes:
+                return name, None
+            if name in self.groups and self.groups[name]:
+                return self.groups[name][-1], None
+        for name in candidates:
+            head, _, port = name.rpartition(".")
+            if head in self.nodes and port:
+                return head, port
+        return None
+
+    def _reference_error(self, ref: str, path: Path, node: str | None, stage: str | None) -> GraphError:
+        known = list(self.nodes) + list(self.groups)
+        local = [n.removeprefix(f"{stage}.") for n in known if stage and n.startswith(f"{stage}.")]
+        close = difflib.get_close_matches(ref, local + known, n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
+        if hint is None:
+            hint = "a reference names a block declared earlier (`stage2.to_map`), or a model input"
+        return GraphError(f"unknown reference '{ref}'", pos=self.pos(path), node=node, hint=hint)
+
+
+def _cycles(g: nx.MultiDiGraph) -> list[list[str]]:
+    """One cycle per strongly connected component that has one (self-loops included)."""
+    out = []
+    for component in nx.strongly_connected_components(g):
+        if len(component) == 1:
+            (only,) = component
+            if not g.has_edge(only, only):
+                continue
+        start = min(component)
+        cycle = [u for u, _v, *_ in nx.find_cycle(g.subgraph(component), source=start)]
+        out.append(cycle)
+    return sorted(out)
+
+
+def build_graph(parsed: ParsedSpec) -> Graph:
+    """Build the dataflow graph of a parsed spec and lint it.
+
+    Raises:
+        GraphError: (or a MultiError) for every error :meth:`Graph.lint` finds; warnings stay on
+        ``graph.warnings``.
+    """
+    g = Graph(parsed)
+    spec = parsed.model
+    for name, path in [(spec.input.name, ("input",))]:
+        g._add(Node(name, None, path, index=0, meta={}))
+
+    # 1. Shared modules: global ones by their name, stage ones as `stage.name`.
+    def add_shared(scope: str | None, table: dict[str, BlockSpec], base: Path) -> None:
+        for key, block in table.items():
+            qualified = f"{scope}.{key}" if scope else key
+            g.shared[qualified] = SharedModule(qualified, block, base + (key,))
+
+    add_shared(None, spec.shared, ("shared",))
+    for i, stage in enumerate(spec.stages):
+        add_shared(stage.name, stage.shared, ("stages", i, "shared"))
+
+    # 2. Nodes, in declaration order (names only; edges need every name first).
+    entries: list[tuple[BlockSpec, Path, str | None]] = []
+    for i, stage in enumerate(spec.stages):
+        entries += [(b, ("stages", i, "blocks", j), stage.name) for j, b in enumerate(stage.blocks)]
+    entries += [(b, ("blocks", j), None) for j, b in enumerate(spec.blocks)]
+    for index, (block, path, stage) in enumerate(entries, start=1):
+        local = block.name or block.op
+        name = f"{stage}.{local}" if stage else local
+        head, _, tail = name.rpartition(".")
+        if tail.isdigit():
+            g.groups.setdefault(head, []).append(name)
+        g._add(Node(name, block, path, index, stage))
+
+    # 3. Edges: explicit `from:` or the previous block (across stages), and shared references.
+    previous = spec.input.name
+    for block, path, stage in entries:
+        local = block.name or block.op
+        name = f"{stage}.{local}" if stage else local
+        node = g.nodes.get(name)
+        if node is None or node.spec is not block:  # a duplicate, already reported
+            continue
+        refs = [block.from_] if isinstance(block.from_, str) else block.from_
+        if refs is None:
+            sources: list[tuple[str, str | None]] = [(previous, None)]
+        else:
+            sources = []
+            for k, ref in enumerate(refs):
+                ref_path = path + ("from",) + ((k,) if isinstance(block.from_, list) else ())
+                found = g._resolve(ref, stage)
+                if found is None:
+                    g._errors.append(g._reference_error(ref, ref_path, name, stage))
+                else:
+                    sources.append(found)
+        arity = type(block).arity
+        if refs is not None and len(sources) == len(refs) and arity is not None and len(sources) != arity:
+            g._errors.append(
+                GraphError(
+                    f"op '{block.op}' takes {arity} input{'s' if arity != 1 else ''}, `from:` gives {len(sources)}",
+                    pos=g.pos(path + ("from",)),
+                    node=name,
+                )
+            )
+        for port, (src, out) in enumerate(sources):
+            g._connect(src, name, port, out)
+        for field_name, marker in type(block).shared_fields().items():
+            ref = getattr(block, field_name)
+            qualified = next((q for q in ([f"{stage}.{ref}"] if stage else []) + [ref] if q in g.shared), None)
+            field_path = path + (field_name,)
+            if qualified is None:
+                visible = [k.removeprefix(f"{stage}.") for k in g.shared if stage and k.startswith(f"{stage}.")]
+                visible += [k for k in g.shared if "." not in k]
+                close = difflib.get_close_matches(ref, visible, n=1)
+                hint = (
+                    f"did you mean '{close[0]}'?"
+                    if close
+                    else (f"shared modules here: {', '.join(visible)}" if visible else "declare it under `shared:`")
+                )
+                g._errors.append(
+                    GraphError(f"unknown shared module '{ref}'", pos=g.pos(field_path), node=name, hint=hint)
+                )
+                continue
+            target = g.shared[qualified]
+            if target.spec.op not in marker.ops:
+                fitting = [k.rpartition(".")[2] for k, m in g.shared.items() if m.spec.op in marker.ops]
+                g._errors.append(
+                    GraphError(
+                        f"'{field_name}' needs a shared module of op {' or '.join(marker.ops)}, "
+                        f"'{ref}' is {target.spec.op}",
+                        pos=g.pos(field_path),
+                        node=name,
+                        hint=f"{' or '.join(marker.ops)} here: {', '.join(fitting)}"
+                        if fitting
+                        else f"declare a {marker.ops[0]} module under `shared:`",
+                    )
+                )
+                continue
+            node.shared[field_name] = qualified
+            target.users.append(name)
+        previous = name
+
+    # 4. Outputs.
+    for table, attr in ((spec.output_specs(), "outputs"), (spec.features, "features")):
+        for key, out in table.items():
+            path = (attr, key)
+            found = g._resolve(out.from_, None)
+            if found is None:
+                g._errors.append(g._reference_error(out.from_, path + ("from",), None, None))
+                continue
+            getattr(g, attr)[key] = Output(key, found[0], found[1], out, path)
+    for name in spec.default_outputs or []:
+        if name not in g.outputs and name not in g.features:
+            g._errors.append(
+                GraphError(f"default output '{name}' is not declared", pos=g.pos(("default_outputs",)), node=None)
+            )
+    for key, shared in g.shared.items():
+        if not shared.users:
+            g._errors.append(
+                GraphError("shared module is used by no block", pos=g.pos(shared.path), node=key, warning=True)
+            )
+
+    problems = g.lint()
+    g.warnings = [p for p in problems if p.kind == "warning"]
+    raise_all([p for p in problems if p.kind != "warning"])
+    return g

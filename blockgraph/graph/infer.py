@@ -1,0 +1,301 @@
+"""Static shape inference: every node's output type as expressions of the input size, and the sizes accepted.
+
+Each block's shape rule (``BlockSpec.infer``) receives an :class:`InferContext`, its inputs' types, and returns its
+output type; it reports what it needs of the input size through ``ctx.require*`` (kept as constraints, checked
+for a concrete size or solved into the set of accepted sizes) and what is wrong through ``ctx.fail``. Nothing here
+knows about particular ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NoReturn
+
+from blockgraph.errors import BlockgraphError, Pos, ShapeError, raise_all
+from blockgraph.graph.build import Graph, Node
+from blockgraph.spec.expand import Path
+from blockgraph.spec.schema import BlockSpec
+from blockgraph.types import Acceptance, Constraint, Expr, TensorType, solve
+
+SYMBOLS = ("H", "W")
+
+
+@dataclass(frozen=True)
+class NodeConstraint:
+    """A condition on the input size that one node needs, with what to say when it fails."""
+
+    constraint: Constraint
+    node: str
+    message: str
+    pos: Pos
+    hint: str | None = None
+
+
+@dataclass
+class Inference:
+    """The result of :func:`infer`: types per node, constraints, and the accepted input sizes."""
+
+    graph: Graph
+    types: dict[str, TensorType]
+    constraints: list[NodeConstraint]
+    acceptance: Acceptance
+
+    def check(self, height: int, width: int, channels: int | None = None) -> None:
+        """Check one concrete input size.
+
+        Raises:
+            ShapeError: (one per failing node) naming the node, the condition and the sizes that would work.
+        """
+        spec = self.graph.spec
+        errors: list[BlockgraphError] = []
+        if channels is not None and channels != spec.input.channels:
+            errors.append(
+                ShapeError(
+                    f"the input has {channels} channels, the model takes {spec.input.channels}",
+                    pos=self.graph.pos(("input", "channels")),
+                    node=spec.input.name,
+                    hint=f"pass an input of shape {spec.input.channels}x{height}x{width}, or change `input.channels`",
+                )
+            )
+        env = {"H": height, "W": width}
+        seen: set[str] = set()
+        for item in self.constraints:
+            if item.constraint.holds(env) or item.node in seen:
+                continue
+            seen.add(item.node)
+            value = item.constraint.expr.evaluate(env)
+            errors.append(
+                ShapeError(
+                    f"input {height}x{width}: {item.message} ({item.constraint} does not hold: "
+                    f"{item.constraint.expr} = {value})",
+                    pos=item.pos,
+                    node=item.node,
+                    hint=self.accepted_hint(height, width, item.hint),
+                )
+            )
+        raise_all(errors)
+
+    def accepted_hint(self, height: int, width: int, extra: str | None = None) -> str:
+        parts = [extra] if extra else []
+        described = "; ".join(self.acceptance.describe())
+        parts.append(f"this model accepts {described}")
+        suggestions = []
+        for symbol, value in zip(SYMBOLS, (height, width), strict=True):
+            size_set = self.acceptance.sizes.get(symbol)
+            if size_set is not None and not size_set.contains(value):
+                below, above = size_set.nearest(value)
+                options = [str(v) for v in (below, above) if v is not None]
+                if options:
+                    suggestions.append(f"{symbol} = {' or '.join(options)}")
+        if suggestions:
+            parts.append("nearest: " + ", ".join(suggestions))
+        return "; ".join(parts)
+
+    def shape(self, node: str, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
+        return self.types[node].shape({"H": height, "W": width}, batch=batch)
+
+
+class InferContext:
+    """What a shape rule sees: its node, its spec position, and ways to fail or to require."""
+
+    def __init__(self, graph: Graph, node: Node, sink: list[NodeConstraint], owner: str | None = None):
+        self.graph = graph
+        self.node = node
+        self.spec: BlockSpec = node.spec  # type: ignore[assignment]
+        self._sink = sink
+        self._path: Path = node.path
+        self._label = node.name if owner is None else owner
+
+    # -- positions
+
+    def pos(self, field_name: str | None = None) -> Pos:
+        """The position of one of the block's fields (or of the block)."""
+        path = self._path + ((field_name,) if field_name else ())
+        if field_name and path not in self.graph.source.values:
+            path = self._path + ("op",)
+        return self.graph.pos(path)
+
+    # -- failing
+
+    def fail(self, message: str, *, field: str | None = None, hint: str | None = None) -> NoReturn:
+        """Stop: the block cannot take these inputs."""
+        raise ShapeError(message, pos=self.pos(field), node=self._label, hint=hint)
+
+    def expect(
+        self,
+        x: TensorType,
+        *,
+        layout: Literal["image", "tokens", "vector"] | tuple[str, ...] | None = None,
+        channels: int | None = None,
+        extra: int | None = None,
+        field: str | None = None,
+        what: str = "input",
+    ) -> None:
+        """Check an input's layout, channel count and extra-token count, failing with a standard message."""
+        layouts = (layout,) if isinstance(layout, str) else layout
+        op = self.spec.op
+        if layouts is not None and x.layout not in layouts:
+            self.fail(
+                f"op '{op}' takes {' or '.join(layouts)} as its {what}, got {x.layout} {x}",
+                field="from",
+                hint=_layout_hint(x.layout, layouts),
+            )
+        if channels is not None and x.channels != channels:
+            self.fail(
+                f"{what} has {x.channels} channels but `{field or 'dim'}` is {channels}",
+                field=field or "dim",
+                hint=f"set `{field or 'dim'}: {x.channels}`, or feed it a block with {channels} channels",
+            )
+        if extra is not None and x.extra != extra:
+            self.fail(
+                f"op '{op}' expects {extra} extra token(s) (cls) in its {what}, got {x.extra}",
+                field="from",
+                hint="insert or remove the cls token before this block (insert_cls_token / remove_cls_token)",
+            )
+
+    # -- constraints on the input size
+
+    def require(
+        self,
+        constraint: Constraint,
+        message: str,
+        *,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        """Record that the input size must satisfy ``constraint`` (fails now if it can never hold)."""
+        if not constraint.expr.symbols:
+            if not constraint.holds({}):
+                self.fail(f"{message} ({constraint} never holds)", field=field, hint=hint)
+            return
+        self._sink.append(NodeConstraint(constraint, self._label, message, self.pos(field), hint))
+
+    def positive(self, size: Expr, what: str, *, field: str | None = None) -> Expr:
+        """Require ``size >= 1`` (a map that is not empty) and return it."""
+        self.require(Constraint.ge(size, 1), f"{what} would be empty", field=field)
+        return size
+
+    def conv_out(
+        self, size: Expr, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, *, field: str | None = None
+    ) -> Expr:
+        """Output size of a convolution or pooling along one axis: ``(size + 2p - d(k-1) - 1)//s + 1``, required to be
+        at least 1."""
+        effective = dilation * (kernel - 1) + 1
+        self.require(
+            Constraint.ge(size + 2 * padding, effective),
+            f"the map ({size}) is smaller than the kernel window {effective}",
+            field=field,
+        )
+        return (size + 2 * padding - effective) // stride + 1
+
+    # -- shared modules
+
+    def shared(self, field_name: str) -> SharedCall:
+        """The shared module named by one of the block's fields, to apply its shape rule to a type."""
+        qualified = self.node.shared[field_name]
+        return SharedCall(self, qualified)
+
+
+def _layout_hint(found: str, wanted: tuple[str, ...]) -> str | None:
+    if found == "image" and "tokens" in wanted:
+        return "put a map_to_tokens block (or a patch embedding) before it"
+    if found == "tokens" and "image" in wanted:
+        return "put a tokens_to_map block before it (remove_cls_token first if the tokens carry a cls token)"
+    return None
+
+
+@dataclass
+class SharedCall:
+    """A shared module seen from one of its users' shape rules."""
+
+    user: InferContext
+    name: str
+    spec: BlockSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = self.user.graph.shared[self.name].spec
+
+    def infer(self, *inputs: TensorType) -> TensorType:
+        shared = self.user.graph.shared[self.name]
+        node = Node(self.name, shared.spec, shared.path, index=-1)
+        ctx = InferContext(self.user.graph, node, self.user._sink, owner=f"{self.user._label}' via shared '{self.name}")
+        try:
+            return shared.spec.infer(ctx, *inputs)
+        except ShapeError as e:
+            e.hint = (e.hint + "; " if e.hint else "") + f"the shared module is used by block '{self.user.node.name}'"
+            raise
+
+
+def infer(graph: Graph) -> Inference:
+    """Infer every node's output type, symbolic in the input size (H, W).
+
+    Raises:
+        ShapeError: a block's rule rejects its inputs (channel mismatch, wrong layout, a size that can never work).
+    """
+    spec = graph.spec
+    types: dict[str, TensorType] = {}
+    sink: list[NodeConstraint] = []
+    h, w = Expr.sym("H"), Expr.sym("W")
+    for node in graph:
+        if node.is_input:
+            types[node.name] = TensorType.image(spec.input.channels, h, w)
+            node.meta["type"] = types[node.name]
+            continue
+        inputs = []
+        for edge in graph.in_edges(node.name):
+            value: Any = types[edge.src]
+            if edge.out is not None:
+                value = _port(graph, edge, value)
+            inputs.append(value)
+        ctx = InferContext(graph, node, sink)
+        result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
+        types[node.name] = result
+        node.meta["type"] = result
+    acceptance = solve([c.constraint for c in sink], SYMBOLS)
+    inference = Inference(graph, types, sink, acceptance)
+    _check_outputs(graph, inference)
+    return inference
+
+
+def _port(graph: Graph, edge: Any, value: Any) -> TensorType:
+    if isinstance(value, Mapping) and edge.out in value:
+        return value[edge.out]
+    src = graph.nodes[edge.src]
+    ports = ", ".join(value) if isinstance(value, Mapping) else "none (it has a single output)"
+    dst = graph.nodes[edge.dst]
+    raise ShapeError(
+        f"'{edge.src}' has no output port '{edge.out}'",
+        pos=graph.pos(dst.path + ("from",)),
+        node=dst.name,
+        hint=f"output ports of '{src.name}' ({src.op}): {ports}",
+    )
+
+
+def _check_outputs(graph: Graph, inference: Inference) -> None:
+    errors: list[BlockgraphError] = []
+    for out in graph.features.values():
+        t = inference.types[out.node]
+        if isinstance(t, Mapping):
+            t = t[out.port]
+        if t.layout not in ("image", "tokens"):
+            errors.append(
+                ShapeError(
+                    f"feature '{out.name}' must be a map, but '{out.node}' gives {t}",
+                    pos=graph.pos(out.path + ("from",)),
+                    node=out.node,
+                )
+            )
+            continue
+        stride = t.stride()
+        if out.spec.stride is not None and stride != out.spec.stride:
+            errors.append(
+                ShapeError(
+                    f"feature '{out.name}' declares stride {out.spec.stride}, but '{out.node}' has stride "
+                    f"{stride if stride is not None else 'that is not an integer'} ({t})",
+                    pos=graph.pos(out.path + ("stride",)),
+                    node=out.node,
+                    hint=f"write `stride: {stride}`" if stride else None,
+                )
+            )
+    raise_all(errors)

@@ -1,0 +1,393 @@
+"""Expand a positioned spec tree into plain data: ``extends:``, ``variants:``, variables, expressions, templates.
+
+The result is plain JSON-like data (what the pydantic schema parses) plus a :class:`SourceMap` from every path in
+that data back to the place in a file that produced it, so later stages can point at the exact value.
+
+Language (on top of YAML):
+
+* ``extends: parent.yaml``: deep-merge this file over the parent (mappings merge key by key, anything else is
+  replaced); paths are relative to the file that says it.
+* ``variants: {small: {...}}`` with ``variant: small`` (in the spec, or chosen by the caller): deep-merge the
+  variant's mapping over the spec.
+* ``variables: {dims: [64, 128], heads: 8}``: values usable as ``${dims[1] // heads}`` anywhere below; a variable
+  may use other variables. A scalar that is exactly one ``${...}`` takes the expression's type; otherwise the
+  values are formatted into the text (``stage${i + 1}``).
+* ``- for: {i: [0, 1, 2, 3]}`` as a list item: the item is repeated once per value (several names are zipped),
+  with the names bound in its expressions.
+* ``depth: N`` on an entry of a ``blocks`` list: the entry is repeated N times as ``name.0`` ... ``name.N-1``, with
+  ``rep`` bound to the repetition index.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockgraph.errors import Pos, SpecError
+from blockgraph.spec import expr
+from blockgraph.spec.load import Node, load_file, load_text
+
+Path = tuple[Any, ...]
+MAX_EXTENDS = 32
+MAX_EXPANDED = 100_000
+"""Upper bound on the number of entries produced by templates and repeats."""
+REP = "rep"
+RESERVED = {"extends", "variant", "variants", "variables"}
+
+
+@dataclass
+class SourceMap:
+    """Where each value of the expanded spec came from: paths (``("stages", 0, "blocks", 2, "dim")``) to positions."""
+
+    file: str
+    values: dict[Path, Pos] = field(default_factory=dict)
+    keys: dict[Path, Pos] = field(default_factory=dict)
+
+    def value(self, path: Path) -> Pos:
+        """The position of the value at ``path``, or of its nearest ancestor that has one."""
+        return self._nearest(self.values, tuple(path))
+
+    def key(self, path: Path) -> Pos:
+        """The position of the key that names ``path`` (falls back to the value's position)."""
+        path = tuple(path)
+        return self.keys.get(path) or self.value(path)
+
+    def _nearest(self, table: dict[Path, Pos], path: Path) -> Pos:
+        while path:
+            if path in table:
+                return table[path]
+            path = path[:-1]
+        return table.get((), Pos(self.file))
+
+    def resolve(self, loc: tuple[Any, ...]) -> Path:
+        """Map a location as pydantic reports it onto a path of this map, skipping what the data has no trace of
+        (the discriminator tag pydantic inserts for a union member, say)."""
+        path: Path = ()
+        for part in loc:
+            if path + (part,) in self.values or path + (part,) in self.keys:
+                path += (part,)
+        return path
+
+
+@dataclass
+class Expanded:
+    """The output of :func:`expand`: plain data, where it came from, and how it was made."""
+
+    data: dict[str, Any]
+    source: SourceMap
+    variant: str | None = None
+    files: list[str] = field(default_factory=list)
+
+    def standalone(self) -> dict[str, Any]:
+        """The data as a spec of its own (no `extends:`, no expressions, no variant to choose): what a checkpoint
+        embeds to rebuild the model."""
+        return {k: v for k, v in self.data.items() if k != "variant"}
+
+
+# ----------------------------------------------------------------------------------------------------- extends / merge
+
+
+def _merge(base: Node, over: Node) -> Node:
+    """Deep-merge ``over`` onto ``base``: mappings key by key, anything else replaced by ``over``."""
+    if not (base.is_map and over.is_map):
+        return over
+    out = dict(base.value)
+    for key, value in over.value.items():
+        out[key] = _merge(out[key], value) if key in out else value
+    return Node(out, over.pos, over.key_pos or base.key_pos)
+
+
+def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
+    parent = root.get("extends")
+    if parent is None:
+        return root
+    if not isinstance(parent.value, str) or not parent.value:
+        raise SpecError("`extends:` takes a file name (a path relative to this file)", pos=parent.pos)
+    here = os.path.dirname(file) if os.path.exists(file) else os.getcwd()
+    target = os.path.normpath(os.path.join(here, parent.value))
+    shown = " -> ".join([*chain, target])
+    if os.path.abspath(target) in {os.path.abspath(c) for c in chain}:
+        raise SpecError(f"`extends:` forms a cycle: {shown}", pos=parent.pos, hint="remove one of the `extends:` lines")
+    if len(chain) >= MAX_EXTENDS:
+        raise SpecError(f"`extends:` chain is deeper than {MAX_EXTENDS}: {shown}", pos=parent.pos)
+    if not os.path.isfile(target):
+        raise SpecError(
+            f"`extends:` names a file that does not exist: {target}",
+            pos=parent.pos,
+            hint=f"the path is relative to {here or '.'}; chain: {shown}",
+        )
+    base = _resolve_extends(load_file(target), target, [*chain, target])
+    child = Node({k: v for k, v in root.value.items() if k != "extends"}, root.pos, root.key_pos)
+    return _merge(base, child)
+
+
+def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
+    variants = root.get("variants")
+    own = root.get("variant")
+    name = chosen if chosen is not None else (own.value if own is not None else None)
+    body = {k: v for k, v in root.value.items() if k not in ("variants", "variant")}
+    if name is None:
+        return Node(body, root.pos), None
+    where = own.pos if (chosen is None and own is not None) else Pos("<variant argument>")
+    if variants is None or not variants.is_map or not variants.value:
+        raise SpecError(
+            f"variant '{name}' asked for, but this spec declares no `variants:`",
+            pos=where,
+            hint="remove `variant:`, or declare `variants: {NAME: {variables: {...}}}` in this spec or its parent",
+        )
+    if not isinstance(name, str) or name not in variants.value:
+        names = [str(k) for k in variants.value]
+        close = difflib.get_close_matches(str(name), names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SpecError(f"unknown variant '{name}'", pos=where, hint=f"{hint}variants: {', '.join(names)}")
+    variant = variants.value[name]
+    if not variant.is_map:
+        raise SpecError(f"variant '{name}' must be a mapping of overrides", pos=variant.pos)
+    merged = _merge(Node(body, root.pos), variant)
+    if chosen is not None and "name" not in variant.value and "name" in body:
+        base_name = body["name"]
+        merged.value["name"] = Node(f"{base_name.value}_{name}", base_name.pos, base_name.key_pos)
+    return merged, name
+
+
+# ------------------------------------------------------------------------------------------------------------ scopes
+
+
+class _Variables(Mapping[str, Any]):
+    """Spec variables, evaluated on first use (so they may refer to each other), with cycle detection."""
+
+    def __init__(self, defs: dict[str, Node], expander: _Expander):
+        self.defs = defs
+        self.expander = expander
+        self.values: dict[str, Any] = {}
+        self.active: list[str] = []
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.values:
+            return self.values[name]
+        if name not in self.defs:
+            raise KeyError(name)
+        node = self.defs[name]
+        if name in self.active:
+            cycle = " -> ".join([*self.active[self.active.index(name) :], name])
+            raise SpecError(
+                f"variables refer to each other in a cycle: {cycle}",
+                pos=node.pos,
+                hint="give one of them a value that does not depend on the others in the cycle",
+            )
+        self.active.append(name)
+        try:
+            value = self.expander.evaluate(node, self, ("variables", name), record=False)
+        finally:
+            self.active.pop()
+        self.values[name] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.defs)
+
+    def __len__(self) -> int:
+        return len(self.defs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.defs
+
+
+class _Bound(Mapping[str, Any]):
+    """Loop bindings layered over an outer scope."""
+
+    def __init__(self, bindings: dict[str, Any], outer: Mapping[str, Any]):
+        self.bindings = bindings
+        self.outer = outer
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.bindings:
+            return self.bindings[name]
+        return self.outer[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.bindings
+        yield from (k for k in self.outer if k not in self.bindings)
+
+    def __len__(self) -> int:
+        return len(set(self.bindings) | set(self.outer))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.bindings or name in self.outer
+
+
+# ---------------------------------------------------------------------------------------------------------- expander
+
+
+class _Expander:
+    def __init__(self, file: str):
+        self.source = SourceMap(file)
+        self.produced = 0
+        self.variables: _Variables | None = None
+
+    def record(self, path: Path, node: Node, via: Pos | None = None, label: str = "") -> None:
+        pos = node.pos.through(via, label) if via is not None else node.pos
+        self.source.values.setdefault(path, pos)
+        if node.key_pos is not None:
+            self.source.keys.setdefault(path, node.key_pos)
+
+    def evaluate(self, node: Node, scope: Mapping[str, Any], path: Path, *, record: bool = True) -> Any:
+        if record:
+            self.record(path, node)
+        if node.is_map:
+            return {key: self.evaluate(value, scope, path + (key,), record=record) for key, value in node.value.items()}
+        if node.is_list:
+            return self.evaluate_list(node, scope, path, record=record)
+        if isinstance(node.value, str) and expr.has_expressions(node.value):
+            return self.scalar(node, scope, path, record)
+        return node.value
+
+    def scalar(self, node: Node, scope: Mapping[str, Any], path: Path, record: bool) -> Any:
+        text = node.value
+        start = 1 if node.meta.get("quoted") else 0
+        try:
+            value = expr.interpolate(text, scope)
+        except expr.ExprError as e:
+            raise SpecError(
+                e.message, pos=node.pos.shifted(start + e.offset), hint=e.hint or f"in the expression {text!r}"
+            ) from None
+        if record and self.variables is not None:
+            used = [n for n in expr.names_used(text) if n in self.variables.defs]
+            if used:  # point at the use, and remember the definition it came from
+                origin = self.variables.defs[sorted(used)[0]]
+                self.source.values[path] = node.pos.through(origin.pos, f"variable '{sorted(used)[0]}' defined")
+        return value
+
+    def evaluate_list(self, node: Node, scope: Mapping[str, Any], path: Path, *, record: bool) -> list[Any]:
+        out: list[Any] = []
+        is_blocks = bool(path) and path[-1] == "blocks"
+        for item in node.value:
+            for bindings, via in self._template(item, scope):
+                inner = _Bound(bindings, scope) if bindings else scope
+                body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if via else item
+                if is_blocks and body.is_map and "depth" in body.value:
+                    out.extend(self._repeat(body, inner, path, len(out), record))
+                else:
+                    self._count(body.pos)
+                    out.append(self.evaluate(body, inner, path + (len(out),), record=record))
+        return out
+
+    def _template(self, item: Node, scope: Mapping[str, Any]) -> list[tuple[dict[str, Any], Pos | None]]:
+        loop = item.get("for") if item.is_map else None
+        if loop is None:
+            return [({}, None)]
+        if not loop.is_map or not loop.value:
+            raise SpecError(
+                "`for:` takes a mapping of names to lists, e.g. `for: {i: [0, 1, 2, 3]}`", pos=loop.pos, hint=None
+            )
+        columns: dict[str, list[Any]] = {}
+        for name, values in loop.value.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise SpecError(f"`for:` variable {name!r} must be a name", pos=values.key_pos or values.pos)
+            evaluated = self.evaluate(values, scope, (), record=False)
+            if not isinstance(evaluated, list):
+                raise SpecError(f"`for:` variable '{name}' needs a list of values", pos=values.pos)
+            columns[name] = evaluated
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise SpecError(
+                "`for:` lists have different lengths: " + ", ".join(f"{k}: {len(v)}" for k, v in columns.items()),
+                pos=loop.pos,
+                hint="the lists are zipped; give them the same length",
+            )
+        n = lengths.pop()
+        return [({k: v[i] for k, v in columns.items()}, loop.pos) for i in range(n)]
+
+    def _repeat(self, body: Node, scope: Mapping[str, Any], path: Path, start: int, record: bool) -> list[Any]:
+        depth_node = body.value["depth"]
+        depth = self.evaluate(depth_node, scope, (), record=False)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise SpecError(f"`depth` must be a non-negative integer, got {depth!r}", pos=depth_node.pos)
+        if depth > MAX_EXPANDED:
+            raise SpecError(f"`depth` {depth:,} is larger than the limit {MAX_EXPANDED:,}", pos=depth_node.pos)
+        entries = []
+        for rep in range(depth):
+            self._count(depth_node.pos)
+            item_path = path + (start + rep,)
+            inner = _Bound({REP: rep}, scope)
+            fields = {k: v for k, v in body.value.items() if k != "depth"}
+            value = self.evaluate(Node(fields, body.pos), inner, item_path, record=record)
+            base = value.get("name", value.get("op"))
+            if isinstance(base, str):
+                value["name"] = f"{base}.{rep}"
+            if record:
+                self.source.values[item_path] = body.pos.through(depth_node.pos, f"repetition {rep} of depth")
+            entries.append(value)
+        return entries
+
+    def _count(self, pos: Pos) -> None:
+        self.produced += 1
+        if self.produced > MAX_EXPANDED:
+            raise SpecError(f"templates and repeats produce more than {MAX_EXPANDED:,} entries", pos=pos)
+
+
+def expand(
+    spec: str | os.PathLike[str] | Node,
+    *,
+    variant: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    text: str | None = None,
+    file: str | None = None,
+) -> Expanded:
+    """Load (if needed) and expand a spec.
+
+    Args:
+        spec: a file path, or an already loaded :class:`Node` tree.
+        variant: the variant to build (overrides the spec's own ``variant:``).
+        overrides: variable values that replace the spec's (``{"depths": [1, 1, 1, 1]}``).
+        text: YAML text to parse instead of reading ``spec`` (``file`` names it in messages).
+        file: the name to show for ``text``.
+
+    Raises:
+        SpecError: the spec cannot be read or expanded.
+    """
+    if text is not None:
+        file = file or "<string>"
+        root = load_text(text, file)
+    elif isinstance(spec, Node):
+        root, file = spec, spec.pos.file
+    else:
+        file = os.fspath(spec)
+        root = load_file(file)
+    assert file is not None
+    root = _resolve_extends(root, file, [file])
+    root, chosen = _apply_variant(root, variant)
+
+    expander = _Expander(file)
+    defs_node = root.get("variables")
+    if defs_node is not None and not defs_node.is_map:
+        raise SpecError("`variables:` must be a mapping of names to values", pos=defs_node.pos)
+    defs: dict[str, Node] = dict(defs_node.value) if defs_node is not None else {}
+    for name, node in defs.items():
+        if not isinstance(name, str) or not name.isidentifier() or name == REP:
+            raise SpecError(
+                f"variable name {name!r} is not usable in expressions",
+                pos=node.key_pos or node.pos,
+                hint=f"use a Python-style identifier (letters, digits, '_'), not '{REP}' (reserved)",
+            )
+    for name, value in (overrides or {}).items():
+        if name not in defs:
+            close = difflib.get_close_matches(str(name), list(defs), n=1)
+            raise SpecError(
+                f"override of unknown variable '{name}'",
+                pos=Pos("<overrides>"),
+                hint=(f"did you mean '{close[0]}'? " if close else "") + f"variables: {', '.join(defs) or 'none'}",
+            )
+        defs[name] = Node.from_plain(value, Pos(f"<override {name}>"))
+    variables = _Variables(defs, expander)
+    expander.variables = variables
+
+    body = Node({k: v for k, v in root.value.items() if k not in RESERVED}, root.pos)
+    data = expander.evaluate(body, variables, ())
+    data["variables"] = {name: variables[name] for name in defs}
+    if chosen is not None:
+        data["variant"] = chosen
+    return Expanded(data, expander.source, chosen)

@@ -1,0 +1,394 @@
+"""The spec language's pydantic models, the block registry, and translation of validation errors.
+
+A block type is a subclass of :class:`BlockSpec` whose ``op`` field is a one-value ``Literal``; registering it (the
+:func:`register` decorator) adds it to the discriminated union that stage and model ``blocks`` lists accept. The
+models for stages and the model itself are built from the registry on demand, so a block registered by user code
+is accepted exactly like a built-in one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator
+
+from blockgraph.errors import BlockgraphError, Pos, SpecError, raise_all
+from blockgraph.spec.expand import Expanded, SourceMap
+
+if TYPE_CHECKING:
+    from blockgraph.graph.infer import InferContext
+    from blockgraph.types import TensorType
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
+"""A node, stage, shared-module or output name: a Python-style identifier."""
+BlockName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[0-9]+)?$", max_length=64)]
+"""A block's name; ``depth: N`` names its repetitions ``name.0`` ... ``name.N-1``."""
+Ref = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", max_length=256)]
+"""A reference to a node (``stage2.blocks``), a node's output port, or a model input."""
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: unknown keys rejected, values immutable, field docstrings become descriptions."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True, protected_namespaces=()
+    )
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Marks a field as a reference, by name, to a shared module of one of ``ops``."""
+
+    ops: tuple[str, ...]
+
+
+def shared_ref(*ops: str) -> Any:
+    """The type of a field that names a shared module (``cpe: shared_ref("conv_pos_enc")``)."""
+    return Annotated[str, Shared(ops), Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+
+
+class BlockSpec(SpecModel):
+    """Base of every block's params model.
+
+    A subclass declares ``op: Literal["its_name"]``, its parameters as fields, and implements:
+
+    * ``infer(ctx, *inputs) -> TensorType``: the shape rule (pure Python, no torch), and
+    * ``build(ctx, *inputs) -> nn.Module``: the module, given the inputs' static types.
+
+    Shared modules (declared under ``shared:``) implement ``build(ctx)`` from their params alone; users reach them
+    through ``ctx.shared(field)`` in ``infer``, and receive them as keyword arguments in ``forward``.
+    """
+
+    op: str
+    name: BlockName | None = None
+    """The node's name; state_dict keys and error messages use it. Defaults to the op."""
+    from_: Ref | list[Ref] | None = Field(default=None, alias="from")
+    """Where the inputs come from: node names (``stage2.to_map``), ``node.port``, or a model input. Defaults to the
+    previous block."""
+
+    arity: ClassVar[int | None] = 1
+    """How many inputs the block takes (None: any number, at least one)."""
+    needs_size: ClassVar[bool] = False
+    """Whether ``forward`` takes ``size=(h, w)``, the token grid of its first input."""
+
+    def infer(self, ctx: InferContext, *inputs: TensorType) -> TensorType:
+        raise NotImplementedError(f"{type(self).__name__} has no shape rule")
+
+    def build(self, ctx: Any, *inputs: TensorType) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no module")
+
+    @classmethod
+    def op_name(cls) -> str:
+        return _literal_op(cls)
+
+    @classmethod
+    def shared_fields(cls) -> dict[str, Shared]:
+        """The fields that name shared modules, with the ops each accepts."""
+        out = {}
+        for name, info in cls.model_fields.items():
+            for meta in info.metadata:
+                if isinstance(meta, Shared):
+                    out[name] = meta
+        return out
+
+
+def _literal_op(cls: type[BlockSpec]) -> str:
+    annotation = cls.model_fields["op"].annotation
+    values = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise TypeError(f"{cls.__name__}.op must be annotated Literal['op_name'] (one string)")
+    return values[0]
+
+
+_REGISTRY: dict[str, type[BlockSpec]] = {}
+_CACHE: dict[str, Any] = {}
+
+
+def register(cls: type[BlockSpec]) -> type[BlockSpec]:
+    """Class decorator: make a block type usable from specs under its ``op`` name."""
+    op = _literal_op(cls)
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", op):
+        raise TypeError(f"op name {op!r} must be snake_case")
+    existing = _REGISTRY.get(op)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise TypeError(f"op '{op}' is already registered by {existing.__module__}.{existing.__qualname__}")
+    _REGISTRY[op] = cls
+    _CACHE.clear()
+    return cls
+
+
+def registry() -> dict[str, type[BlockSpec]]:
+    """The registered block types by op name (a copy)."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+# ------------------------------------------------------------------------------------------------- fixed spec models
+
+
+class InputSpec(SpecModel):
+    """A model input: an image batch ``[B, channels, H, W]``."""
+
+    name: Name = "image"
+    channels: PositiveInt = 3
+    size: tuple[PositiveInt, PositiveInt] = (224, 224)
+    """The default (H, W): what `build` reports shapes for, and what `validate` checks when given no size."""
+
+
+class OutputSpec(SpecModel):
+    """A named model output."""
+
+    from_: Ref = Field(alias="from")
+    """The node (or ``node.port``) whose value is returned."""
+    stride: PositiveInt | None = None
+    """For a feature map: its stride relative to the input; checked against the inferred shape."""
+
+
+class TwinSpec(SpecModel):
+    """The timm model with the same architecture, and how its state_dict keys map onto ours."""
+
+    timm: str | None = None
+    """timm's model name (``timm.create_model(name)``)."""
+    rename: list[tuple[str, str]] = []
+    """Regex rules ``[pattern, replacement]`` applied to each timm key; the first rule that matches wins."""
+
+    @field_validator("rename")
+    @classmethod
+    def _compile(cls, rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for i, (pattern, _) in enumerate(rules):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"rule {i}: bad regular expression {pattern!r}: {e}") from None
+        return rules
+
+
+class StageBase(SpecModel):
+    """A stage: blocks run in order (unless ``from:`` says otherwise), with shared modules of its own."""
+
+    name: Name
+
+
+class ModelBase(SpecModel):
+    """A whole model spec, after expansion."""
+
+    name: Name
+    description: str = ""
+    variant: str | None = None
+    input: InputSpec = InputSpec()
+    variables: dict[str, Any] = {}
+    """The variables as resolved (kept for the record)."""
+    outputs: dict[Name, OutputSpec | Ref] = {}
+    """Named outputs (``logits: head``); the default forward returns these."""
+    features: dict[Name, OutputSpec] = {}
+    """Named feature maps, with strides (``stage1: {from: stage1.to_map, stride: 4}``), for dense prediction."""
+    twin: TwinSpec | None = None
+    default_outputs: list[Name] | None = None
+
+    def output_specs(self) -> dict[str, OutputSpec]:
+        """``outputs`` with the short form (a bare reference) expanded."""
+        return {
+            k: v if isinstance(v, OutputSpec) else OutputSpec.model_validate({"from": v})
+            for k, v in self.outputs.items()
+        }
+
+    if TYPE_CHECKING:
+        shared: dict[str, BlockSpec]
+        stages: list[Any]
+        blocks: list[BlockSpec]
+
+
+def model_types() -> tuple[type[ModelBase], type[StageBase]]:
+    """The ModelSpec and StageSpec classes for the blocks registered now (cached until the registry changes)."""
+    if "model" not in _CACHE:
+        if not _REGISTRY:
+            raise RuntimeError("no block types are registered (import blockgraph.blocks first)")
+        members = tuple(_REGISTRY[op] for op in sorted(_REGISTRY))
+        block = Annotated[Union[members], Field(discriminator="op")]  # noqa: UP007 (a runtime tuple of members)
+        stage = create_model(
+            "StageSpec",
+            __base__=StageBase,
+            shared=(dict[Name, block], Field(default={}, description="Shared modules of this stage, by name.")),
+            blocks=(list[block], Field(default=[], description="The stage's blocks.")),
+        )
+        model = create_model(
+            "ModelSpec",
+            __base__=ModelBase,
+            shared=(dict[Name, block], Field(default={}, description="Shared modules used by several blocks.")),
+            stages=(list[stage], Field(default=[], description="The stages, in order.")),  # type: ignore[valid-type]
+            blocks=(list[block], Field(default=[], description="Blocks after the stages (heads).")),
+        )
+        _CACHE["model"], _CACHE["stage"] = model, stage
+    return _CACHE["model"], _CACHE["stage"]
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the spec language as written *after* expansion (for editors and docs)."""
+    model, _ = model_types()
+    schema = model.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "blockgraph model spec"
+    return schema
+
+
+# ----------------------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class ParsedSpec:
+    """A validated spec with the map back to its source."""
+
+    model: ModelBase
+    source: SourceMap
+    expanded: Expanded
+
+
+def parse(expanded: Expanded) -> ParsedSpec:
+    """Validate expanded spec data against the registered models.
+
+    Raises:
+        SpecError: (or an MultiError of them) one per invalid value, each at its file:line:col.
+    """
+    model_cls, _ = model_types()
+    try:
+        model = model_cls.model_validate(expanded.data)
+    except ValidationError as e:
+        raise_all(_translate(e, expanded))
+    return ParsedSpec(model, expanded.source, expanded)
+
+
+_FIXED: dict[tuple[str, ...], type[BaseModel]] = {
+    (): ModelBase,
+    ("input",): InputSpec,
+    ("twin",): TwinSpec,
+}
+
+
+def _model_at(data: Any, path: Sequence[Any]) -> type[BaseModel] | None:
+    """The spec model that validates the mapping at ``path`` of ``data`` (for "did you mean" on its keys)."""
+    node = data
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    if isinstance(node, dict) and isinstance(node.get("op"), str) and node["op"] in _REGISTRY:
+        return _REGISTRY[node["op"]]
+    shape = tuple("#" if isinstance(p, int) else p for p in path)
+    if len(shape) == 2 and shape[0] == "stages":
+        return model_types()[1]
+    if len(shape) == 2 and shape[0] in ("outputs", "features"):
+        return OutputSpec
+    if shape == ():
+        return model_types()[0]
+    return _FIXED.get(tuple(path))
+
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphError]:
+    source, data = expanded.source, expanded.data
+    out: list[BlockgraphError] = []
+    seen: set[tuple[str, tuple[Any, ...]]] = set()
+    for item in error.errors(include_url=False):
+        loc, kind = tuple(item["loc"]), item["type"]
+        path = source.resolve(loc)
+        # A union member's errors repeat the loc with the tag inside; drop the tag so paths match the data.
+        key = loc[-1] if loc else None
+        if (kind, path if kind != "extra_forbidden" else loc) in seen:
+            continue
+        seen.add((kind, path if kind != "extra_forbidden" else loc))
+        where = _describe_owner(data, path)
+        if kind == "extra_forbidden":
+            owner = _model_at(data, path[:-1] if path and path[-1] == key else path)
+            keys = _keys_of(owner) if owner else []
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else (f"allowed keys: {', '.join(keys)}" if keys else None)
+            pos = source.key(path) if path and path[-1] == key else source.value(path)
+            out.append(SpecError(f"unknown key '{key}'{where}", pos=pos, hint=hint))
+        elif kind == "union_tag_invalid":
+            tag = item.get("ctx", {}).get("tag")
+            ops = sorted(_REGISTRY)
+            close = difflib.get_close_matches(str(tag), ops, n=3)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
+            out.append(SpecError(f"unknown op '{tag}'", pos=source.value(path + ("op",)), hint=hint))
+        elif kind == "union_tag_not_found":
+            out.append(
+                SpecError(
+                    f"this block has no `op:`{where}",
+                    pos=source.value(path),
+                    hint=f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`",
+                )
+            )
+        elif kind == "missing":
+            owner = _model_at(data, path)
+            op = f" (op '{_op_at(data, path)}')" if _op_at(data, path) else ""
+            description = _field_doc(owner, str(key)) if owner else None
+            out.append(
+                SpecError(
+                    f"missing required key '{key}'{op}{where}",
+                    pos=source.value(path),
+                    hint=f"add `{key}: ...`" + (f" ({description})" if description else ""),
+                )
+            )
+        else:
+            value = item.get("input")
+            shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+            message = item["msg"][0].lower() + item["msg"][1:]
+            field = f"'{key}'" if isinstance(key, str) else f"item {key}"
+            out.append(
+                SpecError(f"{field}{where}: {message} (got {shown})", pos=source.value(path), hint=_type_hint(kind))
+            )
+    return out or [SpecError(str(error), pos=Pos(source.file))]
+
+
+def _op_at(data: Any, path: Sequence[Any]) -> str | None:
+    node = data
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node.get("op") if isinstance(node, dict) and isinstance(node.get("op"), str) else None
+
+
+def _describe_owner(data: Any, path: Sequence[Any]) -> str:
+    """`` in block 'stage1.blocks.0' (serial_block)`` for a path inside a block, else ``""``."""
+    node, stage, block = data, None, None
+    for i, part in enumerate(path):
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            break
+        if isinstance(node, dict) and "op" in node and i > 0:
+            block = node
+            break
+        if len(path) > 1 and path[0] == "stages" and i == 1 and isinstance(node, dict):
+            stage = node.get("name")
+    if block is None:
+        return ""
+    name = block.get("name") or block.get("op")
+    full = f"{stage}.{name}" if stage else name
+    return f" in block '{full}' ({block.get('op')})"
+
+
+def _field_doc(model: type[BaseModel], key: str) -> str | None:
+    for name, info in model.model_fields.items():
+        if key in (name, info.alias):
+            return info.description
+    return None
+
+
+def _type_hint(kind: str) -> str | None:
+    return {
+        "int_parsing": "write a whole number (an expression must be `${...}`)",
+        "int_from_float": "write a whole number",
+        "greater_than": "use a positive value",
+        "string_pattern_mismatch": "names are identifiers: letters, digits and '_', not starting with a digit",
+        "literal_error": None,
+    }.get(kind)

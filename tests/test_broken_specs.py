@@ -1,0 +1,132 @@
+"""The broken-spec table: each case edits a valid spec and asserts the exit code (2), the exact FILE:LINE:COL of the
+offending value, a distinctive part of the message, a hint, and no traceback."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VALID = """\
+name: tiny
+input: {channels: 3, size: [64, 64]}
+variables: {dim: 32, heads: 4, classes: 10}
+stages:
+  - name: s1
+    shared:
+      cpe: {op: conv_pos_enc, dim: 32}
+      crpe: {op: conv_rel_pos_enc, dim: 32, heads: 4, windows: {3: 2, 5: 2}}
+    blocks:
+      - {name: embed, op: conv_patch_embed, dim: "${dim}", patch: 4}
+      - {name: cls, op: insert_cls_token, dim: 32}
+      - {name: block, op: serial_block, dim: 32, heads: 4, cpe: cpe, crpe: crpe}
+blocks:
+  - {name: head, op: cls_head, from: s1.block, dim: 32, num_classes: 10}
+outputs: {logits: head}
+"""
+
+
+@dataclass
+class Case:
+    id: str
+    old: str
+    new: str
+    marker: str
+    """Text whose first character is where the error must point (found in the edited spec)."""
+    message: str
+    hint: str = ""
+    args: tuple[str, ...] = ()
+    skip: int = 0
+    """Point this many characters after the marker's start."""
+
+
+CASES = [
+    Case("unknown op", "op: serial_block", "op: serail_block", "serail_block", "unknown op 'serail_block'",
+         "did you mean 'serial_block'"),
+    Case("unknown key", "heads: 4, cpe", "headz: 4, cpe", "headz", "unknown key 'headz'", "did you mean 'heads'"),
+    Case("wrong type", "patch: 4", "patch: four", "four", r"'patch'.*valid integer.*'four'", "whole number"),
+    Case("negative size", "patch: 4", "patch: -4", "-4", r"'patch'.*greater than 0", "positive"),
+    Case("crpe splits do not sum to heads", "windows: {3: 2, 5: 2}", "windows: {3: 2, 5: 3}", "{3: 2, 5: 3}",
+         r"splits sum to 5 \(2 \+ 3\), but `heads` is 4", "{3: 2, 5: 2}"),
+    Case("even crpe window", "windows: {3: 2, 5: 2}", "windows: {3: 2, 4: 2}", "{3: 2, 4: 2}", "window 4 must be odd",
+         "3, 5 or 7"),
+    Case("dim not divisible by heads", "dim: 32, heads: 4, cpe", "dim: 32, heads: 5, cpe", "5, cpe",
+         "dim 32 is not divisible by heads 5", "head counts that divide 32: 1, 2, 4, 8, 16, 32"),
+    Case("unknown shared module", "crpe: crpe}", "crpe: crpee}", "crpee}", "unknown shared module 'crpee'",
+         "did you mean 'crpe'"),
+    Case("shared module of the wrong op", "cpe: cpe,", "cpe: crpe,", "crpe, crpe",
+         "'cpe' needs a shared module of op conv_pos_enc, 'crpe' is conv_rel_pos_enc", "conv_pos_enc here: cpe"),
+    Case("undefined variable", 'dim: "${dim}"', 'dim: "${dimm}"', "dimm", "undefined variable 'dimm'",
+         "did you mean 'dim'"),
+    Case("variables in a cycle", "variables: {dim: 32, heads: 4,", 'variables: {dim: "${heads}", heads: "${dim}",',
+         '"${heads}"', "variables refer to each other in a cycle: dim -> heads -> dim", "cycle"),
+    Case("cycle", "{name: embed, op", "{name: embed, from: block, op", "block, op: conv",
+         r"the dataflow has a cycle: s1\.block -> s1\.embed -> s1\.cls -> s1\.block", "runs before it"),
+    Case("duplicate node name", "{name: cls, op", "{name: embed, op", "embed, op: insert",
+         "duplicate node name 's1.embed' \\(first defined at .*:10:", "own `name:`"),
+    Case("unknown reference", "from: s1.block", "from: s1.blok", "s1.blok", "unknown reference 's1.blok'",
+         "did you mean 's1.block'"),
+    Case("bad YAML syntax", "size: [64, 64]}", "size: [64, 64}", "}", "YAML syntax: expected ',' or ']'",
+         "indentation"),
+    Case("duplicate key", "name: tiny\n", "name: tiny\nname: tiny2\n", "name: tiny2", "duplicate key 'name'",
+         "already set at line 1"),
+    Case("python tag", "name: tiny\n", "name: !!python/object/apply:os.system [echo hi]\n", "!!python",
+         "tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed", "plain data"),
+    Case("channel mismatch between blocks", "op: insert_cls_token, dim: 32", "op: insert_cls_token, dim: 48", "48}",
+         "input has 32 channels but `dim` is 48", "set `dim: 32`"),
+    Case("missing required key", ", num_classes: 10}", "}", "{name: head",
+         "missing required key 'num_classes' \\(op 'cls_head'\\)", "add `num_classes: ...`"),
+    Case("token pooling without a cls token", "from: s1.block", "from: s1.embed", "cls_head",
+         "`pool: token` needs a cls token", "pool: avg"),
+    Case("input too small for the network", "", "", "patch: 4", r"input 2x64: .*smaller than the kernel window 4",
+         "this model accepts H >= 4; W >= 4; nearest: H = 4", args=("--input", "3x2x64"), skip=7),
+    Case("input with the wrong channel count", "", "", "channels: 3", "the input has 1 channels, the model takes 3",
+         "3x64x64", args=("--input", "1x64x64"), skip=10),
+    Case("unknown variant", "name: tiny\n", "name: tiny\nvariant: big\n", "big",
+         "variant 'big' asked for, but this spec declares no `variants:`", "remove `variant:`"),
+    Case("missing extends file", "name: tiny\n", "name: tiny\nextends: nope.yaml\n", "nope.yaml",
+         "`extends:` names a file that does not exist: .*nope.yaml", "chain"),
+    Case("index out of range in an expression", 'dim: "${dim}"', 'dim: "${[32, 64][2]}"', "[2]",
+         "index 2 out of range for a list of 2 items", "", skip=1),
+    Case("bad output reference", "outputs: {logits: head}", "outputs: {logits: heda}", "heda",
+         "unknown reference 'heda'", "did you mean 'head'"),
+]  # fmt: skip
+
+
+def _position(text: str, marker: str, skip: int) -> tuple[int, int]:
+    index = text.index(marker) + skip
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    return line, column
+
+
+def test_the_base_spec_is_valid(tmp_path: Path, run_cli) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(VALID)
+    code, out, err = run_cli("validate", path)
+    assert code == 0, err
+    assert "accepts: H >= 4; W >= 4" in out
+
+
+def test_the_table_is_large_enough() -> None:
+    assert len(CASES) >= 12
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_broken_spec(case: Case, tmp_path: Path, run_cli) -> None:
+    assert case.old in VALID, f"case {case.id!r} edits text the valid spec does not have"
+    text = VALID.replace(case.old, case.new, 1)
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    code, out, err = run_cli("validate", path, *case.args)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "internal error" not in err
+    line, column = _position(text, case.marker, case.skip)
+    first = err.splitlines()[0]
+    assert first.startswith(f"{path}:{line}:{column}: error: "), f"{first!r} should point at {line}:{column}"
+    assert re.search(case.message, first), first
+    hints = [x for x in err.splitlines() if x.startswith("hint: ")]
+    assert hints, err
+    assert case.hint in hints[0]

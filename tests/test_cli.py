@@ -1,0 +1,151 @@
+"""The CLI and API contracts of DESIGN.md: validate without torch, build table / --json / --out, schema, list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockgraph as bg
+from tests.conftest import ROOT
+
+SMALL = ROOT / "specs" / "coat_lite_small.yaml"
+
+
+def test_validate_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from blockgraph.cli import main\n"
+        f"rc = main(['validate', {str(SMALL)!r}, '--input', '3x480x640'])\n"
+        "assert 'torch' not in sys.modules, 'validate imported torch'\n"
+        "sys.exit(rc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "stage1 1x64x120x160" in result.stdout
+    assert "logits 1x1000" in result.stdout
+
+
+def test_cli_script_validate_exit_codes(tmp_path: Path) -> None:
+    ok = subprocess.run([sys.executable, "cli.py", "validate", str(SMALL)], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "accepts: H >= 32; W >= 32" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [{name: s, blocks: [{op: nope}]}]\n")
+    result = subprocess.run([sys.executable, "cli.py", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{bad}:2:34: error: unknown op 'nope'")
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_reports_accepted_sizes_and_rejects_others(run_cli) -> None:
+    code, out, _ = run_cli("validate", SMALL)
+    assert code == 0 and "accepts: H >= 32; W >= 32" in out
+    code, _, err = run_cli("validate", SMALL, "--input", "3x31x640")
+    assert code == 2
+    assert "input 31x640" in err and "node 'stage4.patch_embed'" in err and "nearest: H = 32" in err
+
+
+def test_build_table_and_json(run_cli) -> None:
+    code, out, err = run_cli("build", SMALL)
+    assert code == 0, err
+    assert "stage3.blocks.5" in out and "19,838,504 parameters" in out
+    code, out, err = run_cli("build", SMALL, "--json", "--input", "3x480x640")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["name"] == "coat_lite_small"
+    assert data["params"] == 19_838_504
+    assert data["input"] == [1, 3, 480, 640]
+    assert data["outputs"] == {"logits": [1, 1000]}
+    by_name = {n["name"]: n for n in data["nodes"]}
+    assert by_name["stage1.blocks.2"]["shape"] == [1, 19201, 64]
+    assert by_name["head"]["inputs"] == ["stage4.blocks.2"]
+    assert sum(n["params"] for n in data["nodes"]) < data["params"]  # shared CPE/CRPE are counted on their own
+
+
+def test_build_out_is_atomic_and_embeds_the_spec(tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "model.pt"
+    code, _, err = run_cli("build", ROOT / "specs" / "coat_lite_tiny.yaml", "--out", out)
+    assert code == 0, err
+    assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
+    payload = torch.load(out, weights_only=True)
+    assert payload["format"] == "blockgraph-checkpoint/1"
+    spec = json.loads(payload["spec"])
+    assert spec["name"] == "coat_lite_tiny"
+    assert "stage1.blocks.0.factoratt_crpe.qkv.weight" in payload["state_dict"]
+    # The embedded spec alone rebuilds the same architecture, and the weights load strictly.
+    model = bg.build_model(payload["spec"])
+    model.load_state_dict(payload["state_dict"], strict=True)
+
+
+def test_build_out_into_a_missing_directory_leaves_nothing(tmp_path: Path, run_cli) -> None:
+    code, _, err = run_cli("build", SMALL, "--out", tmp_path / "nope" / "m.pt")
+    assert code != 0
+    assert not (tmp_path / "nope").exists()
+
+
+def test_schema_is_json_schema_with_every_op(run_cli) -> None:
+    code, out, _ = run_cli("schema")
+    assert code == 0
+    schema = json.loads(out)
+    text = json.dumps(schema)
+    for op in bg.api.blockgraph.spec.schema.registry():
+        assert f'"{op}"' in text
+    assert schema["title"] == "blockgraph model spec"
+
+
+def test_list(run_cli) -> None:
+    code, out, _ = run_cli("list", "coat_lite*")
+    assert code == 0
+    assert out.split() == ["coat_lite", "coat_lite_medium", "coat_lite_mini", "coat_lite_small", "coat_lite_tiny"]
+    code, out, _ = run_cli("list", "--ops")
+    assert "serial_block" in out and "conv_rel_pos_enc" in out
+
+
+def test_create_model_and_list_models() -> None:
+    assert "coat_lite_small" in bg.list_models("coat*")
+    model = bg.create_model("coat_lite_tiny", num_classes=10, device="meta")
+    assert model.spec.name == "coat_lite_tiny"
+    assert model.get_submodule("head.fc").out_features == 10
+    with pytest.raises(bg.SpecError, match="no reference spec named 'coat_lite_smal'") as info:
+        bg.create_model("coat_lite_smal")
+    assert "coat_lite_small" in info.value.hint
+
+
+def test_shared_modules_are_registered_once_and_reused() -> None:
+    model = bg.create_model("coat_lite_tiny", device="meta")
+    keys = list(model.state_dict())
+    assert sum(k.startswith("stage1.cpe.") for k in keys) == 2  # weight, bias: once
+    assert not any(".blocks.0.cpe." in k for k in keys)
+    assert "cpe=self.stage1.cpe, crpe=self.stage1.crpe" in model.code
+
+
+def test_forward_rejects_a_bad_input_with_a_blockgraph_error() -> None:
+    model = bg.create_model("coat_lite_tiny")
+    with pytest.raises(bg.ShapeError, match="input 16x64") as info:
+        model(torch.randn(1, 3, 16, 64))
+    assert "H >= 32" in info.value.hint
+    with pytest.raises(bg.ShapeError, match="4-d image batch"):
+        model(torch.randn(3, 224, 224))
+    with pytest.raises(bg.ShapeError, match="the input has 1 channels"):
+        model(torch.randn(1, 1, 224, 224))
+
+
+def test_variant_argument_and_family_file() -> None:
+    report = bg.validate(ROOT / "specs" / "coat_lite.yaml", variant="small")
+    assert report.name == "coat_lite_small"
+    small = bg.analyze(SMALL)
+    family = bg.analyze(ROOT / "specs" / "coat_lite.yaml", variant="small")
+    assert small.spec.variables == family.spec.variables
+    assert [n.name for n in small.graph] == [n.name for n in family.graph]
+
+
+def test_summary_lists_every_node() -> None:
+    model = bg.create_model("coat_lite_tiny", device="meta")
+    text = model.summary((480, 640))
+    assert "stage1.blocks.1" in text and "1x19201x64" in text and "5,721,960 parameters" in text

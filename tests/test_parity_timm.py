@@ -1,0 +1,63 @@
+"""Parity with timm: same weights, same logits; strict loading through the spec's rename rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import blockgraph as bg
+from tests.support.timm_oracle import create_timm, import_timm
+
+pytestmark = pytest.mark.timm
+
+COAT_LITE = {
+    "coat_lite_tiny": 5_721_960,
+    "coat_lite_mini": 11_011_560,
+    "coat_lite_small": 19_838_504,
+    "coat_lite_medium": 44_571_048,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _timm():
+    import_timm()
+
+
+def _params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", list(COAT_LITE))
+def test_coat_lite_matches_timm(name: str) -> None:
+    torch.manual_seed(0)
+    twin = create_timm(name).eval()
+    ours = bg.create_model(name).eval()
+    assert _params(ours) == _params(twin) == COAT_LITE[name]
+    bg.load_timm_state_dict(ours, twin.state_dict())  # strict: raises on any missing/unexpected key
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = twin(x), ours(x)
+    assert got.shape == (2, 1000)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_loader_rejects_a_state_dict_that_does_not_fit() -> None:
+    twin = create_timm("coat_lite_tiny")
+    ours = bg.create_model("coat_lite_mini")
+    with pytest.raises(bg.WeightsError, match="shape|missing|unexpected"):
+        bg.load_timm_state_dict(ours, twin.state_dict())
+    sd = dict(twin.state_dict())
+    sd["bogus.weight"] = torch.zeros(1)
+    with pytest.raises(bg.WeightsError, match="1 unexpected: bogus.weight"):
+        bg.load_timm_state_dict(bg.create_model("coat_lite_tiny"), sd)
+    sd = dict(twin.state_dict())
+    del sd["head.weight"]
+    with pytest.raises(bg.WeightsError, match=r"1 missing: head\.fc\.weight"):
+        bg.load_timm_state_dict(bg.create_model("coat_lite_tiny"), sd)
+
+
+def test_loader_refuses_aliases_that_disagree() -> None:
+    sd = dict(create_timm("coat_lite_tiny").state_dict())
+    sd["serial_blocks1.1.cpe.proj.weight"] = sd["serial_blocks1.1.cpe.proj.weight"] + 1  # no longer the shared cpe1
+    with pytest.raises(bg.WeightsError, match="both map to 'stage1.cpe.proj.weight' but hold different values"):
+        bg.load_timm_state_dict(bg.create_model("coat_lite_tiny"), sd)
