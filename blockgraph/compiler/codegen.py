@@ -213,11 +213,25 @@ def _py(e: Expr) -> str:
 
 
 def _acceptance_code(inference: Inference, image: str) -> str:
-    """A Python condition that is true when the input must be rejected (wrong rank, channels or size)."""
+    """A Python condition that is true when the input must be rejected (wrong rank, channels or size).
+
+    A symbol whose accepted sizes were solved exactly into "at least N" is tested as ``H < N``; anything else
+    (divisibility, coupled constraints) as the constraints themselves.
+    """
     parts = [f"{image}.ndim != 4", f"{image}.shape[1] != {inference.graph.spec.input.channels}"]
+    acceptance = inference.acceptance
+    simple = set()
+    for symbol, sizes in acceptance.sizes.items():
+        if sizes.unconstrained:
+            simple.add(symbol)
+        elif sizes.exact and not sizes.finite and sizes.period == 1 and sizes.start is not None:
+            parts.append(f"{symbol} < {sizes.start}")
+            simple.add(symbol)
     seen = set()
     for item in inference.constraints:
         c = item.constraint
+        if len(c.symbols) == 1 and c.symbols <= simple:
+            continue
         text = _py(c.expr)
         test = {"ge": f"{text} < {c.value}", "eq": f"{text} != {c.value}", "divisible": f"({text}) % {c.value} != 0"}
         line = test[c.kind]

@@ -1,0 +1,64 @@
+"""The primitives compose beyond the reference specs, and the lazy torch-free module base behaves as nn.Module."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import torch
+
+import blockgraph as bg
+from tests.conftest import ROOT
+
+HYBRID = """
+name: hybrid
+input: {channels: 3, size: [64, 96]}
+variables: {dim: 48}
+shared:
+  crpe: {op: conv_rel_pos_enc, dim: 48, heads: 4, windows: {3: 1, 5: 2, 7: 1}}
+stages:
+  - name: stem
+    blocks:
+      - {name: conv, op: conv_patch_embed, dim: "${dim}", patch: 4, norm: false, flatten: false}
+      - {name: tokens, op: map_to_tokens}
+      - {name: attn, op: factor_attn_crpe, dim: "${dim}", heads: 4, crpe: crpe}
+      - {name: mlp, op: mlp, dim: "${dim}", mlp_ratio: 2, dim_out: 64, act: silu}
+      - {name: map, op: tokens_to_map}
+blocks:
+  - {name: head, op: cls_head, from: stem.mlp, dim: 64, num_classes: 5, pool: avg}
+outputs: {logits: head}
+features: {stem: {from: stem.map, stride: 4}}
+"""
+
+
+def test_a_hybrid_of_standalone_primitives_builds_infers_and_trains() -> None:
+    report = bg.validate(HYBRID, input_size=(3, 64, 96))
+    assert report.outputs == {"logits": "1x5", "stem": "1x64x16x24"}
+    torch.manual_seed(0)
+    model = bg.build_model(HYBRID, outputs=["logits", "stem"])
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out["logits"].shape == (2, 5) and out["stem"].shape == (2, 64, 16, 24)
+    (out["logits"].sum() + out["stem"].mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # no cls token: the CRPE takes every token as an image token
+    assert "tokens[(H//4)*(W//4), 48]" in str(model.node_types()["stem.attn"])
+
+
+def test_compiled_models_are_real_modules() -> None:
+    model = bg.create_model("coat_lite_tiny")
+    assert isinstance(model, torch.nn.Module)
+    block = model.get_submodule("stage1.blocks.0")
+    assert isinstance(block, torch.nn.Module) and type(block).__name__ == "SerialBlock"
+    twin = copy.deepcopy(model).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model.eval()(x))
+    meta = bg.create_model("coat_lite_tiny", device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+
+
+def test_importing_the_block_library_does_not_import_torch() -> None:
+    code = "import sys, blockgraph, blockgraph.blocks; assert 'torch' not in sys.modules; print(len(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
