@@ -102,8 +102,13 @@ class _Builder:
                 raise self._bad_tag(node, pos)
             try:
                 value = self.scalar.construct_object(node, deep=True)
-            except yaml.YAMLError as e:  # e.g. a malformed timestamp-like value under an explicit tag
-                raise SpecError(f"cannot read this value: {e}", pos=pos) from e
+            except (yaml.YAMLError, ValueError, KeyError, TypeError) as e:  # `!!int x`, `!!bool maybe`
+                tag = node.tag.rsplit(":", 1)[-1]
+                raise SpecError(
+                    f"cannot read {node.value!r} as {tag}",
+                    pos=pos,
+                    hint=f"remove the `!!{tag}` tag, or write a valid {tag}",
+                ) from e
             return Node(value, pos, key_pos, {"quoted": node.style in ("'", '"')})
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ_TAG:
@@ -154,9 +159,49 @@ class _Builder:
         )
 
 
+def _check_size(root: yaml.Node, file: str) -> None:
+    """Fail fast when expanding aliases would produce more than MAX_NODES values (counted on the composed graph,
+    where an alias is a shared node, in time linear in the file)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        total = 1 + sum(sizes.get(id(c), 1) for c in children)
+        sizes[id(node)] = total
+        if total > MAX_NODES:
+            raise SpecError(
+                f"the spec expands to more than {MAX_NODES:,} values",
+                pos=_pos(node.start_mark, file),
+                hint="aliases (*name) are expanded on load: a file that nests aliases of aliases grows exponentially",
+            )
+
+
+def _line_col(text: str, index: int) -> tuple[int, int]:
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
 def _decode(data: bytes, file: str) -> str:
     if b"\x00" in data[:8192]:
-        raise SpecError("this is a binary file, not a YAML spec", pos=Pos(file))
+        index = data.index(b"\x00")
+        line = data.count(b"\n", 0, index) + 1
+        column = index - (data.rfind(b"\n", 0, index) + 1) + 1
+        raise SpecError(
+            "this is a binary file, not a YAML spec",
+            pos=Pos(file, line, column),
+            hint="it holds a NUL byte here; a spec is UTF-8 text",
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -183,12 +228,21 @@ def load_text(text: str, file: str = "<string>") -> Node:
             pos=_pos(mark, file),
             hint="check indentation and quoting; `${...}` inside a flow mapping `{...}` must be quoted",
         ) from e
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, control characters)
+        line, column = _line_col(text, e.position)
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise SpecError(
+            f"unacceptable character #x{code:04x}: not allowed in YAML",
+            pos=Pos(file, line, column),
+            hint="remove it (control characters are not valid YAML text)",
+        ) from e
     except yaml.YAMLError as e:
         raise SpecError(f"YAML syntax: {e}", pos=Pos(file)) from e
     if not nodes or nodes[0] is None:
         raise SpecError("the spec is empty", pos=Pos(file, 1, 1), hint="a spec is a mapping with at least `name:`")
     if len(nodes) > 1:
         raise SpecError("the file holds several YAML documents ('---'); a spec is one document", pos=Pos(file, 1, 1))
+    _check_size(nodes[0], file)
     root = _Builder(file).build(nodes[0])
     if not root.is_map:
         raise SpecError("a spec must be a mapping (`name: ...`, `stages: ...`)", pos=root.pos)
