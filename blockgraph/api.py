@@ -18,6 +18,7 @@ from blockgraph.graph.build import Graph, build_graph
 from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
 from blockgraph.spec.schema import ModelBase, ParsedSpec, parse
+from blockgraph.types import describe_value
 
 if TYPE_CHECKING:
     from torch import nn
@@ -128,12 +129,14 @@ def validate(
     env = {"H": h, "W": w}
     nodes = []
     for node in analysis.graph:
-        t = analysis.inference.types[node.name]
-        nodes.append({"name": node.name, "op": node.op, "type": str(t), "shape": list(t.shape(env, batch=1))})
+        text, shape = describe_value(analysis.inference.types[node.name], env)
+        nodes.append({"name": node.name, "op": node.op, "type": text, "shape": shape})
     graph = analysis.graph
     outputs = {}
     for key, out in {**graph.outputs, **graph.features}.items():
-        outputs[key] = "x".join(map(str, analysis.inference.types[out.node].shape(env, batch=1)))
+        value = analysis.inference.types[out.node]
+        t = value[out.port] if out.port is not None else value
+        outputs[key] = "x".join(map(str, t.shape(env, batch=1)))
     return Report(
         model.name,
         model.variant,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.types import describe_value
 
 EXIT_INVALID = 2
 EXIT_INTERNAL = 3
@@ -93,19 +94,21 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
     graph = inference.graph
     nodes = []
     for name in model.nodes:
-        t = inference.types[name]
+        text, shape = describe_value(inference.types[name], {"H": h, "W": w})
         nodes.append({
             "name": name,
             "op": graph.nodes[name].op,
             "inputs": [e.src if e.out is None else f"{e.src}.{e.out}" for e in graph.in_edges(name)],
-            "shape": list(t.shape({"H": h, "W": w}, batch=1)),
-            "type": str(t),
+            "shape": shape,
+            "type": text,
             "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
         })  # fmt: skip
     outputs = {}
     for key in model.outputs:
         out = graph.outputs.get(key) or graph.features[key]
-        outputs[key] = list(inference.types[out.node].shape({"H": h, "W": w}, batch=1))
+        value = inference.types[out.node]
+        t = value[out.port] if out.port is not None else value
+        outputs[key] = list(t.shape({"H": h, "W": w}, batch=1))
     return {
         "name": model.spec.name,
         "params": sum(p.numel() for p in model.parameters()),

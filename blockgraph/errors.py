@@ -139,9 +139,20 @@ class MultiError(BlockgraphError):
         return "\n".join(e.format() for e in self._errors)
 
 
+_GROUPS: dict[type, type] = {}
+
+
 def raise_all(errors: list[BlockgraphError]) -> None:
-    """Raise the one error, or an :class:`MultiError` of several; do nothing for an empty list."""
+    """Raise the one error, or a :class:`MultiError` of several; do nothing for an empty list.
+
+    When every error has the same type (all ``ShapeError``, say), the group is an instance of that type too, so
+    ``except ShapeError`` catches it.
+    """
     if len(errors) == 1:
         raise errors[0]
     if errors:
-        raise MultiError(errors)
+        kinds = {type(e) for e in errors}
+        group: type = MultiError
+        if len(kinds) == 1 and (kind := kinds.pop()) is not BlockgraphError and not issubclass(kind, MultiError):
+            group = _GROUPS.setdefault(kind, type(f"Multi{kind.__name__}", (MultiError, kind), {}))
+        raise group(errors)

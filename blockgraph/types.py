@@ -34,6 +34,7 @@ from functools import cached_property
 from typing import Any, Literal, TypeAlias, overload
 
 __all__ = [
+    "describe_value",
     "Acceptance",
     "Atom",
     "Constraint",
@@ -1063,3 +1064,12 @@ class TensorType:
                 return None
             strides.append(slope.denominator)
         return strides[0] if strides[0] == strides[1] else None
+
+
+def describe_value(
+    value: TensorType | Mapping[str, TensorType], env: Mapping[str, int], batch: int = 1
+) -> tuple[Any, Any]:
+    """``(type text, concrete shape)`` of a node's value: one type, or a mapping of output ports to types."""
+    if isinstance(value, TensorType):
+        return str(value), list(value.shape(env, batch=batch))
+    return {p: str(t) for p, t in value.items()}, {p: list(t.shape(env, batch=batch)) for p, t in value.items()}

@@ -130,3 +130,77 @@ def test_broken_spec(case: Case, tmp_path: Path, run_cli) -> None:
     hints = [x for x in err.splitlines() if x.startswith("hint: ")]
     assert hints, err
     assert case.hint in hints[0]
+
+
+# A small co-scale model: three scales of width 32 into two parallel blocks and an aggregate head.
+PARALLEL = """\
+name: coscale
+input: {channels: 3, size: [64, 64]}
+variables: {d: [32, 32, 32]}
+stages:
+  - for: {i: [0, 1, 2]}
+    name: s${i}
+    shared:
+      cpe: {op: conv_pos_enc, dim: "${d[i]}"}
+      crpe: {op: conv_rel_pos_enc, dim: "${d[i]}", heads: 4, windows: {3: 4}}
+    blocks:
+      - {name: embed, op: conv_patch_embed, dim: "${d[i]}", patch: "${4 if i == 0 else 2}"}
+      - {name: cls, op: insert_cls_token, dim: "${d[i]}"}
+      - {name: block, op: serial_block, dim: "${d[i]}", heads: 4, cpe: cpe, crpe: crpe}
+      - {if: "${i < 2}", name: map, op: tokens_to_map, drop_extra: true}
+blocks:
+  - name: par
+    op: coat_parallel_block
+    depth: 2
+    from: [s0.block, s1.block, s2.block]
+    dim: 32
+    heads: 4
+    mlp_ratios: [4, 4, 4]
+    cpes: [s0.cpe, s1.cpe, s2.cpe]
+    crpes: [s0.crpe, s1.crpe, s2.crpe]
+  - {name: head, op: aggregate_head, from: [par.x2, par.x3, par.x4], dim: 32, num_classes: 10}
+outputs: {logits: head}
+"""
+
+PARALLEL_CASES = [
+    Case("parallel block fed scales of different dims", "variables: {d: [32, 32, 32]}",
+         "variables: {d: [32, 32, 48]}", "[s0.block", "the scales have different widths \\(x2 32, x3 32, x4 48",
+         "give them one width"),
+    Case("output port that does not exist", "par.x3, par.x4]", "par.x3, par.x5]", "par.x5",
+         "'par.1' has no output port 'x5'", "ports of 'par.1': x2, x3, x4"),
+    Case("shared MLP given two different hidden sizes", "mlp_ratios: [4, 4, 4]", "mlp_ratios: [4, 4, 2]",
+         "[4, 4, 2]", "the scales share one MLP, but mlp_ratios give hidden sizes 128, 128, 64",
+         "same ratio"),
+    Case("a multi-output block read without a port", "from: [par.x2, par.x3, par.x4]", "from: [par, par.x3, par.x4]",
+         "par, par.x3", "'par.1' has several outputs; name one of them", "from: par.x2"),
+    Case("one CPE for three scales", "cpes: [s0.cpe, s1.cpe, s2.cpe]", "cpes: [s0.cpe]", "[s0.cpe]",
+         "`cpes` names 1 modules for 3 scales"),
+]  # fmt: skip
+
+
+def test_the_parallel_base_spec_is_valid(tmp_path: Path, run_cli) -> None:
+    path = tmp_path / "coscale.yaml"
+    path.write_text(PARALLEL)
+    code, out, err = run_cli("validate", path)
+    assert code == 0, err
+    # timm-style resizing needs the scales' grids (strides 4, 8, 16) to be exact multiples of each other
+    assert "accepts: H in {16k, 16k+1, 16k+2, 16k+3}, H >= 16; W in {16k, 16k+1, 16k+2, 16k+3}, W >= 16" in out
+    assert "warning" not in err
+
+
+@pytest.mark.parametrize("case", PARALLEL_CASES, ids=[c.id for c in PARALLEL_CASES])
+def test_broken_parallel_spec(case: Case, tmp_path: Path, run_cli) -> None:
+    assert case.old in PARALLEL, f"case {case.id!r} edits text the valid spec does not have"
+    text = PARALLEL.replace(case.old, case.new, 1)
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    code, out, err = run_cli("validate", path, *case.args)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "internal error" not in err
+    line, column = _position(text, case.marker, case.skip)
+    first = err.splitlines()[0]
+    assert first.startswith(f"{path}:{line}:{column}: error: "), f"{first!r} should point at {line}:{column}"
+    assert re.search(case.message, first), first
+    hints = [x for x in err.splitlines() if x.startswith("hint: ")]
+    if case.hint:
+        assert hints and case.hint in hints[0], err

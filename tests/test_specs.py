@@ -1,5 +1,5 @@
-"""One battery over every reference spec in specs/: build, static shapes == runtime shapes, gradients,
-determinism, feature_info."""
+"""One battery over every reference spec in specs/: build, static shapes == runtime shapes (rejected sizes rejected
+by both validate and forward), gradients, determinism, feature_info."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blockgraph as bg
-from tests.conftest import SPECS
+from tests.conftest import ROOT, SPECS
 
 SIZES = [(224, 224), (480, 640), (256, 320), (250, 333)]
 ids = [p.stem for p in SPECS]
@@ -20,38 +20,71 @@ def _all_outputs(path: Path) -> list[str]:
     return list(analysis.graph.outputs) + list(analysis.graph.features)
 
 
-def _shrunk(path: Path) -> torch.nn.Module:
-    """The spec at depth 1 per stage: same blocks, same shape rules, a fraction of the compute."""
+def _shrunk(path: Path, **kwargs) -> torch.nn.Module:
+    """The spec with every depth variable at 1: the same blocks and shape rules, a fraction of the compute."""
     variables = bg.analyze(path).spec.variables
-    overrides = {"depths": [1] * len(variables["depths"])} if "depths" in variables else {}
-    return bg.build_model(path, overrides=overrides, outputs=_all_outputs(path))
+    overrides = {}
+    for name, value in variables.items():
+        if "depth" in name:
+            overrides[name] = [1] * len(value) if isinstance(value, list) else 1
+    kwargs.setdefault("outputs", _all_outputs(path))
+    return bg.build_model(path, overrides=overrides, **kwargs)
+
+
+def _flat(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _flat(v)]
 
 
 @pytest.mark.parametrize("path", SPECS, ids=ids)
 @pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
 def test_static_shapes_equal_runtime_shapes(path: Path, size: tuple[int, int]) -> None:
+    h, w = size
+    analysis = bg.analyze(path)
+    if not analysis.inference.acceptance.contains({"H": h, "W": w}):
+        # A size the spec rejects is rejected before allocation, and by the forward with the same error.
+        with pytest.raises(bg.ShapeError, match=f"input {h}x{w}"):
+            bg.validate(path, input_size=(h, w))
+        model = bg.build_model(path, device="meta")
+        with pytest.raises(bg.ShapeError, match=f"input {h}x{w}"):
+            model(torch.empty(1, 3, h, w, device="meta"))
+        return
     torch.manual_seed(0)
     model = bg.build_model(path, outputs=_all_outputs(path)).eval()
-    h, w = size
-    expected = {name: t.shape({"H": h, "W": w}, batch=1) for name, t in model.node_types().items()}
-    seen: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.shape))
-        for name in model.nodes
-    ]
+    expected = {}
+    for name, t in model.node_types().items():
+        types = t.values() if isinstance(t, dict) else [t]
+        expected[name] = [x.shape({"H": h, "W": w}, batch=1) for x in types]
+    seen: dict[str, list[tuple[int, ...]]] = {}
+
+    def hook(name):
+        return lambda m, i, o: seen.__setitem__(name, [tuple(x.shape) for x in _flat(o)])
+
+    hooks = [model.get_submodule(name).register_forward_hook(hook(name)) for name in model.nodes]
     with torch.no_grad():
         out = model(torch.randn(1, 3, h, w))
-    for hook in hooks:
-        hook.remove()
+    for handle in hooks:
+        handle.remove()
     assert set(seen) == set(expected)
-    mismatched = {n: (tuple(seen[n]), expected[n]) for n in expected if tuple(seen[n]) != expected[n]}
+    mismatched = {n: (seen[n], expected[n]) for n in expected if seen[n] != expected[n]}
     assert not mismatched
-    assert all(torch.isfinite(v).all() for v in out.values())
+    assert all(torch.isfinite(v).all() for v in _flat(out))
+
+
+def test_every_family_is_checked_at_accepted_sizes_other_than_its_default() -> None:
+    """The battery above must not degenerate into rejection checks: CoaT at 480x640 and 256x320, CoaT-Lite at
+    every size."""
+    for name, sizes in {"coat_tiny": [(480, 640), (256, 320)], "coat_lite_tiny": SIZES}.items():
+        acceptance = bg.analyze(ROOT / "specs" / f"{name}.yaml").inference.acceptance
+        assert all(acceptance.contains({"H": h, "W": w}) for h, w in sizes), name
 
 
 def test_coat_lite_small_seed_shapes() -> None:
     """ARCHITECTURES.md 2.2: coat_lite_small on 1x3x480x640."""
-    path = Path("specs/coat_lite_small.yaml")
+    path = ROOT / "specs" / "coat_lite_small.yaml"
     model = bg.build_model(path, outputs=["stage1", "stage2", "stage3", "stage4", "logits"]).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 480, 640))
@@ -69,16 +102,17 @@ def test_coat_lite_small_seed_shapes() -> None:
 def test_every_parameter_gets_a_gradient(path: Path) -> None:
     torch.manual_seed(0)
     model = _shrunk(path).train()
-    out = model(torch.randn(2, 3, 64, 96))
-    sum(v.float().pow(2).mean() for v in out.values()).backward()
+    h, w = bg.analyze(path).inference.acceptance.examples(1)[0]
+    out = model(torch.randn(2, 3, h, w))
+    sum(v.float().pow(2).mean() for v in _flat(out)).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
-    assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero
 
 
 @pytest.mark.parametrize("path", SPECS, ids=ids)
 def test_builds_are_deterministic(path: Path) -> None:
-    torch.manual_seed(123)
     a = bg.build_model(path, device="meta")
     b = bg.build_model(path, device="meta")
     assert list(a.state_dict()) == list(b.state_dict())
@@ -93,10 +127,16 @@ def test_builds_are_deterministic(path: Path) -> None:
 
 @pytest.mark.parametrize("path", SPECS, ids=ids)
 def test_feature_info_matches_features_only_output(path: Path) -> None:
-    model = bg.build_model(path, features_only=True, overrides={"depths": [1, 1, 1, 1]}).eval()
+    analysis = bg.analyze(path)
+    if not analysis.graph.features:
+        with pytest.raises(bg.BlockgraphError, match="declares no `features:`"):
+            _shrunk(path, outputs=None, features_only=True)
+        return
+    model = _shrunk(path, outputs=None, features_only=True).eval()
+    h, w = analysis.spec.input.size
     with torch.no_grad():
-        feats = model(torch.randn(1, 3, 224, 224))
+        feats = model(torch.randn(1, 3, h, w))
     assert isinstance(feats, list)
     assert [f.shape[1] for f in feats] == [i["num_chs"] for i in model.feature_info]
-    assert [224 // f.shape[-1] for f in feats] == [i["reduction"] for i in model.feature_info]
+    assert [h // f.shape[-2] for f in feats] == [i["reduction"] for i in model.feature_info]
     assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks.base import BuildContext, drop_path, init_linear
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext
-from blockgraph.spec.schema import BlockSpec, register, shared_ref
-from blockgraph.types import TensorType
+from blockgraph.spec.schema import BlockSpec, Name, register, shared_ref, shared_refs
+from blockgraph.types import Constraint, TensorType
 
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 """A dropout-like probability in [0, 1)."""
 CpeRef = shared_ref("conv_pos_enc")
 CrpeRef = shared_ref("conv_rel_pos_enc")
+CpeRefs = shared_refs("conv_pos_enc")
+CrpeRefs = shared_refs("conv_rel_pos_enc")
 
 
 # ------------------------------------------------------------------------------------------------------------ CPE
@@ -262,3 +264,228 @@ class SerialBlock(Module):
         x = cpe(x, size)
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ------------------------------------------------------------------------------------------------- parallel block
+
+
+@register
+class CoatParallelBlockSpec(BlockSpec):
+    """CoaT's parallel block over several scales (timm ``ParallelBlock``): per scale, CPE then factorized attention
+    with that scale's shared CRPE; each scale adds every other scale's attention output resized to its grid
+    (bilinear, ``align_corners=False``, each source's cls token carried along); then one MLP shared by all scales.
+
+    ``resize: scale`` resizes by the ratio of strides, as timm does (``F.interpolate(scale_factor=...)``), which
+    needs the grids to be exact multiples of each other: a constraint on the input size that ``validate`` states.
+    ``resize: size`` resizes to the target grid (the official code), which takes any input size.
+    """
+
+    op: Literal["coat_parallel_block"]
+    dim: PositiveInt
+    """Channels of every scale (the scales share one MLP and add into each other)."""
+    heads: PositiveInt = 8
+    mlp_ratios: PositiveFloat | list[PositiveFloat] = 4.0
+    """One ratio, or one per scale; the shared MLP needs them to give one hidden size."""
+    qkv_bias: bool = True
+    drop_path: Rate = 0.0
+    proj_drop: Rate = 0.0
+    norm_eps: PositiveFloat = 1e-6
+    act: Activation = "gelu"
+    cpes: CpeRefs
+    """The shared ``conv_pos_enc`` of each scale, in input order."""
+    crpes: CrpeRefs
+    """The shared ``conv_rel_pos_enc`` of each scale, in input order."""
+    ports: list[Name] = ["x2", "x3", "x4"]
+    """Names of the scales: the outputs (``from: parallel.x3``) and the module names (``norm1.x3``)."""
+    resize: Literal["scale", "size"] = "scale"
+    arity = None
+    needs_size = True
+
+    def output_ports(self) -> tuple[str, ...]:
+        return tuple(self.ports)
+
+    def infer(self, ctx: InferContext, *xs: TensorType) -> dict[str, TensorType]:
+        n = len(self.ports)
+        if len(xs) != n:
+            ctx.fail(f"{len(xs)} inputs for {n} scales ({', '.join(self.ports)})", field="from")
+        for field_name in ("cpes", "crpes"):
+            if len(getattr(self, field_name)) != n:
+                ctx.fail(
+                    f"`{field_name}` names {len(getattr(self, field_name))} modules for {n} scales", field=field_name
+                )
+        ratios = self.mlp_ratios if isinstance(self.mlp_ratios, list) else [self.mlp_ratios] * n
+        if len(ratios) != n:
+            ctx.fail(f"`mlp_ratios` has {len(ratios)} values for {n} scales", field="mlp_ratios")
+        hidden = [int(self.dim * r) for r in ratios]
+        if len(set(hidden)) > 1:
+            ctx.fail(
+                f"the scales share one MLP, but mlp_ratios give hidden sizes {', '.join(map(str, hidden))}",
+                field="mlp_ratios",
+                hint="give every scale the same ratio (one MLP module serves all scales)",
+            )
+        check_heads(ctx, self.dim, self.heads)
+        for k, x in enumerate(xs):
+            ctx.expect(x, layout="tokens", what=f"scale {self.ports[k]} (input {k})")
+        if len({x.channels for x in xs}) > 1:
+            widths = ", ".join(f"{p} {x.channels}" for p, x in zip(self.ports, xs, strict=True))
+            ctx.fail(
+                f"the scales have different widths ({widths} channels)",
+                field="from",
+                hint="a parallel block's scales add into each other and share one MLP: give them one width",
+            )
+        for k, x in enumerate(xs):
+            ctx.expect(x, channels=self.dim, what=f"scale {self.ports[k]} (input {k})")
+        if len({x.extra for x in xs}) > 1:
+            ctx.fail("the scales carry different numbers of extra (cls) tokens", field="from")
+        outs = {}
+        for k, (x, cpe, crpe) in enumerate(zip(xs, ctx.shared_list("cpes"), ctx.shared_list("crpes"), strict=True)):
+            if crpe.spec.heads != self.heads:
+                ctx.fail(f"heads is {self.heads}, but CRPE '{self.crpes[k]}' splits {crpe.spec.heads}", field="heads")
+            outs[self.ports[k]] = crpe.infer(cpe.infer(x))
+        if self.resize == "scale":
+            self._scale_factors(ctx, list(outs.values()))
+        return outs
+
+    def _scale_factors(self, ctx: InferContext, xs: list[TensorType]) -> list[list[float | None]]:
+        """The resize factor from scale j to scale i (``stride_j / stride_i``), requiring that it lands exactly."""
+        strides = [x.stride() for x in xs]
+        if any(s is None for s in strides):
+            ctx.fail(
+                "`resize: scale` needs every scale's stride, but some grid is not the input size over an integer",
+                field="resize",
+                hint="use `resize: size`",
+            )
+        factors: list[list[float | None]] = [[None] * len(xs) for _ in xs]
+        for i, target in enumerate(xs):
+            for j, source in enumerate(xs):
+                if i == j:
+                    continue
+                num, den = strides[j], strides[i]  # stride_j / stride_i
+                for axis in (0, 1):
+                    landed = (source.grid[axis] * num) // den
+                    ctx.require(
+                        Constraint.eq(landed - target.grid[axis], 0),
+                        f"resizing scale {self.ports[j]} ({source.grid[axis]}) by {num}/{den} must give scale "
+                        f"{self.ports[i]}'s {'height' if axis == 0 else 'width'} ({target.grid[axis]})",
+                        field="resize",
+                        hint="timm resizes by scale factors; `resize: size` takes any input size",
+                    )
+                factors[i][j] = num / den
+        return factors
+
+    def build(self, ctx: BuildContext, *xs: TensorType) -> ParallelBlock:
+        n = len(self.ports)
+        ratio = self.mlp_ratios[0] if isinstance(self.mlp_ratios, list) else self.mlp_ratios
+        factors = None
+        if self.resize == "scale":
+            strides = [x.stride() for x in xs]
+            factors = [[strides[j] / strides[i] if i != j else None for j in range(n)] for i in range(n)]
+        return ParallelBlock(
+            self.dim, self.ports, self.heads, int(self.dim * ratio), self.qkv_bias, self.drop_path, self.proj_drop,
+            self.norm_eps, self.act, factors, xs[0].extra, **ctx.dd,
+        )  # fmt: skip
+
+
+class ParallelBlock(Module):
+    """Per scale ``norm1[p]``, ``attn[p]`` (FactorAttnConvRelPosEnc), ``norm2[p]``; one ``mlp`` for all scales."""
+
+    def __init__(
+        self, dim, ports, heads, hidden, qkv_bias=True, drop_path_rate=0.0, proj_drop=0.0, eps=1e-6, act="gelu",
+        factors=None, extra=1, device=None, dtype=None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.ports = list(ports)
+        self.extra = extra
+        self.factors = factors
+        n = len(ports)
+        # Sources added to each scale: nearest first, coarser first among equals (timm's order of additions).
+        self.sources = [sorted((j for j in range(n) if j != i), key=lambda j, i=i: (abs(j - i), -j)) for i in range(n)]
+        self.norm1 = nn.ModuleDict({p: nn.LayerNorm(dim, eps=eps, **dd) for p in ports})
+        self.attn = nn.ModuleDict({p: FactorAttnConvRelPosEnc(dim, heads, qkv_bias, proj_drop, **dd) for p in ports})
+        self.drop_path = drop_path(drop_path_rate)
+        self.norm2 = nn.ModuleDict({p: nn.LayerNorm(dim, eps=eps, **dd) for p in ports})
+        self.mlp = Mlp(dim, hidden, act=act, drop=proj_drop, **dd)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int], target: tuple[int, int], factor: float | None):
+        B, N, C = x.shape
+        img = x[:, self.extra :].transpose(1, 2).reshape(B, C, size[0], size[1])  # [B, C, H, W]
+        if factor is not None:
+            img = F.interpolate(img, scale_factor=factor, recompute_scale_factor=False, mode="bilinear",
+                                align_corners=False)  # fmt: skip
+        else:
+            img = F.interpolate(img, size=target, mode="bilinear", align_corners=False)
+        img = img.reshape(B, C, -1).transpose(1, 2)  # [B, h*w, C]
+        return torch.cat((x[:, : self.extra], img), dim=1) if self.extra else img
+
+    def forward(self, *args, cpes, crpes):
+        n = len(self.ports)
+        xs, sizes = list(args[:n]), args[n:]
+        xs = [cpe(x, size) for cpe, x, size in zip(cpes, xs, sizes, strict=True)]
+        cur = [
+            self.attn[p](self.norm1[p](x), size, crpe)
+            for p, x, size, crpe in zip(self.ports, xs, sizes, crpes, strict=True)
+        ]
+        mixed = []
+        for i in range(n):
+            total = cur[i]
+            for j in self.sources[i]:
+                factor = self.factors[i][j] if self.factors is not None else None
+                total = total + self._resize(cur[j], sizes[j], sizes[i], factor)
+            mixed.append(total)
+        outs = []
+        for p, x, m in zip(self.ports, xs, mixed, strict=True):
+            x = x + self.drop_path(m)
+            outs.append(x + self.drop_path(self.mlp(self.norm2[p](x))))
+        return tuple(outs)
+
+
+# ------------------------------------------------------------------------------------------------- aggregate head
+
+
+@register
+class AggregateHeadSpec(BlockSpec):
+    """CoaT's head: norm each scale, stack their cls tokens (or token means), mix them with a 1x1 Conv1d
+    (scales → 1), then a linear classifier."""
+
+    op: Literal["aggregate_head"]
+    dim: PositiveInt
+    num_classes: NonNegativeInt
+    pool: Literal["token", "avg"] = "token"
+    norm_eps: PositiveFloat = 1e-6
+    drop: Rate = 0.0
+    arity = None
+
+    def infer(self, ctx: InferContext, *xs: TensorType) -> TensorType:
+        for k, x in enumerate(xs):
+            ctx.expect(x, layout="tokens", channels=self.dim, what=f"input {k}")
+            if self.pool == "token" and x.extra == 0:
+                ctx.fail(f"`pool: token` needs a cls token, but input {k} carries none", field="pool")
+        return TensorType.vector(self.num_classes or self.dim)
+
+    def build(self, ctx: BuildContext, *xs: TensorType) -> AggregateHead:
+        return AggregateHead(
+            self.dim, len(xs), self.num_classes, self.pool, xs[0].extra, self.norm_eps, self.drop, **ctx.dd
+        )
+
+
+class AggregateHead(Module):
+    """``norms[k]`` per scale → pool → ``aggregate`` (Conv1d(n, 1, 1)) → drop → ``fc``."""
+
+    def __init__(self, dim, n, num_classes, pool="token", extra=1, eps=1e-6, drop=0.0, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.pool = pool
+        self.extra = extra
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, **dd) for _ in range(n))
+        self.aggregate = nn.Conv1d(n, 1, kernel_size=1, **dd)
+        self.drop = nn.Dropout(drop)
+        self.fc = init_linear(nn.Linear(dim, num_classes, **dd)) if num_classes else nn.Identity()
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if self.pool == "token":
+            pooled = [norm(x)[:, 0] for norm, x in zip(self.norms, xs, strict=True)]
+        else:
+            pooled = [norm(x)[:, self.extra :].mean(dim=1) for norm, x in zip(self.norms, xs, strict=True)]
+        x = self.aggregate(torch.stack(pooled, dim=1)).squeeze(1)  # [B, n, C] -> [B, C]
+        return self.fc(self.drop(x))

@@ -72,7 +72,9 @@ def compile_model(
     order = [name for name in graph.order() if name in needed]
 
     modules: dict[str, nn.Module] = {}
-    shared_used = sorted({q for name in order for q in graph.nodes[name].shared.values()})
+    shared_used = sorted(
+        {q for name in order for v in graph.nodes[name].shared.values() for q in ([v] if isinstance(v, str) else v)}
+    )
     for qualified in shared_used:
         spec = graph.shared[qualified].spec
         modules[qualified] = spec.build(BuildContext(qualified, device, dtype))
@@ -177,27 +179,40 @@ def _generate(
     lines.append(f"    if {checks}:")
     lines.append(f"        self._reject({image})")
     sizes: dict[str, str] = {}
+    ports: dict[tuple[str, str], str] = {}
+
+    def ref(node: str, port: str | None) -> str:
+        return var[node] if port is None else ports[node, port]
+
     for name in order:
         node = graph.nodes[name]
         if node.is_input:
             continue
         edges = graph.in_edges(name)
-        args = [var[e.src] if e.out is None else f"{var[e.src]}[{e.out!r}]" for e in edges]
+        args = [ref(e.src, e.out) for e in edges]
         if type(node.spec).needs_size:
-            grid = _input_type(inference, edges[0]).grid
-            key = f"({_py(grid[0])}, {_py(grid[1])})"
-            if key not in sizes:
-                sizes[key] = names(f"size_{len(sizes) + 1}")
-                lines.append(f"    {sizes[key]} = {key}")
-            args.append(sizes[key])
-        args += [f"{field}={accessor(q)}" for field, q in node.shared.items()]
-        var[name] = names(name)
+            for edge in edges:
+                grid = _input_type(inference, edge).grid
+                key = f"({_py(grid[0])}, {_py(grid[1])})"
+                if key not in sizes:
+                    sizes[key] = names(f"size_{len(sizes) + 1}")
+                    lines.append(f"    {sizes[key]} = {key}")
+                args.append(sizes[key])
+        for field, q in node.shared.items():
+            value = accessor(q) if isinstance(q, str) else "(" + ", ".join(accessor(x) for x in q) + ",)"
+            args.append(f"{field}={value}")
+        call = f"{accessor(name)}({', '.join(args)})"
         t = inference.types[name]
-        comment = f"  # {t.symbolic_shape()}" if isinstance(t, TensorType) else ""
-        lines.append(f"    {var[name]} = {accessor(name)}({', '.join(args)}){comment}")
-
-    def ref(node: str, port: str | None) -> str:
-        return var[node] if port is None else f"{var[node]}[{port!r}]"
+        if isinstance(t, TensorType):
+            var[name] = names(name)
+            lines.append(f"    {var[name]} = {call}  # {t.symbolic_shape()}")
+        else:  # several outputs: unpack the tuple into one variable per port
+            targets = []
+            for port in t:
+                ports[name, port] = names(f"{name}.{port}")
+                targets.append(ports[name, port])
+            shapes = ", ".join(f"{p}: {pt.symbolic_shape()}" for p, pt in t.items())
+            lines.append(f"    {', '.join(targets)} = {call}  # {shapes}")
 
     if returns == "tensor":
         lines.append(f"    return {ref(chosen[0][1], chosen[0][2])}")

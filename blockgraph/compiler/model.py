@@ -80,7 +80,16 @@ class BlockgraphModel(nn.Module):
         self._inference.check(shape[2], shape[3], channels=shape[1])
         raise ShapeError(f"input of shape {list(shape)} rejected", node=spec.input.name)  # pragma: no cover
 
-    def node_types(self) -> dict[str, TensorType]:
+    def shared_modules(self) -> list[str]:
+        """Qualified names of the shared modules this model uses."""
+        graph = self._inference.graph
+        names: set[str] = set()
+        for n in self.nodes:
+            for q in graph.nodes[n].shared.values():
+                names.update([q] if isinstance(q, str) else q)
+        return sorted(names)
+
+    def node_types(self) -> dict[str, TensorType | dict[str, TensorType]]:
         return {n: self._inference.types[n] for n in self.nodes}
 
     def summary(self, input_size: tuple[int, int] | None = None, batch: int = 1) -> str:
@@ -88,15 +97,17 @@ class BlockgraphModel(nn.Module):
         graph = self._inference.graph
         h, w = input_size or self.spec.input.size
         rows = []
-        for qualified in sorted({q for n in self.nodes for q in graph.nodes[n].shared.values()}):
+        for qualified in self.shared_modules():
             module = self.get_submodule(qualified)
             rows.append([qualified, f"{graph.shared[qualified].spec.op} (shared)", "", "", _params(module)])
         for name in self.nodes:
             node = graph.nodes[name]
             t = self._inference.types[name]
-            concrete = t.shape({"H": h, "W": w}, batch=batch) if isinstance(t, TensorType) else ""
-            symbolic = str(t)
-            rows.append([name, node.op, symbolic, _shape(concrete), _params(self.get_submodule(name))])
+            types = {"": t} if isinstance(t, TensorType) else {f"{p}: ": pt for p, pt in t.items()}
+            for i, (label, pt) in enumerate(types.items()):
+                concrete = _shape(pt.shape({"H": h, "W": w}, batch=batch))
+                params = _params(self.get_submodule(name)) if i == 0 else ""
+                rows.append([name if i == 0 else "", node.op if i == 0 else "", f"{label}{pt}", concrete, params])
         total = sum(p.numel() for p in self.parameters())
         table = format_table(["node", "op", "type", f"shape @ {batch}x{h}x{w}", "params"], rows, right={4})
         return f"{table}\n\n{self.spec.name}: {total:,} parameters, outputs: {', '.join(self.outputs)}"

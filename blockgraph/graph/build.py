@@ -32,8 +32,8 @@ class Node:
     index: int
     """Declaration order: ties in the topological order are broken by it, so the order follows the spec."""
     stage: str | None = None
-    shared: dict[str, str] = field(default_factory=dict)
-    """Field name → qualified name of the shared module it uses (``{"cpe": "stage1.cpe"}``)."""
+    shared: dict[str, str | list[str]] = field(default_factory=dict)
+    """Field name → qualified name(s) of the shared module(s) it uses (``{"cpe": "stage1.cpe"}``)."""
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -202,9 +202,16 @@ class Graph:
                 return self.groups[name][-1], None
         for name in candidates:
             head, _, port = name.rpartition(".")
+            if head in self.groups and self.groups[head]:
+                head = self.groups[head][-1]
             if head in self.nodes and port:
                 return head, port
         return None
+
+    def ports(self, name: str) -> tuple[str, ...] | None:
+        """The output ports of a node (None: it has one output)."""
+        spec = self.nodes[name].spec
+        return spec.output_ports() if spec is not None else None
 
     def _reference_error(self, ref: str, path: Path, node: str | None, stage: str | None) -> GraphError:
         known = list(self.nodes) + list(self.groups)
@@ -214,6 +221,63 @@ class Graph:
         if hint is None:
             hint = "a reference names a block declared earlier (`stage2.to_map`), or a model input"
         return GraphError(f"unknown reference '{ref}'", pos=self.pos(path), node=node, hint=hint)
+
+    def _port_error(self, found: tuple[str, str | None], ref: str, path: Path, node: str) -> GraphError | None:
+        src, port = found
+        ports = self.ports(src)
+        if port is None and ports:
+            return GraphError(
+                f"'{src}' has several outputs; name one of them: {', '.join(f'{src}.{p}' for p in ports)}",
+                pos=self.pos(path),
+                node=node,
+                hint=f"e.g. `from: {ref}.{ports[0]}`",
+            )
+        if port is not None and port not in (ports or ()):
+            listed = ", ".join(ports) if ports else "none: it has a single output"
+            close = difflib.get_close_matches(port, list(ports or ()), n=1)
+            return GraphError(
+                f"'{src}' has no output port '{port}'",
+                pos=self.pos(path),
+                node=node,
+                hint=(f"did you mean '{close[0]}'? " if close else "") + f"ports of '{src}': {listed}",
+            )
+        return None
+
+    def _shared_ref(
+        self, ref: str, path: Path, field_name: str, ops: tuple[str, ...], node: str, stage: str | None
+    ) -> str | None:
+        """Resolve a shared-module name (stage-local first, then global) and check its op; report errors."""
+        qualified = next((q for q in ([f"{stage}.{ref}"] if stage else []) + [ref] if q in self.shared), None)
+        if qualified is None:
+            visible = [k.removeprefix(f"{stage}.") for k in self.shared if stage and k.startswith(f"{stage}.")]
+            visible += [k for k in self.shared if not (stage and k.startswith(f"{stage}."))]
+            close = difflib.get_close_matches(ref, visible, n=1)
+            hint = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else (f"shared modules here: {', '.join(visible)}" if visible else "declare it under `shared:`")
+            )
+            self._errors.append(GraphError(f"unknown shared module '{ref}'", pos=self.pos(path), node=node, hint=hint))
+            return None
+        target = self.shared[qualified]
+        if target.spec.op not in ops:
+            fitting = [
+                k.rpartition(".")[2] if stage and k.startswith(f"{stage}.") else k
+                for k, m in self.shared.items()
+                if m.spec.op in ops
+            ]
+            self._errors.append(
+                GraphError(
+                    f"'{field_name}' needs a shared module of op {' or '.join(ops)}, '{ref}' is {target.spec.op}",
+                    pos=self.pos(path),
+                    node=node,
+                    hint=f"{' or '.join(ops)} here: {', '.join(fitting)}"
+                    if fitting
+                    else f"declare a {ops[0]} module under `shared:`",
+                )
+            )
+            return None
+        return qualified
 
 
 def _cycles(g: nx.MultiDiGraph) -> list[list[str]]:
@@ -261,9 +325,13 @@ def build_graph(parsed: ParsedSpec) -> Graph:
         local = block.name or block.op
         name = f"{stage}.{local}" if stage else local
         head, _, tail = name.rpartition(".")
+        node = Node(name, block, path, index, stage)
         if tail.isdigit():
+            if head in g.nodes:  # a plain block already has the repeated block's name
+                g._add(Node(head, block, path, index, stage))  # reports the duplicate
+                continue
             g.groups.setdefault(head, []).append(name)
-        g._add(Node(name, block, path, index, stage))
+        g._add(node)
 
     # 3. Edges: explicit `from:` or the previous block (across stages), and shared references.
     previous = spec.input.name
@@ -275,7 +343,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             continue
         refs = [block.from_] if isinstance(block.from_, str) else block.from_
         if refs is None:
-            sources: list[tuple[str, str | None]] = [(previous, None)]
+            ports = g.ports(previous) if previous in g.nodes else None
+            sources: list[tuple[str, str | None]] = [(previous, p) for p in ports] if ports else [(previous, None)]
         else:
             sources = []
             for k, ref in enumerate(refs):
@@ -283,53 +352,42 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 found = g._resolve(ref, stage)
                 if found is None:
                     g._errors.append(g._reference_error(ref, ref_path, name, stage))
+                elif (error := g._port_error(found, ref, ref_path, name)) is not None:
+                    g._errors.append(error)
                 else:
                     sources.append(found)
         arity = type(block).arity
-        if refs is not None and len(sources) == len(refs) and arity is not None and len(sources) != arity:
+        if refs is None or len(sources) == len(refs):
+            count = len(sources)
+        else:
+            count = arity  # errors already reported
+        if arity is not None and count != arity:
             g._errors.append(
                 GraphError(
-                    f"op '{block.op}' takes {arity} input{'s' if arity != 1 else ''}, `from:` gives {len(sources)}",
+                    f"op '{block.op}' takes {arity} input{'s' if arity != 1 else ''}, "
+                    f"{'`from:`' if refs is not None else 'the previous block'} gives {len(sources)}",
                     pos=g.pos(path + ("from",)),
                     node=name,
+                    hint=f"name {arity} input{'s' if arity != 1 else ''} with `from: [...]`",
                 )
             )
         for port, (src, out) in enumerate(sources):
             g._connect(src, name, port, out)
         for field_name, marker in type(block).shared_fields().items():
-            ref = getattr(block, field_name)
-            qualified = next((q for q in ([f"{stage}.{ref}"] if stage else []) + [ref] if q in g.shared), None)
-            field_path = path + (field_name,)
-            if qualified is None:
-                visible = [k.removeprefix(f"{stage}.") for k in g.shared if stage and k.startswith(f"{stage}.")]
-                visible += [k for k in g.shared if "." not in k]
-                close = difflib.get_close_matches(ref, visible, n=1)
-                hint = (
-                    f"did you mean '{close[0]}'?"
-                    if close
-                    else (f"shared modules here: {', '.join(visible)}" if visible else "declare it under `shared:`")
-                )
-                g._errors.append(
-                    GraphError(f"unknown shared module '{ref}'", pos=g.pos(field_path), node=name, hint=hint)
-                )
+            value = getattr(block, field_name)
+            refs_here = (
+                [(value, path + (field_name,))]
+                if isinstance(value, str)
+                else [(v, path + (field_name, k)) for k, v in enumerate(value)]
+            )
+            resolved = [
+                g._shared_ref(ref, field_path, field_name, marker.ops, name, stage) for ref, field_path in refs_here
+            ]
+            if any(q is None for q in resolved):
                 continue
-            target = g.shared[qualified]
-            if target.spec.op not in marker.ops:
-                fitting = [k.rpartition(".")[2] for k, m in g.shared.items() if m.spec.op in marker.ops]
-                g._errors.append(
-                    GraphError(
-                        f"'{field_name}' needs a shared module of op {' or '.join(marker.ops)}, "
-                        f"'{ref}' is {target.spec.op}",
-                        pos=g.pos(field_path),
-                        node=name,
-                        hint=f"{' or '.join(marker.ops)} here: {', '.join(fitting)}"
-                        if fitting
-                        else f"declare a {marker.ops[0]} module under `shared:`",
-                    )
-                )
-                continue
-            node.shared[field_name] = qualified
-            target.users.append(name)
+            node.shared[field_name] = resolved[0] if isinstance(value, str) else resolved  # type: ignore[assignment]
+            for q in resolved:
+                g.shared[q].users.append(name)  # type: ignore[index]
         previous = name
 
     # 4. Outputs.

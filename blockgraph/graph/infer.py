@@ -194,7 +194,13 @@ class InferContext:
     def shared(self, field_name: str) -> SharedCall:
         """The shared module named by one of the block's fields, to apply its shape rule to a type."""
         qualified = self.node.shared[field_name]
+        assert isinstance(qualified, str), f"field '{field_name}' names several shared modules: use shared_list()"
         return SharedCall(self, qualified)
+
+    def shared_list(self, field_name: str) -> list[SharedCall]:
+        """The shared modules named by a list field, in order."""
+        qualified = self.node.shared[field_name]
+        return [SharedCall(self, q) for q in ([qualified] if isinstance(qualified, str) else qualified)]
 
 
 def _layout_hint(found: str, wanted: tuple[str, ...]) -> str | None:
@@ -250,6 +256,9 @@ def infer(graph: Graph) -> Inference:
             inputs.append(value)
         ctx = InferContext(graph, node, sink)
         result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
+        ports = node.spec.output_ports()  # type: ignore[union-attr]
+        if ports is not None:
+            assert isinstance(result, Mapping) and tuple(result) == ports, f"{node.op}: rule/ports disagree"
         types[node.name] = result
         node.meta["type"] = result
     acceptance = solve([c.constraint for c in sink], SYMBOLS)

@@ -6,7 +6,8 @@ that data back to the place in a file that produced it, so later stages can poin
 Language (on top of YAML):
 
 * ``extends: parent.yaml``: deep-merge this file over the parent (mappings merge key by key, anything else is
-  replaced); paths are relative to the file that says it.
+  replaced); paths are relative to the file that says it. A file that declares ``variants:`` replaces the parent's
+  variants instead of merging them.
 * ``variants: {small: {...}}`` with ``variant: small`` (in the spec, or chosen by the caller): deep-merge the
   variant's mapping over the spec.
 * ``variables: {dims: [64, 128], heads: 8}``: values usable as ``${dims[1] // heads}`` anywhere below; a variable
@@ -14,8 +15,10 @@ Language (on top of YAML):
   values are formatted into the text (``stage${i + 1}``).
 * ``- for: {i: [0, 1, 2, 3]}`` as a list item: the item is repeated once per value (several names are zipped),
   with the names bound in its expressions.
+* ``- if: ${cond}`` as a list item: the item is kept only when the condition is true.
 * ``depth: N`` on an entry of a ``blocks`` list: the entry is repeated N times as ``name.0`` ... ``name.N-1``, with
-  ``rep`` bound to the repetition index.
+  ``rep`` bound to the repetition index; its ``from:`` wires the first repetition, each later one reads the one
+  before it.
 """
 
 from __future__ import annotations
@@ -79,7 +82,6 @@ class Expanded:
     data: dict[str, Any]
     source: SourceMap
     variant: str | None = None
-    files: list[str] = field(default_factory=list)
 
     def standalone(self) -> dict[str, Any]:
         """The data as a spec of its own (no `extends:`, no expressions, no variant to choose): what a checkpoint
@@ -121,7 +123,17 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
         )
     base = _resolve_extends(load_file(target), target, [*chain, target])
     child = Node({k: v for k, v in root.value.items() if k != "extends"}, root.pos, root.key_pos)
-    return _merge(base, child)
+    chosen = child.get("variant")
+    if chosen is not None and "variants" not in child.value:
+        # The child picks one of the parent's variants: parent < variant < the child's own values.
+        base, _ = _apply_variant(Node({**base.value, "variant": chosen}, base.pos, base.key_pos), None)
+        child = Node({k: v for k, v in child.value.items() if k != "variant"}, child.pos, child.key_pos)
+        child.meta["variant"] = chosen.value
+    if "variants" in child.value and base.is_map:  # a family of its own: the parent's sizes do not carry over
+        base = Node({k: v for k, v in base.value.items() if k != "variants"}, base.pos, base.key_pos)
+    merged = _merge(base, child)
+    merged.meta.update(child.meta)
+    return merged
 
 
 def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
@@ -241,7 +253,7 @@ class _Expander:
             return {key: self.evaluate(value, scope, path + (key,), record=record) for key, value in node.value.items()}
         if node.is_list:
             return self.evaluate_list(node, scope, path, record=record)
-        if isinstance(node.value, str) and expr.has_expressions(node.value):
+        if isinstance(node.value, str) and "${" in node.value:  # an expression, or an escaped `$${`
             return self.scalar(node, scope, path, record)
         return node.value
 
@@ -268,6 +280,14 @@ class _Expander:
             for bindings, via in self._template(item, scope):
                 inner = _Bound(bindings, scope) if bindings else scope
                 body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if via else item
+                if body.is_map and "if" in body.value:
+                    guard = body.value["if"]
+                    keep = self.evaluate(guard, inner, (), record=False)
+                    if not isinstance(keep, bool):
+                        raise SpecError(f"`if:` needs true or false, got {keep!r}", pos=guard.pos)
+                    if not keep:
+                        continue
+                    body = Node({k: v for k, v in body.value.items() if k != "if"}, body.pos)
                 if is_blocks and body.is_map and "depth" in body.value:
                     out.extend(self._repeat(body, inner, path, len(out), record))
                 else:
@@ -313,7 +333,8 @@ class _Expander:
             self._count(depth_node.pos)
             item_path = path + (start + rep,)
             inner = _Bound({REP: rep}, scope)
-            fields = {k: v for k, v in body.value.items() if k != "depth"}
+            # `from:` wires the first repetition; each later one reads the one before it.
+            fields = {k: v for k, v in body.value.items() if k != "depth" and (rep == 0 or k != "from")}
             value = self.evaluate(Node(fields, body.pos), inner, item_path, record=record)
             base = value.get("name", value.get("op"))
             if isinstance(base, str):
@@ -359,7 +380,9 @@ def expand(
         root = load_file(file)
     assert file is not None
     root = _resolve_extends(root, file, [file])
+    inherited = root.meta.get("variant")  # chosen by an `extends:`-ing file for its parent
     root, chosen = _apply_variant(root, variant)
+    chosen = chosen or inherited
 
     expander = _Expander(file)
     defs_node = root.get("variables")

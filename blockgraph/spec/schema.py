@@ -51,6 +51,12 @@ def shared_ref(*ops: str) -> Any:
     return Annotated[str, Shared(ops), Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
 
 
+def shared_refs(*ops: str) -> Any:
+    """The type of a field that names several shared modules, one per input (``cpes: [stage2.cpe, stage3.cpe]``)."""
+    name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+    return Annotated[list[name], Shared(ops), Field(min_length=1)]  # type: ignore[valid-type]
+
+
 class BlockSpec(SpecModel):
     """Base of every block's params model.
 
@@ -73,9 +79,14 @@ class BlockSpec(SpecModel):
     arity: ClassVar[int | None] = 1
     """How many inputs the block takes (None: any number, at least one)."""
     needs_size: ClassVar[bool] = False
-    """Whether ``forward`` takes ``size=(h, w)``, the token grid of its first input."""
+    """Whether ``forward`` takes the token grid ``(h, w)`` of each input, passed after the inputs."""
 
-    def infer(self, ctx: InferContext, *inputs: TensorType) -> TensorType:
+    def output_ports(self) -> tuple[str, ...] | None:
+        """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a
+        block with one output. Others read a port as ``from: node.port``."""
+        return None
+
+    def infer(self, ctx: InferContext, *inputs: TensorType) -> TensorType | dict[str, TensorType]:
         raise NotImplementedError(f"{type(self).__name__} has no shape rule")
 
     def build(self, ctx: Any, *inputs: TensorType) -> Any:
