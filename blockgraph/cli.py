@@ -92,6 +92,7 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
     c, h, w = report.input
     inference = model.inference
     graph = inference.graph
+    macs = model.macs((h, w))
     nodes = []
     for name in model.nodes:
         text, shape = describe_value(inference.types[name], {"H": h, "W": w})
@@ -102,6 +103,7 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
             "shape": shape,
             "type": text,
             "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
+            "macs": macs[name],
         })  # fmt: skip
     outputs = {}
     for key in model.outputs:
@@ -112,6 +114,7 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
     return {
         "name": model.spec.name,
         "params": sum(p.numel() for p in model.parameters()),
+        "macs": macs["total"],
         "input": [1, c, h, w],
         "outputs": outputs,
         "accepts": report.accepted,

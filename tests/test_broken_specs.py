@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
+
 VALID = """\
 name: tiny
 input: {channels: 3, size: [64, 64]}
@@ -203,4 +205,37 @@ def test_broken_parallel_spec(case: Case, tmp_path: Path, run_cli) -> None:
     assert re.search(case.message, first), first
     hints = [x for x in err.splitlines() if x.startswith("hint: ")]
     if case.hint:
+        assert hints and case.hint in hints[0], err
+
+
+MPVIT = (ROOT / "specs" / "mpvit.yaml").read_text()
+
+MPVIT_CASES = [
+    Case("path count list shorter than the stage list", "paths: [2, 3, 3, 3]", "paths: [2, 3, 3]",
+         "i]}\n        stride", r"index 3 out of range for a list of 3 items \(valid: 0..2"),
+    Case("path encoder with a mismatched width", "            dim: ${dims[i]}\n            heads",
+         "            dim: ${dims[i] + 8}\n            heads", "${dims[i] + 8}",
+         "input has 64 channels but `dim` is 72", "set `dim: 64`"),
+    Case("merge fed maps of different sizes", "from: patch_embed.p0,",
+         "from: \"${'stem.conv' if i == 0 else 'stage' + str(i) + '.aggregate'}\",", "concat_conv_bn",
+         r"cannot concatenate maps of different sizes \(\(H \+ 3\)//4 x \(W \+ 3\)//4, \(H \+ 7\)//8",
+         "keep one map size"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MPVIT_CASES, ids=[c.id for c in MPVIT_CASES])
+def test_broken_mpvit_spec(case: Case, tmp_path: Path, run_cli) -> None:
+    assert case.old in MPVIT, f"case {case.id!r} edits text the spec does not have"
+    text = MPVIT.replace(case.old, case.new, 1)
+    path = tmp_path / "mpvit.yaml"
+    path.write_text(text)
+    code, out, err = run_cli("validate", path)
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "internal error" not in err
+    line, column = _position(text, case.marker, case.skip)
+    first = err.splitlines()[0]
+    assert first.startswith(f"{path}:{line}:{column}: error: "), f"{first!r} should point at {line}:{column}"
+    assert re.search(case.message, first), first
+    if case.hint:
+        hints = [x for x in err.splitlines() if x.startswith("hint: ")]
         assert hints and case.hint in hints[0], err

@@ -66,6 +66,10 @@ def test_build_table_and_json(run_cli) -> None:
     assert by_name["stage1.blocks.2"]["shape"] == [1, 19201, 64]
     assert by_name["head"]["inputs"] == ["stage4.blocks.2"]
     assert sum(n["params"] for n in data["nodes"]) < data["params"]  # shared CPE/CRPE are counted on their own
+    # MACs at 480x640, from torch's flop counter on the meta device: every node's share, and the total
+    assert data["macs"] == sum(n["macs"] for n in data["nodes"])  # a node's count includes the shared modules it calls
+    assert by_name["stage1.patch_embed"]["macs"] == 120 * 160 * 64 * 3 * 4 * 4  # conv 4x4/4: out pixels * C_out * k
+    assert 0.95 < data["macs"] / (3.96e9 * 480 * 640 / 224**2) < 1.1  # ARCHITECTURES.md: 3.96 GMACs at 224
 
 
 def test_build_out_is_atomic_and_embeds_the_spec(tmp_path: Path, run_cli) -> None:

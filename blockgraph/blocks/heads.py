@@ -59,3 +59,32 @@ class ClsHead(Module):
         x = self.norm(x)
         x = x[:, 0] if self.pool == "token" else x[:, self.extra :].mean(dim=1)  # [B, C]
         return self.fc(self.drop(x))
+
+
+@register
+class AvgPoolHeadSpec(BlockSpec):
+    """Global average pooling of a map → dropout → linear classifier (MPViT's ``Cls_head``, ResNet's head)."""
+
+    op: Literal["avg_pool_head"]
+    dim: PositiveInt
+    num_classes: NonNegativeInt
+    drop: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
+        ctx.expect(x, layout="image", channels=self.dim)
+        return TensorType.vector(self.num_classes or self.dim)
+
+    def build(self, ctx: BuildContext, x: TensorType) -> AvgPoolHead:
+        return AvgPoolHead(self.dim, self.num_classes, self.drop, **ctx.dd)
+
+
+class AvgPoolHead(Module):
+    """mean over H, W → ``drop`` → ``fc``."""
+
+    def __init__(self, dim, num_classes, drop=0.0, device=None, dtype=None):
+        super().__init__()
+        self.drop = nn.Dropout(drop)
+        self.fc = init_linear(nn.Linear(dim, num_classes, device=device, dtype=dtype)) if num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.mean(dim=(2, 3))))

@@ -89,17 +89,53 @@ class BlockgraphModel(nn.Module):
                 names.update([q] if isinstance(q, str) else q)
         return sorted(names)
 
+    def macs(self, input_size: tuple[int, int] | None = None, batch: int = 1) -> dict[str, int]:
+        """Multiply-accumulates per node (and ``"total"``) for one forward at ``input_size``, counted by
+        ``torch.utils.flop_counter`` on a meta-device replica (no memory, no compute). A node's count includes the
+        shared modules it calls; a shared module's own entry is the sum over its users. Only matrix products and
+        convolutions count (torch's convention): norms, activations, pooling and resizing are free."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from blockgraph.compiler.codegen import compile_model
+
+        h, w = input_size or self.spec.input.size
+        self._inference.check(h, w)
+        replica = compile_model(self._inference, outputs=self.outputs if self.returns == "dict" else None,
+                                features_only=self.returns == "list", device="meta").eval()  # fmt: skip
+        counter = FlopCounterMode(display=False, depth=None)
+        with counter, torch.no_grad():
+            replica(torch.empty(batch, self.spec.input.channels, h, w, device="meta"))
+        counts = counter.get_flop_counts()
+        root = type(replica).__name__
+        out = {}
+        for name in [*self.shared_modules(), *self.nodes]:
+            out[name] = sum(counts.get(f"{root}.{name}", {}).values()) // 2
+        out["total"] = counter.get_total_flops() // 2
+        return out
+
     def node_types(self) -> dict[str, TensorType | dict[str, TensorType]]:
         return {n: self._inference.types[n] for n in self.nodes}
 
-    def summary(self, input_size: tuple[int, int] | None = None, batch: int = 1) -> str:
-        """A table of every node: name, op, output shape (symbolic and at ``input_size``), parameters."""
+    def summary(self, input_size: tuple[int, int] | None = None, batch: int = 1, macs: bool = True) -> str:
+        """A table of every node: name, op, output type (symbolic) and shape at ``input_size``, parameters, and
+        multiply-accumulates (see :meth:`macs`)."""
         graph = self._inference.graph
         h, w = input_size or self.spec.input.size
+        counts = self.macs((h, w), batch) if macs else {}
         rows = []
         for qualified in self.shared_modules():
             module = self.get_submodule(qualified)
-            rows.append([qualified, f"{graph.shared[qualified].spec.op} (shared)", "", "", _params(module)])
+            rows.append(
+                [
+                    qualified,
+                    f"{graph.shared[qualified].spec.op} (shared)",
+                    "",
+                    "",
+                    _params(module),
+                    _macs(counts, qualified),
+                ]
+            )
         for name in self.nodes:
             node = graph.nodes[name]
             t = self._inference.types[name]
@@ -107,14 +143,24 @@ class BlockgraphModel(nn.Module):
             for i, (label, pt) in enumerate(types.items()):
                 concrete = _shape(pt.shape({"H": h, "W": w}, batch=batch))
                 params = _params(self.get_submodule(name)) if i == 0 else ""
-                rows.append([name if i == 0 else "", node.op if i == 0 else "", f"{label}{pt}", concrete, params])
+                first = i == 0
+                rows.append([name if first else "", node.op if first else "", f"{label}{pt}", concrete, params,
+                             _macs(counts, name) if first else ""])  # fmt: skip
         total = sum(p.numel() for p in self.parameters())
-        table = format_table(["node", "op", "type", f"shape @ {batch}x{h}x{w}", "params"], rows, right={4})
-        return f"{table}\n\n{self.spec.name}: {total:,} parameters, outputs: {', '.join(self.outputs)}"
+        header = ["node", "op", "type", f"shape @ {batch}x{h}x{w}", "params", "MACs"]
+        table = format_table(header, rows, right={4, 5})
+        totals = f"{total:,} parameters"
+        if counts:
+            totals += f", {counts['total']:,} MACs ({counts['total'] / 1e9:.2f} G) at {batch}x{h}x{w}"
+        return f"{table}\n\n{self.spec.name}: {totals}, outputs: {', '.join(self.outputs)}"
 
 
 def _params(module: nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()):,}"
+
+
+def _macs(counts: dict[str, int], name: str) -> str:
+    return f"{counts[name]:,}" if name in counts else ""
 
 
 def _shape(shape: Any) -> str:

@@ -35,7 +35,7 @@ def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
         raise WeightsError(
             f"spec '{getattr(spec, 'name', '?')}' names no timm twin", hint="add `twin: {timm: ..., rename: [...]}`"
         )
-    rules = [(re.compile(p), r) for p, r in twin.rename]
+    rules = [(re.compile(p), r) for p, r in twin.rules()]
     ours = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}

@@ -32,6 +32,8 @@ class Node:
     index: int
     """Declaration order: ties in the topological order are broken by it, so the order follows the spec."""
     stage: str | None = None
+    scopes: tuple[str, ...] = ()
+    """Where local names are looked up, innermost first (``("stage1.path0", "stage1")``), then globally."""
     shared: dict[str, str | list[str]] = field(default_factory=dict)
     """Field name → qualified name(s) of the shared module(s) it uses (``{"cpe": "stage1.cpe"}``)."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -192,9 +194,10 @@ class Graph:
     def _connect(self, src: str, dst: str, port: int, out: str | None) -> None:
         self._g.add_edge(src, dst, key=port, port=port, out=out)
 
-    def _resolve(self, ref: str, stage: str | None) -> tuple[str, str | None] | None:
-        """A ``from:`` reference → (node, output port); local names are tried in the stage first."""
-        candidates = [f"{stage}.{ref}", ref] if stage else [ref]
+    def _resolve(self, ref: str, scopes: tuple[str, ...] | str | None) -> tuple[str, str | None] | None:
+        """A ``from:`` reference → (node, output port); local names are tried in the innermost scope first."""
+        scopes = (scopes,) if isinstance(scopes, str) else (scopes or ())
+        candidates = [f"{scope}.{ref}" for scope in scopes] + [ref]
         for name in candidates:
             if name in self.nodes:
                 return name, None
@@ -213,9 +216,9 @@ class Graph:
         spec = self.nodes[name].spec
         return spec.output_ports() if spec is not None else None
 
-    def _reference_error(self, ref: str, path: Path, node: str | None, stage: str | None) -> GraphError:
+    def _reference_error(self, ref: str, path: Path, node: str | None, scopes: tuple[str, ...]) -> GraphError:
         known = list(self.nodes) + list(self.groups)
-        local = [n.removeprefix(f"{stage}.") for n in known if stage and n.startswith(f"{stage}.")]
+        local = [n.removeprefix(f"{s}.") for s in scopes for n in known if n.startswith(f"{s}.")]
         close = difflib.get_close_matches(ref, local + known, n=3)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
         if hint is None:
@@ -244,10 +247,11 @@ class Graph:
         return None
 
     def _shared_ref(
-        self, ref: str, path: Path, field_name: str, ops: tuple[str, ...], node: str, stage: str | None
+        self, ref: str, path: Path, field_name: str, ops: tuple[str, ...], node: str, scopes: tuple[str, ...]
     ) -> str | None:
-        """Resolve a shared-module name (stage-local first, then global) and check its op; report errors."""
-        qualified = next((q for q in ([f"{stage}.{ref}"] if stage else []) + [ref] if q in self.shared), None)
+        """Resolve a shared-module name (innermost scope first, then global) and check its op; report errors."""
+        qualified = next((q for q in [f"{s}.{ref}" for s in scopes] + [ref] if q in self.shared), None)
+        stage = scopes[0] if scopes else None
         if qualified is None:
             visible = [k.removeprefix(f"{stage}.") for k in self.shared if stage and k.startswith(f"{stage}.")]
             visible += [k for k in self.shared if not (stage and k.startswith(f"{stage}."))]
@@ -278,6 +282,18 @@ class Graph:
             )
             return None
         return qualified
+
+
+def _entry_name(block: BlockSpec, scopes: tuple[str, ...]) -> str:
+    local = block.name or block.op
+    return f"{scopes[0]}.{local}" if scopes else local
+
+
+def _last_name(entries: list[Any]) -> str | None:
+    if not entries:
+        return None
+    block, _, _, scopes, _ = entries[-1]
+    return _entry_name(block, scopes)
 
 
 def _cycles(g: nx.MultiDiGraph) -> list[list[str]]:
@@ -315,43 +331,70 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     add_shared(None, spec.shared, ("shared",))
     for i, stage in enumerate(spec.stages):
         add_shared(stage.name, stage.shared, ("stages", i, "shared"))
+        for k, path in enumerate(stage.paths):
+            add_shared(f"{stage.name}.{path.name}", path.shared, ("stages", i, "paths", k, "shared"))
 
-    # 2. Nodes, in declaration order (names only; edges need every name first).
-    entries: list[tuple[BlockSpec, Path, str | None]] = []
+    # 2. Nodes, in declaration order (names only; edges need every name first). An entry is
+    #    (block, spec path, stage, lookup scopes, default inputs: None = the previous entry).
+    entries: list[tuple[BlockSpec, Path, str | None, tuple[str, ...], list[str] | None]] = []
     for i, stage in enumerate(spec.stages):
-        entries += [(b, ("stages", i, "blocks", j), stage.name) for j, b in enumerate(stage.blocks)]
-    entries += [(b, ("blocks", j), None) for j, b in enumerate(spec.blocks)]
-    for index, (block, path, stage) in enumerate(entries, start=1):
-        local = block.name or block.op
-        name = f"{stage}.{local}" if stage else local
+        here = (stage.name,)
+        entries += [(b, ("stages", i, "blocks", j), stage.name, here, None) for j, b in enumerate(stage.blocks)]
+        before_paths = _last_name(entries) or spec.input.name
+        path_ends: list[str] = []
+        for k, path in enumerate(stage.paths):
+            scope = (f"{stage.name}.{path.name}", stage.name)
+            first = len(entries)
+            for j, b in enumerate(path.blocks):
+                inputs = [before_paths] if j == 0 else None
+                entries.append((b, ("stages", i, "paths", k, "blocks", j), stage.name, scope, inputs))
+            if len(entries) > first:
+                path_ends.append(_last_name(entries))
+        if stage.merge is not None:
+            entries.append((stage.merge, ("stages", i, "merge"), stage.name, here, path_ends))
+        elif stage.paths:
+            g._errors.append(
+                GraphError(
+                    f"stage '{stage.name}' has paths but no `merge:`",
+                    pos=g.pos(("stages", i, "paths")),
+                    node=stage.name,
+                    hint="add `merge: {name: ..., op: ...}` to join the paths (it reads each path's last block)",
+                )
+            )
+    entries += [(b, ("blocks", j), None, (), None) for j, b in enumerate(spec.blocks)]
+    for index, (block, path, stage, scopes, _) in enumerate(entries, start=1):
+        name = _entry_name(block, scopes)
         head, _, tail = name.rpartition(".")
-        node = Node(name, block, path, index, stage)
+        node = Node(name, block, path, index, stage, scopes)
         if tail.isdigit():
             if head in g.nodes:  # a plain block already has the repeated block's name
-                g._add(Node(head, block, path, index, stage))  # reports the duplicate
+                g._add(Node(head, block, path, index, stage, scopes))  # reports the duplicate
                 continue
             g.groups.setdefault(head, []).append(name)
         g._add(node)
 
-    # 3. Edges: explicit `from:` or the previous block (across stages), and shared references.
+    # 3. Edges: explicit `from:`, else the default (previous entry, the stage's last block for a path's first
+    #    block, each path's last block for a merge), and shared references.
     previous = spec.input.name
-    for block, path, stage in entries:
-        local = block.name or block.op
-        name = f"{stage}.{local}" if stage else local
+    for block, path, _stage, scopes, defaults in entries:
+        name = _entry_name(block, scopes)
         node = g.nodes.get(name)
         if node is None or node.spec is not block:  # a duplicate, already reported
             continue
         refs = [block.from_] if isinstance(block.from_, str) else block.from_
         if refs is None:
-            ports = g.ports(previous) if previous in g.nodes else None
-            sources: list[tuple[str, str | None]] = [(previous, p) for p in ports] if ports else [(previous, None)]
+            if defaults is not None:
+                sources: list[tuple[str, str | None]] = [(d, None) for d in defaults]
+            else:
+                ports = g.ports(previous) if previous in g.nodes else None
+                sources = [(previous, p) for p in ports] if ports else [(previous, None)]
         else:
             sources = []
             for k, ref in enumerate(refs):
                 ref_path = path + ("from",) + ((k,) if isinstance(block.from_, list) else ())
-                found = g._resolve(ref, stage)
+                found = g._resolve(ref, scopes)
                 if found is None:
-                    g._errors.append(g._reference_error(ref, ref_path, name, stage))
+                    g._errors.append(g._reference_error(ref, ref_path, name, scopes))
                 elif (error := g._port_error(found, ref, ref_path, name)) is not None:
                     g._errors.append(error)
                 else:
@@ -381,7 +424,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 else [(v, path + (field_name, k)) for k, v in enumerate(value)]
             )
             resolved = [
-                g._shared_ref(ref, field_path, field_name, marker.ops, name, stage) for ref, field_path in refs_here
+                g._shared_ref(ref, field_path, field_name, marker.ops, name, scopes) for ref, field_path in refs_here
             ]
             if any(q is None for q in resolved):
                 continue
@@ -396,7 +439,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             path = (attr, key)
             found = g._resolve(out.from_, None)
             if found is None:
-                g._errors.append(g._reference_error(out.from_, path + ("from",), None, None))
+                g._errors.append(g._reference_error(out.from_, path + ("from",), None, ()))
                 continue
             getattr(g, attr)[key] = Output(key, found[0], found[1], out, path)
     for name in spec.default_outputs or []:

@@ -158,27 +158,48 @@ class OutputSpec(SpecModel):
     """For a feature map: its stride relative to the input; checked against the inferred shape."""
 
 
+class RenameRule(SpecModel):
+    """One key-rename rule: ``from`` (a regular expression) → ``to`` (its replacement, ``\\1`` for groups)."""
+
+    from_: str = Field(alias="from")
+    to: str
+
+
 class TwinSpec(SpecModel):
-    """The timm model with the same architecture, and how its state_dict keys map onto ours."""
+    """The model with the same weights (a timm model, or an official checkpoint's layout), and how its state_dict
+    keys map onto ours."""
 
     timm: str | None = None
-    """timm's model name (``timm.create_model(name)``)."""
-    rename: list[tuple[str, str]] = []
-    """Regex rules ``[pattern, replacement]`` applied to each timm key; the first rule that matches wins."""
+    """timm's model name (``timm.create_model(name)``); none for a twin outside timm."""
+    rename: list[tuple[str, str] | RenameRule] = []
+    """Rules ``[pattern, replacement]`` (or ``{from: ..., to: ...}``, which ``for:`` templates can generate) applied
+    to each twin key; the first rule that matches wins."""
 
     @field_validator("rename")
     @classmethod
-    def _compile(cls, rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        for i, (pattern, _) in enumerate(rules):
+    def _compile(cls, rules: list[tuple[str, str] | RenameRule]) -> list[tuple[str, str] | RenameRule]:
+        for i, rule in enumerate(rules):
+            pattern = rule.from_ if isinstance(rule, RenameRule) else rule[0]
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"rule {i}: bad regular expression {pattern!r}: {e}") from None
         return rules
 
+    def rules(self) -> list[tuple[str, str]]:
+        """The rules as ``(pattern, replacement)`` pairs."""
+        return [(r.from_, r.to) if isinstance(r, RenameRule) else r for r in self.rename]
+
 
 class StageBase(SpecModel):
-    """A stage: blocks run in order (unless ``from:`` says otherwise), with shared modules of its own."""
+    """A stage: blocks run in order (unless ``from:`` says otherwise), with shared modules of its own; then,
+    optionally, parallel ``paths`` at one scale and the ``merge`` block that joins them."""
+
+    name: Name
+
+
+class PathBase(SpecModel):
+    """One of a stage's parallel paths: its own blocks and shared modules, reading the stage's blocks."""
 
     name: Name
 
@@ -219,11 +240,19 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
             raise RuntimeError("no block types are registered (import blockgraph.blocks first)")
         members = tuple(_REGISTRY[op] for op in sorted(_REGISTRY))
         block = Annotated[Union[members], Field(discriminator="op")]  # noqa: UP007 (a runtime tuple of members)
+        path = create_model(
+            "PathSpec",
+            __base__=PathBase,
+            shared=(dict[Name, block], Field(default={}, description="Shared modules of this path, by name.")),
+            blocks=(list[block], Field(default=[], description="The path's blocks; the first reads the stage's last.")),
+        )
         stage = create_model(
             "StageSpec",
             __base__=StageBase,
             shared=(dict[Name, block], Field(default={}, description="Shared modules of this stage, by name.")),
             blocks=(list[block], Field(default=[], description="The stage's blocks.")),
+            paths=(list[path], Field(default=[], description="Parallel paths at one scale.")),  # type: ignore[valid-type]
+            merge=(block | None, Field(default=None, description="Joins the paths (reads each path's last block).")),
         )
         model = create_model(
             "ModelSpec",
@@ -232,7 +261,7 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
             stages=(list[stage], Field(default=[], description="The stages, in order.")),  # type: ignore[valid-type]
             blocks=(list[block], Field(default=[], description="Blocks after the stages (heads).")),
         )
-        _CACHE["model"], _CACHE["stage"] = model, stage
+        _CACHE["model"], _CACHE["stage"], _CACHE["path"] = model, stage, path
     return _CACHE["model"], _CACHE["stage"]
 
 
@@ -291,6 +320,9 @@ def _model_at(data: Any, path: Sequence[Any]) -> type[BaseModel] | None:
     shape = tuple("#" if isinstance(p, int) else p for p in path)
     if len(shape) == 2 and shape[0] == "stages":
         return model_types()[1]
+    if len(shape) == 4 and shape[0] == "stages" and shape[2] == "paths":
+        model_types()
+        return _CACHE["path"]
     if len(shape) == 2 and shape[0] in ("outputs", "features"):
         return OutputSpec
     if shape == ():
