@@ -952,7 +952,7 @@ def _inexact(constraints: tuple[Constraint, ...], upper: int) -> SizeSet:
 # Tensor types
 # --------------------------------------------------------------------------------------------------------------------
 
-Layout: TypeAlias = Literal["image", "tokens", "vector"]
+Layout: TypeAlias = Literal["image", "tokens", "vector", "levels"]
 
 
 @dataclass(frozen=True)
@@ -964,23 +964,32 @@ class TensorType:
         ``tokens``: ``[B, extra + h*w, C]``, tokens in row-major grid order after ``extra`` leading tokens (a class
         token, say).
         ``vector``: ``[B, C]``.
+        ``levels``: ``[B, sum(h_l*w_l), C]``, the tokens of several maps concatenated in level order (a deformable
+        encoder's memory); ``levels`` holds each map's grid.
 
-    ``grid`` is ``(h, w)`` for image and tokens (ints are turned into constant expressions), ``None`` for vectors.
+    ``grid`` is ``(h, w)`` for image and tokens (ints are turned into constant expressions), ``None`` otherwise.
     """
 
     layout: Layout
     channels: int
     grid: tuple[Expr, Expr] | None = None
     extra: int = 0
+    levels: tuple[tuple[Expr, Expr], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.layout not in ("image", "tokens", "vector"):
-            raise ValueError(f"layout must be 'image', 'tokens' or 'vector', got {self.layout!r}")
+        if self.layout not in ("image", "tokens", "vector", "levels"):
+            raise ValueError(f"layout must be 'image', 'tokens', 'vector' or 'levels', got {self.layout!r}")
         if self.channels < 1:
             raise ValueError(f"a tensor type needs at least one channel, got {self.channels}")
-        if self.layout == "vector":
+        if self.layout == "levels":
+            if self.grid is not None or not self.levels:
+                raise ValueError("a levels type has per-level grids and no grid")
+            object.__setattr__(self, "levels", tuple((as_expr(h), as_expr(w)) for h, w in self.levels))
+        elif self.levels:
+            raise ValueError(f"only a levels type has levels, not {self.layout}")
+        if self.layout in ("vector", "levels"):
             if self.grid is not None:
-                raise ValueError("a vector has no grid")
+                raise ValueError(f"a {self.layout} type has no grid")
         else:
             if self.grid is None or len(self.grid) != 2:
                 raise ValueError(f"a {self.layout} type needs a grid (h, w), got {self.grid!r}")
@@ -1003,14 +1012,20 @@ class TensorType:
         """``[B, channels]``."""
         return cls("vector", channels)
 
+    @classmethod
+    def multilevel(cls, channels: int, grids: Sequence[tuple[Expr | int, Expr | int]]) -> TensorType:
+        """``[B, sum(h*w for h, w in grids), channels]``."""
+        return cls("levels", channels, None, 0, tuple((as_expr(h), as_expr(w)) for h, w in grids))
+
     def with_(self, **changes: Any) -> TensorType:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
     @property
     def symbols(self) -> frozenset[str]:
-        """The symbols the grid depends on."""
-        return frozenset() if self.grid is None else self.grid[0].symbols | self.grid[1].symbols
+        """The symbols the grid (or the levels' grids) depend on."""
+        grids = [self.grid] if self.grid is not None else list(self.levels)
+        return frozenset().union(*(h.symbols | w.symbols for h, w in grids))
 
     @overload
     def shape(self, env: Mapping[str, int], batch: int) -> tuple[int, ...]: ...
@@ -1024,6 +1039,8 @@ class TensorType:
         Raises:
             ValueError: a symbol of the grid has no value in ``env``.
         """
+        if self.layout == "levels":
+            return (batch, sum(h.evaluate(env) * w.evaluate(env) for h, w in self.levels), self.channels)
         if self.grid is None:
             return (batch, self.channels)
         h, w = (g.evaluate(env) for g in self.grid)
@@ -1032,6 +1049,8 @@ class TensorType:
         return (batch, self.extra + h * w, self.channels)
 
     def _dims(self) -> list[str]:
+        if self.layout == "levels":
+            return [" + ".join(f"{_factor(h)}*{_factor(w)}" for h, w in self.levels), str(self.channels)]
         if self.grid is None:
             return [str(self.channels)]
         h, w = self.grid

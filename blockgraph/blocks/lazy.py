@@ -42,6 +42,11 @@ class _Lazy:
         return f"<lazy module {self._name}>"
 
 
+def lazy_module(name: str) -> Any:
+    """A stand-in for any module that imports torch (``ops = lazy_module("blockgraph.ops")``)."""
+    return _Lazy(name)
+
+
 torch: Any = _Lazy("torch")
 nn: Any = _Lazy("torch.nn")
 F: Any = _Lazy("torch.nn.functional")

@@ -6,7 +6,7 @@ that data back to the place in a file that produced it, so later stages can poin
 Language (on top of YAML):
 
 * ``extends: parent.yaml``: deep-merge this file over the parent (mappings merge key by key, anything else is
-  replaced); paths are relative to the file that says it. A file that declares ``variants:`` replaces the parent's
+  replaced; ``key: null`` deletes an inherited key); paths are relative to the file that says it. A file that declares ``variants:`` replaces the parent's
   variants instead of merging them.
 * ``variants: {small: {...}}`` with ``variant: small`` (in the spec, or chosen by the caller): deep-merge the
   variant's mapping over the spec.
@@ -98,6 +98,9 @@ def _merge(base: Node, over: Node) -> Node:
         return over
     out = dict(base.value)
     for key, value in over.value.items():
+        if value.value is None:  # `key: null` deletes what the parent (or base) set
+            out.pop(key, None)
+            continue
         out[key] = _merge(out[key], value) if key in out else value
     return Node(out, over.pos, over.key_pos or base.key_pos)
 
