@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.support.positions import first_at
 
 VALID = """\
 name: tiny
@@ -97,13 +98,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def _position(text: str, marker: str, skip: int) -> tuple[int, int]:
-    index = text.index(marker) + skip
-    line = text.count("\n", 0, index) + 1
-    column = index - (text.rfind("\n", 0, index) + 1) + 1
-    return line, column
-
-
 def test_the_base_spec_is_valid(tmp_path: Path, run_cli) -> None:
     path = tmp_path / "tiny.yaml"
     path.write_text(VALID)
@@ -113,25 +107,7 @@ def test_the_base_spec_is_valid(tmp_path: Path, run_cli) -> None:
 
 
 def test_the_table_is_large_enough() -> None:
-    assert len(CASES) >= 12
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_broken_spec(case: Case, tmp_path: Path, run_cli) -> None:
-    assert case.old in VALID, f"case {case.id!r} edits text the valid spec does not have"
-    text = VALID.replace(case.old, case.new, 1)
-    path = tmp_path / "spec.yaml"
-    path.write_text(text)
-    code, out, err = run_cli("validate", path, *case.args)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err and "internal error" not in err
-    line, column = _position(text, case.marker, case.skip)
-    first = err.splitlines()[0]
-    assert first.startswith(f"{path}:{line}:{column}: error: "), f"{first!r} should point at {line}:{column}"
-    assert re.search(case.message, first), first
-    hints = [x for x in err.splitlines() if x.startswith("hint: ")]
-    assert hints, err
-    assert case.hint in hints[0]
+    assert len(TABLE) >= 12
 
 
 # A small co-scale model: three scales of width 32 into two parallel blocks and an aggregate head.
@@ -176,7 +152,7 @@ PARALLEL_CASES = [
     Case("a multi-output block read without a port", "from: [par.x2, par.x3, par.x4]", "from: [par, par.x3, par.x4]",
          "par, par.x3", "'par.1' has several outputs; name one of them", "from: par.x2"),
     Case("one CPE for three scales", "cpes: [s0.cpe, s1.cpe, s2.cpe]", "cpes: [s0.cpe]", "[s0.cpe]",
-         "`cpes` names 1 modules for 3 scales"),
+         "`cpes` names 1 module for 3 scales", "one shared conv_pos_enc per scale"),
 ]  # fmt: skip
 
 
@@ -188,24 +164,6 @@ def test_the_parallel_base_spec_is_valid(tmp_path: Path, run_cli) -> None:
     # timm-style resizing needs the scales' grids (strides 4, 8, 16) to be exact multiples of each other
     assert "accepts: H in {16k, 16k+1, 16k+2, 16k+3}, H >= 16; W in {16k, 16k+1, 16k+2, 16k+3}, W >= 16" in out
     assert "warning" not in err
-
-
-@pytest.mark.parametrize("case", PARALLEL_CASES, ids=[c.id for c in PARALLEL_CASES])
-def test_broken_parallel_spec(case: Case, tmp_path: Path, run_cli) -> None:
-    assert case.old in PARALLEL, f"case {case.id!r} edits text the valid spec does not have"
-    text = PARALLEL.replace(case.old, case.new, 1)
-    path = tmp_path / "spec.yaml"
-    path.write_text(text)
-    code, out, err = run_cli("validate", path, *case.args)
-    assert code == 2, (out, err)
-    assert "Traceback" not in err and "internal error" not in err
-    line, column = _position(text, case.marker, case.skip)
-    first = err.splitlines()[0]
-    assert first.startswith(f"{path}:{line}:{column}: error: "), f"{first!r} should point at {line}:{column}"
-    assert re.search(case.message, first), first
-    hints = [x for x in err.splitlines() if x.startswith("hint: ")]
-    if case.hint:
-        assert hints and case.hint in hints[0], err
 
 
 MPVIT = (ROOT / "specs" / "mpvit.yaml").read_text()
@@ -223,19 +181,22 @@ MPVIT_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", MPVIT_CASES, ids=[c.id for c in MPVIT_CASES])
-def test_broken_mpvit_spec(case: Case, tmp_path: Path, run_cli) -> None:
-    assert case.old in MPVIT, f"case {case.id!r} edits text the spec does not have"
-    text = MPVIT.replace(case.old, case.new, 1)
-    path = tmp_path / "mpvit.yaml"
+TABLE = [(VALID, c) for c in CASES] + [(PARALLEL, c) for c in PARALLEL_CASES] + [(MPVIT, c) for c in MPVIT_CASES]
+
+
+@pytest.mark.parametrize(("base", "case"), TABLE, ids=[c.id for _, c in TABLE])
+def test_broken_spec(base: str, case: Case, tmp_path: Path, run_cli) -> None:
+    assert case.old in base, f"case {case.id!r} edits text the valid spec does not have"
+    text = base.replace(case.old, case.new, 1)
+    path = tmp_path / "spec.yaml"
     path.write_text(text)
-    code, out, err = run_cli("validate", path)
+    code, out, err = run_cli("validate", path, *case.args)
     assert code == 2, (out, err)
     assert "Traceback" not in err and "internal error" not in err
-    line, column = _position(text, case.marker, case.skip)
+    line, column = first_at(text, case.marker, case.skip)
     first = err.splitlines()[0]
     assert first.startswith(f"{path}:{line}:{column}: error: "), f"{first!r} should point at {line}:{column}"
     assert re.search(case.message, first), first
-    if case.hint:
-        hints = [x for x in err.splitlines() if x.startswith("hint: ")]
-        assert hints and case.hint in hints[0], err
+    hints = [x for x in err.splitlines() if x.startswith("hint: ")]
+    assert hints, err  # every error says how to fix it
+    assert case.hint in hints[0], err

@@ -8,26 +8,16 @@ import torch
 
 import blockgraph as bg
 from tests.reference import mpvit as reference
+from tests.support.weights import randomize_batchnorm
 
 PARAMS = {"tiny": 5_843_736, "xsmall": 10_573_448, "small": 22_892_400, "base": 74_845_976}
-
-
-def _randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Give every BatchNorm non-trivial statistics and affine terms, so eval-mode BN is not near identity."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.normal_(0.0, 0.2, generator=generator)
-                m.running_var.uniform_(0.5, 2.0, generator=generator)
-                m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.normal_(0.0, 0.2, generator=generator)
 
 
 @pytest.mark.parametrize("variant", list(PARAMS))
 def test_mpvit_matches_the_independent_reference(variant: str) -> None:
     torch.manual_seed(0)
     ref = getattr(reference, f"mpvit_{variant}")().eval()
-    _randomize_batchnorm(ref, torch.Generator().manual_seed(1))
+    randomize_batchnorm(ref, torch.Generator().manual_seed(1))
     ours = bg.create_model(f"mpvit_{variant}", outputs=["logits", "stage1", "stage2", "stage3", "stage4"]).eval()
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()) == PARAMS[variant]
     bg.load_timm_state_dict(ours, ref.state_dict())  # strict; the reference's alias keys collapse onto one

@@ -7,6 +7,7 @@ import torch
 
 import blockgraph as bg
 from tests.support.timm_oracle import create_timm, import_timm, set_fused
+from tests.support.weights import randomize_batchnorm
 
 pytestmark = pytest.mark.timm
 
@@ -22,6 +23,10 @@ PARAMS = {
     "vit_small_patch16_224": 22_050_664,
     "vit_base_patch16_224": 86_567_656,
     "deit_base_distilled_patch16_224": 87_338_192,
+    "swin_tiny_patch4_window7_224": 28_288_354,
+    "mobilevit_xxs": 1_272_024,
+    "mobilevit_xs": 2_317_848,
+    "mobilevit_s": 5_578_632,
 }
 """Parameter counts: CoaT and vit_base from the issue, the others from ARCHITECTURES.md, each measured equal to
 timm's (deit_base_distilled: timm's count, which the base formula plus dist token, pos row and head_dist gives)."""
@@ -43,8 +48,10 @@ def test_matches_timm(name: str) -> None:
     twin = create_timm(name).eval()
     ours = bg.create_model(name).eval()
     assert _params(ours) == _params(twin) == PARAMS[name]
+    randomize_batchnorm(twin, torch.Generator().manual_seed(3))
     bg.load_timm_state_dict(ours, twin.state_dict())  # strict: raises on any missing/unexpected key
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    h, w = ours.spec.input.size  # 224 for ViT, CoaT and Swin; 256 for MobileViT
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = twin(x), ours(x)
     assert got.shape == (2, 1000)

@@ -15,7 +15,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from blockgraph.blocks.base import BuildContext, drop_path, init_linear
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
-from blockgraph.graph.infer import InferContext
+from blockgraph.graph.infer import InferContext, SharedCall
 from blockgraph.spec.schema import BlockSpec, Name, register, shared_ref, shared_refs
 from blockgraph.types import Constraint, TensorType
 
@@ -160,16 +160,17 @@ class FactorAttnCrpeSpec(BlockSpec):
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
         check_heads(ctx, self.dim, self.heads)
-        crpe = ctx.shared("crpe")
-        if crpe.spec.heads != self.heads:
-            ctx.fail(
-                f"heads is {self.heads}, but the shared CRPE '{self.crpe}' splits {crpe.spec.heads} heads",
-                field="heads",
-            )
-        return crpe.infer(x)
+        return apply_crpe(ctx, ctx.shared("crpe"), self.heads, x)
 
     def build(self, ctx: BuildContext, x: TensorType) -> FactorAttnConvRelPosEnc:
         return FactorAttnConvRelPosEnc(self.dim, self.heads, self.qkv_bias, self.proj_drop, **ctx.dd)
+
+
+def apply_crpe(ctx: InferContext, crpe: SharedCall, heads: int, x: TensorType) -> TensorType:
+    """A user's shape rule applying its shared CRPE: the CRPE must split the user's number of heads."""
+    if crpe.spec.heads != heads:
+        ctx.fail(f"heads is {heads}, but the shared CRPE '{crpe.name}' splits {crpe.spec.heads} heads", field="heads")
+    return crpe.infer(x)
 
 
 def check_heads(ctx: InferContext, dim: int, heads: int) -> None:
@@ -229,14 +230,7 @@ class SerialBlockSpec(BlockSpec):
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
         check_heads(ctx, self.dim, self.heads)
-        x = ctx.shared("cpe").infer(x)
-        crpe = ctx.shared("crpe")
-        if crpe.spec.heads != self.heads:
-            ctx.fail(
-                f"heads is {self.heads}, but the shared CRPE '{self.crpe}' splits {crpe.spec.heads} heads",
-                field="heads",
-            )
-        return crpe.infer(x)
+        return apply_crpe(ctx, ctx.shared("crpe"), self.heads, ctx.shared("cpe").infer(x))
 
     def build(self, ctx: BuildContext, x: TensorType) -> SerialBlock:
         return SerialBlock(
@@ -308,10 +302,13 @@ class CoatParallelBlockSpec(BlockSpec):
         n = len(self.ports)
         if len(xs) != n:
             ctx.fail(f"{len(xs)} inputs for {n} scales ({', '.join(self.ports)})", field="from")
-        for field_name in ("cpes", "crpes"):
-            if len(getattr(self, field_name)) != n:
+        for field_name, op in (("cpes", "conv_pos_enc"), ("crpes", "conv_rel_pos_enc")):
+            count = len(getattr(self, field_name))
+            if count != n:
                 ctx.fail(
-                    f"`{field_name}` names {len(getattr(self, field_name))} modules for {n} scales", field=field_name
+                    f"`{field_name}` names {count} module{'s' if count != 1 else ''} for {n} scales",
+                    field=field_name,
+                    hint=f"name one shared {op} per scale, in the order of `ports` ({', '.join(self.ports)})",
                 )
         ratios = self.mlp_ratios if isinstance(self.mlp_ratios, list) else [self.mlp_ratios] * n
         if len(ratios) != n:
@@ -338,10 +335,8 @@ class CoatParallelBlockSpec(BlockSpec):
         if len({x.extra for x in xs}) > 1:
             ctx.fail("the scales carry different numbers of extra (cls) tokens", field="from")
         outs = {}
-        for k, (x, cpe, crpe) in enumerate(zip(xs, ctx.shared_list("cpes"), ctx.shared_list("crpes"), strict=True)):
-            if crpe.spec.heads != self.heads:
-                ctx.fail(f"heads is {self.heads}, but CRPE '{self.crpes[k]}' splits {crpe.spec.heads}", field="heads")
-            outs[self.ports[k]] = crpe.infer(cpe.infer(x))
+        for port, x, cpe, crpe in zip(self.ports, xs, ctx.shared_list("cpes"), ctx.shared_list("crpes"), strict=True):
+            outs[port] = apply_crpe(ctx, crpe, self.heads, cpe.infer(x))
         if self.resize == "scale":
             self._scale_factors(ctx, list(outs.values()))
         return outs

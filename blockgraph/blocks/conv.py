@@ -27,35 +27,43 @@ def init_conv(conv, mode: str) -> None:
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
 
 
-@register
-class ConvBnSpec(BlockSpec):
-    """Conv2d (no bias) → BatchNorm2d → activation (``Conv2d_BN`` in LeViT and MPViT)."""
+class Conv2dFields(BlockSpec):
+    """The fields of a square 2-d convolution, shared by conv-then-norm blocks (not an op itself)."""
 
-    op: Literal["conv_bn"]
     dim_out: PositiveInt
     kernel: PositiveInt = 1
     stride: PositiveInt = 1
     padding: NonNegativeInt | None = None
     """Default: ``(kernel - 1) // 2``."""
+
+    def out_type(self, ctx: InferContext, x: TensorType) -> TensorType:
+        ctx.expect(x, layout="image")
+        return TensorType.image(self.dim_out, *ctx.conv2d(x, self.kernel, self.stride, self.padding, field="kernel"))
+
+    @property
+    def pad(self) -> int:
+        return (self.kernel - 1) // 2 if self.padding is None else self.padding
+
+
+@register
+class ConvBnSpec(Conv2dFields):
+    """Conv2d (no bias) → BatchNorm2d → activation (``Conv2d_BN`` in LeViT and MPViT)."""
+
+    op: Literal["conv_bn"]
     groups: PositiveInt = 1
     act: ConvAct = "identity"
     bn_eps: PositiveFloat = 1e-5
     init: ConvInit = "fan_out"
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
-        ctx.expect(x, layout="image")
         for what, value in (("input", x.channels), ("dim_out", self.dim_out)):
             if value % self.groups:
                 ctx.fail(f"{what} channels {value} are not divisible by groups {self.groups}", field="groups")
-        pad = (self.kernel - 1) // 2 if self.padding is None else self.padding
-        h = ctx.conv_out(x.grid[0], self.kernel, self.stride, pad, field="kernel")
-        w = ctx.conv_out(x.grid[1], self.kernel, self.stride, pad, field="kernel")
-        return TensorType.image(self.dim_out, h, w)
+        return self.out_type(ctx, x)
 
     def build(self, ctx: BuildContext, x: TensorType) -> ConvBn:
-        pad = (self.kernel - 1) // 2 if self.padding is None else self.padding
         return ConvBn(
-            x.channels, self.dim_out, self.kernel, self.stride, pad, self.groups, self.act, self.bn_eps, self.init,
+            x.channels, self.dim_out, self.kernel, self.stride, self.pad, self.groups, self.act, self.bn_eps, self.init,
             **ctx.dd,
         )  # fmt: skip
 

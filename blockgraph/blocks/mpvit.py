@@ -36,10 +36,8 @@ class MultiScalePatchEmbedSpec(BlockSpec):
 
     def infer(self, ctx: InferContext, x: TensorType) -> dict[str, TensorType]:
         ctx.expect(x, layout="image", channels=self.dim)
-        pad = (self.kernel - 1) // 2
-        h = ctx.conv_out(x.grid[0], self.kernel, self.stride, pad, field="stride")
-        w = ctx.conv_out(x.grid[1], self.kernel, self.stride, pad, field="stride")
-        return {port: TensorType.image(self.dim, h, w) for port in self.output_ports()}
+        grid = ctx.conv2d(x, self.kernel, self.stride, field="stride")
+        return {port: TensorType.image(self.dim, *grid) for port in self.output_ports()}
 
     def build(self, ctx: BuildContext, x: TensorType) -> MultiScalePatchEmbed:
         return MultiScalePatchEmbed(self.dim, self.paths, self.stride, self.kernel, self.act, self.bn_eps, **ctx.dd)

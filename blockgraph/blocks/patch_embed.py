@@ -34,8 +34,7 @@ class ConvPatchEmbedSpec(BlockSpec):
         ctx.expect(x, layout="image")
         if self.norm and not self.flatten:
             ctx.fail("a LayerNorm over channels needs `flatten: true`", field="norm", hint="set `norm: false`")
-        h = ctx.conv_out(x.grid[0], self.patch, self.patch, field="patch")
-        w = ctx.conv_out(x.grid[1], self.patch, self.patch, field="patch")
+        h, w = ctx.conv2d(x, self.patch, self.patch, 0, field="patch")
         if self.flatten:
             return TensorType.tokens(self.dim, h, w)
         return TensorType.image(self.dim, h, w)

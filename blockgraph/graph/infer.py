@@ -59,16 +59,26 @@ class Inference:
                 )
             )
         env = {"H": height, "W": width}
-        seen: set[str] = set()
+        failing: dict[tuple[Pos, str], list[NodeConstraint]] = {}
+        nodes_seen: set[str] = set()
         for item in self.constraints:
-            if item.constraint.holds(env) or item.node in seen:
+            if item.constraint.holds(env) or item.node in nodes_seen:
                 continue
-            seen.add(item.node)
+            nodes_seen.add(item.node)
+            # Repeated blocks fail alike: one error per place in the spec and condition, naming the first node.
+            failing.setdefault((item.pos, str(item.constraint)), []).append(item)
+        for items in failing.values():
+            item = items[0]
             value = item.constraint.expr.evaluate(env)
+            others = (
+                f" (and {len(items) - 1} more block{'s' if len(items) > 2 else ''} from this line)"
+                if len(items) > 1
+                else ""
+            )
             errors.append(
                 ShapeError(
                     f"input {height}x{width}: {item.message} ({item.constraint} does not hold: "
-                    f"{item.constraint.expr} = {value})",
+                    f"{item.constraint.expr} = {value}){others}",
                     pos=item.pos,
                     node=item.node,
                     hint=self.accepted_hint(height, width, item.hint),
@@ -188,6 +198,17 @@ class InferContext:
             field=field,
         )
         return (size + 2 * padding - effective) // stride + 1
+
+    def conv2d(
+        self, x: TensorType, kernel: int, stride: int = 1, padding: int | None = None, *, field: str | None = None
+    ) -> tuple[Expr, Expr]:
+        """The output grid of a square convolution on ``x``'s grid (padding default: ``(kernel - 1) // 2``)."""
+        assert x.grid is not None
+        pad = (kernel - 1) // 2 if padding is None else padding
+        return (
+            self.conv_out(x.grid[0], kernel, stride, pad, field=field),
+            self.conv_out(x.grid[1], kernel, stride, pad, field=field),
+        )
 
     # -- shared modules
 

@@ -307,14 +307,22 @@ _FIXED: dict[tuple[str, ...], type[BaseModel]] = {
 }
 
 
-def _model_at(data: Any, path: Sequence[Any]) -> type[BaseModel] | None:
-    """The spec model that validates the mapping at ``path`` of ``data`` (for "did you mean" on its keys)."""
+def _value_at(data: Any, path: Sequence[Any]) -> Any:
+    """The value at ``path`` of plain spec data, or None when the path does not exist."""
     node = data
     for part in path:
         try:
             node = node[part]
         except (KeyError, IndexError, TypeError):
             return None
+    return node
+
+
+def _model_at(data: Any, path: Sequence[Any]) -> type[BaseModel] | None:
+    """The spec model that validates the mapping at ``path`` of ``data`` (for "did you mean" on its keys)."""
+    node = _value_at(data, path)
+    if node is None:
+        return None
     if isinstance(node, dict) and isinstance(node.get("op"), str) and node["op"] in _REGISTRY:
         return _REGISTRY[node["op"]]
     shape = tuple("#" if isinstance(p, int) else p for p in path)
@@ -391,12 +399,7 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
 
 
 def _op_at(data: Any, path: Sequence[Any]) -> str | None:
-    node = data
-    for part in path:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return None
+    node = _value_at(data, path)
     return node.get("op") if isinstance(node, dict) and isinstance(node.get("op"), str) else None
 
 

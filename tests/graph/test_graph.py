@@ -8,24 +8,13 @@ from typing import ClassVar, Literal
 import pytest
 
 import blockgraph as bg
-from blockgraph.errors import BlockgraphError, GraphError, Pos
+from blockgraph.errors import BlockgraphError, GraphError
 from blockgraph.graph.build import Edge, Graph, build_graph
 from blockgraph.spec import schema
 from blockgraph.spec.expand import expand
 from blockgraph.spec.schema import BlockSpec, parse, register
 from blockgraph.types import TensorType
-
-
-def at(text: str, marker: str, skip: int = 0) -> tuple[int, int]:
-    """(line, column), 1-based, of the first character of ``marker`` (which must occur once) plus ``skip``."""
-    assert text.count(marker) == 1, f"marker {marker!r} must occur exactly once"
-    index = text.index(marker) + skip
-    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
-
-
-def where(pos: Pos | None) -> tuple[int, int]:
-    assert pos is not None
-    return pos.line, pos.column
+from tests.support.positions import at, where
 
 
 def graph(text: str) -> Graph:

@@ -13,23 +13,12 @@ from hypothesis import strategies as st
 
 import blockgraph as bg
 from blockgraph.api import Analysis
-from blockgraph.errors import BlockgraphError, Pos, ShapeError
+from blockgraph.errors import BlockgraphError, ShapeError
 from tests.conftest import ROOT
+from tests.support.positions import at, where
 
 FAMILY = ROOT / "specs" / "coat_lite.yaml"
 SMALL = ROOT / "specs" / "coat_lite_small.yaml"
-
-
-def at(text: str, marker: str, skip: int = 0) -> tuple[int, int]:
-    """(line, column), 1-based, of the first character of ``marker`` (which must occur once) plus ``skip``."""
-    assert text.count(marker) == 1, f"marker {marker!r} must occur exactly once"
-    index = text.index(marker) + skip
-    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
-
-
-def where(pos: Pos | None) -> tuple[int, int]:
-    assert pos is not None
-    return pos.line, pos.column
 
 
 @pytest.fixture(scope="module")

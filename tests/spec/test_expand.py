@@ -11,21 +11,10 @@ from typing import Any
 
 import pytest
 
-from blockgraph.errors import Pos, SpecError
+from blockgraph.errors import SpecError
 from blockgraph.spec import expand as expand_module
 from blockgraph.spec.expand import Expanded, expand
-
-
-def at(text: str, marker: str, skip: int = 0) -> tuple[int, int]:
-    """(line, column), 1-based, of the first character of ``marker`` (which must occur once) plus ``skip``."""
-    assert text.count(marker) == 1, f"marker {marker!r} must occur exactly once"
-    index = text.index(marker) + skip
-    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
-
-
-def where(pos: Pos | None) -> tuple[int, int]:
-    assert pos is not None
-    return pos.line, pos.column
+from tests.support.positions import at, where
 
 
 def run(text: str, **kwargs: Any) -> Expanded:

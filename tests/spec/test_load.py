@@ -11,18 +11,7 @@ import yaml
 from blockgraph.errors import Pos, SpecError
 from blockgraph.spec import load
 from blockgraph.spec.load import MAX_NODES, Node, load_file, load_text
-
-
-def at(text: str, marker: str, skip: int = 0) -> tuple[int, int]:
-    """(line, column), 1-based, of the first character of ``marker`` (which must occur once) plus ``skip``."""
-    assert text.count(marker) == 1, f"marker {marker!r} must occur exactly once"
-    index = text.index(marker) + skip
-    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
-
-
-def where(pos: Pos | None) -> tuple[int, int]:
-    assert pos is not None
-    return pos.line, pos.column
+from tests.support.positions import at, where
 
 
 def walk(root: Node, path: tuple[Any, ...]) -> Node:

@@ -1,0 +1,212 @@
+"""Swin Transformer primitives (Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted
+Windows", ICCV 2021), in timm's layout: window attention with a relative position bias, cyclic-shift windows with
+the -100 attention mask on alternating blocks, and patch merging at the start of stages 2-4."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from blockgraph.blocks.base import BuildContext, drop_path, init_linear
+from blockgraph.blocks.coat import check_heads
+from blockgraph.blocks.lazy import F, Module, nn, torch
+from blockgraph.blocks.mlp import Activation, Mlp
+from blockgraph.graph.infer import InferContext
+from blockgraph.spec.schema import BlockSpec, register
+from blockgraph.types import Constraint, TensorType
+
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+# --------------------------------------------------------------------------------------------------- the block
+
+
+@register
+class SwinBlockSpec(BlockSpec):
+    """Swin block on tokens ``[B, h*w, C]`` (row-major): ``x + DropPath(W-MSA(LN(x)))`` with windows of ``window``
+    x ``window`` tokens, cyclically shifted by ``shift`` (0 for regular windows), then ``x + DropPath(MLP(LN(x)))``.
+
+    The map must divide into windows: ``h % window == 0`` and ``h >= window`` (likewise ``w``), checked statically.
+    As timm, a block whose map is exactly one window does not shift.
+    """
+
+    op: Literal["swin_block"]
+    dim: PositiveInt
+    heads: PositiveInt
+    window: PositiveInt = 7
+    shift: NonNegativeInt = 0
+    mlp_ratio: PositiveFloat = 4.0
+    qkv_bias: bool = True
+    drop_path: Rate = 0.0
+    proj_drop: Rate = 0.0
+    attn_drop: Rate = 0.0
+    norm_eps: PositiveFloat = 1e-5
+    act: Activation = "gelu"
+    needs_size = True
+
+    def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
+        ctx.expect(x, layout="tokens", channels=self.dim, extra=0)
+        check_heads(ctx, self.dim, self.heads)
+        if self.shift >= self.window:
+            ctx.fail(f"shift {self.shift} must be smaller than the window {self.window}", field="shift")
+        for axis, size in zip(("height", "width"), x.grid, strict=True):
+            ctx.require(
+                Constraint.ge(size, self.window),
+                f"the map {axis} ({size}) is smaller than the window {self.window}",
+                field="window",
+            )
+            ctx.require(
+                Constraint.divisible(size, self.window),
+                f"the map {axis} ({size}) is not divisible by the window {self.window}",
+                field="window",
+            )
+        return x
+
+    def build(self, ctx: BuildContext, x: TensorType) -> SwinBlock:
+        return SwinBlock(
+            self.dim, self.heads, self.window, self.shift, self.mlp_ratio, self.qkv_bias, self.drop_path,
+            self.proj_drop, self.attn_drop, self.norm_eps, self.act, **ctx.dd,
+        )  # fmt: skip
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """``[w*w, w*w]`` index into the ``(2w-1)^2`` bias table: ``(dy + w - 1) * (2w - 1) + (dx + w - 1)``."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [w*w, w*w, 2] (dy, dx)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def shift_mask(h: int, w: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """The -100 mask ``[nW, w*w, w*w]`` between tokens that came from different regions before the cyclic shift."""
+    labels = torch.zeros(h, w, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for rows in bounds:
+        for cols in bounds:
+            labels[rows, cols] = label
+            label += 1
+    windows = labels.view(h // window, window, w // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    diff = windows[:, None, :] - windows[:, :, None]  # [nW, w*w, w*w]
+    return diff.ne(0).to(torch.float32) * -100.0
+
+
+class WindowAttention(Module):
+    """``qkv`` → ``(q * scale) k^T + bias (+ mask)`` → softmax → ``@ v`` → ``proj``; bias from
+    ``relative_position_bias_table`` ``[(2w-1)^2, heads]`` (timm's manual path)."""
+
+    def __init__(self, dim, heads, window, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.window = window
+        self.scale = (dim // heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads, **dd))
+        if self.relative_position_bias_table.device.type != "meta":
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window).to(device), persistent=False)
+        self.qkv = init_linear(nn.Linear(dim, dim * 3, bias=qkv_bias, **dd))
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = init_linear(nn.Linear(dim, dim, **dd))
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        Bw, N, C = x.shape  # Bw = B * windows
+        qkv = self.qkv(x).reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [Bw, h, N, d]
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # [Bw, h, N, N]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            windows = mask.shape[0]
+            attn = attn.view(-1, windows, self.heads, N, N) + mask[None, :, None].to(attn.dtype)
+            attn = attn.view(-1, self.heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
+        return self.proj_drop(self.proj(x))
+
+
+class SwinBlock(Module):
+    """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names), on row-major tokens of an ``h x w`` map."""
+
+    def __init__(
+        self, dim, heads, window=7, shift=0, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, proj_drop=0.0,
+        attn_drop=0.0, eps=1e-5, act="gelu", device=None, dtype=None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim, eps=eps, **dd)
+        self.attn = WindowAttention(dim, heads, window, qkv_bias, attn_drop, proj_drop, **dd)
+        self.drop_path = drop_path(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=proj_drop, **dd)
+        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    def _mask(self, h: int, w: int, shift: int, device) -> torch.Tensor:
+        """The shift mask for this map size (computed once per size and device)."""
+        key = (h, w, str(device))
+        if key not in self._masks:
+            self._masks[key] = shift_mask(h, w, self.window, shift, device)
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        B, L, C = x.shape
+        h, w = size
+        win = self.window
+        shift = self.shift if min(h, w) > win else 0  # timm: a map of one window is not shifted
+        y = self.norm1(x).view(B, h, w, C)
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+        y = y.view(B, h // win, win, w // win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, C)
+        mask = self._mask(h, w, shift, x.device) if shift else None
+        y = self.attn(y, mask)  # [B*nW, win*win, C]
+        y = y.view(B, h // win, w // win, win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, C)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        x = x + self.drop_path(y.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# --------------------------------------------------------------------------------------------- patch merging
+
+
+@register
+class PatchMergingSpec(BlockSpec):
+    """Swin's patch merging: each 2x2 group of tokens concatenated (``x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2],
+    x[1::2, 1::2]``), LayerNorm(4C), then Linear(4C, ``dim_out``, no bias); odd maps are zero-padded (timm)."""
+
+    op: Literal["patch_merging"]
+    dim: PositiveInt
+    dim_out: PositiveInt | None = None
+    """Default: 2 * dim."""
+    norm_eps: PositiveFloat = 1e-5
+    needs_size = True
+
+    def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
+        ctx.expect(x, layout="tokens", channels=self.dim, extra=0)
+        h, w = ((size + 1) // 2 for size in x.grid)
+        return TensorType.tokens(self.dim_out or 2 * self.dim, h, w)
+
+    def build(self, ctx: BuildContext, x: TensorType) -> PatchMerging:
+        return PatchMerging(self.dim, self.dim_out or 2 * self.dim, self.norm_eps, **ctx.dd)
+
+
+class PatchMerging(Module):
+    """``norm`` (LayerNorm 4C) → ``reduction`` (Linear 4C → dim_out, no bias)."""
+
+    def __init__(self, dim, dim_out, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(4 * dim, eps=eps, **dd)
+        self.reduction = init_linear(nn.Linear(4 * dim, dim_out, bias=False, **dd))
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        B, _, C = x.shape
+        h, w = size
+        x = x.view(B, h, w, C)
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            h, w = h + h % 2, w + w % 2
+        x = x.reshape(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # [B, h/2, w/2, 4C]
+        return self.reduction(self.norm(x)).flatten(1, 2)  # [B, h/2 * w/2, dim_out]
