@@ -866,6 +866,7 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
         return SizeSet.everything()
     budget = _MAX_EVALUATIONS
     start, period, bound = 1, 1, None  # accepted set: periodic from `start`; nothing accepted from `bound` on
+    slack = 0  # the bounds below are conservative by up to one period of the expression: scan that much further
     for c in constraints:
         p, slope = _period_slope(c.expr, symbol)
         if c.kind == "divisible":
@@ -879,6 +880,7 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
         budget -= p
         if budget < 0:
             return _inexact(constraints, upper)
+        slack = max(slack, p)
         f, num, q = c.expr._univariate(symbol), slope.numerator, slope.denominator
         gs = [q * f(v) - num * v for v in range(p)]
         g_min, g_max = min(gs), max(gs)
@@ -890,7 +892,7 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
         else:  # ge or eq with negative slope: e < value from floor((g_max - target)/|num|) + 1 on
             bound = _min(bound, (g_max - target) // -num + 1)
     end = max(bound, 1) if bound is not None else start + period  # scan [1, end)
-    if end - 1 > upper or (end - 1) * len(constraints) > budget:
+    if end - 1 > upper + slack or (end - 1) * len(constraints) > budget:
         return _inexact(constraints, upper)
     accepted = [False] + [True] * (end - 1)
     for c in constraints:
