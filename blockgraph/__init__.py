@@ -9,6 +9,7 @@ from blockgraph.api import (
     build_model,
     create_model,
     list_models,
+    load,
     load_timm_state_dict,
     validate,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "build_model",
     "create_model",
     "list_models",
+    "load",
     "load_timm_state_dict",
     "validate",
 ]

@@ -219,3 +219,11 @@ def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.
     from blockgraph.compiler.weights import load_timm_state_dict as load
 
     return load(model, state_dict)
+
+
+def load(path: str | os.PathLike[str], *, device: Any = None) -> nn.Module:
+    """Rebuild a model from a checkpoint written by ``blockgraph build --out`` (the spec is embedded; the file's
+    integrity is checked; weights load strictly with ``weights_only=True``)."""
+    from blockgraph.compiler.checkpoint import load as load_checkpoint
+
+    return load_checkpoint(path, device=device)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +77,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only, device=args.device
     )
     if args.out:
+        from blockgraph.compiler.checkpoint import save
+
         save(model, args.out)
     if args.json:
         print(json.dumps(_build_json(model, report), indent=2))
@@ -120,31 +121,6 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
         "accepts": report.accepted,
         "nodes": nodes,
     }
-
-
-def save(model: Any, path: str) -> None:
-    """Write the weights with the spec embedded (and its sha256), atomically: a temp file renamed into place."""
-    import hashlib
-
-    import torch
-
-    spec_json = json.dumps(model.spec_data, sort_keys=True)
-    payload = {
-        "format": "blockgraph-checkpoint/1",
-        "spec": spec_json,
-        "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest(),
-        "state_dict": model.state_dict(),
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".blockgraph-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -1,0 +1,98 @@
+"""Checkpoints: the weights with the expanded spec embedded (and its sha256), written atomically; loading rebuilds
+the model from the embedded spec alone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from blockgraph.errors import BlockgraphError, Pos, WeightsError
+
+FORMAT = "blockgraph-checkpoint/1"
+
+
+def save(model: Any, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s weights and spec to ``path`` atomically: a temporary file in the same directory, renamed
+    into place, so a crash never leaves a half-written checkpoint."""
+    path = os.fspath(path)
+    spec_json = json.dumps(model.spec_data, sort_keys=True)
+    payload = {
+        "format": FORMAT,
+        "spec": spec_json,
+        "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest(),
+        "outputs": list(model.outputs),
+        "returns": model.returns,
+        "state_dict": model.state_dict(),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise WeightsError(f"cannot write {path}: no directory {directory}", pos=Pos(path))
+    fd, tmp = tempfile.mkstemp(prefix=".blockgraph-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
+    """Rebuild a model from a checkpoint written by :func:`save` (``blockgraph build --out``).
+
+    The architecture comes from the embedded spec alone (no spec file needed); its hash is checked; the weights
+    load strictly with ``weights_only=True``.
+
+    Raises:
+        WeightsError: the file is missing, truncated, altered, or not a blockgraph checkpoint.
+    """
+    from blockgraph.api import build_model
+
+    path = os.fspath(path)
+    where = Pos(path)
+    try:
+        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise WeightsError(f"no such checkpoint: {path}", pos=where) from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
+        raise WeightsError(
+            f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            pos=where,
+            hint="the file is truncated or not a blockgraph checkpoint (write one with `blockgraph build --out`)",
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise WeightsError(
+            f"{path} is not a blockgraph checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})",
+            pos=where,
+            hint=f"expected format {FORMAT!r}",
+        )
+    spec = payload.get("spec")
+    if not isinstance(spec, str) or hashlib.sha256(spec.encode()).hexdigest() != payload.get("spec_sha256"):
+        raise WeightsError(
+            "the embedded spec does not match its sha256: the checkpoint was altered",
+            pos=where,
+            hint="rebuild the checkpoint from its spec",
+        )
+    returns = payload.get("returns")
+    try:
+        model = build_model(
+            spec,
+            outputs=payload.get("outputs") if returns == "dict" else None,
+            features_only=returns == "list",
+            device=device,
+        )
+    except BlockgraphError as e:
+        raise WeightsError(f"the embedded spec does not build: {e.message}", pos=where, hint=e.hint) from e
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise WeightsError(
+            f"the weights do not fit the embedded spec: {str(e).splitlines()[0][:300]}", pos=where
+        ) from e
+    return model

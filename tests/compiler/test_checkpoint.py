@@ -1,0 +1,57 @@
+"""Checkpoints round-trip from the embedded spec alone; damaged files fail clearly, never half-loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import blockgraph as bg
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path, run_cli) -> Path:
+    path = tmp_path / "model.pt"
+    code, _, err = run_cli("build", ROOT / "specs" / "coat_lite_tiny.yaml", "--out", path, "--set", "depths=[1,1,1,1]")
+    assert code == 0, err
+    return path
+
+
+def test_load_rebuilds_the_model_from_the_embedded_spec(checkpoint: Path) -> None:
+    model = bg.load(checkpoint).eval()
+    assert model.spec.name == "coat_lite_tiny"
+    payload = torch.load(checkpoint, weights_only=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], payload["state_dict"][k]) for k in state)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_an_altered_spec_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["spec"] = payload["spec"].replace('"num_classes": 1000', '"num_classes": 10')
+    torch.save(payload, tmp_path / "altered.pt")
+    with pytest.raises(bg.WeightsError, match="does not match its sha256"):
+        bg.load(tmp_path / "altered.pt")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_a_truncated_file_is_refused(checkpoint: Path, tmp_path: Path, keep: float) -> None:
+    data = checkpoint.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(bg.WeightsError, match="cannot read .* as a checkpoint") as info:
+        bg.load(tmp_path / "cut.pt")
+    assert "truncated" in info.value.hint
+
+
+def test_foreign_files_are_refused(tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(bg.WeightsError, match="not a blockgraph checkpoint"):
+        bg.load(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(bg.WeightsError, match="cannot read"):
+        bg.load(tmp_path / "text.pt")
+    with pytest.raises(bg.WeightsError, match="no such checkpoint"):
+        bg.load(tmp_path / "missing.pt")
