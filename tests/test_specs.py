@@ -43,6 +43,26 @@ def _flat(value) -> list[torch.Tensor]:
 @pytest.mark.parametrize("path", SPECS, ids=ids)
 @pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
 def test_static_shapes_equal_runtime_shapes(path: Path, size: tuple[int, int]) -> None:
+    _check_shapes(path, size)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=ids)
+def test_static_shapes_at_two_accepted_sizes(path: Path) -> None:
+    """Every spec, whatever its rules, at its default size and at another size it states it accepts."""
+    analysis = bg.analyze(path)
+    default = tuple(analysis.spec.input.size)
+    sizes = analysis.inference.acceptance.sizes
+    other = []
+    for symbol, base, grow in (("H", default[0], 128), ("W", default[1], 64)):  # a different, non-square size
+        below, above = sizes[symbol].nearest(base + grow)
+        other.append(above if above is not None and above <= base + 2 * grow else below)
+    assert tuple(other) != default
+    for size in (default, tuple(other)):
+        assert analysis.inference.acceptance.contains({"H": size[0], "W": size[1]})
+        _check_shapes(path, size)
+
+
+def _check_shapes(path: Path, size: tuple[int, int]) -> None:
     h, w = size
     analysis = bg.analyze(path)
     if not analysis.inference.acceptance.contains({"H": h, "W": w}):
@@ -144,7 +164,9 @@ def test_feature_info_matches_features_only_output(path: Path) -> None:
     model = _shrunk(path, outputs=None, features_only=True).eval()
     strides = [o.spec.stride for o in analysis.graph.features.values()]
     step = math.lcm(*strides)  # the first accepted size that every stride divides
-    h = w = next(k * step for k in range(1, 64) if analysis.inference.acceptance.contains({"H": k * step, "W": k * step}))
+    h = w = next(
+        k * step for k in range(1, 64) if analysis.inference.acceptance.contains({"H": k * step, "W": k * step})
+    )
     with torch.no_grad():
         feats = model(torch.randn(1, 3, h, w))
     assert isinstance(feats, list)
