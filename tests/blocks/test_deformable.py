@@ -125,3 +125,19 @@ def test_the_encoder_memory_is_the_levels_maps() -> None:
     assert out["memory"].shape == (1, 12 * 17 + 6 * 9 + 3 * 5 + 2 * 3, 256)
     torch.testing.assert_close(out["l0"].flatten(2).transpose(1, 2), out["memory"][:, : h0 * w0], rtol=0, atol=0)
     torch.testing.assert_close(out["l3"].flatten(2).transpose(1, 2), out["memory"][:, -6:], rtol=0, atol=0)
+
+
+def test_validate_derives_the_dino_levels_and_token_total(run_cli) -> None:
+    """ARCHITECTURES.md 6.10: a 640x701 image gives levels 80x88, 40x44, 20x22, 10x11 and S = 9350, statically."""
+    import json
+
+    code, out, err = run_cli("validate", ROOT / "specs" / "deformable_encoder.yaml", "--input", "3x640x701", "--json")
+    assert code == 0, err
+    outputs = json.loads(out)["outputs"]
+    assert outputs == {
+        "memory": "1x9350x256",
+        "l0": "1x256x80x88",
+        "l1": "1x256x40x44",
+        "l2": "1x256x20x22",
+        "l3": "1x256x10x11",
+    }
