@@ -170,16 +170,21 @@ def build_model(
     outputs: Sequence[str] | None = None,
     device: Any = None,
     dtype: Any = None,
+    max_params: float | None = 2_000_000_000,
 ) -> nn.Module:
     """Build the ``nn.Module`` a spec describes.
 
     The module carries ``.spec``, ``.feature_info``, ``.summary()`` and ``.code`` (its generated forward).
     ``forward`` returns the one output as a tensor, the features as a list (``features_only``), or a dict when
-    ``outputs`` names several.
+    ``outputs`` names several. A model over ``max_params`` parameters is refused before any memory is allocated
+    (counted on a meta-device replica); ``None`` skips the check.
     """
+    from blockgraph.compiler.budget import check
     from blockgraph.compiler.codegen import compile_model
 
     analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it
+        check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
     model = compile_model(analysis.inference, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
     model.spec_data = analysis.expanded.standalone()
     return model

@@ -73,8 +73,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides = _overrides(args.set)
     report = validate(args.spec, input_size=size, variant=args.variant, overrides=overrides)
     c, h, w = report.input
+    if args.device != "meta":  # budgets first: nothing is allocated before they pass
+        from blockgraph.compiler.budget import check
+
+        check(
+            report.analysis.inference,
+            (h, w),
+            max_params=args.max_params,
+            max_activation_bytes=args.max_activation_bytes,
+            batch=args.batch,
+        )
     model = build_model(
-        args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only, device=args.device
+        args.spec,
+        variant=args.variant,
+        overrides=overrides,
+        features_only=args.features_only,
+        device=args.device,
+        max_params=None,  # checked above
     )
     if args.out:
         from blockgraph.compiler.checkpoint import save
@@ -164,6 +179,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write weights + embedded spec to this file (atomically)")
     b.add_argument("--features-only", action="store_true", help="return the feature maps")
     b.add_argument("--device", default=None, help="device to build on (e.g. meta)")
+    b.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
+    b.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
+    b.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
     b.set_defaults(func=cmd_build)
     s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
     s.set_defaults(func=cmd_schema)

@@ -117,6 +117,10 @@ class ShapeError(BlockgraphError):
     """Static shape inference found an inconsistency or an input size the model cannot take."""
 
 
+class BudgetError(BlockgraphError):
+    """The model would exceed a resource budget (parameters, activation memory)."""
+
+
 class WeightsError(BlockgraphError):
     """A state_dict or checkpoint does not fit the model."""
 

@@ -8,10 +8,11 @@ and handed to their users as keyword arguments. ``forward`` is Python source gen
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import linecache
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import count
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from blockgraph.blocks.base import BuildContext
 from blockgraph.compiler.model import BlockgraphModel
-from blockgraph.errors import BlockgraphError
+from blockgraph.errors import BlockgraphError, BudgetError
 from blockgraph.graph.infer import Inference
 from blockgraph.types import Expr, TensorType
 
@@ -76,14 +77,16 @@ def compile_model(
         {q for name in order for v in graph.nodes[name].shared.values() for q in ([v] if isinstance(v, str) else v)}
     )
     for qualified in shared_used:
-        spec = graph.shared[qualified].spec
-        modules[qualified] = spec.build(BuildContext(qualified, device, dtype))
+        shared = graph.shared[qualified]
+        with _sized(qualified, shared.spec.op, graph.pos(shared.path)):
+            modules[qualified] = shared.spec.build(BuildContext(qualified, device, dtype))
     for name in order:
         node = graph.nodes[name]
         if node.is_input:
             continue
         types = [_input_type(inference, e) for e in graph.in_edges(name)]
-        modules[name] = node.spec.build(BuildContext(name, device, dtype), *types)  # type: ignore[union-attr]
+        with _sized(name, node.op, graph.pos(node.path)):
+            modules[name] = node.spec.build(BuildContext(name, device, dtype), *types)  # type: ignore[union-attr]
 
     model_cls = type(f"{_class_name(graph.spec.name)}", (BlockgraphModel,), {"__module__": BlockgraphModel.__module__})
     model = model_cls()
@@ -96,6 +99,24 @@ def compile_model(
     model_cls.forward = namespace["forward"]  # type: ignore[attr-defined]
     model._setup(inference, chosen, returns, order, code)
     return model
+
+
+@contextlib.contextmanager
+def _sized(node: str, op: str, pos: Any) -> Iterator[None]:
+    """Turn "this tensor is too large to exist" (even on the meta device) into a BudgetError naming the node."""
+    try:
+        yield
+    except MemoryError as e:
+        raise BudgetError(f"op '{op}': not enough memory to build this block", pos=pos, node=node) from e
+    except RuntimeError as e:
+        if "overflow" not in str(e).lower():
+            raise
+        raise BudgetError(
+            f"op '{op}': a parameter of this block is too large to exist ({str(e).splitlines()[0][:160]})",
+            pos=pos,
+            node=node,
+            hint="check the widths and sizes set for this block (and the variables they use)",
+        ) from e
 
 
 def _input_type(inference: Inference, edge: Any) -> TensorType:
