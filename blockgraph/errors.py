@@ -35,6 +35,11 @@ class Pos:
         """This position, remembering that the value was taken from ``origin`` (shown as ``label``)."""
         return Pos(self.file, self.line, self.column, origin, label)
 
+    def with_origin(self, origin: Pos, label: str) -> Pos:
+        """This position with one more origin in front of its trail (keeping the ones it had)."""
+        first = Pos(origin.file, origin.line, origin.column, self.via, self.via_label)
+        return Pos(self.file, self.line, self.column, first, label)
+
     def trail(self) -> Iterator[tuple[str, Pos]]:
         """The chain of origins: ``(label, pos)`` for each hop behind this position."""
         here: Pos | None = self

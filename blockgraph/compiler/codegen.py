@@ -52,8 +52,14 @@ def select_outputs(
         raise BlockgraphError(
             f"unknown output(s): {', '.join(unknown)}", pos=graph.pos(()), hint=f"declared: {', '.join(table)}"
         )
-    if not names:
-        raise BlockgraphError("the spec declares no outputs", pos=graph.pos(()), hint="add `outputs: {logits: head}`")
+    if not names:  # nothing declared: the last block's output, as nn.Sequential
+        last = max((n for n in graph.nodes.values() if not n.is_input), key=lambda n: n.index, default=None)
+        if last is None:
+            raise BlockgraphError("the spec has no blocks", pos=graph.pos(()), hint="add `stages:` or `blocks:`")
+        ports = graph.ports(last.name)
+        if ports:
+            return [(p, last.name, p) for p in ports], "dict"
+        return [("output", last.name, None)], "tensor"
     chosen = [(n, table[n].node, table[n].port) for n in names]
     return chosen, "tensor" if len(chosen) == 1 and not outputs else "dict"
 

@@ -442,6 +442,10 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 g._errors.append(g._reference_error(out.from_, path + ("from",), None, ()))
                 continue
             getattr(g, attr)[key] = Output(key, found[0], found[1], out, path)
+    if not entries:
+        g._errors.append(
+            GraphError("the spec has no blocks", pos=g.pos(()), hint="add `stages:` (with `blocks:`) or `blocks:`")
+        )
     for name in spec.default_outputs or []:
         if name not in g.outputs and name not in g.features:
             g._errors.append(

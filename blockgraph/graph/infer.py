@@ -59,14 +59,15 @@ class Inference:
                 )
             )
         env = {"H": height, "W": width}
-        failing: dict[tuple[Pos, str], list[NodeConstraint]] = {}
+        failing: dict[tuple[str, int, int, str], list[NodeConstraint]] = {}
         nodes_seen: set[str] = set()
         for item in self.constraints:
             if item.constraint.holds(env) or item.node in nodes_seen:
                 continue
             nodes_seen.add(item.node)
             # Repeated blocks fail alike: one error per place in the spec and condition, naming the first node.
-            failing.setdefault((item.pos, str(item.constraint)), []).append(item)
+            where = (item.pos.file, item.pos.line, item.pos.column, str(item.constraint))  # not the repetition
+            failing.setdefault(where, []).append(item)
         for items in failing.values():
             item = items[0]
             value = item.constraint.expr.evaluate(env)

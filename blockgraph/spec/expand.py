@@ -242,9 +242,13 @@ class _Expander:
         self.source = SourceMap(file)
         self.produced = 0
         self.variables: _Variables | None = None
+        self.collect: list[Path] | None = None
+        """While a repetition is evaluated: the paths it records (to note the repetition on their positions)."""
 
     def record(self, path: Path, node: Node, via: Pos | None = None, label: str = "") -> None:
         pos = node.pos.through(via, label) if via is not None else node.pos
+        if path not in self.source.values and self.collect is not None:
+            self.collect.append(path)
         self.source.values.setdefault(path, pos)
         if node.key_pos is not None:
             self.source.keys.setdefault(path, node.key_pos)
@@ -338,12 +342,19 @@ class _Expander:
             inner = _Bound({REP: rep}, scope)
             # `from:` wires the first repetition; each later one reads the one before it.
             fields = {k: v for k, v in body.value.items() if k != "depth" and (rep == 0 or k != "from")}
-            value = self.evaluate(Node(fields, body.pos), inner, item_path, record=record)
+            outer, self.collect = self.collect, []
+            try:
+                value = self.evaluate(Node(fields, body.pos), inner, item_path, record=record)
+                label = f"in repetition {rep} of `depth: {depth}`"
+                for recorded in self.collect:  # every value of this repetition says which one it is
+                    self.source.values[recorded] = self.source.values[recorded].with_origin(depth_node.pos, label)
+            finally:
+                collected, self.collect = self.collect, outer
+                if outer is not None:
+                    outer.extend(collected)
             base = value.get("name", value.get("op"))
             if isinstance(base, str):
                 value["name"] = f"{base}.{rep}"
-            if record:
-                self.source.values[item_path] = body.pos.through(depth_node.pos, f"repetition {rep} of depth")
             entries.append(value)
         return entries
 

@@ -460,10 +460,11 @@ def test_repetitions_point_at_the_block_through_the_depth() -> None:
     for index, rep in [(1, 0), (2, 1), (3, 2)]:
         pos = source.value(("stages", 0, "blocks", index))
         assert where(pos) == at(REPEATS, "{name: b")
-        assert pos.via_label == f"repetition {rep} of depth"
+        assert pos.via_label == f"in repetition {rep} of `depth: 3`"
         assert pos.via is not None and where(pos.via) == at(REPEATS, "3, r:")
     name = source.value(("stages", 0, "blocks", 2, "name"))
     assert where(name) == at(REPEATS, "b, op")
+    assert name.via_label == "in repetition 1 of `depth: 3`"  # every value of a repetition says which one it is
     assert where(source.value(("stages", 0, "blocks", 6))) == at(REPEATS, "{name: d")  # after the repeats
 
 
