@@ -107,7 +107,7 @@ def test_the_base_spec_is_valid(tmp_path: Path, run_cli) -> None:
 
 
 def test_the_table_is_large_enough() -> None:
-    assert len(TABLE) >= 12
+    assert len(TABLE) >= 40
 
 
 # A small co-scale model: three scales of width 32 into two parallel blocks and an aggregate head.
@@ -181,7 +181,39 @@ MPVIT_CASES = [
 ]  # fmt: skip
 
 
-TABLE = [(VALID, c) for c in CASES] + [(PARALLEL, c) for c in PARALLEL_CASES] + [(MPVIT, c) for c in MPVIT_CASES]
+SWIN = (ROOT / "specs" / "swin.yaml").read_text()
+MOBILEVIT = (ROOT / "specs" / "mobilevit.yaml").read_text()
+DEFORMABLE = (ROOT / "specs" / "deformable_encoder.yaml").read_text()
+
+FAMILY_CASES = [
+    (SWIN, Case("swin shift as large as the window", "shift: ${window // 2 if", "shift: ${window if",
+                "${window if", "shift 7 must be smaller than the window 7", "`shift: 3`")),
+    (SWIN, Case("swin heads that do not divide the width", "heads: [3, 6, 12, 24]", "heads: [3, 5, 12, 24]",
+                "${heads[i]}", "dim 192 is not divisible by heads 5", "head counts that divide 192")),
+    (SWIN, Case("swin input its windows do not divide", "size: [224, 224]", "size: [256, 256]", "${window}\n",
+                "the map height \\(H//4\\) is not divisible by the window 7", "H in {224k")),
+    (MOBILEVIT, Case("mobilevit transformer width not divisible by heads", "tdims: [144, 192, 240]",
+                     "tdims: [144, 190, 240]", "4\n        patch", "transformer_dim 190 is not divisible by heads 4",
+                     "1, 2, 5, 10, 19, 38")),
+    (MOBILEVIT, Case("mobilevit feature with a wrong stride", "stage1: {from: stage1.ir, stride: 4}",
+                     "stage1: {from: stage1.ir, stride: 8}", "8}", "declares stride 8, but 'stage1.ir.2' has stride 4",
+                     "`stride: 4`")),
+    (DEFORMABLE, Case("deformable encoder fed fewer levels than declared", "levels: 4", "levels: 3",
+                      "[input_proj0", "4 inputs for `levels: 3`", "`levels: 4`")),
+    (DEFORMABLE, Case("group norm groups that do not divide the width", "d_model: 256", "d_model: 250",
+                      "conv_gn", "dim_out 250 is not divisible by groups 32", "1, 2, 5, 10, 25, 50")),
+    (DEFORMABLE, Case("a level reference through a missing repetition", "from: backbone.stage.4\n    dim_out",
+                      "from: backbone.stage.9\n    dim_out", "backbone.stage.9",
+                      "unknown reference 'backbone.stage.9': 'backbone.stage' has 5 repetitions \\(0..4\\)",
+                      "did you mean 'backbone.stage.4'")),
+]  # fmt: skip
+
+TABLE = (
+    [(VALID, c) for c in CASES]
+    + [(PARALLEL, c) for c in PARALLEL_CASES]
+    + [(MPVIT, c) for c in MPVIT_CASES]
+    + FAMILY_CASES
+)
 
 
 @pytest.mark.parametrize(("base", "case"), TABLE, ids=[c.id for _, c in TABLE])

@@ -35,7 +35,12 @@ class ConvGnSpec(Conv2dFields):
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         if self.dim_out % self.groups:
-            ctx.fail(f"dim_out {self.dim_out} is not divisible by groups {self.groups}", field="groups")
+            divisors = [d for d in range(1, min(self.dim_out, 64) + 1) if self.dim_out % d == 0]
+            ctx.fail(
+                f"dim_out {self.dim_out} is not divisible by groups {self.groups}",
+                field="groups",
+                hint=f"GroupNorm group counts that divide {self.dim_out}: {', '.join(map(str, divisors))}",
+            )
         return self.out_type(ctx, x)
 
     def build(self, ctx: BuildContext, x: TensorType) -> ConvGn:

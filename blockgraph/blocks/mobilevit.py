@@ -90,7 +90,12 @@ class MobileVitBlockSpec(BlockSpec):
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)
         if self.transformer_dim % self.heads:
-            ctx.fail(f"transformer_dim {self.transformer_dim} is not divisible by heads {self.heads}", field="heads")
+            divisors = [d for d in range(1, min(self.transformer_dim, 64) + 1) if self.transformer_dim % d == 0]
+            ctx.fail(
+                f"transformer_dim {self.transformer_dim} is not divisible by heads {self.heads}",
+                field="heads",
+                hint=f"head counts that divide {self.transformer_dim}: {', '.join(map(str, divisors))}",
+            )
         for axis, size in zip(("height", "width"), x.grid, strict=True):
             ctx.require(
                 Constraint.divisible(size, self.patch),

@@ -49,7 +49,11 @@ class SwinBlockSpec(BlockSpec):
         ctx.expect(x, layout="tokens", channels=self.dim, extra=0)
         check_heads(ctx, self.dim, self.heads)
         if self.shift >= self.window:
-            ctx.fail(f"shift {self.shift} must be smaller than the window {self.window}", field="shift")
+            ctx.fail(
+                f"shift {self.shift} must be smaller than the window {self.window}",
+                field="shift",
+                hint=f"Swin shifts every second block by half a window: `shift: {self.window // 2}` (or 0)",
+            )
         for axis, size in zip(("height", "width"), x.grid, strict=True):
             ctx.require(
                 Constraint.ge(size, self.window),

@@ -205,6 +205,8 @@ class Graph:
                 return self.groups[name][-1], None
         for name in candidates:
             head, _, port = name.rpartition(".")
+            if head in self.groups and port.isdigit():  # a repetition that does not exist, not a port
+                continue
             if head in self.groups and self.groups[head]:
                 head = self.groups[head][-1]
             if head in self.nodes and port:
@@ -217,6 +219,17 @@ class Graph:
         return spec.output_ports() if spec is not None else None
 
     def _reference_error(self, ref: str, path: Path, node: str | None, scopes: tuple[str, ...]) -> GraphError:
+        head, _, index = ref.rpartition(".")
+        for group in [f"{s}.{head}" for s in scopes] + [head]:
+            if index.isdigit() and group in self.groups:
+                count = len(self.groups[group])
+                return GraphError(
+                    f"unknown reference '{ref}': '{group}' has {count} repetition{'s' if count != 1 else ''}"
+                    f" (0..{count - 1})",
+                    pos=self.pos(path),
+                    node=node,
+                    hint=f"did you mean '{head}.{count - 1}' (the last), or '{head}'?",
+                )
         known = list(self.nodes) + list(self.groups)
         local = [n.removeprefix(f"{s}.") for s in scopes for n in known if n.startswith(f"{s}.")]
         close = difflib.get_close_matches(ref, local + known, n=3)
