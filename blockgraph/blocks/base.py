@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from blockgraph.blocks.lazy import Module, nn, torch
+
+Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
+"""A dropout-like probability in [0, 1) (dropout, drop path)."""
 
 
 @dataclass(frozen=True)

@@ -8,19 +8,17 @@ tokens in front; CPE and CRPE leave them unchanged / zero, as in the paper.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from blockgraph.blocks.base import BuildContext, drop_path, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext, SharedCall
 from blockgraph.spec.schema import BlockSpec, Name, register, shared_ref, shared_refs
 from blockgraph.types import Constraint, TensorType
 
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
-"""A dropout-like probability in [0, 1)."""
 CpeRef = shared_ref("conv_pos_enc")
 CrpeRef = shared_ref("conv_rel_pos_enc")
 CpeRefs = shared_refs("conv_pos_enc")
@@ -96,8 +94,7 @@ class ConvRelPosEncSpec(BlockSpec):
                 field="windows",
                 hint=f"make the splits sum to {self.heads}, e.g. {_splits_hint(self.heads, list(self.windows))}",
             )
-        if self.dim % self.heads:
-            ctx.fail(f"dim {self.dim} is not divisible by heads {self.heads}", field="dim")
+        ctx.divides(self.dim, self.heads, field="heads", what="head")
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         self.check(ctx)
@@ -174,13 +171,7 @@ def apply_crpe(ctx: InferContext, crpe: SharedCall, heads: int, x: TensorType) -
 
 
 def check_heads(ctx: InferContext, dim: int, heads: int) -> None:
-    if dim % heads:
-        divisors = [d for d in range(1, min(dim, 64) + 1) if dim % d == 0]
-        ctx.fail(
-            f"dim {dim} is not divisible by heads {heads}",
-            field="heads",
-            hint=f"head counts that divide {dim}: {', '.join(map(str, divisors))}",
-        )
+    ctx.divides(dim, heads, field="heads", what="head")
 
 
 class FactorAttnConvRelPosEnc(Module):

@@ -5,11 +5,11 @@ position embedding, and the per-level input projection (conv + GroupNorm)."""
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 
-from blockgraph.blocks.base import BuildContext, activation
+from blockgraph.blocks.base import BuildContext, Rate, activation
 from blockgraph.blocks.conv import Conv2dFields
 from blockgraph.blocks.lazy import Module, lazy_module, nn, torch
 from blockgraph.graph.infer import InferContext
@@ -17,7 +17,6 @@ from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
 
 ops = lazy_module("blockgraph.ops")
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 # ----------------------------------------------------------------------------------------- input projection
@@ -34,13 +33,7 @@ class ConvGnSpec(Conv2dFields):
     eps: PositiveFloat = 1e-5
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
-        if self.dim_out % self.groups:
-            divisors = [d for d in range(1, min(self.dim_out, 64) + 1) if self.dim_out % d == 0]
-            ctx.fail(
-                f"dim_out {self.dim_out} is not divisible by groups {self.groups}",
-                field="groups",
-                hint=f"GroupNorm group counts that divide {self.dim_out}: {', '.join(map(str, divisors))}",
-            )
+        ctx.divides(self.dim_out, self.groups, field="groups", what="GroupNorm group", of="dim_out")
         return self.out_type(ctx, x)
 
     def build(self, ctx: BuildContext, x: TensorType) -> ConvGn:
@@ -215,8 +208,7 @@ class DeformableEncoderSpec(BlockSpec):
     def infer(self, ctx: InferContext, *xs: TensorType) -> dict[str, TensorType]:
         if len(xs) != self.levels:
             ctx.fail(f"{len(xs)} inputs for `levels: {self.levels}`", field="from", hint=f"set `levels: {len(xs)}`")
-        if self.dim % self.heads:
-            ctx.fail(f"dim {self.dim} is not divisible by heads {self.heads}", field="heads")
+        ctx.divides(self.dim, self.heads, field="heads", what="head")
         for k, x in enumerate(xs):
             ctx.expect(x, layout="image", channels=self.dim, what=f"level {k}")
             ctx.positive(x.grid[0], f"level {k}'s height", field="from")
@@ -281,14 +273,19 @@ class DeformableEncoder(Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)  # [B, L, 2] (w, h)
         reference_points = _reference_points(sizes, valid_ratios, device)  # [B, S, L, 2]
-        padding = mask_flatten if padded else None
         x = src_flatten
         for layer in self.layers:
-            x = layer(x, pos_flatten, reference_points, spatial_shapes, level_start_index, padding)
+            x = layer(
+                x, pos_flatten, reference_points, spatial_shapes, level_start_index, mask_flatten if padded else None
+            )
+        return self._split(x, sizes)
+
+    def _split(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        """The memory ``[B, S, C]`` and each level's map ``[B, C, h, w]``."""
         maps = []
         start = 0
         for h, w in sizes:
-            maps.append(x[:, start : start + h * w].transpose(1, 2).reshape(B, self.dim, h, w))  # [B, C, h, w]
+            maps.append(x[:, start : start + h * w].transpose(1, 2).reshape(x.shape[0], self.dim, h, w))
             start += h * w
         return (x, *maps)
 

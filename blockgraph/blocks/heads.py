@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from blockgraph.blocks.base import BuildContext, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, init_linear
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -27,7 +27,7 @@ class ClsHeadSpec(BlockSpec):
     """``token``: the first (cls) token; ``avg``: the mean of the tokens after the extra ones."""
     norm: bool = True
     norm_eps: PositiveFloat = 1e-6
-    drop: float = Field(0.0, ge=0.0, lt=1.0)
+    drop: Rate = 0.0
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
@@ -68,7 +68,7 @@ class AvgPoolHeadSpec(BlockSpec):
     op: Literal["avg_pool_head"]
     dim: PositiveInt
     num_classes: NonNegativeInt
-    drop: float = Field(0.0, ge=0.0, lt=1.0)
+    drop: Rate = 0.0
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 
-from blockgraph.blocks.base import BuildContext, activation, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, activation, init_linear
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -27,7 +27,7 @@ class MlpSpec(BlockSpec):
     dim_out: PositiveInt | None = None
     """Output channels (default: dim)."""
     act: Activation = "gelu"
-    drop: float = Field(0.0, ge=0.0, lt=1.0)
+    drop: Rate = 0.0
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout=("tokens", "vector"), channels=self.dim)

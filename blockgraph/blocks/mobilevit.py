@@ -4,19 +4,17 @@ unfold into 2x2-patch sequences, transformer, fold, fuse with the input by conca
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 
-from blockgraph.blocks.base import BuildContext, drop_path
+from blockgraph.blocks.base import BuildContext, Rate, drop_path
 from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.blocks.vit import VitBlock
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
-
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -89,13 +87,7 @@ class MobileVitBlockSpec(BlockSpec):
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)
-        if self.transformer_dim % self.heads:
-            divisors = [d for d in range(1, min(self.transformer_dim, 64) + 1) if self.transformer_dim % d == 0]
-            ctx.fail(
-                f"transformer_dim {self.transformer_dim} is not divisible by heads {self.heads}",
-                field="heads",
-                hint=f"head counts that divide {self.transformer_dim}: {', '.join(map(str, divisors))}",
-            )
+        ctx.divides(self.transformer_dim, self.heads, field="heads", what="head", of="transformer_dim")
         for axis, size in zip(("height", "width"), x.grid, strict=True):
             ctx.require(
                 Constraint.divisible(size, self.patch),

@@ -3,20 +3,17 @@ distillation head (Touvron et al., "Training data-efficient image transformers",
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
-from blockgraph.blocks.base import BuildContext, drop_path, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
-
-Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
-
 
 # ------------------------------------------------------------------------------------------- position embedding
 

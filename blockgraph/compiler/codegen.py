@@ -274,9 +274,7 @@ def _acceptance_code(inference: Inference, image: str) -> str:
         c = item.constraint
         if len(c.symbols) == 1 and c.symbols <= simple:
             continue
-        text = _py(c.expr)
-        test = {"ge": f"{text} < {c.value}", "eq": f"{text} != {c.value}", "divisible": f"({text}) % {c.value} != 0"}
-        line = test[c.kind]
+        line = f"not ({c.to_python({'H': 'H', 'W': 'W'})})"
         if line not in seen:
             seen.add(line)
             parts.append(line)

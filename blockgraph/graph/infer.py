@@ -165,6 +165,17 @@ class InferContext:
                 hint="insert or remove the cls token before this block (insert_cls_token / remove_cls_token)",
             )
 
+    def divides(self, total: int, parts: int, *, field: str, what: str, of: str = "dim") -> None:
+        """Fail unless ``parts`` divides ``total`` (heads into a width, groups into channels), hinting the counts
+        that would."""
+        if total % parts:
+            divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
+            self.fail(
+                f"{of} {total} is not divisible by {field} {parts}",
+                field=field,
+                hint=f"{what} counts that divide {total}: {', '.join(map(str, divisors))}",
+            )
+
     # -- constraints on the input size
 
     def require(
