@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
 from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.graph import cost
 from blockgraph.graph.build import Graph, build_graph
 from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
@@ -98,6 +99,10 @@ class Report:
     accepted: list[str]
     """The accepted input sizes, as simple constraints (``H >= 32``)."""
     outputs: dict[str, str]
+    params: int | None = None
+    """The parameter count, from the blocks' counting rules (None when a custom block has none)."""
+    activation_bytes: int = 0
+    """The bytes of every node's output for one forward of one input at ``input`` (float32)."""
     warnings: list[BlockgraphError] = field(default_factory=list)
     analysis: Analysis | None = field(default=None, repr=False)
 
@@ -106,6 +111,8 @@ class Report:
         lines = [f"{self.name}: valid ({len(self.nodes)} nodes)"]
         lines.append(f"accepts: {'; '.join(self.accepted)}")
         lines.append(f"checked at input {c}x{h}x{w}: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
+        params = f"{self.params:,}" if self.params is not None else "unknown (a custom block has no counting rule)"
+        lines.append(f"parameters: {params}; activations: {self.activation_bytes / 2**20:,.1f} MiB per input")
         lines += [w.format() for w in self.warnings]
         return "\n".join(lines)
 
@@ -137,6 +144,7 @@ def validate(
         value = analysis.inference.types[out.node]
         t = value[out.port] if out.port is not None else value
         outputs[key] = "x".join(map(str, t.shape(env, batch=1)))
+    counts = cost.params(analysis.inference)
     return Report(
         model.name,
         model.variant,
@@ -144,6 +152,8 @@ def validate(
         nodes,
         analysis.inference.acceptance.describe(),
         outputs,
+        None if counts.unknown else counts.total,
+        sum(cost.activation_bytes(analysis.inference, h, w).values()),
         list(graph.warnings),
         analysis,
     )
@@ -177,7 +187,7 @@ def build_model(
     The module carries ``.spec``, ``.feature_info``, ``.summary()`` and ``.code`` (its generated forward).
     ``forward`` returns the one output as a tensor, the features as a list (``features_only``), or a dict when
     ``outputs`` names several. A model over ``max_params`` parameters is refused before any memory is allocated
-    (counted on a meta-device replica); ``None`` skips the check.
+    (counted statically, from the blocks' counting rules); ``None`` skips the check.
     """
     from blockgraph.compiler.budget import check
     from blockgraph.compiler.codegen import compile_model

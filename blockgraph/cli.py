@@ -58,7 +58,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     report = validate(args.spec, input_size=size, variant=args.variant, overrides=_overrides(args.set))
     if args.json:
         print(json.dumps({"name": report.name, "input": list(report.input), "accepts": report.accepted,
-                          "outputs": report.outputs, "nodes": report.nodes}, indent=2))  # fmt: skip
+                          "outputs": report.outputs, "params": report.params,
+                          "activation_bytes": report.activation_bytes, "nodes": report.nodes}, indent=2))  # fmt: skip
     else:
         print(report.format())
     for warning in report.warnings:
@@ -153,7 +154,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     if args.ops:
         for op, cls in registry().items():
-            print(f"{op:24} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            summary = (cls.__doc__ or "").strip().splitlines()
+            print(f"{op:24} {summary[0] if summary else ''}")
     else:
         for name in list_models(args.pattern):
             print(name)

@@ -29,6 +29,7 @@ def test_validate_does_not_import_torch() -> None:
     assert result.returncode == 0, result.stderr
     assert "stage1 1x64x120x160" in result.stdout
     assert "logits 1x1000" in result.stdout
+    assert "parameters: 19,838,504; activations: 61.3 MiB per input" in result.stdout  # counted without torch
 
 
 def test_cli_script_validate_exit_codes(tmp_path: Path) -> None:
@@ -46,6 +47,9 @@ def test_cli_script_validate_exit_codes(tmp_path: Path) -> None:
 def test_validate_reports_accepted_sizes_and_rejects_others(run_cli) -> None:
     code, out, _ = run_cli("validate", SMALL)
     assert code == 0 and "accepts: H >= 32; W >= 32" in out
+    code, out, _ = run_cli("validate", SMALL, "--json")
+    data = json.loads(out)
+    assert data["params"] == 19_838_504 and data["activation_bytes"] == 10_511_520
     code, _, err = run_cli("validate", SMALL, "--input", "3x31x640")
     assert code == 2
     assert "input 31x640" in err and "node 'stage4.patch_embed'" in err and "nearest: H = 32" in err

@@ -5,60 +5,94 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockgraph.cli import main
 from tests.conftest import SPECS
+from tests.support.cost import assert_static_costs_match
 
 TEXTS = {p.name: p.read_text() for p in SPECS}
 NASTY = [
     "-1", "0", "1e400", "999999999999", "nan", "null", "true", "[]", "{}", "''", "\"${x}\"", "${", "}", "&a", "*a",
     "!!int x", "!!float", "[1, [2, [3]]]", "{3: 0}", "\"${1/0}\"", "\"${dims[99]}\"", "\"${10**100}\"", "- -", ":",
-    "\t", "#", "%YAML 1.1", "---", "\"\\x00\"", "~", "2.5", "1_000", "0x10", "\"${range(10**9)}\"", "@", "`",
+    "\t", "#", "%YAML 1.1", "---", "\"\\x00\"", "~", "2.5", "1_000", "0x10", "1e9", "-0.5", "3.0", "0.0", "[64, 128]", "{a: 1}", "!!python/name:os.system", "\"${range(10**9)}\"", "@", "`",
 ]  # fmt: skip
+
+
+KEYS = sorted({line.split(":")[0].strip(" -") for text in TEXTS.values() for line in text.split("\n") if ":" in line}
+              - {""})  # fmt: skip
+"""Every key the reference specs use: a renamed key becomes another real key (or a misspelt one)."""
 
 
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[str, str]:
+    """A reference spec with one to three line edits: delete, duplicate, rename a key, give a value of another type
+    (zero, negative, huge, float, a list, a tag, an expression that fails), re-indent, swap, truncate, or point a
+    reference (``from:``, a shared module) at a node that does not exist."""
     name = draw(st.sampled_from(sorted(TEXTS)))
     lines = TEXTS[name].split("\n")
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(lines) - 1))
-        action = draw(st.sampled_from(["delete", "duplicate", "value", "indent", "swap", "truncate"]))
+        action = draw(st.sampled_from(["delete", "duplicate", "rename", "value", "dangle", "indent", "swap", "cut"]))
         line = lines[i]
+        key, colon, rest = line.partition(":")
         if action == "delete":
             del lines[i]
         elif action == "duplicate":
             lines.insert(i, line)
-        elif action == "value" and ":" in line:
-            key, _, _ = line.partition(":")
+        elif action == "rename" and colon:
+            indent = key[: len(key) - len(key.lstrip(" -"))]
+            other = draw(st.sampled_from(KEYS) | st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8))
+            lines[i] = f"{indent}{other}:{rest}"
+        elif action == "value" and colon:
             lines[i] = f"{key}: {draw(st.sampled_from(NASTY))}"
+        elif action == "dangle" and colon:
+            target = draw(st.sampled_from(["nowhere", "stage9.blocks", "input.x", "blocks.99", "stage1.nope"]))
+            lines[i] = f"{key}: {target}"
         elif action == "indent":
             lines[i] = " " * draw(st.integers(0, 8)) + line.lstrip()
         elif action == "swap" and len(lines) > 1:
             j = draw(st.integers(0, len(lines) - 1))
             lines[i], lines[j] = lines[j], lines[i]
-        elif action == "truncate":
+        elif action == "cut":
             lines[i] = line[: draw(st.integers(0, max(len(line), 1)))]
         if not lines:
             lines = [""]
     return name, "\n".join(lines)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=mutated())
-def test_validate_never_crashes(case: tuple[str, str], tmp_path_factory) -> None:
-    name, text = case
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    """One directory holding every reference spec, so that `extends:` resolves; a case overwrites one file and
+    puts it back afterwards."""
     directory: Path = tmp_path_factory.mktemp("fuzz")
-    for other, content in TEXTS.items():  # the family files, so `extends:` resolves
+    for other, content in TEXTS.items():
         (directory / other).write_text(content)
-    path = directory / name
+    return directory
+
+
+@contextlib.contextmanager
+def written(family: Path, case: tuple[str, str]) -> Iterator[Path]:
+    name, text = case
+    path = family / name
     path.write_text(text)
+    try:
+        yield path
+    finally:
+        path.write_text(TEXTS[name])
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mutated())
+def test_validate_never_crashes(case: tuple[str, str], family: Path) -> None:
+    """2,000 mutated specs: `validate` exits 0 or 2 with a formatted error, never a traceback or exit 3."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with written(family, case) as path, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["validate", str(path)])
     assert code in (0, 2), err.getvalue()
     assert "internal error" not in err.getvalue() and "Traceback" not in err.getvalue()
@@ -68,26 +102,19 @@ def test_validate_never_crashes(case: tuple[str, str], tmp_path_factory) -> None
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mutated())
-def test_what_validate_accepts_builds_and_runs(case: tuple[str, str], tmp_path_factory) -> None:
-    """A spec that passes validate builds (meta device) and runs a forward at its default size."""
-    import torch
-
+def test_what_validate_accepts_builds_and_runs(case: tuple[str, str], family: Path) -> None:
+    """A spec that passes validate builds (meta device) and runs a forward at its default size, with the parameter
+    and activation counts the budgets use equal to the built model's."""
     import blockgraph as bg
 
-    name, text = case
-    directory: Path = tmp_path_factory.mktemp("fuzz")
-    for other, content in TEXTS.items():
-        (directory / other).write_text(content)
-    path = directory / name
-    path.write_text(text)
-    try:
-        report = bg.validate(path)
-    except bg.BlockgraphError:
-        return
-    c, h, w = report.input
-    try:
-        model = bg.build_model(path, device="meta")
-    except bg.BudgetError:
-        return  # refused before allocation: a clean outcome
-    with torch.no_grad():
-        model(torch.empty(1, c, h, w, device="meta"))
+    with written(family, case) as path:
+        try:
+            report = bg.validate(path)
+        except bg.BlockgraphError:
+            return
+        c, h, w = report.input
+        try:
+            model = bg.build_model(path, device="meta")
+        except bg.BudgetError:
+            return  # refused before allocation: a clean outcome
+    assert_static_costs_match(model, h, w)  # runs a meta forward; the static parameter and memory counts are exact

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
@@ -46,6 +47,9 @@ class ConvPosEncSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType | None = None) -> ConvPosEnc:
         return ConvPosEnc(self.dim, self.kernel, **ctx.dd)
+
+    def params(self, x: TensorType | None = None) -> int:
+        return count.conv(self.dim, self.dim, self.kernel, groups=self.dim)
 
 
 class ConvPosEnc(Module):
@@ -104,6 +108,10 @@ class ConvRelPosEncSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType | None = None) -> ConvRelPosEnc:
         return ConvRelPosEnc(self.dim // self.heads, self.heads, dict(self.windows), **ctx.dd)
 
+    def params(self, x: TensorType | None = None) -> int:
+        head_dim = self.dim // self.heads
+        return sum(count.conv(n * head_dim, n * head_dim, k, groups=n * head_dim) for k, n in self.windows.items())
+
 
 def _splits_hint(heads: int, windows: list[int]) -> str:
     n = len(windows) or 1
@@ -161,6 +169,9 @@ class FactorAttnCrpeSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> FactorAttnConvRelPosEnc:
         return FactorAttnConvRelPosEnc(self.dim, self.heads, self.qkv_bias, self.proj_drop, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.attention(self.dim, self.qkv_bias)
 
 
 def apply_crpe(ctx: InferContext, crpe: SharedCall, heads: int, x: TensorType) -> TensorType:
@@ -228,6 +239,9 @@ class SerialBlockSpec(BlockSpec):
             self.dim, self.heads, self.mlp_ratio, self.qkv_bias, self.drop_path, self.proj_drop, self.norm_eps,
             self.act, **ctx.dd,
         )  # fmt: skip
+
+    def params(self, x: TensorType) -> int:
+        return count.transformer_block(self.dim, int(self.dim * self.mlp_ratio), self.qkv_bias)
 
 
 class SerialBlock(Module):
@@ -371,6 +385,11 @@ class CoatParallelBlockSpec(BlockSpec):
             self.norm_eps, self.act, factors, xs[0].extra, **ctx.dd,
         )  # fmt: skip
 
+    def params(self, *xs: TensorType) -> int:
+        ratio = self.mlp_ratios[0] if isinstance(self.mlp_ratios, list) else self.mlp_ratios
+        per_scale = 2 * count.norm(self.dim) + count.attention(self.dim, self.qkv_bias)
+        return len(self.ports) * per_scale + count.mlp(self.dim, int(self.dim * ratio))
+
 
 class ParallelBlock(Module):
     """Per scale ``norm1[p]``, ``attn[p]`` (FactorAttnConvRelPosEnc), ``norm2[p]``; one ``mlp`` for all scales."""
@@ -453,6 +472,11 @@ class AggregateHeadSpec(BlockSpec):
         return AggregateHead(
             self.dim, len(xs), self.num_classes, self.pool, xs[0].extra, self.norm_eps, self.drop, **ctx.dd
         )
+
+    def params(self, *xs: TensorType) -> int:
+        n = len(xs)
+        head = count.linear(self.dim, self.num_classes) if self.num_classes else 0
+        return n * count.norm(self.dim) + count.conv(n, 1, (1,)) + head
 
 
 class AggregateHead(Module):

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, activation
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
@@ -67,6 +68,9 @@ class ConvBnSpec(Conv2dFields):
             **ctx.dd,
         )  # fmt: skip
 
+    def params(self, x: TensorType) -> int:
+        return count.conv_bn(x.channels, self.dim_out, self.kernel, self.groups)
+
 
 class ConvBn(Module):
     """``conv`` → ``bn`` → ``act``."""
@@ -114,6 +118,9 @@ class ConcatConvBnSpec(BlockSpec):
     def build(self, ctx: BuildContext, *xs: TensorType) -> ConcatConvBn:
         total = sum(x.channels for x in xs)
         return ConcatConvBn(total, self.dim_out, self.act, self.bn_eps, self.init, **ctx.dd)
+
+    def params(self, *xs: TensorType) -> int:
+        return count.conv_bn(sum(x.channels for x in xs), self.dim_out)
 
 
 class ConcatConvBn(ConvBn):

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, activation
 from blockgraph.blocks.conv import Conv2dFields
 from blockgraph.blocks.lazy import Module, lazy_module, nn, torch
@@ -38,6 +39,9 @@ class ConvGnSpec(Conv2dFields):
 
     def build(self, ctx: BuildContext, x: TensorType) -> ConvGn:
         return ConvGn(x.channels, self.dim_out, self.kernel, self.stride, self.pad, self.groups, self.eps, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.conv(x.channels, self.dim_out, self.kernel) + count.norm(self.dim_out)
 
 
 class ConvGn(Module):
@@ -221,6 +225,12 @@ class DeformableEncoderSpec(BlockSpec):
             self.dim, self.levels, self.heads, self.points, self.layers, self.ffn, self.dropout, self.act,
             self.norm_eps, self.pos_temperature, self.pos_offset, **ctx.dd,
         )  # fmt: skip
+
+    def params(self, *xs: TensorType) -> int:
+        d, samples = self.dim, self.heads * self.levels * self.points
+        attn = count.linear(d, 2 * samples) + count.linear(d, samples) + 2 * count.linear(d, d)
+        layer = attn + 2 * count.norm(d) + count.mlp(d, self.ffn)
+        return self.levels * d + self.layers * layer
 
 
 class DeformableEncoder(Module):

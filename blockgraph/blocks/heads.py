@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, init_linear
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
@@ -42,6 +43,9 @@ class ClsHeadSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> ClsHead:
         return ClsHead(self.dim, self.num_classes, self.pool, x.extra, self.norm, self.norm_eps, self.drop, **ctx.dd)
 
+    def params(self, x: TensorType) -> int:
+        return count.norm(self.dim, self.norm) + (count.linear(self.dim, self.num_classes) if self.num_classes else 0)
+
 
 class ClsHead(Module):
     """``norm`` → pool → drop → ``fc``."""
@@ -76,6 +80,9 @@ class AvgPoolHeadSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> AvgPoolHead:
         return AvgPoolHead(self.dim, self.num_classes, self.drop, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.linear(self.dim, self.num_classes) if self.num_classes else 0
 
 
 class AvgPoolHead(Module):

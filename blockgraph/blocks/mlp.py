@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, activation, init_linear
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
@@ -35,6 +36,9 @@ class MlpSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> Mlp:
         return Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dim_out, self.act, self.drop, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.mlp(self.dim, int(self.dim * self.mlp_ratio), self.dim_out)
 
 
 class Mlp(Module):

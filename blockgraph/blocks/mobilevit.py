@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path
 from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
 from blockgraph.blocks.lazy import Module, nn, torch
@@ -43,6 +44,9 @@ class Mv2BlockSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> Mv2Block:
         hidden = make_divisible(x.channels * self.expansion)
         return Mv2Block(x.channels, self.dim_out, hidden, self.stride, self.act, self.drop_path, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.inverted_residual(x.channels, make_divisible(x.channels * self.expansion), self.dim_out)
 
 
 class Mv2Block(Module):
@@ -101,6 +105,14 @@ class MobileVitBlockSpec(BlockSpec):
         return MobileVitBlock(
             self.dim, self.transformer_dim, self.layers, self.heads, self.patch, self.mlp_ratio, self.act,
             self.norm_eps, self.drop_path, **ctx.dd,
+        )  # fmt: skip
+
+    def params(self, x: TensorType) -> int:
+        d, t = self.dim, self.transformer_dim
+        layers = self.layers * count.transformer_block(t, int(t * self.mlp_ratio))
+        return (
+            count.conv_bn(d, d, 3) + count.conv(d, t, 1, bias=False) + layers + count.norm(t) + count.conv_bn(t, d)
+            + count.conv_bn(2 * d, d, 3)
         )  # fmt: skip
 
 

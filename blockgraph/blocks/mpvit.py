@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, activation
 from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
 from blockgraph.blocks.lazy import Module, nn, torch
@@ -41,6 +42,10 @@ class MultiScalePatchEmbedSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> MultiScalePatchEmbed:
         return MultiScalePatchEmbed(self.dim, self.paths, self.stride, self.kernel, self.act, self.bn_eps, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        depthwise = count.conv(self.dim, self.dim, self.kernel, groups=self.dim, bias=False)
+        return self.paths * (depthwise + count.conv_bn(self.dim, self.dim))
 
 
 class DWConvBn(Module):
@@ -106,6 +111,9 @@ class InvResBlockSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> InvResBlock:
         return InvResBlock(self.dim, int(self.dim * self.expansion), self.act, self.bn_eps, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.inverted_residual(self.dim, int(self.dim * self.expansion), self.dim)
 
 
 class InvResBlock(Module):

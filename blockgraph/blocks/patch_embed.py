@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
@@ -43,6 +44,9 @@ class ConvPatchEmbedSpec(BlockSpec):
         return ConvPatchEmbed(
             x.channels, self.dim, self.patch, self.norm, self.norm_eps, self.bias, self.flatten, **ctx.dd
         )
+
+    def params(self, x: TensorType) -> int:
+        return count.conv(x.channels, self.dim, self.patch, bias=self.bias) + count.norm(self.dim, self.norm)
 
 
 class ConvPatchEmbed(Module):

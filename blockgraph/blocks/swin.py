@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, nn, torch
@@ -69,6 +70,10 @@ class SwinBlockSpec(BlockSpec):
             self.dim, self.heads, self.window, self.shift, self.mlp_ratio, self.qkv_bias, self.drop_path,
             self.proj_drop, self.attn_drop, self.norm_eps, self.act, **ctx.dd,
         )  # fmt: skip
+
+    def params(self, x: TensorType) -> int:
+        table = (2 * self.window - 1) ** 2 * self.heads  # the relative position bias
+        return count.transformer_block(self.dim, int(self.dim * self.mlp_ratio), self.qkv_bias) + table
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -191,6 +196,9 @@ class PatchMergingSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> PatchMerging:
         return PatchMerging(self.dim, self.dim_out or 2 * self.dim, self.norm_eps, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.norm(4 * self.dim) + count.linear(4 * self.dim, self.dim_out or 2 * self.dim, bias=False)
 
 
 class PatchMerging(Module):

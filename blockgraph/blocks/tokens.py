@@ -37,6 +37,9 @@ class InsertClsTokenSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> InsertClsToken:
         return InsertClsToken(self.dim, self.at, self.init_std, **ctx.dd)
 
+    def params(self, x: TensorType) -> int:
+        return self.dim
+
 
 class InsertClsToken(Module):
     """``[B, N, C]`` → ``[B, 1 + N, C]`` with the learned ``token`` at position ``at``."""
@@ -70,6 +73,9 @@ class RemoveClsTokenSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> RemoveClsToken:
         return RemoveClsToken(x.extra)
 
+    def params(self, x: TensorType) -> int:
+        return 0
+
 
 class RemoveClsToken(Module):
     """``[B, extra + N, C]`` → ``[B, N, C]``."""
@@ -98,6 +104,9 @@ class TokensToMapSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> TokensToMap:
         return TokensToMap(x.extra if self.drop_extra else 0)
 
+    def params(self, x: TensorType) -> int:
+        return 0
+
 
 class TokensToMap(Module):
     def __init__(self, extra: int = 0):
@@ -122,6 +131,9 @@ class MapToTokensSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> MapToTokens:
         return MapToTokens()
+
+    def params(self, x: TensorType) -> int:
+        return 0
 
 
 class MapToTokens(Module):

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
+from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, nn, torch
@@ -54,6 +55,9 @@ class PosEmbedSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> PosEmbed:
         return PosEmbed(self.dim, self.grid, x.extra, self.resample or None, self.init_std, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return (x.extra + self.grid[0] * self.grid[1]) * self.dim
 
 
 class PosEmbed(Module):
@@ -108,6 +112,9 @@ class VitBlockSpec(BlockSpec):
             self.dim, self.heads, self.mlp_ratio, self.qkv_bias, self.drop_path, self.proj_drop, self.attn_drop,
             self.norm_eps, self.act, **ctx.dd,
         )  # fmt: skip
+
+    def params(self, x: TensorType) -> int:
+        return count.transformer_block(self.dim, int(self.dim * self.mlp_ratio), self.qkv_bias)
 
 
 class Attention(Module):
@@ -181,6 +188,9 @@ class DistilledHeadSpec(BlockSpec):
 
     def build(self, ctx: BuildContext, x: TensorType) -> DistilledHead:
         return DistilledHead(self.dim, self.num_classes, self.norm_eps, self.drop, self.train_both, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.norm(self.dim) + (2 * count.linear(self.dim, self.num_classes) if self.num_classes else 0)
 
 
 class DistilledHead(Module):

@@ -1,14 +1,13 @@
-"""Resource budgets, checked before any memory is allocated: a meta-device replica of the model (modules and tensors
-without storage) gives the exact parameter count and the activation sizes of a forward."""
+"""Resource budgets, checked before anything is allocated: parameters from the blocks' counting rules and
+activation bytes from the static output types (:mod:`blockgraph.graph.cost`); no tensor is made, except that a
+custom block without a ``params`` rule is built alone on the meta device to be counted."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from blockgraph.compiler.codegen import compile_model
 from blockgraph.errors import BudgetError
+from blockgraph.graph import cost
 from blockgraph.graph.infer import Inference
 
 DEFAULT_MAX_PARAMS = 2_000_000_000
@@ -24,30 +23,32 @@ class Estimate:
     """The nodes with the most parameters, largest first."""
 
 
-def estimate(
-    inference: Inference, input_size: tuple[int, int], batch: int = 1, dtype=torch.float32, activations: bool = True
-) -> Estimate:
-    """Build a meta-device replica, count its parameters, and (with ``activations``) run a meta forward summing
-    every node's output (else ``activation_bytes`` is 0)."""
-    replica = compile_model(inference, device="meta", dtype=dtype)
-    params = sum(p.numel() for p in replica.parameters())
-    per_node = [(n, sum(p.numel() for p in replica.get_submodule(n).parameters())) for n in replica.nodes]
-    largest = sorted(per_node, key=lambda item: -item[1])[:3]
-    total = 0
-    if not activations:
-        return Estimate(params, 0, largest)
+def estimate(inference: Inference, input_size: tuple[int, int], batch: int = 1, element_size: int = 4) -> Estimate:
+    """Count the parameters and the activation bytes (every node's output, ``element_size`` bytes an element) of
+    one forward of a batch at ``input_size``."""
+    counts = cost.params(inference)
+    nodes = dict(counts.nodes)
+    shared = dict(counts.shared)
+    if counts.unknown:
+        _measure(inference, nodes, shared)
+    total = sum(nodes.values()) + sum(shared.values())  # type: ignore[arg-type]
+    largest = sorted(nodes.items(), key=lambda item: -item[1])[:3]  # type: ignore[operator]
+    activations = sum(cost.activation_bytes(inference, *input_size, batch=batch, element_size=element_size).values())
+    return Estimate(total, activations, largest)  # type: ignore[arg-type]
 
-    def count(module, inputs, output) -> None:
-        nonlocal total
-        outputs = output if isinstance(output, tuple) else (output,)
-        total += sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
 
-    hooks = [replica.get_submodule(n).register_forward_hook(count) for n in replica.nodes]
-    with torch.no_grad():
-        replica(torch.empty(batch, inference.graph.spec.input.channels, *input_size, device="meta", dtype=dtype))
-    for hook in hooks:
-        hook.remove()
-    return Estimate(params, total, largest)
+def _measure(inference: Inference, nodes: dict[str, int | None], shared: dict[str, int | None]) -> None:
+    """Count the blocks that have no ``params`` rule by building each alone on the meta device."""
+    from blockgraph.blocks.base import BuildContext
+
+    graph = inference.graph
+    for name in [n for n, c in shared.items() if c is None]:
+        module = graph.shared[name].spec.build(BuildContext(name, device="meta"))
+        shared[name] = sum(p.numel() for p in module.parameters())
+    for name in [n for n, c in nodes.items() if c is None]:
+        spec = graph.nodes[name].spec
+        module = spec.build(BuildContext(name, device="meta"), *inference.inputs(name))  # type: ignore[union-attr]
+        nodes[name] = sum(p.numel() for p in module.parameters())
 
 
 def check(
@@ -65,7 +66,7 @@ def check(
     """
     spec = inference.graph.spec
     where = inference.graph.pos(())
-    result = estimate(inference, input_size, batch, activations=max_activation_bytes is not None)
+    result = estimate(inference, input_size, batch)
     biggest = ", ".join(f"{n} ({c:,})" for n, c in result.largest)
     if max_params is not None and result.params > max_params:
         raise BudgetError(

@@ -90,7 +90,7 @@ def compile_model(
         node = graph.nodes[name]
         if node.is_input:
             continue
-        types = [_input_type(inference, e) for e in graph.in_edges(name)]
+        types = inference.inputs(name)
         with _sized(name, node.op, graph.pos(node.path)):
             modules[name] = node.spec.build(BuildContext(name, device, dtype), *types)  # type: ignore[union-attr]
 
@@ -114,20 +114,21 @@ def _sized(node: str, op: str, pos: Any) -> Iterator[None]:
         yield
     except MemoryError as e:
         raise BudgetError(f"op '{op}': not enough memory to build this block", pos=pos, node=node) from e
-    except RuntimeError as e:
-        if "overflow" not in str(e).lower():
+    except RuntimeError as e:  # torch.OutOfMemoryError included
+        text = str(e).lower()
+        if "overflow" in text:
+            what = "a parameter of this block is too large to exist"
+        elif "can't allocate memory" in text or "out of memory" in text:
+            what = "not enough memory for the parameters of this block"
+        else:
             raise
         raise BudgetError(
-            f"op '{op}': a parameter of this block is too large to exist ({str(e).splitlines()[0][:160]})",
+            f"op '{op}': {what} ({str(e).splitlines()[0][:160]})",
             pos=pos,
             node=node,
-            hint="check the widths and sizes set for this block (and the variables they use)",
+            hint="check the widths and sizes set for this block (and the variables they use); budgets "
+            "(max_params) refuse such a model before building it",
         ) from e
-
-
-def _input_type(inference: Inference, edge: Any) -> TensorType:
-    value: Any = inference.types[edge.src]
-    return value[edge.out] if edge.out is not None else value
 
 
 def _class_name(name: str) -> str:
@@ -218,8 +219,8 @@ def _generate(
         edges = graph.in_edges(name)
         args = [ref(e.src, e.out) for e in edges]
         if type(node.spec).needs_size:
-            for edge in edges:
-                grid = _input_type(inference, edge).grid
+            for t in inference.inputs(name):
+                grid = t.grid
                 key = f"({_py(grid[0])}, {_py(grid[1])})"
                 if key not in sizes:
                     sizes[key] = names(f"size_{len(sizes) + 1}")

@@ -82,6 +82,7 @@ class Graph:
         self.spec: ModelBase = parsed.model
         self.source = parsed.source
         self._g = nx.MultiDiGraph()
+        self._order: list[str] | None = None
         self.nodes: dict[str, Node] = {}
         self.shared: dict[str, SharedModule] = {}
         self.outputs: dict[str, Output] = {}
@@ -108,9 +109,11 @@ class Graph:
         return [Edge(u, v, d["port"], d["out"]) for u, v, d in self._g.out_edges(name, data=True)]
 
     def order(self) -> list[str]:
-        """Nodes in topological order, ties broken by declaration order (deterministic)."""
-        index = {name: node.index for name, node in self.nodes.items()}
-        return list(nx.lexicographical_topological_sort(self._g, key=index.__getitem__))
+        """Nodes in topological order, ties broken by declaration order (deterministic; computed once)."""
+        if self._order is None:
+            index = {name: node.index for name, node in self.nodes.items()}
+            self._order = list(nx.lexicographical_topological_sort(self._g, key=index.__getitem__))
+        return list(self._order)
 
     def ancestors(self, names: list[str]) -> set[str]:
         out = set(names)
@@ -190,9 +193,11 @@ class Graph:
             return
         self.nodes[node.name] = node
         self._g.add_node(node.name, node=node)
+        self._order = None
 
     def _connect(self, src: str, dst: str, port: int, out: str | None) -> None:
         self._g.add_edge(src, dst, key=port, port=port, out=out)
+        self._order = None
 
     def _resolve(self, ref: str, scopes: tuple[str, ...] | str | None) -> tuple[str, str | None] | None:
         """A ``from:`` reference → (node, output port); local names are tried in the innermost scope first."""

@@ -106,6 +106,14 @@ class Inference:
     def shape(self, node: str, height: int, width: int, batch: int = 1) -> tuple[int, ...]:
         return self.types[node].shape({"H": height, "W": width}, batch=batch)
 
+    def inputs(self, node: str) -> list[TensorType]:
+        """The types a node receives, in ``from`` order (a port's type where an edge reads one)."""
+        out = []
+        for edge in self.graph.in_edges(node):
+            value: Any = self.types[edge.src]
+            out.append(value[edge.out] if edge.out is not None else value)
+        return out
+
 
 class InferContext:
     """What a shape rule sees: its node, its spec position, and ways to fail or to require."""

@@ -35,7 +35,7 @@ from blockgraph.spec.load import Node, load_file, load_text
 
 Path = tuple[Any, ...]
 MAX_EXTENDS = 32
-MAX_EXPANDED = 100_000
+MAX_EXPANDED = 10_000
 """Upper bound on the number of entries produced by templates and repeats."""
 REP = "rep"
 RESERVED = {"extends", "variant", "variants", "variables"}
@@ -333,8 +333,13 @@ class _Expander:
         depth = self.evaluate(depth_node, scope, (), record=False)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise SpecError(f"`depth` must be a non-negative integer, got {depth!r}", pos=depth_node.pos)
-        if depth > MAX_EXPANDED:
-            raise SpecError(f"`depth` {depth:,} is larger than the limit {MAX_EXPANDED:,}", pos=depth_node.pos)
+        if depth > MAX_EXPANDED - self.produced:  # fail before repeating anything
+            raise SpecError(
+                f"`depth` {depth:,} would expand the spec past the limit of {MAX_EXPANDED:,} entries",
+                pos=depth_node.pos,
+                hint=f"repeats and `for:` loops make at most {MAX_EXPANDED:,} entries in all (the largest reference "
+                "model has 82 nodes)",
+            )
         entries = []
         for rep in range(depth):
             self._count(depth_node.pos)

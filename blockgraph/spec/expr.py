@@ -182,11 +182,17 @@ def names_used(expression_or_text: str, *, template: bool | None = None) -> set[
     """
     if template is None:
         template = "${" in expression_or_text
+    return set(_names_used(expression_or_text, template))
+
+
+@lru_cache(maxsize=4096)
+def _names_used(expression_or_text: str, template: bool) -> frozenset[str]:
+    """:func:`names_used`, memoized (a repeated block asks the same of every repetition)."""
     if not template:
-        return _free_names(_parse(expression_or_text).tree)
+        return frozenset(_free_names(_parse(expression_or_text).tree))
     names: set[str] = set()
     if "${" not in expression_or_text:
-        return names
+        return frozenset()
     for piece in _split(expression_or_text):
         if isinstance(piece, _Embedded):
             try:
@@ -194,7 +200,7 @@ def names_used(expression_or_text: str, *, template: bool | None = None) -> set[
             except ExprError as e:
                 raise e.shifted(piece.start) from None
             names |= _free_names(parsed.tree)
-    return names
+    return frozenset(names)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,8 +213,9 @@ class _Embedded(NamedTuple):
     source: str
 
 
-def _split(text: str) -> list[str | _Embedded]:
-    """Cut a template into literal strings (escapes resolved, never empty) and embedded expressions."""
+@lru_cache(maxsize=4096)
+def _split(text: str) -> tuple[str | _Embedded, ...]:
+    """Cut a template into literal strings (escapes resolved, never empty) and embedded expressions (memoized)."""
     pieces: list[str | _Embedded] = []
     literal = ""
     pos = 0
@@ -234,7 +241,7 @@ def _split(text: str) -> list[str | _Embedded]:
     literal += text[pos:]
     if literal:
         pieces.append(literal)
-    return pieces
+    return tuple(pieces)
 
 
 def _find_close(text: str, start: int) -> int:

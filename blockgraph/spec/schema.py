@@ -92,6 +92,13 @@ class BlockSpec(SpecModel):
     def build(self, ctx: Any, *inputs: TensorType) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no module")
 
+    def params(self, *inputs: TensorType) -> int | None:
+        """How many parameters the module ``build`` makes for these inputs has (shared modules count where they are
+        declared), in plain arithmetic (``blockgraph.blocks.count``), so that budgets and ``validate`` know a
+        model's size before any tensor exists. ``None`` (the default for a custom block): unknown, and the budget
+        check builds this one block on the meta device to count it."""
+        return None
+
     @classmethod
     def op_name(cls) -> str:
         return _literal_op(cls)

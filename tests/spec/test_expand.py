@@ -200,8 +200,8 @@ def test_depth_from_a_template_variable() -> None:
         ("2.5", r"`depth` must be a non-negative integer, got 2.5"),
         ("true", r"`depth` must be a non-negative integer, got True"),
         ("three", r"`depth` must be a non-negative integer, got 'three'"),
-        ("10000000", r"`depth` 10,000,000 is larger than the limit 100,000"),
-        ('"${10**7}"', r"`depth` 10,000,000 is larger than the limit 100,000"),
+        ("10000000", r"`depth` 10,000,000 would expand the spec past the limit of 10,000 entries"),
+        ('"${10**7}"', r"`depth` 10,000,000 would expand the spec past the limit of 10,000 entries"),
     ],
 )
 def test_bad_depth_is_rejected_fast(depth: str, message: str) -> None:
@@ -223,7 +223,7 @@ def test_for_over_a_huge_range_fails_fast() -> None:
 def test_templates_and_repeats_together_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(expand_module, "MAX_EXPANDED", 10)
     text = "stages:\n  - for: {i: [0, 1, 2, 3, 4, 5]}\n    name: s\n    blocks:\n      - {op: b, depth: 2}\n"
-    error = fails(text, "templates and repeats produce more than 10 entries")
+    error = fails(text, "`depth` 2 would expand the spec past the limit of 10 entries")
     assert where(error.pos) == at(text, "2}")
 
 
