@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
+from blockgraph.compiler import budget
+from blockgraph.compiler.budget import DEFAULT_MAX_PARAMS
 from blockgraph.errors import BlockgraphError, Pos, SpecError
-from blockgraph.graph import cost
 from blockgraph.graph.build import Graph, build_graph
 from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
@@ -99,8 +100,8 @@ class Report:
     accepted: list[str]
     """The accepted input sizes, as simple constraints (``H >= 32``)."""
     outputs: dict[str, str]
-    params: int | None = None
-    """The parameter count, from the blocks' counting rules (None when a custom block has none)."""
+    params: int = 0
+    """The parameter count, from the blocks' counting rules."""
     activation_bytes: int = 0
     """The bytes of every node's output for one forward of one input at ``input`` (float32)."""
     warnings: list[BlockgraphError] = field(default_factory=list)
@@ -111,8 +112,7 @@ class Report:
         lines = [f"{self.name}: valid ({len(self.nodes)} nodes)"]
         lines.append(f"accepts: {'; '.join(self.accepted)}")
         lines.append(f"checked at input {c}x{h}x{w}: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
-        params = f"{self.params:,}" if self.params is not None else "unknown (a custom block has no counting rule)"
-        lines.append(f"parameters: {params}; activations: {self.activation_bytes / 2**20:,.1f} MiB per input")
+        lines.append(f"parameters: {self.params:,}; activations: {self.activation_bytes / 2**20:,.1f} MiB per input")
         lines += [w.format() for w in self.warnings]
         return "\n".join(lines)
 
@@ -123,16 +123,25 @@ def validate(
     input_size: Sequence[int] | None = None,
     variant: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    max_params: float | None = DEFAULT_MAX_PARAMS,
+    max_activation_bytes: float | None = None,
+    batch: int = 1,
 ) -> Report:
-    """Check a spec statically (no torch import), at ``input_size`` (``(C, H, W)`` or ``(H, W)``) or its default.
+    """Check a spec statically (no torch import), at ``input_size`` (``(C, H, W)`` or ``(H, W)``) or its default,
+    including its budgets: at most ``max_params`` parameters and ``max_activation_bytes`` bytes of node outputs for
+    a batch of ``batch`` (``None``: no limit), so that a spec that validates also builds.
 
     Raises:
-        BlockgraphError: the spec is invalid, or the model cannot take ``input_size``; the error says where and why.
+        BlockgraphError: the spec is invalid, the model cannot take ``input_size``, or it is over budget
+            (:class:`BudgetError`); the error says where and why.
     """
     analysis = analyze(spec, variant=variant, overrides=overrides)
     model = analysis.spec
     c, h, w = _input_triplet(input_size, model)
     analysis.inference.check(h, w, channels=c)
+    price = budget.check(
+        analysis.inference, (h, w), max_params=max_params, max_activation_bytes=max_activation_bytes, batch=batch
+    )
     env = {"H": h, "W": w}
     nodes = []
     for node in analysis.graph:
@@ -144,7 +153,6 @@ def validate(
         value = analysis.inference.types[out.node]
         t = value[out.port] if out.port is not None else value
         outputs[key] = "x".join(map(str, t.shape(env, batch=1)))
-    counts = cost.params(analysis.inference)
     return Report(
         model.name,
         model.variant,
@@ -152,8 +160,8 @@ def validate(
         nodes,
         analysis.inference.acceptance.describe(),
         outputs,
-        None if counts.unknown else counts.total,
-        sum(cost.activation_bytes(analysis.inference, h, w).values()),
+        price.params,
+        price.activation_bytes // batch,
         list(graph.warnings),
         analysis,
     )

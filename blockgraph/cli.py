@@ -51,11 +51,22 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> Any:
     from blockgraph.api import validate
 
-    size = _input_size(args.input) if args.input else None
-    report = validate(args.spec, input_size=size, variant=args.variant, overrides=_overrides(args.set))
+    return validate(
+        args.spec,
+        input_size=_input_size(args.input) if args.input else None,
+        variant=args.variant,
+        overrides=_overrides(args.set),
+        max_params=args.max_params,
+        max_activation_bytes=args.max_activation_bytes,
+        batch=args.batch,
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    report = _validate(args)
     if args.json:
         print(json.dumps({"name": report.name, "input": list(report.input), "accepts": report.accepted,
                           "outputs": report.outputs, "params": report.params,
@@ -68,26 +79,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from blockgraph.api import build_model, validate
+    from blockgraph.api import build_model
 
-    size = _input_size(args.input) if args.input else None
-    overrides = _overrides(args.set)
-    report = validate(args.spec, input_size=size, variant=args.variant, overrides=overrides)
+    report = _validate(args)  # shapes and budgets first: nothing is allocated before they pass
     c, h, w = report.input
-    if args.device != "meta":  # budgets first: nothing is allocated before they pass
-        from blockgraph.compiler.budget import check
-
-        check(
-            report.analysis.inference,
-            (h, w),
-            max_params=args.max_params,
-            max_activation_bytes=args.max_activation_bytes,
-            batch=args.batch,
-        )
     model = build_model(
         args.spec,
         variant=args.variant,
-        overrides=overrides,
+        overrides=_overrides(args.set),
         features_only=args.features_only,
         device=args.device,
         max_params=None,  # checked above
@@ -172,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
         q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
+        q.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
+        q.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
 
     v = sub.add_parser("validate", help="check a spec statically (no torch)")
     spec_args(v)
@@ -181,9 +183,6 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write weights + embedded spec to this file (atomically)")
     b.add_argument("--features-only", action="store_true", help="return the feature maps")
     b.add_argument("--device", default=None, help="device to build on (e.g. meta)")
-    b.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
-    b.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
-    b.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
     b.set_defaults(func=cmd_build)
     s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
     s.set_defaults(func=cmd_schema)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,46 @@ def test_summary_lists_every_node() -> None:
     model = bg.create_model("coat_lite_tiny", device="meta")
     text = model.summary((480, 640))
     assert "stage1.blocks.1" in text and "1x19201x64" in text and "5,721,960 parameters" in text
+
+
+HOSTILE = {
+    "python_tag": ("name: x\nstages: !!python/object/apply:os.system ['true']\n", "2:9", "tag"),
+    "duplicate_key": ("name: x\nname: y\nstages: []\n", "2:1", "duplicate key 'name'"),
+    "billion_laughs": (
+        "a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        + "name: *i\n",
+        "",
+        "expand",
+    ),
+    "depth_ten_million": (
+        (ROOT / "specs" / "vit.yaml").read_text().replace("depth: 12", "depth: 10000000"),
+        "",
+        "`depth` 10,000,000 would expand the spec past the limit",
+    ),
+    "width_a_billion": (
+        (ROOT / "specs" / "vit.yaml").read_text().replace("dim: 192", "dim: 999999999"),
+        "",
+        "would have 144,000,001,836,999,999,019 parameters",
+    ),
+    "binary_garbage": (bytes(range(256)) * 64, "", "binary"),
+    "not_utf8": ("name: caf\xe9\n".encode("latin-1"), "1:", "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_files_fail_cleanly_in_under_a_second(case: str, tmp_path: Path, run_cli) -> None:
+    """Each hostile file: exit 2, a FILE:LINE:COL error naming the problem, no traceback, within one second (imports
+    are warmed first: the time is blockgraph's)."""
+    run_cli("validate", SMALL)
+    content, where, fragment = HOSTILE[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for command in ("validate", "build"):
+        start = time.perf_counter()
+        code, _, err = run_cli(command, path)
+        elapsed = time.perf_counter() - start
+        assert code == 2, err
+        assert err.startswith(f"{path}:{where}"), err
+        assert fragment in err and "Traceback" not in err
+        assert elapsed < 1.0, f"{command} took {elapsed:.2f} s"
