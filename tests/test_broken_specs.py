@@ -95,6 +95,18 @@ CASES = [
          "index 2 out of range for a list of 2 items", "", skip=1),
     Case("bad output reference", "outputs: {logits: head}", "outputs: {logits: heda}", "heda",
          "unknown reference 'heda'", "did you mean 'head'"),
+    Case("depth past the expansion limit", "op: serial_block, dim: 32,", "op: serial_block, depth: 10000000, dim: 32,",
+         "10000000", "`depth` 10,000,000 would expand the spec past the limit of 10,000 entries", "at most 10,000"),
+    Case("alias bomb", "variables: {dim: 32, heads: 4, classes: 10}",
+         "variables: {dim: 32, heads: 4, classes: 10, a: &a [1, 1, 1, 1, 1, 1, 1, 1], b: &b [*a, *a, *a, *a, *a, *a, "
+         "*a, *a], c: &c [*b, *b, *b, *b, *b, *b, *b, *b], d: &d [*c, *c, *c, *c, *c, *c, *c, *c], e: &e [*d, *d, *d, "
+         "*d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}", "[*e", "the spec expands to more than 200,000 values",
+         "aliases of aliases grows exponentially"),
+    Case("over the parameter budget", "", "", "{name: block", "would have 15,658 parameters, over the limit of "
+         "10,000; the largest node has 12,704", "next largest: s1.embed", args=("--max-params", "1e4")),
+    Case("over the activation budget", "", "", "{name: cls", "would hold 0.8 MiB of activations for a batch of 8 at "
+         "64x64, over the limit of 0.5 MiB; the largest output is this node's", "smaller input or batch",
+         args=("--max-activation-bytes", "524288", "--batch", "8")),
 ]  # fmt: skip
 
 

@@ -5,8 +5,9 @@ custom block without a ``params`` rule is built alone on the meta device to be c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from blockgraph.errors import BudgetError
+from blockgraph.errors import BudgetError, Pos
 from blockgraph.graph import cost
 from blockgraph.graph.infer import Inference
 
@@ -20,7 +21,9 @@ class Estimate:
     params: int
     activation_bytes: int
     largest: list[tuple[str, int]]
-    """The nodes with the most parameters, largest first."""
+    """The nodes with the most parameters, largest first (three at most)."""
+    widest: tuple[str, int] | None = None
+    """The node with the largest output, and its bytes."""
 
 
 def estimate(inference: Inference, input_size: tuple[int, int], batch: int = 1, element_size: int = 4) -> Estimate:
@@ -32,9 +35,10 @@ def estimate(inference: Inference, input_size: tuple[int, int], batch: int = 1, 
     if counts.unknown:
         _measure(inference, nodes, shared)
     total = sum(nodes.values()) + sum(shared.values())  # type: ignore[arg-type]
-    largest = sorted(nodes.items(), key=lambda item: -item[1])[:3]  # type: ignore[operator]
-    activations = sum(cost.activation_bytes(inference, *input_size, batch=batch, element_size=element_size).values())
-    return Estimate(total, activations, largest)  # type: ignore[arg-type]
+    largest = sorted({**shared, **nodes}.items(), key=lambda item: -item[1])[:3]  # type: ignore[operator]
+    outputs = cost.activation_bytes(inference, *input_size, batch=batch, element_size=element_size)
+    widest = max(outputs.items(), key=lambda item: item[1], default=None)
+    return Estimate(total, sum(outputs.values()), largest, widest)  # type: ignore[arg-type]
 
 
 def _measure(inference: Inference, nodes: dict[str, int | None], shared: dict[str, int | None]) -> None:
@@ -64,22 +68,37 @@ def check(
     Raises:
         BudgetError: the parameter count or the activation bytes exceed their limit.
     """
-    spec = inference.graph.spec
-    where = inference.graph.pos(())
+    graph = inference.graph
     result = estimate(inference, input_size, batch)
-    biggest = ", ".join(f"{n} ({c:,})" for n, c in result.largest)
     if max_params is not None and result.params > max_params:
+        node, count = result.largest[0]
+        others = ", ".join(f"{n} ({c:,})" for n, c in result.largest[1:])
         raise BudgetError(
-            f"'{spec.name}' would have {result.params:,} parameters, over the limit of {int(max_params):,}",
-            pos=where,
-            hint=f"largest nodes: {biggest}; reduce the widths/depths, or raise --max-params",
+            f"'{graph.spec.name}' would have {result.params:,} parameters, over the limit of {int(max_params):,}; "
+            f"the largest node has {count:,}",
+            pos=_pos(graph, node),
+            node=node,
+            hint=f"{'next largest: ' + others + '; ' if others else ''}reduce the widths or depths, or raise "
+            "--max-params (max_params=)",
         )
     if max_activation_bytes is not None and result.activation_bytes > max_activation_bytes:
         h, w = input_size
+        node, size = result.widest  # type: ignore[misc]
         raise BudgetError(
-            f"'{spec.name}' would hold {result.activation_bytes / 2**20:,.1f} MiB of activations for a batch of {batch} "
-            f"at {h}x{w}, over the limit of {max_activation_bytes / 2**20:,.1f} MiB",
-            pos=where,
+            f"'{graph.spec.name}' would hold {_mib(result.activation_bytes)} of activations for a batch of {batch} at "
+            f"{h}x{w}, over the limit of {_mib(max_activation_bytes)}; the largest output is this node's "
+            f"({_mib(size)})",
+            pos=_pos(graph, node),
+            node=node,
             hint="use a smaller input or batch, or raise --max-activation-bytes",
         )
     return result
+
+
+def _pos(graph: Any, name: str) -> Pos:
+    owner = graph.shared.get(name) or graph.nodes[name]
+    return graph.pos(owner.path)
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.1f} MiB"

@@ -24,7 +24,9 @@ def test_a_width_too_large_to_exist_is_refused_statically_and_named_without_a_bu
     with pytest.raises(bg.BudgetError, match=r"would have 144,000,001,836,999,999,019 parameters") as info:
         bg.build_model(wide)
     assert time.perf_counter() - start < 1.0
-    assert "largest nodes: blocks.0 (11,999,999,988,999,999,999)" in info.value.hint
+    assert "the largest node has 11,999,999,988,999,999,999" in info.value.message
+    assert info.value.node == "blocks.0" and info.value.line == VIT.split("\n").index("  - name: blocks") + 1
+    assert "next largest: blocks.1 (11,999,999,988,999,999,999), blocks.2" in info.value.hint
     # Without a budget, building fails in the first block that cannot exist, named, as a BudgetError (not torch's
     # RuntimeError): on the CPU the 3 TB patch embedding; on the meta device the first Linear, whose size overflows.
     for device, node, op, what in (
@@ -54,7 +56,8 @@ def test_a_depth_of_ten_million_is_refused_by_expansion() -> None:
 
 def test_cli_budgets(run_cli) -> None:
     code, _, err = run_cli("build", TINY, "--max-params", "1e6")
-    assert code == 2 and "over the limit of 1,000,000" in err and "largest nodes: stage4.blocks.0 (1,232,960)" in err
+    assert code == 2 and "over the limit of 1,000,000; the largest node has 1,232,960" in err
+    assert err.startswith(f"{TINY.parent / 'coat_lite.yaml'}:54:9: error: node 'stage4.blocks.0'")
     code, _, err = run_cli("build", TINY, "--max-activation-bytes", "1e6", "--batch", "8")
     assert code == 2 and "MiB of activations for a batch of 8 at 224x224" in err
     code, out, err = run_cli("build", TINY, "--max-activation-bytes", "1e9")
