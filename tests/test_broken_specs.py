@@ -190,6 +190,10 @@ MPVIT_CASES = [
          "from: \"${'stem.conv' if i == 0 else 'stage' + str(i) + '.aggregate'}\",", "concat_conv_bn",
          r"cannot concatenate maps of different sizes \(\(H \+ 3\)//4 x \(W \+ 3\)//4, \(H \+ 7\)//8",
          "keep one map size"),
+    Case("a path reading a multi-output embedding by default",
+         '          - {name: tokens, op: map_to_tokens, from: "patch_embed.p${k}"}\n', "", "name: layers",
+         "op 'serial_block' takes 1 input, the previous block gives 2",
+         "'stage1.patch_embed' has several outputs (stage1.patch_embed.p0, stage1.patch_embed.p1): read one"),
 ]  # fmt: skip
 
 

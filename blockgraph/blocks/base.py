@@ -28,6 +28,19 @@ class BuildContext:
         return {"device": self.device, "dtype": self.dtype}
 
 
+def memo(cache: dict[Any, Any], key: Any, make: Any, limit: int = 8) -> Any:
+    """``make()``, remembered in ``cache`` under ``key`` (per input size: masks, biases, reference points); the
+    oldest entry goes past ``limit``. Under ``torch.compile`` it calls ``make()``, which the compiler traces."""
+    if torch.compiler.is_compiling():
+        return make()
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= limit:
+            cache.pop(next(iter(cache)))
+        value = cache[key] = make()
+    return value
+
+
 def init_linear(layer: Any, std: float = 0.02) -> Any:
     """timm's ViT-family init: weight ~ trunc_normal(std), bias zero (no-op on the meta device)."""
     if layer.weight.device.type != "meta":

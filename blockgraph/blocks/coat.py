@@ -76,7 +76,8 @@ class ConvRelPosEncSpec(BlockSpec):
     """Convolutional relative position encoding: ``q * DWConv(v)`` with one kernel size per group of heads.
 
     ``windows`` maps kernel size → number of heads, in head order: ``{3: 2, 5: 3, 7: 3}`` gives heads 0-1 a 3x3
-    kernel, heads 2-4 5x5 and heads 5-7 7x7. The output at extra (cls) token positions is zero.
+    kernel, heads 2-4 5x5 and heads 5-7 7x7. Its module gives the image tokens' term; users add it there (the
+    extra tokens get none).
     """
 
     op: Literal["conv_rel_pos_enc"]
@@ -133,6 +134,9 @@ class ConvRelPosEnc(Module):
         self.channel_splits = [n * head_dim for n in windows.values()]
 
     def forward(self, q: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``q * DWConv(v)`` at the image tokens: ``[B, h, H*W, Ch]``. timm's CRPE returns ``[B, h, N, Ch]`` with a
+        zero row per extra token; its users add this output at the image tokens only, which is the same sum
+        without the zero rows."""
         B, h, N, Ch = q.shape
         H, W = size
         extra = N - H * W
@@ -142,8 +146,7 @@ class ConvRelPosEnc(Module):
             for conv, part in zip(self.conv_list, torch.split(v_img, self.channel_splits, dim=1), strict=True)
         ]
         conv_v = torch.cat(convs, dim=1).reshape(B, h, Ch, H * W).transpose(-1, -2)  # [B, h, H*W, Ch]
-        out = q[:, :, extra:] * conv_v
-        return F.pad(out, (0, 0, extra, 0)) if extra else out  # [B, h, N, Ch], zero at extra tokens
+        return q[:, :, extra:] * conv_v
 
 
 # -------------------------------------------------------------------------------------------- factorized attention
@@ -202,7 +205,8 @@ class FactorAttnConvRelPosEnc(Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, N, Ch]
         factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
-        x = self.scale * factor + crpe(q, v, size)
+        x = self.scale * factor
+        x[:, :, N - size[0] * size[1] :] += crpe(q, v, size)  # the CRPE adds nothing at extra (cls) tokens
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*Ch]
         return self.proj_drop(self.proj(x))
 

@@ -5,12 +5,12 @@ position embedding, and the per-level input projection (conv + GroupNorm)."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, activation
+from blockgraph.blocks.base import BuildContext, Rate, activation, memo
 from blockgraph.blocks.conv import Conv2dFields
 from blockgraph.blocks.lazy import Module, lazy_module, nn, torch
 from blockgraph.graph.infer import InferContext
@@ -250,6 +250,8 @@ class DeformableEncoder(Module):
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim, ffn, levels, heads, points, dropout, act, eps, **dd) for _ in range(layers)
         )
+        self._layouts: dict[Any, tuple[torch.Tensor, ...]] = {}
+        self._ids: dict[Any, torch.Tensor] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -265,30 +267,41 @@ class DeformableEncoder(Module):
         nn.init.normal_(self.level_embed)
 
     def forward(self, *srcs: torch.Tensor, masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-        B = srcs[0].shape[0]
-        device = srcs[0].device
         sizes = [(s.shape[-2], s.shape[-1]) for s in srcs]
-        padded = masks is not None
-        if masks is None:
-            masks = [torch.zeros(B, h, w, dtype=torch.bool, device=device) for h, w in sizes]
-        tokens, pos, flat_masks = [], [], []
-        for level, (src, mask) in enumerate(zip(srcs, masks, strict=True)):
-            tokens.append(src.flatten(2).transpose(1, 2))  # [B, h*w, C]
-            embed = sine_position_embedding(mask, self.dim // 2, self.temperature, self.offset).to(src.dtype)
-            pos.append(embed.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
-            flat_masks.append(mask.flatten(1))
-        src_flatten, pos_flatten = torch.cat(tokens, 1), torch.cat(pos, 1)  # [B, S, C]
-        mask_flatten = torch.cat(flat_masks, 1)  # [B, S]
+        x = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # [B, S, C]
+        if masks is None:  # no padding: everything but the tokens depends on the sizes alone, made once per size
+            key = (tuple(sizes), str(x.device), x.dtype)
+            pos, reference_points, spatial_shapes, level_start_index = memo(
+                self._layouts, key, lambda: self._layout(sizes, [None] * len(sizes), x.device, x.dtype)
+            )
+            mask_flatten = None
+        else:
+            pos, reference_points, spatial_shapes, level_start_index = self._layout(sizes, masks, x.device, x.dtype)
+            mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
+        pos = pos + self.level_embed[self._level_ids(sizes, x.device)]  # [B or 1, S, C]
+        for layer in self.layers:
+            x = layer(x, pos, reference_points, spatial_shapes, level_start_index, mask_flatten)
+        return self._split(x, sizes)
+
+    def _layout(self, sizes, masks, device, dtype) -> tuple[torch.Tensor, ...]:
+        """The sine position embedding ``[B, S, C]``, reference points ``[B, S, L, 2]``, spatial shapes and level
+        start index of maps of these sizes with these padding masks (``None``: no padding, and B is 1)."""
+        masks = [torch.zeros(1, h, w, dtype=torch.bool, device=device) if m is None else m for m, (h, w) in
+                 zip(masks, sizes, strict=True)]  # fmt: skip
+        pos = [sine_position_embedding(m, self.dim // 2, self.temperature, self.offset).to(dtype) for m in masks]
+        pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1)  # [B, S, C]
         spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)  # [L, 2] (h, w)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)  # [B, L, 2] (w, h)
-        reference_points = _reference_points(sizes, valid_ratios, device)  # [B, S, L, 2]
-        x = src_flatten
-        for layer in self.layers:
-            x = layer(
-                x, pos_flatten, reference_points, spatial_shapes, level_start_index, mask_flatten if padded else None
-            )
-        return self._split(x, sizes)
+        return pos, _reference_points(sizes, valid_ratios, device), spatial_shapes, level_start_index
+
+    def _level_ids(self, sizes, device) -> torch.Tensor:
+        """Each token's level ``[S]``, to pick its row of ``level_embed``."""
+        return memo(
+            self._ids,
+            (tuple(sizes), str(device)),
+            lambda: torch.cat([torch.full((h * w,), k, device=device) for k, (h, w) in enumerate(sizes)]),
+        )
 
     def _split(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The memory ``[B, S, C]`` and each level's map ``[B, C, h, w]``."""

@@ -4,12 +4,12 @@ the -100 attention mask on alternating blocks, and patch merging at the start of
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear, memo
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
@@ -98,8 +98,13 @@ def shift_mask(h: int, w: int, window: int, shift: int, device=None) -> torch.Te
 
 
 class WindowAttention(Module):
-    """``qkv`` → ``(q * scale) k^T + bias (+ mask)`` → softmax → ``@ v`` → ``proj``; bias from
-    ``relative_position_bias_table`` ``[(2w-1)^2, heads]`` (timm's manual path)."""
+    """``qkv`` → softmax attention with ``scale``, the relative position bias (and the shift mask) added to the
+    logits → ``proj``; bias from ``relative_position_bias_table`` ``[(2w-1)^2, heads]`` (timm's layout).
+
+    The attention runs through ``F.scaled_dot_product_attention`` with the bias as a float mask. Outside autograd
+    (eval under ``no_grad``/``inference_mode``) the bias, or bias + shift mask, is built once per map size and
+    reused until the table changes (its version counter and storage are part of the key).
+    """
 
     def __init__(self, dim, heads, window, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, device=None, dtype=None):
         super().__init__()
@@ -107,28 +112,39 @@ class WindowAttention(Module):
         self.heads = heads
         self.window = window
         self.scale = (dim // heads) ** -0.5
+        self.attn_drop = attn_drop
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads, **dd))
         if self.relative_position_bias_table.device.type != "meta":
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window).to(device), persistent=False)
         self.qkv = init_linear(nn.Linear(dim, dim * 3, bias=qkv_bias, **dd))
-        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = init_linear(nn.Linear(dim, dim, **dd))
         self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: dict[Any, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_bias(self, mask: torch.Tensor | None = None, key: Any = None) -> torch.Tensor:
+        """The logits' bias: ``[1, heads, N, N]``, or ``[nW, heads, N, N]`` with the shift ``mask`` ``[nW, N, N]``
+        added. ``key`` names the mask (the map size) for the cache; ``None`` computes it afresh."""
+        table = self.relative_position_bias_table
+        if key is not None and not (torch.is_grad_enabled() and table.requires_grad):
+            stamp = (key, table._version, table.data_ptr(), table.dtype, str(table.device))
+            return memo(self._bias_cache, stamp, lambda: self.attention_bias(mask))
+        N = self.window * self.window
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            bias = bias + mask[:, None].to(bias.dtype)  # [nW, heads, N, N]
+        return bias.contiguous()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, key: Any = None) -> torch.Tensor:
         Bw, N, C = x.shape  # Bw = B * windows
         qkv = self.qkv(x).reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [Bw, h, N, d]
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # [Bw, h, N, N]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
-        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
-            windows = mask.shape[0]
-            attn = attn.view(-1, windows, self.heads, N, N) + mask[None, :, None].to(attn.dtype)
-            attn = attn.view(-1, self.heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
+        bias = self.attention_bias(mask, key)
+        if bias.shape[0] > 1:  # one mask per window: repeat it for every image of the batch
+            bias = bias.expand(Bw // bias.shape[0], -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
+        x = x.transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
         return self.proj_drop(self.proj(x))
 
 
@@ -151,10 +167,7 @@ class SwinBlock(Module):
 
     def _mask(self, h: int, w: int, shift: int, device) -> torch.Tensor:
         """The shift mask for this map size (computed once per size and device)."""
-        key = (h, w, str(device))
-        if key not in self._masks:
-            self._masks[key] = shift_mask(h, w, self.window, shift, device)
-        return self._masks[key]
+        return memo(self._masks, (h, w, str(device)), lambda: shift_mask(h, w, self.window, shift, device))
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         B, L, C = x.shape
@@ -166,7 +179,7 @@ class SwinBlock(Module):
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
         y = y.view(B, h // win, win, w // win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, C)
         mask = self._mask(h, w, shift, x.device) if shift else None
-        y = self.attn(y, mask)  # [B*nW, win*win, C]
+        y = self.attn(y, mask, (h, w, shift))  # [B*nW, win*win, C]
         y = y.view(B, h // win, w // win, win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, C)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))

@@ -400,12 +400,11 @@ def build_graph(parsed: ParsedSpec) -> Graph:
         if node is None or node.spec is not block:  # a duplicate, already reported
             continue
         refs = [block.from_] if isinstance(block.from_, str) else block.from_
-        if refs is None:
-            if defaults is not None:
-                sources: list[tuple[str, str | None]] = [(d, None) for d in defaults]
-            else:
-                ports = g.ports(previous) if previous in g.nodes else None
-                sources = [(previous, p) for p in ports] if ports else [(previous, None)]
+        if refs is None:  # a multi-output source gives all its ports (in order)
+            sources: list[tuple[str, str | None]] = []
+            for src in defaults if defaults is not None else [previous]:
+                ports = g.ports(src) if src in g.nodes else None
+                sources += [(src, p) for p in ports] if ports else [(src, None)]
         else:
             sources = []
             for k, ref in enumerate(refs):
@@ -423,13 +422,18 @@ def build_graph(parsed: ParsedSpec) -> Graph:
         else:
             count = arity  # errors already reported
         if arity is not None and count != arity:
+            hint = f"name {arity} input{'s' if arity != 1 else ''} with `from: [...]`"
+            several = next((src for src, out in sources if out is not None), None) if refs is None else None
+            if several is not None:
+                ports = ", ".join(f"{several}.{p}" for p in g.ports(several) or ())
+                hint = f"'{several}' has several outputs ({ports}): read one, e.g. `from: {ports.split(', ')[0]}`"
             g._errors.append(
                 GraphError(
                     f"op '{block.op}' takes {arity} input{'s' if arity != 1 else ''}, "
                     f"{'`from:`' if refs is not None else 'the previous block'} gives {len(sources)}",
                     pos=g.pos(path + ("from",)),
                     node=name,
-                    hint=f"name {arity} input{'s' if arity != 1 else ''} with `from: [...]`",
+                    hint=hint,
                 )
             )
         for port, (src, out) in enumerate(sources):
