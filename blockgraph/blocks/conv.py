@@ -56,6 +56,8 @@ class ConvBnSpec(Conv2dFields):
     bn_eps: PositiveFloat = 1e-5
     init: ConvInit = "fan_out"
 
+    batch_norm = True
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         for what, value in (("input", x.channels), ("dim_out", self.dim_out)):
             if value % self.groups:
@@ -101,6 +103,8 @@ class ConcatConvBnSpec(BlockSpec):
     bn_eps: PositiveFloat = 1e-5
     init: ConvInit = "fan_out"
     arity = None
+
+    batch_norm = True
 
     def infer(self, ctx: InferContext, *xs: TensorType) -> TensorType:
         for k, x in enumerate(xs):

@@ -37,6 +37,8 @@ class Mv2BlockSpec(BlockSpec):
     act: ConvAct = "silu"
     drop_path: Rate = 0.0
 
+    batch_norm = True
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image")
         return TensorType.image(self.dim_out, *ctx.conv2d(x, 3, self.stride, field="stride"))
@@ -88,6 +90,8 @@ class MobileVitBlockSpec(BlockSpec):
     norm_eps: PositiveFloat = 1e-5
     drop_path: Rate = 0.0
     needs_size = False
+
+    batch_norm = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)

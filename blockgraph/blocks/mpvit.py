@@ -32,6 +32,8 @@ class MultiScalePatchEmbedSpec(BlockSpec):
     act: ConvAct = "hardswish"
     bn_eps: PositiveFloat = 1e-5
 
+    batch_norm = True
+
     def output_ports(self) -> tuple[str, ...]:
         return tuple(f"p{k}" for k in range(self.paths))
 
@@ -104,6 +106,8 @@ class InvResBlockSpec(BlockSpec):
     expansion: PositiveFloat = 1.0
     act: ConvAct = "hardswish"
     bn_eps: PositiveFloat = 1e-5
+
+    batch_norm = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)

@@ -206,6 +206,10 @@ def _generate(
     checks = _acceptance_code(inference, image)
     lines.append(f"    if {checks}:")
     lines.append(f"        self._reject({image})")
+    single = _batch_stat_code(inference, order)
+    if single:
+        lines.append(f"    if self.training and {image}.shape[0] == 1 and ({single}):")
+        lines.append(f"        self._reject_single({image})")
     sizes: dict[str, str] = {}
     ports: dict[tuple[str, str], str] = {}
 
@@ -249,6 +253,22 @@ def _generate(
     else:
         lines.append("    return {" + ", ".join(f"{k!r}: {ref(n, p)}" for k, n, p in chosen) + "}")
     return "\n".join(lines) + "\n"
+
+
+def _batch_stat_code(inference: Inference, order: list[str]) -> str:
+    """A condition true when some BatchNorm of the model would see a 1x1 map (with a batch of one, in training)."""
+    conditions: list[str] = []
+    for name in order:
+        node = inference.graph.nodes[name]
+        if node.is_input or not type(node.spec).batch_norm:
+            continue
+        t = inference.types[name]
+        for value in t.values() if isinstance(t, dict) else (t,):
+            h, w = value.grid
+            condition = f"{_py(h)} == 1" if h == w else f"{_py(h)} == 1 and {_py(w)} == 1"
+            if f"({condition})" not in conditions:
+                conditions.append(f"({condition})")
+    return " or ".join(conditions)
 
 
 def _py(e: Expr) -> str:

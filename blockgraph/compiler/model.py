@@ -80,6 +80,24 @@ class BlockgraphModel(nn.Module):
         self._inference.check(shape[2], shape[3], channels=shape[1])
         raise ShapeError(f"input of shape {list(shape)} rejected", node=spec.input.name)  # pragma: no cover
 
+    def _reject_single(self, x: Any) -> None:
+        """Raise the :class:`ShapeError` of a training batch of one image whose map is 1x1 at a BatchNorm."""
+        graph = self._inference.graph
+        h, w = x.shape[-2], x.shape[-1]
+        for name in self.nodes:
+            node = graph.nodes[name]
+            t = self._inference.types[name]
+            values = t.values() if isinstance(t, dict) else (t,)
+            if type(node.spec).batch_norm and any(v.shape({"H": h, "W": w}, 1)[2:] == (1, 1) for v in values):
+                raise ShapeError(
+                    f"in training, a batch of one {h}x{w} image leaves node '{name}' ({node.op}) a 1x1 map: its "
+                    "BatchNorm would see one value per channel and cannot compute batch statistics",
+                    pos=graph.pos(node.path),
+                    node=name,
+                    hint="train with a batch of 2 or more or with larger images, or call model.eval()",
+                )
+        raise ShapeError(f"input of shape {list(x.shape)} rejected in training", node=self.spec.input.name)
+
     def shared_modules(self) -> list[str]:
         """Qualified names of the shared modules this model uses."""
         graph = self._inference.graph

@@ -80,6 +80,10 @@ class BlockSpec(SpecModel):
     """How many inputs the block takes (None: any number, at least one)."""
     needs_size: ClassVar[bool] = False
     """Whether ``forward`` takes the token grid ``(h, w)`` of each input, passed after the inputs."""
+    batch_norm: ClassVar[bool] = False
+    """Whether the module normalizes with batch statistics (BatchNorm) at its output's grid: in training, a batch of
+    one image whose map there is 1x1 leaves one value per channel, which BatchNorm cannot normalize; the compiled
+    forward rejects that case with a ShapeError naming the node."""
 
     def output_ports(self) -> tuple[str, ...] | None:
         """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a

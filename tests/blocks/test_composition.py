@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import blockgraph as bg
@@ -62,3 +63,22 @@ def test_importing_the_block_library_does_not_import_torch() -> None:
     code = "import sys, blockgraph, blockgraph.blocks; assert 'torch' not in sys.modules; print(len(sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_training_a_batch_of_one_on_a_1x1_batchnorm_map_is_a_shape_error() -> None:
+    """MPViT accepts 32x32 (stage 4 is 1x1). Training with one image there would crash inside BatchNorm ("Expected
+    more than 1 value per channel"); the compiled forward names the node instead. Batches of two and eval run."""
+    torch.manual_seed(0)
+    model = bg.create_model("mpvit_tiny")
+    with pytest.raises(bg.ShapeError, match=r"node 'stage4.patch_embed' \(multi_scale_patch_embed\) a 1x1 map") as e:
+        model(torch.randn(1, 3, 32, 32))
+    assert (
+        e.value.line == (ROOT / "specs" / "mpvit.yaml").read_text().split("\n").index("      - name: patch_embed") + 1
+    )
+    assert "batch of 2 or more" in e.value.hint
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)  # stage 4 is 2x2
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # what torch would have said
+        model.train().get_submodule("stage4.patch_embed")(torch.randn(1, 216, 2, 2))
