@@ -212,11 +212,18 @@ def _generate(
         lines.append(f"        self._reject_single({image})")
     sizes: dict[str, str] = {}
     ports: dict[tuple[str, str], str] = {}
+    # Each value is dropped (`del`) right after its last reader, as torch.fx does, so that a forward holds only the
+    # activations still needed: peak memory is that of hand-written code, not the sum of every node's output.
+    last_read: dict[tuple[str, str | None], int] = {}
+    for i, name in enumerate(order):
+        for e in graph.in_edges(name):
+            last_read[e.src, e.out] = i
+    kept = {(n, p) for _, n, p in chosen} | {(spec.input.name, None)}
 
     def ref(node: str, port: str | None) -> str:
         return var[node] if port is None else ports[node, port]
 
-    for name in order:
+    for i, name in enumerate(order):
         node = graph.nodes[name]
         if node.is_input:
             continue
@@ -245,6 +252,11 @@ def _generate(
                 targets.append(ports[name, port])
             shapes = ", ".join(f"{p}: {pt.symbolic_shape()}" for p, pt in t.items())
             lines.append(f"    {', '.join(targets)} = {call}  # {shapes}")
+        made = [(name, None)] if isinstance(t, TensorType) else [(name, p) for p in t]
+        dead = [k for k in dict.fromkeys([(e.src, e.out) for e in edges] + made) if last_read.get(k, -1) <= i]
+        dead = [ref(*k) for k in dead if k not in kept]
+        if dead:
+            lines.append(f"    del {', '.join(dead)}")
 
     if returns == "tensor":
         lines.append(f"    return {ref(chosen[0][1], chosen[0][2])}")
