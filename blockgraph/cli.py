@@ -1,4 +1,4 @@
-"""The command line: ``blockgraph validate|build|schema|list``.
+"""The command line: ``blockgraph validate|build|summary|graph|schema|docs|list``.
 
 Exit status: 0 success; 2 the spec or input is invalid (each error on stderr as ``FILE:LINE:COL: error: MESSAGE``
 then ``hint: ...``); 3 an internal error (a bug in blockgraph: one line, please report). ``validate``, ``schema``
@@ -73,6 +73,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     overrides = _overrides(args.set)
     report = validate(args.spec, input_size=size, variant=args.variant, overrides=overrides)
     c, h, w = report.input
+    if args.emit_python:  # the generated forward only: built on the meta device, no weights allocated
+        model = build_model(
+            args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only, device="meta"
+        )
+        print(model.code, end="")
+        return 0
     if args.device != "meta":  # budgets first: nothing is allocated before they pass
         from blockgraph.compiler.budget import check
 
@@ -104,14 +110,31 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_json(model: Any, report: Any) -> dict[str, Any]:
+def cmd_summary(args: argparse.Namespace) -> int:
+    from blockgraph.api import build_model, validate
+
+    size = _input_size(args.input) if args.input else None
+    overrides = _overrides(args.set)
+    report = validate(args.spec, input_size=size, variant=args.variant, overrides=overrides)
+    _, h, w = report.input
+    model = build_model(
+        args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only, device="meta"
+    )
+    if args.json:
+        print(json.dumps(_build_json(model, report, batch=args.batch), indent=2))
+    else:
+        print(model.summary((h, w), batch=args.batch))
+    return 0
+
+
+def _build_json(model: Any, report: Any, batch: int = 1) -> dict[str, Any]:
     c, h, w = report.input
     inference = model.inference
     graph = inference.graph
-    macs = model.macs((h, w))
+    macs = model.macs((h, w), batch)
     nodes = []
     for name in model.nodes:
-        text, shape = describe_value(inference.types[name], {"H": h, "W": w})
+        text, shape = describe_value(inference.types[name], {"H": h, "W": w}, batch=batch)
         nodes.append({
             "name": name,
             "op": graph.nodes[name].op,
@@ -121,20 +144,31 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
             "macs": macs[name],
         })  # fmt: skip
+    shared = [
+        {
+            "name": name,
+            "op": graph.shared[name].spec.op,
+            "users": list(graph.shared[name].users),
+            "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
+            "macs": macs[name],
+        }
+        for name in model.shared_modules()
+    ]
     outputs = {}
     for key in model.outputs:
         out = graph.outputs.get(key) or graph.features[key]
         value = inference.types[out.node]
         t = value[out.port] if out.port is not None else value
-        outputs[key] = list(t.shape({"H": h, "W": w}, batch=1))
+        outputs[key] = list(t.shape({"H": h, "W": w}, batch=batch))
     return {
         "name": model.spec.name,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": macs["total"],
-        "input": [1, c, h, w],
+        "input": [batch, c, h, w],
         "outputs": outputs,
         "accepts": report.accepted,
         "nodes": nodes,
+        "shared": shared,
     }
 
 
@@ -182,7 +216,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
     b.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
     b.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
+    b.add_argument("--emit-python", action="store_true", help="print the generated forward (built on meta) and exit")
     b.set_defaults(func=cmd_build)
+    m = sub.add_parser("summary", help="per-node table: op, output shape, params, MACs (meta device, no weights)")
+    spec_args(m)
+    m.add_argument("--features-only", action="store_true", help="the model that returns the feature maps")
+    m.add_argument("--batch", type=int, default=1, help="batch size for shapes and MACs")
+    m.set_defaults(func=cmd_summary)
     s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
     s.set_defaults(func=cmd_schema)
     ls = sub.add_parser("list", help="list reference models (or ops)")
