@@ -172,6 +172,41 @@ def _build_json(model: Any, report: Any, batch: int = 1) -> dict[str, Any]:
     }
 
 
+def _emit(data: bytes | str, out: str | None, binary: bool = False) -> None:
+    """Write ``data`` to ``out`` atomically, or to stdout."""
+    if out:
+        from blockgraph.files import write_atomic
+
+        write_atomic(out, data)
+    elif isinstance(data, str):
+        sys.stdout.write(data)
+    else:
+        buffer = getattr(sys.stdout, "buffer", None)
+        if binary and (buffer is None or sys.stdout.isatty()):
+            raise SpecError("binary output: write it to a file", pos=Pos("<command line>"), hint="add --out FILE")
+        if buffer is None:
+            sys.stdout.write(data.decode())
+        else:
+            sys.stdout.flush()
+            buffer.write(data)
+            buffer.flush()
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from blockgraph.api import analyze
+    from blockgraph.graph.render import render
+
+    size = _input_size(args.input) if args.input else None
+    analysis = analyze(args.spec, variant=args.variant, overrides=_overrides(args.set))
+    hw = None
+    if size is not None:
+        hw = (size[-2], size[-1])
+        analysis.inference.check(*hw, channels=size[0] if len(size) == 3 else None)
+    data = render(analysis.inference, args.format, hw, collapse=args.collapse)
+    _emit(data if args.format == "png" else data.decode(), args.out, binary=args.format == "png")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.spec.schema import json_schema
@@ -223,6 +258,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--features-only", action="store_true", help="the model that returns the feature maps")
     m.add_argument("--batch", type=int, default=1, help="batch size for shapes and MACs")
     m.set_defaults(func=cmd_summary)
+    g = sub.add_parser("graph", help="draw the dataflow: mermaid or dot text, svg/png through Graphviz (no torch)")
+    g.add_argument("spec", help="a spec file (YAML)")
+    g.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default="mermaid")
+    g.add_argument("--variant", help="variant of a family spec (e.g. small)")
+    g.add_argument("--input", help="input size CxHxW or HxW for the shapes shown (default: the spec's)")
+    g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
+    g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
+    g.add_argument("--out", help="write to this file (atomically) instead of stdout")
+    g.set_defaults(func=cmd_graph)
     s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
     s.set_defaults(func=cmd_schema)
     ls = sub.add_parser("list", help="list reference models (or ops)")
