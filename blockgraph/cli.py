@@ -210,8 +210,10 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.spec.schema import json_schema
+    from blockgraph.spec.source_schema import source_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    schema = json_schema() if args.expanded else source_schema()
+    _emit(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", args.out)
     return 0
 
 
@@ -267,7 +269,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
     g.add_argument("--out", help="write to this file (atomically) instead of stdout")
     g.set_defaults(func=cmd_graph)
-    s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
+    s = sub.add_parser("schema", help="print the JSON Schema of spec files, for editors (no torch)")
+    s.add_argument(
+        "--expanded", action="store_true", help="the schema of a spec after expansion (what pydantic checks)"
+    )
+    s.add_argument("--out", help="write to this file (atomically) instead of stdout")
     s.set_defaults(func=cmd_schema)
     ls = sub.add_parser("list", help="list reference models (or ops)")
     ls.add_argument("pattern", nargs="?", default="*")

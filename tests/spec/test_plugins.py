@@ -169,3 +169,12 @@ def test_decorator_registers_from_user_code(site: Path) -> None:
     importlib.import_module("bgplug_mine")
     model = bg.build_model(SPEC)
     assert type(model.get_submodule("affine")).__name__ == "ChannelAffine"
+
+
+def test_plugin_ops_are_in_the_editor_schema(site: Path) -> None:
+    from blockgraph.spec.source_schema import source_schema
+
+    _install(site, "bgplug_affine", PLUGIN, "channel_affine = bgplug_affine")
+    definition = source_schema()["definitions"]["ChannelAffineSpec"]
+    assert definition["properties"]["scale"]["description"] == "Initial scale."
+    assert definition["required"] == ["op", "dim"]
