@@ -217,6 +217,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from blockgraph.docs import pages, spec_language
+
+    if args.all:
+        if not os.path.isdir(args.all):
+            raise SpecError(f"--all {args.all}: no such directory", pos=Pos("<command line>"))
+        for name, text in pages().items():
+            _emit(text, os.path.join(args.all, name))
+            print(f"wrote {os.path.join(args.all, name)}")
+    else:
+        _emit(spec_language(), args.out)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.api import list_models
@@ -275,6 +289,10 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", help="write to this file (atomically) instead of stdout")
     s.set_defaults(func=cmd_schema)
+    d = sub.add_parser("docs", help="print the spec-language reference (Markdown), generated from the models")
+    d.add_argument("--out", help="write to this file (atomically) instead of stdout")
+    d.add_argument("--all", metavar="DIR", help="write every generated page (reference, editor schema, picture)")
+    d.set_defaults(func=cmd_docs)
     ls = sub.add_parser("list", help="list reference models (or ops)")
     ls.add_argument("pattern", nargs="?", default="*")
     ls.add_argument("--ops", action="store_true", help="list the registered ops")

@@ -220,7 +220,9 @@ class InputSpec(SpecModel):
     """A model input: an image batch ``[B, channels, H, W]``."""
 
     name: Name = "image"
+    """The input's name: the generated ``forward``'s argument, and a reference blocks can read (``from: image``)."""
     channels: PositiveInt = 3
+    """Channels of the image."""
     size: tuple[PositiveInt, PositiveInt] = (224, 224)
     """The default (H, W): what `build` reports shapes for, and what `validate` checks when given no size."""
 
@@ -238,7 +240,9 @@ class RenameRule(SpecModel):
     """One key-rename rule: ``from`` (a regular expression) → ``to`` (its replacement, ``\\1`` for groups)."""
 
     from_: str = Field(alias="from")
+    """A regular expression searched in each twin key."""
     to: str
+    """The replacement (``re.sub`` syntax: ``\\1`` for the first group), applied once."""
 
 
 class TwinSpec(SpecModel):
@@ -272,21 +276,27 @@ class StageBase(SpecModel):
     optionally, parallel ``paths`` at one scale and the ``merge`` block that joins them."""
 
     name: Name
+    """The stage's name: its blocks are named ``<stage>.<block>`` (``stage2.blocks.3``)."""
 
 
 class PathBase(SpecModel):
     """One of a stage's parallel paths: its own blocks and shared modules, reading the stage's blocks."""
 
     name: Name
+    """The path's name: its blocks are named ``<stage>.<path>.<block>``."""
 
 
 class ModelBase(SpecModel):
     """A whole model spec, after expansion."""
 
     name: Name
+    """The model's name (the compiled module's class is named after it)."""
     description: str = ""
+    """One line about the model, for people."""
     variant: str | None = None
+    """The variant (of ``variants:``) this spec builds; the caller's choice (``--variant``) wins."""
     input: InputSpec = InputSpec()
+    """The model input."""
     variables: dict[str, Any] = {}
     """The variables as resolved (kept for the record)."""
     outputs: dict[Name, OutputSpec | Ref] = {}
@@ -294,7 +304,10 @@ class ModelBase(SpecModel):
     features: dict[Name, OutputSpec] = {}
     """Named feature maps, with strides (``stage1: {from: stage1.to_map, stride: 4}``), for dense prediction."""
     twin: TwinSpec | None = None
+    """The model with the same weights, and how its state_dict keys map onto ours (for loading its weights)."""
     default_outputs: list[Name] | None = None
+    """Which of ``outputs`` (or ``features``) ``forward`` returns when the caller names none; default: every
+    output, or, with no outputs, every feature."""
 
     def output_specs(self) -> dict[str, OutputSpec]:
         """``outputs`` with the short form (a bare reference) expanded."""
@@ -339,6 +352,12 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
         )
         _CACHE["model"], _CACHE["stage"], _CACHE["path"] = model, stage, path
     return _CACHE["model"], _CACHE["stage"]
+
+
+def path_type() -> type[PathBase]:
+    """The PathSpec class for the blocks registered now (see :func:`model_types`)."""
+    model_types()
+    return _CACHE["path"]
 
 
 def json_schema() -> dict[str, Any]:
