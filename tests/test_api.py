@@ -196,3 +196,16 @@ def test_pretrained_from_the_timm_twin_state_dict(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="head.fc.weight, head.fc.bias"):
         model = bg.create_model(TINY, pretrained=True, checkpoint_path=path, num_classes=3)
     assert torch.equal(model.state_dict()["stage1.cpe.proj.weight"], twin.state_dict()["cpe1.proj.weight"])
+
+
+def test_a_selected_feature_model_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    model = bg.create_model(TINY, features_only=True, out_indices=(0, 3), overrides={"depths": [1, 1, 1, 1]})
+    save(model, tmp_path / "feats.pt")
+    loaded = bg.load(tmp_path / "feats.pt").eval()
+    assert loaded.outputs == ["stage1", "stage4"] and loaded.feature_info.out_indices == (0, 3)
+    assert _equal_state(model, loaded)
+    with torch.no_grad():
+        assert [tuple(f.shape) for f in loaded(SMALL_INPUT)] == [(1, 64, 16, 16), (1, 320, 2, 2)]
+    # MACs are counted on the same selection (the head is not built, so not counted).
+    macs = loaded.macs((64, 64))
+    assert macs["total"] == sum(macs[n] for n in loaded.nodes) and "head" not in macs
