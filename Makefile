@@ -18,7 +18,7 @@ TIMM_VERSION        := 1.0.31
 LINT_PATHS  := blockgraph tests cli.py bench
 
 .DEFAULT_GOAL := demo
-.PHONY: demo test lint format venv clean
+.PHONY: demo test lint format venv clean docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m pytest -q
+
+docs: $(STAMP)
+	$(PY) cli.py docs --all docs
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)

@@ -13,13 +13,25 @@ from blockgraph.api import (
     load_timm_state_dict,
     validate,
 )
-from blockgraph.errors import BlockgraphError, BudgetError, GraphError, MultiError, ShapeError, SpecError, WeightsError
+from blockgraph.errors import (
+    BlockgraphError,
+    BudgetError,
+    GraphError,
+    MultiError,
+    PluginError,
+    ShapeError,
+    SpecError,
+    WeightsError,
+)
+from blockgraph.spec.schema import BlockSpec, register
 
 __all__ = [
+    "BlockSpec",
     "BlockgraphError",
     "BudgetError",
     "GraphError",
     "MultiError",
+    "PluginError",
     "ShapeError",
     "SpecError",
     "WeightsError",
@@ -29,6 +41,7 @@ __all__ = [
     "list_models",
     "load",
     "load_timm_state_dict",
+    "register",
     "validate",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
 from blockgraph.compiler import budget
 from blockgraph.compiler.budget import DEFAULT_MAX_PARAMS
-from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.errors import BlockgraphError, Pos, SpecError, WeightsError
 from blockgraph.graph.build import Graph, build_graph
 from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
@@ -185,6 +185,7 @@ def build_model(
     overrides: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
     features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
     outputs: Sequence[str] | None = None,
     device: Any = None,
     dtype: Any = None,
@@ -196,16 +197,68 @@ def build_model(
     ``forward`` returns the one output as a tensor, the features as a list (``features_only``), or a dict when
     ``outputs`` names several. A model over ``max_params`` parameters is refused before any memory is allocated
     (counted statically, from the blocks' counting rules); ``None`` skips the check.
+
+    Args:
+        num_classes: the classifier's width (the spec's ``num_classes`` variable).
+        features_only: return the declared feature maps, as a list, in declaration order.
+        out_indices: with ``features_only``, which feature maps (timm style): indices into the declared features
+            (negative ones count from the end), or an int ``n`` for the last ``n``. They are returned in
+            declaration order.
+        outputs: names of the outputs (or, with ``features_only``, of the features) to return.
     """
     from blockgraph.compiler.budget import check
     from blockgraph.compiler.codegen import compile_model
 
     analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    if out_indices is not None:
+        outputs = _feature_names(analysis, out_indices, features_only, outputs)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it
         check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
     model = compile_model(analysis.inference, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
     model.spec_data = analysis.expanded.standalone()
     return model
+
+
+def _feature_names(
+    analysis: Analysis, out_indices: int | Sequence[int], features_only: bool, outputs: Sequence[str] | None
+) -> list[str]:
+    """The feature names ``out_indices`` selects, in declaration order."""
+    graph = analysis.graph
+    where = graph.pos(("features",))
+    names = list(graph.features)
+    if not features_only or outputs:
+        raise SpecError(
+            "out_indices selects feature maps: it needs features_only=True" + (" and no outputs" if outputs else ""),
+            pos=where,
+            hint=f"e.g. features_only=True, out_indices=(1, 2, 3); the features: {', '.join(names) or 'none'}",
+        )
+    n = len(names)
+    listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names))
+    if isinstance(out_indices, bool) or not isinstance(out_indices, int | Sequence):
+        raise SpecError(f"out_indices must be an int or a sequence of ints, got {out_indices!r}", pos=where)
+    if isinstance(out_indices, int):
+        if not 1 <= out_indices <= n:
+            raise SpecError(
+                f"out_indices={out_indices} asks for the last {out_indices} of {n} feature maps",
+                pos=where,
+                hint=f"use 1..{n}, or a list of indices ({listed})",
+            )
+        indices = list(range(n - out_indices, n))
+    else:
+        indices = []
+        for i in out_indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise SpecError(
+                    f"out_indices: {i!r} is out of range for {n} feature maps",
+                    pos=where,
+                    hint=f"indices go from {-n} to {n - 1} ({listed})",
+                )
+            if i % n in indices:
+                raise SpecError(f"out_indices: feature {i % n} ({names[i % n]}) is selected twice", pos=where)
+            indices.append(i % n)
+        if not indices:
+            raise SpecError("out_indices is empty", pos=where, hint=f"select at least one of: {listed}")
+    return [names[i] for i in sorted(indices)]
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -232,9 +285,65 @@ def spec_path(name: str) -> Path:
     return path
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a reference model by name (``create_model("coat_lite_small", num_classes=10)``)."""
-    return build_model(spec_path(name), **kwargs)
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    *,
+    num_classes: int | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a reference model by name, timm style (``create_model("coat_lite_small", num_classes=10)``).
+
+    blockgraph never downloads: ``pretrained=True`` loads the weights from ``checkpoint_path``, and without one
+    raises a :class:`WeightsError`. ``checkpoint_path`` (with or without ``pretrained``) may be a blockgraph
+    checkpoint (``blockgraph build --out``), a state_dict in our key layout, or the timm twin's state_dict
+    (``torch.save(timm_model.state_dict(), path)``), whose keys go through the spec's ``twin.rename`` rules. With
+    ``num_classes`` different from the file's, the classifier's tensors are skipped (they keep their fresh
+    initialization; a UserWarning names them), as timm does; any other mismatch is an error. With
+    ``features_only``, the file's classifier is dropped.
+
+    Args:
+        name: a reference spec (see :func:`list_models`).
+        pretrained: load weights (from ``checkpoint_path``: there are no bundled weights).
+        num_classes: the classifier's width.
+        features_only, out_indices: return feature maps (see :func:`build_model`).
+        checkpoint_path: the weights file.
+        **kwargs: passed to :func:`build_model` (``variant``, ``overrides``, ``device``, ``dtype``, ...).
+
+    Raises:
+        SpecError: no reference spec has this name.
+        WeightsError: ``pretrained`` without ``checkpoint_path``, or weights that do not fit.
+    """
+    path = spec_path(name)
+    if pretrained and checkpoint_path is None:
+        twin = analyze(path, variant=kwargs.get("variant")).spec.twin
+        timm_name = twin.timm if twin is not None and twin.timm else None
+        example = (
+            f"; or the timm twin's: torch.save(timm.create_model({timm_name!r}, pretrained=True).state_dict(), "
+            f"'{timm_name}.pth')"
+            if timm_name
+            else ""
+        )
+        raise WeightsError(
+            f"'{name}': blockgraph bundles no pretrained weights and never downloads them; pass "
+            "checkpoint_path=... with pretrained=True",
+            pos=Pos(str(path)),
+            hint=f"a blockgraph checkpoint (`blockgraph build {path} --out {name}.pt`){example}",
+        )
+    model = build_model(path, num_classes=num_classes, features_only=features_only, out_indices=out_indices, **kwargs)
+    if checkpoint_path is not None:
+        from blockgraph.compiler.codegen import compile_model
+        from blockgraph.compiler.weights import load_weights_file
+
+        overrides = {k: v for k, v in (kwargs.get("overrides") or {}).items() if k != "num_classes"}
+        full = analyze(path, variant=kwargs.get("variant"), overrides=overrides)
+        every = list(dict.fromkeys([*full.graph.outputs, *full.graph.features]))
+        reference = compile_model(full.inference, outputs=every or None, device="meta")
+        load_weights_file(model, os.fspath(checkpoint_path), reference)
+    return model
 
 
 def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The command line: ``blockgraph validate|build|schema|list``.
+"""The command line: ``blockgraph validate|build|summary|graph|schema|docs|list``.
 
 Exit status: 0 success; 2 the spec or input is invalid (each error on stderr as ``FILE:LINE:COL: error: MESSAGE``
 then ``hint: ...``); 3 an internal error (a bug in blockgraph: one line, please report). ``validate``, ``schema``
@@ -83,6 +83,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     report = _validate(args)  # shapes and budgets first: nothing is allocated before they pass
     c, h, w = report.input
+    if args.emit_python:  # the generated forward only: built on the meta device, no weights allocated
+        model = build_model(
+            args.spec,
+            variant=args.variant,
+            overrides=_overrides(args.set),
+            features_only=args.features_only,
+            device="meta",
+        )
+        print(model.code, end="")
+        return 0
     model = build_model(
         args.spec,
         variant=args.variant,
@@ -104,14 +114,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_json(model: Any, report: Any) -> dict[str, Any]:
+def cmd_summary(args: argparse.Namespace) -> int:
+    from blockgraph.api import build_model
+
+    report = _validate(args)
+    _, h, w = report.input
+    model = build_model(
+        args.spec, variant=args.variant, overrides=_overrides(args.set), features_only=args.features_only, device="meta"
+    )
+    if args.json:
+        print(json.dumps(_build_json(model, report, batch=args.batch), indent=2))
+    else:
+        print(model.summary((h, w), batch=args.batch))
+    return 0
+
+
+def _build_json(model: Any, report: Any, batch: int = 1) -> dict[str, Any]:
     c, h, w = report.input
     inference = model.inference
     graph = inference.graph
-    macs = model.macs((h, w))
+    macs = model.macs((h, w), batch)
     nodes = []
     for name in model.nodes:
-        text, shape = describe_value(inference.types[name], {"H": h, "W": w})
+        text, shape = describe_value(inference.types[name], {"H": h, "W": w}, batch=batch)
         nodes.append({
             "name": name,
             "op": graph.nodes[name].op,
@@ -121,28 +146,90 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
             "macs": macs[name],
         })  # fmt: skip
+    shared = [
+        {
+            "name": name,
+            "op": graph.shared[name].spec.op,
+            "users": list(graph.shared[name].users),
+            "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
+            "macs": macs[name],
+        }
+        for name in model.shared_modules()
+    ]
     outputs = {}
     for key in model.outputs:
         out = graph.outputs.get(key) or graph.features[key]
         value = inference.types[out.node]
         t = value[out.port] if out.port is not None else value
-        outputs[key] = list(t.shape({"H": h, "W": w}, batch=1))
+        outputs[key] = list(t.shape({"H": h, "W": w}, batch=batch))
     return {
         "name": model.spec.name,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": macs["total"],
-        "input": [1, c, h, w],
+        "input": [batch, c, h, w],
         "outputs": outputs,
         "accepts": report.accepted,
         "nodes": nodes,
+        "shared": shared,
     }
+
+
+def _emit(data: bytes | str, out: str | None, binary: bool = False) -> None:
+    """Write ``data`` to ``out`` atomically, or to stdout."""
+    if out:
+        from blockgraph.files import write_atomic
+
+        write_atomic(out, data)
+    elif isinstance(data, str):
+        sys.stdout.write(data)
+    else:
+        buffer = getattr(sys.stdout, "buffer", None)
+        if binary and (buffer is None or sys.stdout.isatty()):
+            raise SpecError("binary output: write it to a file", pos=Pos("<command line>"), hint="add --out FILE")
+        if buffer is None:
+            sys.stdout.write(data.decode())
+        else:
+            sys.stdout.flush()
+            buffer.write(data)
+            buffer.flush()
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from blockgraph.api import analyze
+    from blockgraph.graph.render import render
+
+    size = _input_size(args.input) if args.input else None
+    analysis = analyze(args.spec, variant=args.variant, overrides=_overrides(args.set))
+    hw = None
+    if size is not None:
+        hw = (size[-2], size[-1])
+        analysis.inference.check(*hw, channels=size[0] if len(size) == 3 else None)
+    data = render(analysis.inference, args.format, hw, collapse=args.collapse)
+    _emit(data if args.format == "png" else data.decode(), args.out, binary=args.format == "png")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.spec.schema import json_schema
+    from blockgraph.spec.source_schema import source_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    schema = json_schema() if args.expanded else source_schema()
+    _emit(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", args.out)
+    return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from blockgraph.docs import pages, spec_language
+
+    if args.all:
+        if not os.path.isdir(args.all):
+            raise SpecError(f"--all {args.all}: no such directory", pos=Pos("<command line>"))
+        for name, text in pages().items():
+            _emit(text, os.path.join(args.all, name))
+            print(f"wrote {os.path.join(args.all, name)}")
+    else:
+        _emit(spec_language(), args.out)
     return 0
 
 
@@ -173,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
         q.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
-        q.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
+        q.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate (and summary)")
 
     v = sub.add_parser("validate", help="check a spec statically (no torch)")
     spec_args(v)
@@ -183,9 +270,31 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write weights + embedded spec to this file (atomically)")
     b.add_argument("--features-only", action="store_true", help="return the feature maps")
     b.add_argument("--device", default=None, help="device to build on (e.g. meta)")
+    b.add_argument("--emit-python", action="store_true", help="print the generated forward (built on meta) and exit")
     b.set_defaults(func=cmd_build)
-    s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
+    m = sub.add_parser("summary", help="per-node table: op, output shape, params, MACs (meta device, no weights)")
+    spec_args(m)
+    m.add_argument("--features-only", action="store_true", help="the model that returns the feature maps")
+    m.set_defaults(func=cmd_summary, max_params=None)  # the meta device allocates nothing: no budget by default
+    g = sub.add_parser("graph", help="draw the dataflow: mermaid or dot text, svg/png through Graphviz (no torch)")
+    g.add_argument("spec", help="a spec file (YAML)")
+    g.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default="mermaid")
+    g.add_argument("--variant", help="variant of a family spec (e.g. small)")
+    g.add_argument("--input", help="input size CxHxW or HxW for the shapes shown (default: the spec's)")
+    g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
+    g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
+    g.add_argument("--out", help="write to this file (atomically) instead of stdout")
+    g.set_defaults(func=cmd_graph)
+    s = sub.add_parser("schema", help="print the JSON Schema of spec files, for editors (no torch)")
+    s.add_argument(
+        "--expanded", action="store_true", help="the schema of a spec after expansion (what pydantic checks)"
+    )
+    s.add_argument("--out", help="write to this file (atomically) instead of stdout")
     s.set_defaults(func=cmd_schema)
+    d = sub.add_parser("docs", help="print the spec-language reference (Markdown), generated from the models")
+    d.add_argument("--out", help="write to this file (atomically) instead of stdout")
+    d.add_argument("--all", metavar="DIR", help="write every generated page (reference, editor schema, picture)")
+    d.set_defaults(func=cmd_docs)
     ls = sub.add_parser("list", help="list reference models (or ops)")
     ls.add_argument("pattern", nargs="?", default="*")
     ls.add_argument("--ops", action="store_true", help="list the registered ops")

@@ -130,6 +130,10 @@ class WeightsError(BlockgraphError):
     """A state_dict or checkpoint does not fit the model."""
 
 
+class PluginError(BlockgraphError):
+    """A block plugin (an entry point of the ``blockgraph.blocks`` group) failed to load or to register."""
+
+
 class MultiError(BlockgraphError):
     """Several errors found in one pass (every bad key of a spec, say), reported together."""
 

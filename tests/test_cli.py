@@ -203,3 +203,61 @@ def test_hostile_files_fail_cleanly_in_under_a_second(case: str, tmp_path: Path,
         assert err.startswith(f"{path}:{where}"), err
         assert fragment in err and "Traceback" not in err
         assert elapsed < 1.0, f"{command} took {elapsed:.2f} s"
+
+
+def test_summary_per_node_params_and_macs_add_up(run_cli) -> None:
+    code, out, err = run_cli("summary", ROOT / "specs" / "coat_lite_tiny.yaml", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["params"] == 5_721_960  # timm's coat_lite_tiny
+    nodes = {n["name"]: n for n in data["nodes"]}
+    shared = {s["name"]: s for s in data["shared"]}
+    # 4 stages x (patch_embed, cls, 2 blocks), 3 to_map (stage4.to_map is a feature only) and the head; cpe, crpe x 4
+    assert len(nodes) == 20 and len(shared) == 8
+    # Every parameter belongs to exactly one row: a node or a shared module.
+    assert sum(n["params"] for n in nodes.values()) + sum(s["params"] for s in shared.values()) == data["params"]
+    # A node's MACs include the shared modules it calls, so the nodes alone add up to the total.
+    assert sum(n["macs"] for n in nodes.values()) == data["macs"]
+    assert 0.98 < data["macs"] / 1.60e9 < 1.01  # timm's benchmark CSV: 1.60 GMACs at 224
+    assert nodes["stage1.patch_embed"]["macs"] == 56 * 56 * 64 * 3 * 4 * 4  # conv 4x4/4, 3 -> 64 channels
+    assert nodes["head"]["macs"] == 320 * 1000 and nodes["head"]["params"] == 2 * 320 + 320 * 1000 + 1000
+    # The shared depthwise 3x3 CPE of stage 1 runs once per block (2 blocks) on a 56x56x64 map.
+    assert shared["stage1.cpe"]["macs"] == 2 * 56 * 56 * 64 * 9
+    assert shared["stage1.cpe"]["users"] == ["stage1.blocks.0", "stage1.blocks.1"]
+    assert shared["stage1.cpe"]["params"] == 64 * 9 + 64
+
+
+def test_summary_table_and_batch(run_cli) -> None:
+    code, out, err = run_cli("summary", ROOT / "specs" / "coat_lite_tiny.yaml", "--input", "3x448x448", "--batch", "2")
+    assert code == 0, err
+    assert "stage1.cpe" in out and "conv_pos_enc (shared)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert rows["stage1.blocks.1"][-3] == "2x12545x64"  # 1 + 112 * 112 tokens at batch 2
+    assert rows["stage1.patch_embed"][-1] == f"{2 * 112 * 112 * 64 * 3 * 4 * 4:,}"
+    assert rows["head"][-2:] == ["321,640", f"{2 * 320 * 1000:,}"]
+    assert out.splitlines()[-1].startswith("coat_lite_tiny: 5,721,960 parameters, ")
+    assert out.splitlines()[-1].endswith(" at 2x448x448, outputs: logits")
+
+
+def test_summary_never_allocates_weights(run_cli) -> None:
+    # 64 blocks of width 12288: ~116 G parameters, far past memory; the summary works on the meta device alone.
+    code, out, err = run_cli(
+        "summary", ROOT / "specs" / "vit_tiny_patch16_224.yaml", "--set", "dim=12288", "--set", "depth=64"
+    )
+    assert code == 0, err
+    d = 12288  # per block: qkv, proj, fc1, fc2 = 12 d^2 + 9 d; two norms 4 d; then patch embed, cls + pos, head
+    expected = 64 * (12 * d * d + 13 * d) + (16 * 16 * 3 * d + d) + (1 + 197) * d + (2 * d + 1000 * d + 1000)
+    assert f"vit_tiny_patch16_224: {expected:,} parameters" in out
+
+
+def test_build_emit_python_prints_the_generated_forward(run_cli) -> None:
+    code, out, err = run_cli("build", ROOT / "specs" / "coat_lite_tiny.yaml", "--emit-python")
+    assert code == 0, err
+    assert out == bg.create_model("coat_lite_tiny", device="meta").code
+    lines = out.splitlines()
+    assert lines[0] == "def forward(self, image):"
+    assert "    stage1_patch_embed = self.stage1.patch_embed(image)  # [B, (H//4)*(W//4), 64]" in lines
+    assert lines[-1] == "    return head"
+    compile(out, "<emitted>", "exec")  # valid Python
+    code, out, _ = run_cli("build", ROOT / "specs" / "coat_lite_tiny.yaml", "--emit-python", "--features-only")
+    assert out.splitlines()[-1] == "    return [stage1_to_map, stage2_to_map, stage3_to_map, stage4_to_map]"

@@ -43,6 +43,37 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
         raise
 
 
+def read(path: str | os.PathLike[str], *, device: Any = None) -> Any:
+    """The contents of a weights file (``torch.load`` with ``weights_only=True``), as a :class:`WeightsError` when it
+    cannot be read; a blockgraph checkpoint's embedded spec is checked against its sha256."""
+    path = os.fspath(path)
+    where = Pos(path)
+    try:
+        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise WeightsError(f"no such checkpoint: {path}", pos=where) from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
+        raise WeightsError(
+            f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            pos=where,
+            hint="the file is truncated, or not a checkpoint of tensors (write one with `blockgraph build --out`)",
+        ) from e
+    if is_checkpoint(payload):
+        spec = payload.get("spec")
+        if not isinstance(spec, str) or hashlib.sha256(spec.encode()).hexdigest() != payload.get("spec_sha256"):
+            raise WeightsError(
+                "the embedded spec does not match its sha256: the checkpoint was altered",
+                pos=where,
+                hint="rebuild the checkpoint from its spec",
+            )
+    return payload
+
+
+def is_checkpoint(payload: Any) -> bool:
+    """Whether ``payload`` (a loaded file) is a blockgraph checkpoint."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
 def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
     """Rebuild a model from a checkpoint written by :func:`save` (``blockgraph build --out``).
 
@@ -56,34 +87,18 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
 
     path = os.fspath(path)
     where = Pos(path)
-    try:
-        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsError(f"no such checkpoint: {path}", pos=where) from e
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-        raise WeightsError(
-            f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-            pos=where,
-            hint="the file is truncated or not a blockgraph checkpoint (write one with `blockgraph build --out`)",
-        ) from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    payload = read(path, device=device)
+    if not is_checkpoint(payload):
         raise WeightsError(
             f"{path} is not a blockgraph checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})",
             pos=where,
             hint=f"expected format {FORMAT!r}",
         )
-    spec = payload.get("spec")
-    if not isinstance(spec, str) or hashlib.sha256(spec.encode()).hexdigest() != payload.get("spec_sha256"):
-        raise WeightsError(
-            "the embedded spec does not match its sha256: the checkpoint was altered",
-            pos=where,
-            hint="rebuild the checkpoint from its spec",
-        )
     returns = payload.get("returns")
     try:
         model = build_model(
-            spec,
-            outputs=payload.get("outputs") if returns == "dict" else None,
+            payload["spec"],
+            outputs=payload.get("outputs") if returns in ("dict", "list") else None,
             features_only=returns == "list",
             device=device,
         )

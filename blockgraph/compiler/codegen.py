@@ -34,16 +34,27 @@ class Container(nn.Module):
 def select_outputs(
     inference: Inference, outputs: Sequence[str] | None, features_only: bool
 ) -> tuple[list[tuple[str, str, str | None]], str]:
-    """The outputs to compute as ``(name, node, port)``, and how forward returns them (tensor, list or dict)."""
+    """The outputs to compute as ``(name, node, port)``, and how forward returns them (tensor, list or dict).
+
+    ``features_only``: the feature maps named by ``outputs`` (all declared ones by default), returned as a list.
+    """
     graph = inference.graph
     if features_only:
-        chosen = [(k, o.node, o.port) for k, o in graph.features.items()]
-        if not chosen:
+        if not graph.features:
             raise BlockgraphError(
                 "features_only asked for, but the spec declares no `features:`",
                 pos=graph.pos(()),
                 hint="declare the feature maps under `features:` with their strides",
             )
+        names = list(outputs) if outputs else list(graph.features)
+        unknown = [n for n in names if n not in graph.features]
+        if unknown:
+            raise BlockgraphError(
+                f"unknown feature(s): {', '.join(unknown)}",
+                pos=graph.pos(()),
+                hint=f"declared: {', '.join(graph.features)}",
+            )
+        chosen = [(k, graph.features[k].node, graph.features[k].port) for k in names]
         return chosen, "list"
     table = {**graph.features, **graph.outputs}
     names = list(outputs) if outputs else (graph.spec.default_outputs or list(graph.outputs) or list(graph.features))

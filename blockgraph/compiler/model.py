@@ -26,18 +26,51 @@ def format_table(header: list[str], rows: list[list[str]], right: set[int] | Non
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+class FeatureInfo(list):
+    """The declared feature maps, timm style: a list of dicts (``name``, ``module``: the node that produces it,
+    ``num_chs``, ``reduction``: its stride, ``index``), one per feature the spec declares, and ``out_indices``, the
+    ones ``forward`` returns (all, unless the model was built with ``out_indices``).
+
+    ``channels()``, ``reduction()`` and ``module_name()`` give the values of the returned features, in order (or,
+    with ``idx``, of the features at those indices), like timm's ``FeatureInfo``.
+    """
+
+    def __init__(self, info: list[dict[str, Any]], out_indices: Any):
+        super().__init__(info)
+        self.out_indices: tuple[int, ...] = tuple(out_indices)
+
+    def get(self, key: str, idx: int | list[int] | tuple[int, ...] | None = None) -> Any:
+        """The value of ``key`` for each returned feature (``idx=None``), for the feature at ``idx``, or for each
+        feature at the indices in ``idx``."""
+        if idx is None:
+            return [self[i][key] for i in self.out_indices]
+        if isinstance(idx, list | tuple):
+            return [self[i][key] for i in idx]
+        return self[idx][key]
+
+    def channels(self, idx: int | list[int] | tuple[int, ...] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | list[int] | tuple[int, ...] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | list[int] | tuple[int, ...] | None = None) -> Any:
+        return self.get("module", idx)
+
+
 class BlockgraphModel(nn.Module):
     """Base of compiled models. Each compiled model gets its own subclass whose ``forward`` is generated code.
 
     Attributes:
         spec: the validated spec (:class:`~blockgraph.spec.schema.ModelBase`).
-        feature_info: one dict per feature output: ``name``, ``module`` (node), ``num_chs``, ``reduction``.
+        feature_info: one dict per declared feature map: ``name``, ``module`` (node), ``num_chs``, ``reduction``,
+            ``index``; a :class:`FeatureInfo` (``.channels()``, ``.reduction()``, ``.module_name()``, ``.out_indices``).
         code: the source of the generated ``forward``.
         outputs: the outputs ``forward`` returns, in order.
     """
 
     spec: ModelBase
-    feature_info: list[dict[str, Any]]
+    feature_info: FeatureInfo
     code: str
     outputs: list[str]
 
@@ -55,11 +88,16 @@ class BlockgraphModel(nn.Module):
         self.outputs = [name for name, _, _ in chosen]
         self.returns = returns
         self.nodes = [n for n in order if not graph.nodes[n].is_input]
-        self.feature_info = []
-        for key, out in graph.features.items():
+        info = []
+        for index, (key, out) in enumerate(graph.features.items()):
             t = inference.types[out.node]
             t = t[out.port] if out.port is not None else t
-            self.feature_info.append({"name": key, "module": out.node, "num_chs": t.channels, "reduction": t.stride()})
+            info.append(
+                {"name": key, "module": out.node, "num_chs": t.channels, "reduction": t.stride(), "index": index}
+            )
+        names = list(graph.features)
+        selected = [names.index(n) for n in self.outputs] if returns == "list" else range(len(names))
+        self.feature_info = FeatureInfo(info, selected)
         self._inference = inference
 
     @property
@@ -119,7 +157,7 @@ class BlockgraphModel(nn.Module):
 
         h, w = input_size or self.spec.input.size
         self._inference.check(h, w)
-        replica = compile_model(self._inference, outputs=self.outputs if self.returns == "dict" else None,
+        replica = compile_model(self._inference, outputs=self.outputs if self.returns != "tensor" else None,
                                 features_only=self.returns == "list", device="meta").eval()  # fmt: skip
         counter = FlopCounterMode(display=False, depth=None)
         with counter, torch.no_grad():

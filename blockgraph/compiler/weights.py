@@ -20,29 +20,26 @@ def rename_key(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
     return key
 
 
-def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Rename a twin's state_dict onto ``model``'s keys.
-
-    A twin may store one tensor under several keys (timm registers CoaT's shared CPE/CRPE under every block); such
-    aliases map to one key of ours and must hold equal tensors.
-
-    Raises:
-        WeightsError: the spec names no twin, aliases disagree, keys are missing or unexpected, or shapes differ.
-    """
+def _twin_rules(model: nn.Module) -> tuple[Any, list[tuple[re.Pattern[str], str]]]:
     spec = getattr(model, "spec", None)
     twin = getattr(spec, "twin", None)
     if twin is None:
         raise WeightsError(
             f"spec '{getattr(spec, 'name', '?')}' names no timm twin", hint="add `twin: {timm: ..., rename: [...]}`"
         )
-    rules = [(re.compile(p), r) for p, r in twin.rules()]
-    ours = model.state_dict()
+    return twin, [(re.compile(p), r) for p, r in twin.rules()]
+
+
+def _rename(
+    rules: list[tuple[re.Pattern[str], str]], state_dict: Mapping[str, Any], known: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Rename twin keys onto ``known`` keys: (mapped tensors, our key → twin key, twin keys that fit nothing)."""
     mapped: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
         target = rename_key(key, rules)
-        if target not in ours:
+        if target not in known:
             unexpected.append(f"{key} -> {target}" if target != key else key)
             continue
         if target in mapped:
@@ -54,14 +51,32 @@ def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
             continue
         mapped[target] = value
         source[target] = key
+    return mapped, source, unexpected
+
+
+def _listed(what: str, keys: list[str]) -> str:
+    return f"{len(keys)} {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+
+
+def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename a twin's state_dict onto ``model``'s keys.
+
+    A twin may store one tensor under several keys (timm registers CoaT's shared CPE/CRPE under every block); such
+    aliases map to one key of ours and must hold equal tensors.
+
+    Raises:
+        WeightsError: the spec names no twin, aliases disagree, keys are missing or unexpected, or shapes differ.
+    """
+    twin, rules = _twin_rules(model)
+    spec = model.spec
+    ours = model.state_dict()
+    mapped, source, unexpected = _rename(rules, state_dict, ours)
     missing = [k for k in ours if k not in mapped]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        problems.append(_listed("missing", missing))
     if unexpected:
-        problems.append(
-            f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
-        )
+        problems.append(_listed("unexpected", unexpected))
     if problems:
         raise WeightsError(
             f"the {twin.timm or 'twin'} state_dict does not fit '{spec.name}': " + "; ".join(problems),
@@ -81,3 +96,107 @@ def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.
     mapped = map_state_dict(model, state_dict)
     model.load_state_dict(mapped, strict=True)
     return model
+
+
+def _unwrap(payload: Any, path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The state_dict in a loaded file, and its layout: ``"blockgraph"`` (our checkpoint) or ``"state_dict"`` (a
+    plain state_dict, possibly under ``state_dict``/``model`` as training scripts save it, ``module.``-prefixed by
+    DDP)."""
+    from blockgraph.compiler.checkpoint import is_checkpoint
+
+    if is_checkpoint(payload):
+        return dict(payload["state_dict"]), "blockgraph"
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+    if not isinstance(payload, dict) or not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise WeightsError(
+            f"{path} holds no state_dict (a mapping of names to tensors)",
+            hint="pass a blockgraph checkpoint (`blockgraph build --out`) or a file written by "
+            "torch.save(model.state_dict(), path)",
+        )
+    if all(isinstance(k, str) and k.startswith("module.") for k in payload):
+        payload = {k[len("module.") :]: v for k, v in payload.items()}
+    return dict(payload), "state_dict"
+
+
+def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list[str]:
+    """Load a weights file into ``model``: a blockgraph checkpoint, a state_dict in our key layout, or the timm
+    twin's state_dict (renamed through ``twin.rename``).
+
+    ``reference`` is the same spec built on the meta device with its default number of classes and every output
+    and feature: the keys a complete checkpoint holds. Keys that ``model`` does not use (the classifier of a
+    ``features_only`` model) are dropped. A key whose shape depends on ``num_classes`` (its shape in ``model``
+    differs from ``reference``'s) and differs from the file's is *skipped*: it keeps its fresh initialization, as
+    timm does when ``num_classes`` differs from the pretrained head. Everything else must fit exactly.
+
+    Returns:
+        The skipped keys (a UserWarning names them too).
+
+    Raises:
+        WeightsError: the file cannot be read, or its tensors do not fit (missing, unexpected, shapes).
+    """
+    import warnings
+
+    from blockgraph.compiler.checkpoint import read
+
+    payload = read(path)
+    state_dict, layout = _unwrap(payload, path)
+    ours, full = model.state_dict(), reference.state_dict()
+    spec = model.spec
+    if layout == "blockgraph" or set(state_dict) <= set(full):
+        mapped, unexpected = (
+            {k: v for k, v in state_dict.items() if k in full},
+            [k for k in state_dict if k not in full],
+        )
+        source = {k: k for k in mapped}
+        what = "checkpoint" if layout == "blockgraph" else "state_dict"
+        if layout == "blockgraph":
+            import json
+
+            name = json.loads(payload["spec"]).get("name")
+            what = f"checkpoint of '{name}'"
+    else:
+        twin, rules = _twin_rules(model)
+        mapped, source, unexpected = _rename(rules, state_dict, full)
+        what = f"{twin.timm or 'twin'} state_dict"
+    head = {k for k in ours if k in full and tuple(full[k].shape) != tuple(ours[k].shape)}
+    missing = [k for k in ours if k not in mapped]
+    problems = []
+    if missing:
+        problems.append(_listed("missing", missing))
+    if unexpected:
+        problems.append(_listed("unexpected", unexpected))
+    if problems:
+        raise WeightsError(
+            f"the {what} in {path} does not fit '{spec.name}': " + "; ".join(problems),
+            hint="check that the file holds weights of this model (and variant); a timm twin's keys go through "
+            "the spec's `twin.rename` rules",
+        )
+    load: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for key, target in ours.items():
+        value = mapped[key]
+        if tuple(value.shape) == tuple(target.shape):
+            load[key] = value
+        elif key in head:
+            skipped.append(key)
+        else:
+            raise WeightsError(
+                f"the {what} in {path} does not fit '{spec.name}': '{source[key]}' has shape {list(value.shape)}, "
+                f"our '{key}' has {list(target.shape)}",
+                hint="the file holds another size of model (check the variant and its variables); if only the "
+                "classifier differs, pass num_classes=... (its weights then keep their fresh initialization)",
+            )
+    result = model.load_state_dict(load, strict=False)
+    assert sorted(result.missing_keys) == sorted(skipped) and not result.unexpected_keys, result
+    if skipped:
+        warnings.warn(
+            f"{spec.name}: {len(skipped)} tensor(s) of the classifier were not loaded from {path} (num_classes "
+            f"differs) and keep their fresh initialization: {', '.join(skipped)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return skipped

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator
 
-from blockgraph.errors import BlockgraphError, Pos, SpecError, raise_all
+from blockgraph.errors import BlockgraphError, PluginError, Pos, SpecError, raise_all
 from blockgraph.spec.expand import Expanded, SourceMap
 
 if TYPE_CHECKING:
@@ -143,9 +143,85 @@ def register(cls: type[BlockSpec]) -> type[BlockSpec]:
     return cls
 
 
+def unregister(op: str) -> None:
+    """Remove a block type (for tests and plugin reloading); unknown ops are ignored."""
+    if _REGISTRY.pop(op, None) is not None:
+        _CACHE.clear()
+
+
 def registry() -> dict[str, type[BlockSpec]]:
-    """The registered block types by op name (a copy)."""
+    """The registered block types by op name (a copy), plugins included (:func:`load_plugins`)."""
+    load_plugins()
     return dict(sorted(_REGISTRY.items()))
+
+
+ENTRY_POINT_GROUP = "blockgraph.blocks"
+"""The entry point group through which installed distributions add ops: each entry point names a module (whose
+import registers its blocks with :func:`register`) or a :class:`BlockSpec` subclass (registered on load)."""
+
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Load every entry point of the ``blockgraph.blocks`` group, once.
+
+    Called lazily: when a spec uses an op nobody registered, and when the registry is listed (``registry()``, the
+    JSON Schema, the docs). A spec of built-in ops never imports a plugin.
+
+    Raises:
+        PluginError: an entry point failed to import, or names neither a module nor a BlockSpec subclass, or its
+            block cannot be registered; the message names the entry point and its distribution.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    import types
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        dist = getattr(ep.dist, "name", None)
+        label = f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP}" + (
+            f", from {dist})" if dist else ")"
+        )
+        try:
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, BlockSpec):
+                register(obj)
+            elif not isinstance(obj, types.ModuleType):
+                raise TypeError(
+                    f"it names an object of type {type(obj).__name__}, not a module or a BlockSpec subclass"
+                )
+        except BlockgraphError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of third-party code becomes one clear error
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            raise PluginError(
+                f"the block plugin {label} failed to load: {type(e).__name__}: {first}",
+                hint=f"fix or uninstall {dist or 'the distribution that declares it'}; specs that use only "
+                "built-in ops do not load plugins",
+            ) from e
+    _plugins_loaded = True
+
+
+def _reset_plugins() -> None:
+    """Forget that plugins were loaded (tests install fake distributions)."""
+    global _plugins_loaded
+    _plugins_loaded = False
+
+
+def _unknown_ops(data: Any) -> bool:
+    """Whether plain spec data names an op that is not registered (anywhere: blocks, shared modules, merges)."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            op = node.get("op")
+            if isinstance(op, str) and op not in _REGISTRY:
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 # ------------------------------------------------------------------------------------------------- fixed spec models
@@ -155,7 +231,9 @@ class InputSpec(SpecModel):
     """A model input: an image batch ``[B, channels, H, W]``."""
 
     name: Name = "image"
+    """The input's name: the generated ``forward``'s argument, and a reference blocks can read (``from: image``)."""
     channels: PositiveInt = 3
+    """Channels of the image."""
     size: tuple[PositiveInt, PositiveInt] = (224, 224)
     """The default (H, W): what `build` reports shapes for, and what `validate` checks when given no size."""
 
@@ -173,7 +251,9 @@ class RenameRule(SpecModel):
     """One key-rename rule: ``from`` (a regular expression) → ``to`` (its replacement, ``\\1`` for groups)."""
 
     from_: str = Field(alias="from")
+    """A regular expression searched in each twin key."""
     to: str
+    """The replacement (``re.sub`` syntax: ``\\1`` for the first group), applied once."""
 
 
 class TwinSpec(SpecModel):
@@ -207,21 +287,27 @@ class StageBase(SpecModel):
     optionally, parallel ``paths`` at one scale and the ``merge`` block that joins them."""
 
     name: Name
+    """The stage's name: its blocks are named ``<stage>.<block>`` (``stage2.blocks.3``)."""
 
 
 class PathBase(SpecModel):
     """One of a stage's parallel paths: its own blocks and shared modules, reading the stage's blocks."""
 
     name: Name
+    """The path's name: its blocks are named ``<stage>.<path>.<block>``."""
 
 
 class ModelBase(SpecModel):
     """A whole model spec, after expansion."""
 
     name: Name
+    """The model's name (the compiled module's class is named after it)."""
     description: str = ""
+    """One line about the model, for people."""
     variant: str | None = None
+    """The variant (of ``variants:``) this spec builds; the caller's choice (``--variant``) wins."""
     input: InputSpec = InputSpec()
+    """The model input."""
     variables: dict[str, Any] = {}
     """The variables as resolved (kept for the record)."""
     outputs: dict[Name, OutputSpec | Ref] = {}
@@ -229,7 +315,10 @@ class ModelBase(SpecModel):
     features: dict[Name, OutputSpec] = {}
     """Named feature maps, with strides (``stage1: {from: stage1.to_map, stride: 4}``), for dense prediction."""
     twin: TwinSpec | None = None
+    """The model with the same weights, and how its state_dict keys map onto ours (for loading its weights)."""
     default_outputs: list[Name] | None = None
+    """Which of ``outputs`` (or ``features``) ``forward`` returns when the caller names none; default: every
+    output, or, with no outputs, every feature."""
 
     def output_specs(self) -> dict[str, OutputSpec]:
         """``outputs`` with the short form (a bare reference) expanded."""
@@ -276,8 +365,15 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
     return _CACHE["model"], _CACHE["stage"]
 
 
+def path_type() -> type[PathBase]:
+    """The PathSpec class for the blocks registered now (see :func:`model_types`)."""
+    model_types()
+    return _CACHE["path"]
+
+
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the spec language as written *after* expansion (for editors and docs)."""
+    """The JSON Schema of the spec language as written *after* expansion (plugins included)."""
+    load_plugins()
     model, _ = model_types()
     schema = model.model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -303,6 +399,8 @@ def parse(expanded: Expanded) -> ParsedSpec:
     Raises:
         SpecError: (or an MultiError of them) one per invalid value, each at its file:line:col.
     """
+    if _unknown_ops(expanded.data):
+        load_plugins()
     model_cls, _ = model_types()
     try:
         model = model_cls.model_validate(expanded.data)

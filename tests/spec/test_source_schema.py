@@ -1,0 +1,126 @@
+"""The editor schema (docs/blockgraph.schema.json): current, a valid draft-07 schema, accepting every reference spec
+as written (extends, variables, for/if, depth, ${...}) and rejecting unknown ops and keys."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+import blockgraph as bg
+from blockgraph.spec.schema import json_schema, registry
+from blockgraph.spec.source_schema import source_schema
+from tests.conftest import ROOT, SPECS
+
+CHECKED_IN = ROOT / "docs" / "blockgraph.schema.json"
+
+
+def _as_editor_sees_it(data: Any) -> Any:
+    """YAML as a YAML language server hands it to the schema: mapping keys are strings (``{3: 2}`` → ``{"3": 2}``)."""
+    if isinstance(data, dict):
+        return {str(k): _as_editor_sees_it(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_as_editor_sees_it(v) for v in data]
+    return data
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft7Validator:
+    schema = json.loads(CHECKED_IN.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_checked_in_schema_is_current() -> None:
+    current = json.dumps(source_schema(), indent=2, ensure_ascii=False) + "\n"
+    assert CHECKED_IN.read_text() == current, (
+        "docs/blockgraph.schema.json is stale: run `python cli.py schema --out docs/blockgraph.schema.json` "
+        "(or `make docs`)"
+    )
+
+
+def test_cli_schema_prints_the_same(run_cli) -> None:
+    code, out, _ = run_cli("schema")
+    assert code == 0 and out == CHECKED_IN.read_text()
+
+
+def test_readme_points_editors_at_it() -> None:
+    assert "# yaml-language-server: $schema=../docs/blockgraph.schema.json" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_reference_spec_as_written_validates(path, validator) -> None:
+    data = _as_editor_sees_it(yaml.safe_load(path.read_text()))
+    errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(data)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_expanded_spec_validates_against_the_expanded_schema(path) -> None:
+    data = json.loads(json.dumps(bg.analyze(path).expanded.data))  # JSON types: tuples → lists, int keys → str
+    assert list(jsonschema.Draft202012Validator(json_schema()).iter_errors(data)) == []
+
+
+BASE = """
+name: x
+variables: {dims: [8, 16]}
+stages:
+  - for: {i: [0, 1]}
+    name: stage${i + 1}
+    blocks:
+      - {name: conv, op: conv_bn, dim_out: "${dims[i]}", kernel: 3, stride: 2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "path", "message"),
+    [
+        (("op: conv_bn", "op: conv_bnn"), ["stages", 0, "blocks", 0], "is not valid under any of the given schemas"),
+        (("kernel: 3", "kernal: 3"), ["stages", 0, "blocks", 0], "is not valid under any of the given schemas"),
+        (("kernel: 3", "kernel: three"), ["stages", 0, "blocks", 0], "is not valid under any of the given schemas"),
+        (("variables:", "variabels:"), [], "Additional properties are not allowed ('variabels' was unexpected)"),
+        (("    name: stage", "    nme: stage"), ["stages", 0], "Additional properties are not allowed ('nme' was"),
+        (("- for: {i: [0, 1]}", "- for: [0, 1]"), ["stages", 0, "for"], "[0, 1] is not of type 'object'"),
+    ],
+)
+def test_schema_rejects(edit: tuple[str, str], path: list, message: str, validator) -> None:
+    good = _as_editor_sees_it(yaml.safe_load(BASE))
+    assert list(validator.iter_errors(good)) == []
+    assert bg.validate(BASE).name == "x"  # the base spec is valid for blockgraph too
+    bad = _as_editor_sees_it(yaml.safe_load(BASE.replace(*edit)))
+    errors = list(validator.iter_errors(bad))
+    assert errors and all(list(e.absolute_path) == path for e in errors)  # reported at the value that is wrong
+    assert any(message in e.message for e in errors)
+    with pytest.raises(bg.BlockgraphError):  # and blockgraph rejects it too
+        bg.validate(BASE.replace(*edit))
+
+
+def test_unknown_op_is_rejected_by_every_member_of_the_union(validator) -> None:
+    bad = _as_editor_sees_it(yaml.safe_load(BASE.replace("op: conv_bn", "op: conv_bnn")))
+    (error,) = validator.iter_errors(bad)
+    ops = list(registry())
+    ops_rejecting = {e.validator_value for e in error.context if e.validator == "const"}
+    assert sorted(ops_rejecting) == ops  # each op's schema says "'<its op>' was expected"
+    assert any(e.message == "'conv_bn' was expected" for e in error.context)
+
+
+def test_completion_data_is_there() -> None:
+    schema = json.loads(CHECKED_IN.read_text())
+    conv = schema["definitions"]["ConvBnSpec"]
+    assert conv["properties"]["op"] == {"const": "conv_bn", "title": "Op", "type": "string"}
+    assert conv["required"] == ["op", "dim_out"]
+    stride = conv["properties"]["stride"]  # an integer > 0, an expression, or null (delete an inherited key)
+    assert stride == {
+        "title": "Stride",
+        "default": 1,
+        "exclusiveMinimum": 0,
+        "type": ["integer", "string", "null"],
+        "pattern": r"\$\{",
+    }
+    crpe = schema["definitions"]["ConvRelPosEncSpec"]["properties"]["windows"]
+    assert crpe["description"].startswith("Kernel size → heads")
+    assert {"extends", "variants", "variables", "stages"} <= set(schema["properties"])
+    assert set(schema["definitions"]["StageSpec"]["properties"]) >= {"for", "if", "name", "blocks", "paths", "merge"}
