@@ -35,6 +35,7 @@ class ConvPosEncSpec(BlockSpec):
 
     op: Literal["conv_pos_enc"]
     dim: PositiveInt
+    """Channels of the tokens."""
     kernel: PositiveInt = 3
     """Depthwise kernel size (odd, 'same' padding)."""
     needs_size = True
@@ -84,6 +85,7 @@ class ConvRelPosEncSpec(BlockSpec):
     dim: PositiveInt
     """Channels (heads x head_dim)."""
     heads: PositiveInt
+    """Attention heads of the blocks that use it: `dim` splits into `heads` groups."""
     windows: dict[PositiveInt, PositiveInt]
     """Kernel size → heads using it; kernel sizes odd, head counts summing to ``heads``."""
 
@@ -158,9 +160,13 @@ class FactorAttnCrpeSpec(BlockSpec):
 
     op: Literal["factor_attn_crpe"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     heads: PositiveInt = 8
+    """Attention heads; they must divide `dim`."""
     qkv_bias: bool = True
+    """Bias on the q, k, v projection."""
     proj_drop: Rate = 0.0
+    """Dropout after the output projection and in the MLP (training only)."""
     crpe: CrpeRef
     """The shared ``conv_rel_pos_enc`` module."""
     needs_size = True
@@ -220,13 +226,21 @@ class SerialBlockSpec(BlockSpec):
 
     op: Literal["serial_block"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     heads: PositiveInt = 8
+    """Attention heads; they must divide `dim`."""
     mlp_ratio: PositiveFloat = 4.0
+    """MLP hidden width = int(dim * mlp_ratio)."""
     qkv_bias: bool = True
+    """Bias on the q, k, v projection."""
     drop_path: Rate = 0.0
+    """Stochastic-depth rate of the residual branches (0: off)."""
     proj_drop: Rate = 0.0
+    """Dropout after the output projection and in the MLP (training only)."""
     norm_eps: PositiveFloat = 1e-6
+    """LayerNorm epsilon."""
     act: Activation = "gelu"
+    """Activation function."""
     cpe: CpeRef
     """The stage's shared ``conv_pos_enc``."""
     crpe: CrpeRef
@@ -287,13 +301,19 @@ class CoatParallelBlockSpec(BlockSpec):
     dim: PositiveInt
     """Channels of every scale (the scales share one MLP and add into each other)."""
     heads: PositiveInt = 8
+    """Attention heads; they must divide `dim`."""
     mlp_ratios: PositiveFloat | list[PositiveFloat] = 4.0
     """One ratio, or one per scale; the shared MLP needs them to give one hidden size."""
     qkv_bias: bool = True
+    """Bias on the q, k, v projection."""
     drop_path: Rate = 0.0
+    """Stochastic-depth rate of the residual branches (0: off)."""
     proj_drop: Rate = 0.0
+    """Dropout after the output projection and in the MLP (training only)."""
     norm_eps: PositiveFloat = 1e-6
+    """LayerNorm epsilon."""
     act: Activation = "gelu"
+    """Activation function."""
     cpes: CpeRefs
     """The shared ``conv_pos_enc`` of each scale, in input order."""
     crpes: CrpeRefs
@@ -301,6 +321,8 @@ class CoatParallelBlockSpec(BlockSpec):
     ports: list[Name] = ["x2", "x3", "x4"]
     """Names of the scales: the outputs (``from: parallel.x3``) and the module names (``norm1.x3``)."""
     resize: Literal["scale", "size"] = "scale"
+    """`scale`: timm's scale-factor resizing (the grids must be exact multiples of each other); `size`: resize to
+    the target grid (any input size), as the official code."""
     arity = None
     needs_size = True
 
@@ -459,10 +481,15 @@ class AggregateHeadSpec(BlockSpec):
 
     op: Literal["aggregate_head"]
     dim: PositiveInt
+    """Channels of every scale's tokens."""
     num_classes: NonNegativeInt
+    """Classes; 0 gives the pooled features (no classifier)."""
     pool: Literal["token", "avg"] = "token"
+    """`token`: each scale's cls token; `avg`: the mean of each scale's image tokens."""
     norm_eps: PositiveFloat = 1e-6
+    """LayerNorm epsilon."""
     drop: Rate = 0.0
+    """Dropout before the classifier (training only)."""
     arity = None
 
     def infer(self, ctx: InferContext, *xs: TensorType) -> TensorType:

@@ -32,8 +32,11 @@ class Conv2dFields(BlockSpec):
     """The fields of a square 2-d convolution, shared by conv-then-norm blocks (not an op itself)."""
 
     dim_out: PositiveInt
+    """Output channels."""
     kernel: PositiveInt = 1
+    """Square kernel size."""
     stride: PositiveInt = 1
+    """Stride of the convolution (the map shrinks by about this factor)."""
     padding: NonNegativeInt | None = None
     """Default: ``(kernel - 1) // 2``."""
 
@@ -52,9 +55,14 @@ class ConvBnSpec(Conv2dFields):
 
     op: Literal["conv_bn"]
     groups: PositiveInt = 1
+    """Convolution groups; they must divide the input and output channels (= channels: depthwise)."""
     act: ConvAct = "identity"
+    """Activation function."""
     bn_eps: PositiveFloat = 1e-5
+    """BatchNorm epsilon."""
     init: ConvInit = "fan_out"
+    """Weight init: `fan_out` is normal(0, sqrt(2 / (k*k*out))) as MPViT's Conv2d_BN, `fan_out_groups` the same over
+    out / groups, `default` PyTorch's."""
 
     batch_norm = True
 
@@ -99,9 +107,14 @@ class ConcatConvBnSpec(BlockSpec):
 
     op: Literal["concat_conv_bn"]
     dim_out: PositiveInt
+    """Output channels."""
     act: ConvAct = "hardswish"
+    """Activation function."""
     bn_eps: PositiveFloat = 1e-5
+    """BatchNorm epsilon."""
     init: ConvInit = "fan_out"
+    """Weight init: `fan_out` is normal(0, sqrt(2 / (k*k*out))) as MPViT's Conv2d_BN, `fan_out_groups` the same over
+    out / groups, `default` PyTorch's."""
     arity = None
 
     batch_norm = True

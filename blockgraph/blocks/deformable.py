@@ -32,6 +32,7 @@ class ConvGnSpec(Conv2dFields):
     groups: PositiveInt = 32
     """GroupNorm groups."""
     eps: PositiveFloat = 1e-5
+    """GroupNorm epsilon."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.divides(self.dim_out, self.groups, field="groups", what="GroupNorm group", of="dim_out")
@@ -192,14 +193,23 @@ class DeformableEncoderSpec(BlockSpec):
 
     op: Literal["deformable_encoder"]
     dim: PositiveInt = 256
+    """Model width (d_model) of every level and of the memory."""
     levels: PositiveInt = 4
+    """Feature levels (inputs) the attention samples from."""
     heads: PositiveInt = 8
+    """Attention heads; they must divide `dim`."""
     points: PositiveInt = 4
+    """Sampling points per head and level."""
     layers: PositiveInt = 6
+    """Encoder layers."""
     ffn: PositiveInt = 2048
+    """Hidden width of each layer's feed-forward network."""
     dropout: Rate = 0.0
+    """Dropout after the attention and in the feed-forward network (training only)."""
     act: Literal["relu", "gelu"] = "relu"
+    """Activation of the feed-forward network."""
     norm_eps: PositiveFloat = 1e-5
+    """LayerNorm epsilon (post-norm)."""
     pos_temperature: tuple[PositiveFloat, PositiveFloat] = (20.0, 20.0)
     """(y, x) temperatures of the sine embedding: DINO (20, 20); Deformable-DETR (10000, 10000)."""
     pos_offset: float = 0.0

@@ -27,8 +27,11 @@ class ClsHeadSpec(BlockSpec):
     pool: Literal["token", "avg"] = "token"
     """``token``: the first (cls) token; ``avg``: the mean of the tokens after the extra ones."""
     norm: bool = True
+    """A LayerNorm over the tokens before pooling."""
     norm_eps: PositiveFloat = 1e-6
+    """LayerNorm epsilon."""
     drop: Rate = 0.0
+    """Dropout before the classifier (training only)."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
@@ -71,8 +74,11 @@ class AvgPoolHeadSpec(BlockSpec):
 
     op: Literal["avg_pool_head"]
     dim: PositiveInt
+    """Channels of the map."""
     num_classes: NonNegativeInt
+    """Classes; 0 gives the pooled features (no classifier)."""
     drop: Rate = 0.0
+    """Dropout before the classifier (training only)."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)

@@ -28,7 +28,9 @@ class MlpSpec(BlockSpec):
     dim_out: PositiveInt | None = None
     """Output channels (default: dim)."""
     act: Activation = "gelu"
+    """Activation function."""
     drop: Rate = 0.0
+    """Dropout after each layer (training only)."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout=("tokens", "vector"), channels=self.dim)

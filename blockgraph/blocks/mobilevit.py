@@ -32,10 +32,15 @@ class Mv2BlockSpec(BlockSpec):
 
     op: Literal["mv2_block"]
     dim_out: PositiveInt
+    """Output channels."""
     stride: Literal[1, 2] = 1
+    """1 or 2 (the depthwise conv's); the residual is used only at stride 1 with equal widths."""
     expansion: PositiveFloat = 4.0
+    """Hidden width = make_divisible(input channels x expansion, 8)."""
     act: ConvAct = "silu"
+    """Activation function."""
     drop_path: Rate = 0.0
+    """Stochastic-depth rate of the residual branches (0: off)."""
 
     batch_norm = True
 
@@ -80,15 +85,23 @@ class MobileVitBlockSpec(BlockSpec):
 
     op: Literal["mobilevit_block"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     transformer_dim: PositiveInt
+    """Width of the transformer that runs on the unfolded patches."""
     layers: PositiveInt = 2
     """Transformer layers (``depth`` would repeat the whole block)."""
     heads: PositiveInt = 4
+    """Attention heads; they must divide `transformer_dim`."""
     patch: PositiveInt = 2
+    """Unfold patch size: the map must be a multiple of it on both sides."""
     mlp_ratio: PositiveFloat = 2.0
+    """Transformer MLP hidden width = int(transformer_dim * mlp_ratio)."""
     act: ConvAct = "silu"
+    """Activation function."""
     norm_eps: PositiveFloat = 1e-5
+    """LayerNorm epsilon."""
     drop_path: Rate = 0.0
+    """Stochastic-depth rate of the residual branches (0: off)."""
     needs_size = False
 
     batch_norm = True

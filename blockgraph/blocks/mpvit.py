@@ -26,11 +26,15 @@ class MultiScalePatchEmbedSpec(BlockSpec):
     dim: PositiveInt
     """Channels in and out."""
     paths: PositiveInt
+    """Number of chained embeddings; their outputs are ports p0, p1, ..."""
     stride: PositiveInt = 1
     """Stride of the first path's embedding (the others keep the size)."""
     kernel: PositiveInt = 3
+    """Depthwise kernel of every path's embedding."""
     act: ConvAct = "hardswish"
+    """Activation function."""
     bn_eps: PositiveFloat = 1e-5
+    """BatchNorm epsilon."""
 
     batch_norm = True
 
@@ -103,9 +107,13 @@ class InvResBlockSpec(BlockSpec):
 
     op: Literal["inv_res_block"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     expansion: PositiveFloat = 1.0
+    """Hidden width = int(dim x expansion)."""
     act: ConvAct = "hardswish"
+    """Activation function."""
     bn_eps: PositiveFloat = 1e-5
+    """BatchNorm epsilon."""
 
     batch_norm = True
 

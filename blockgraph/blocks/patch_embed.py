@@ -27,7 +27,9 @@ class ConvPatchEmbedSpec(BlockSpec):
     norm: bool = True
     """LayerNorm over the channels after flattening."""
     norm_eps: PositiveFloat = 1e-5
+    """LayerNorm epsilon."""
     bias: bool = True
+    """Bias on the projection conv."""
     flatten: bool = True
     """Output tokens ``[B, N, dim]``; with ``false``, the map ``[B, dim, H/p, W/p]`` (no norm allowed)."""
 

@@ -31,16 +31,27 @@ class SwinBlockSpec(BlockSpec):
 
     op: Literal["swin_block"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     heads: PositiveInt
+    """Attention heads; they must divide `dim`."""
     window: PositiveInt = 7
+    """Window size in tokens per side: the map must be a multiple of it."""
     shift: NonNegativeInt = 0
+    """Cyclic shift of the windows (0, or window // 2 on alternate blocks); a map of one window is not shifted."""
     mlp_ratio: PositiveFloat = 4.0
+    """MLP hidden width = int(dim * mlp_ratio)."""
     qkv_bias: bool = True
+    """Bias on the q, k, v projection."""
     drop_path: Rate = 0.0
+    """Stochastic-depth rate of the residual branches (0: off)."""
     proj_drop: Rate = 0.0
+    """Dropout after the output projection and in the MLP (training only)."""
     attn_drop: Rate = 0.0
+    """Dropout on the attention weights (training only)."""
     norm_eps: PositiveFloat = 1e-5
+    """LayerNorm epsilon."""
     act: Activation = "gelu"
+    """Activation function."""
     needs_size = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
@@ -197,9 +208,11 @@ class PatchMergingSpec(BlockSpec):
 
     op: Literal["patch_merging"]
     dim: PositiveInt
+    """Channels of the input tokens (the output has `dim_out`, default 2 x dim)."""
     dim_out: PositiveInt | None = None
     """Default: 2 * dim."""
     norm_eps: PositiveFloat = 1e-5
+    """LayerNorm epsilon."""
     needs_size = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:

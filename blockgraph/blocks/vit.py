@@ -30,11 +30,13 @@ class PosEmbedSpec(BlockSpec):
 
     op: Literal["pos_embed"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     grid: tuple[PositiveInt, PositiveInt]
     """The token grid (h, w) the embedding was made for (14 x 14 for a 224 input with patch 16)."""
     resample: Literal[False, "bilinear", "bicubic"] = False
     """``false``: only the spec's grid is accepted; otherwise interpolate the embedding to other grids."""
     init_std: PositiveFloat = 0.02
+    """Init: trunc_normal(std)."""
     needs_size = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
@@ -93,14 +95,23 @@ class VitBlockSpec(BlockSpec):
 
     op: Literal["vit_block"]
     dim: PositiveInt
+    """Channels of the input (and of the output)."""
     heads: PositiveInt
+    """Attention heads; they must divide `dim`."""
     mlp_ratio: PositiveFloat = 4.0
+    """MLP hidden width = int(dim * mlp_ratio)."""
     qkv_bias: bool = True
+    """Bias on the q, k, v projection."""
     drop_path: Rate = 0.0
+    """Stochastic-depth rate of the residual branches (0: off)."""
     proj_drop: Rate = 0.0
+    """Dropout after the output projection and in the MLP (training only)."""
     attn_drop: Rate = 0.0
+    """Dropout on the attention weights (training only)."""
     norm_eps: PositiveFloat = 1e-6
+    """LayerNorm epsilon."""
     act: Activation = "gelu"
+    """Activation function."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
@@ -171,10 +182,15 @@ class DistilledHeadSpec(BlockSpec):
 
     op: Literal["distilled_head"]
     dim: PositiveInt
+    """Channels of the tokens."""
     num_classes: NonNegativeInt
+    """Classes; 0 gives the pooled features (no classifier)."""
     norm_eps: PositiveFloat = 1e-6
+    """LayerNorm epsilon."""
     drop: Rate = 0.0
+    """Dropout before the classifier (training only)."""
     train_both: bool = True
+    """In training, return (cls logits, dist logits) for the distillation loss; in eval, their average."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)

@@ -115,6 +115,7 @@ def test_completion_data_is_there() -> None:
     stride = conv["properties"]["stride"]  # an integer > 0, an expression, or null (delete an inherited key)
     assert stride == {
         "title": "Stride",
+        "description": "Stride of the convolution (the map shrinks by about this factor).",
         "default": 1,
         "exclusiveMinimum": 0,
         "type": ["integer", "string", "null"],
