@@ -1,4 +1,4 @@
-"""The command line: ``blockgraph validate|build|schema|list``.
+"""The command line: ``blockgraph validate|build|export|schema|list``.
 
 Exit status: 0 success; 2 the spec or input is invalid (each error on stderr as ``FILE:LINE:COL: error: MESSAGE``
 then ``hint: ...``); 3 an internal error (a bug in blockgraph: one line, please report). ``validate``, ``schema``
@@ -138,6 +138,28 @@ def _build_json(model: Any, report: Any) -> dict[str, Any]:
     }
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from blockgraph.api import build_model, validate
+    from blockgraph.compiler.export import export_onnx
+
+    size = _input_size(args.input) if args.input else None
+    overrides = _overrides(args.set)
+    report = validate(args.spec, input_size=size, variant=args.variant, overrides=overrides)
+    _, h, w = report.input
+    model = build_model(args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only)
+    if args.weights:
+        from blockgraph.compiler.checkpoint import load_weights
+
+        load_weights(model, args.weights)
+    result = export_onnx(
+        model, args.onnx, input_size=(h, w), batch=args.batch, dynamic_size=args.dynamic_size, opset=args.opset
+    )
+    print(json.dumps(asdict(result), indent=2) if args.json else result.format())
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.spec.schema import json_schema
@@ -183,6 +205,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
     b.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate")
     b.set_defaults(func=cmd_build)
+    e = sub.add_parser("export", help="export the model to ONNX (torch.onnx, dynamo exporter)")
+    spec_args(e)
+    e.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write (atomically)")
+    e.add_argument("--batch", type=int, default=None, help="a fixed batch size (default: a dynamic batch axis)")
+    e.add_argument("--dynamic-size", action="store_true", help="H and W dynamic too (over the accepted sizes)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 or newer (default: the exporter's)")
+    e.add_argument("--weights", metavar="CKPT", help="load the weights of a checkpoint written by build --out")
+    e.add_argument("--features-only", action="store_true", help="export the feature maps")
+    e.set_defaults(func=cmd_export)
     s = sub.add_parser("schema", help="print the JSON Schema of the spec language")
     s.set_defaults(func=cmd_schema)
     ls = sub.add_parser("list", help="list reference models (or ops)")

@@ -55,6 +55,35 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
     from blockgraph.api import build_model
 
     path = os.fspath(path)
+    payload = _read(path, device)
+    returns = payload.get("returns")
+    try:
+        model = build_model(
+            payload["spec"],
+            outputs=payload.get("outputs") if returns == "dict" else None,
+            features_only=returns == "list",
+            device=device,
+        )
+    except BlockgraphError as e:
+        raise WeightsError(f"the embedded spec does not build: {e.message}", pos=Pos(path), hint=e.hint) from e
+    _load_state_dict(model, payload, path, "the embedded spec")
+    return model
+
+
+def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
+    """Load the weights of a checkpoint written by :func:`save` into ``model``, strictly (every key, every shape).
+
+    Raises:
+        WeightsError: the file is not a valid checkpoint, or its weights do not fit ``model``.
+    """
+    path = os.fspath(path)
+    device = next((p.device for p in model.parameters()), None)
+    _load_state_dict(model, _read(path, device), path, f"'{model.spec.name}'")
+    return model
+
+
+def _read(path: str, device: Any) -> dict[str, Any]:
+    """The checkpoint's payload, after checking its format and the embedded spec's hash."""
     where = Pos(path)
     try:
         payload = torch.load(path, map_location=device or "cpu", weights_only=True)
@@ -79,20 +108,11 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
             pos=where,
             hint="rebuild the checkpoint from its spec",
         )
-    returns = payload.get("returns")
-    try:
-        model = build_model(
-            spec,
-            outputs=payload.get("outputs") if returns == "dict" else None,
-            features_only=returns == "list",
-            device=device,
-        )
-    except BlockgraphError as e:
-        raise WeightsError(f"the embedded spec does not build: {e.message}", pos=where, hint=e.hint) from e
+    return payload
+
+
+def _load_state_dict(model: Any, payload: dict[str, Any], path: str, what: str) -> None:
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, KeyError) as e:
-        raise WeightsError(
-            f"the weights do not fit the embedded spec: {str(e).splitlines()[0][:300]}", pos=where
-        ) from e
-    return model
+        raise WeightsError(f"the weights do not fit {what}: {str(e).splitlines()[0][:300]}", pos=Pos(path)) from e
