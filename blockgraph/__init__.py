@@ -13,11 +13,21 @@ from blockgraph.api import (
     load_timm_state_dict,
     validate,
 )
-from blockgraph.errors import BlockgraphError, BudgetError, GraphError, MultiError, ShapeError, SpecError, WeightsError
+from blockgraph.errors import (
+    BlockgraphError,
+    BudgetError,
+    ExportError,
+    GraphError,
+    MultiError,
+    ShapeError,
+    SpecError,
+    WeightsError,
+)
 
 __all__ = [
     "BlockgraphError",
     "BudgetError",
+    "ExportError",
     "GraphError",
     "MultiError",
     "ShapeError",

@@ -103,6 +103,20 @@ def test_dynamic_size_needs_an_open_range(tmp_path: Path) -> None:
     assert "224 <= H <= 239" in info.value.message and os.listdir(tmp_path) == []
 
 
+def test_an_axis_the_exporter_fixed_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.onnx falls back to other capture strategies when torch.export refuses a dynamic dim, and the graph it
+    returns may be static (the deformable encoder with --dynamic-size): that is reported, not written."""
+
+    class Static:  # what the exporter returned: an input fixed at the traced size
+        model = type("M", (), {"graph": type("G", (), {"inputs": [type("V", (), {"shape": [2, 3, 40, 48]})]})})
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: Static())
+    model = bg.build_model(TINY, overrides={"depths": [1, 1, 1, 1]}, device="meta")
+    with pytest.raises(bg.BlockgraphError, match="could not keep batch and H and W of 'coat_lite_tiny' dynamic"):
+        export_onnx(model, tmp_path / "x.onnx", input_size=(40, 48), dynamic_size=True)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The CLI
 
