@@ -133,9 +133,9 @@ def input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int]:
 
 def build(args: argparse.Namespace, device: Any = None) -> nn.Module:
     """The model, identical on every rank (seeded), in the chosen dtype."""
-    import yaml
+    from blockgraph.cli import _overrides  # --set NAME=VALUE, parsed as the CLI parses it
 
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = _overrides(args.set)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     return bg.build_model(args.spec, variant=args.variant, overrides=overrides, device=device, dtype=dtype)
@@ -200,6 +200,7 @@ def train(args: argparse.Namespace, on_step: StepHook | None = None) -> nn.Modul
     model = build(args, device)
     dtype = next(model.parameters()).dtype
     size = input_size(args, model)
+    model.inference.check(*size)  # a size the spec does not accept: its error, pointing into the spec
     if args.data:
         data = TensorFile(args.data, dtype)
     else:
