@@ -15,7 +15,7 @@ TORCH_VERSION       := 2.13.0
 TORCHVISION_VERSION := 0.28.0
 TIMM_VERSION        := 1.0.31
 
-LINT_PATHS  := blockgraph tests cli.py bench
+LINT_PATHS  := blockgraph tests cli.py bench examples
 
 .DEFAULT_GOAL := demo
 .PHONY: demo test lint format venv clean docs

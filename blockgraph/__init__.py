@@ -16,6 +16,7 @@ from blockgraph.api import (
 from blockgraph.errors import (
     BlockgraphError,
     BudgetError,
+    ExportError,
     GraphError,
     MultiError,
     PluginError,
@@ -29,6 +30,7 @@ __all__ = [
     "BlockSpec",
     "BlockgraphError",
     "BudgetError",
+    "ExportError",
     "GraphError",
     "MultiError",
     "PluginError",

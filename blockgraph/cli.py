@@ -1,4 +1,4 @@
-"""The command line: ``blockgraph validate|build|summary|graph|schema|docs|list``.
+"""The command line: ``blockgraph validate|build|summary|graph|export|schema|docs|list``.
 
 Exit status: 0 success; 2 the spec or input is invalid (each error on stderr as ``FILE:LINE:COL: error: MESSAGE``
 then ``hint: ...``); 3 an internal error (a bug in blockgraph: one line, please report). ``validate``, ``schema``
@@ -61,7 +61,7 @@ def _validate(args: argparse.Namespace) -> Any:
         overrides=_overrides(args.set),
         max_params=args.max_params,
         max_activation_bytes=args.max_activation_bytes,
-        batch=args.batch,
+        batch=args.batch or 1,
     )
 
 
@@ -209,6 +209,27 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from blockgraph.api import build_model
+    from blockgraph.compiler.export import export_onnx
+
+    report = _validate(args)
+    _, h, w = report.input
+    overrides = _overrides(args.set)
+    model = build_model(args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only)
+    if args.weights:
+        from blockgraph.compiler.checkpoint import load_weights
+
+        load_weights(model, args.weights)
+    result = export_onnx(
+        model, args.onnx, input_size=(h, w), batch=args.batch, dynamic_size=args.dynamic_size, opset=args.opset
+    )
+    print(json.dumps(asdict(result), indent=2) if args.json else result.format())
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.spec.schema import json_schema
@@ -285,6 +306,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
     g.add_argument("--out", help="write to this file (atomically) instead of stdout")
     g.set_defaults(func=cmd_graph)
+    e = sub.add_parser("export", help="export the model to ONNX (torch.onnx, dynamo exporter)")
+    spec_args(e)
+    e.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write (atomically)")
+    e.add_argument("--dynamic-size", action="store_true", help="H and W dynamic too (over the accepted sizes)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 or newer (default: the exporter's)")
+    e.add_argument("--weights", metavar="CKPT", help="load the weights of a checkpoint written by build --out")
+    e.add_argument("--features-only", action="store_true", help="export the feature maps")
+    e.set_defaults(func=cmd_export, batch=None)  # --batch N fixes the batch; without it, a dynamic batch axis
     s = sub.add_parser("schema", help="print the JSON Schema of spec files, for editors (no torch)")
     s.add_argument(
         "--expanded", action="store_true", help="the schema of a spec after expansion (what pydantic checks)"

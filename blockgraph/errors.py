@@ -126,6 +126,10 @@ class BudgetError(BlockgraphError):
     """The model would exceed a resource budget (parameters, activation memory)."""
 
 
+class ExportError(BlockgraphError):
+    """The model cannot be exported (the exporter failed, or the output cannot be written)."""
+
+
 class WeightsError(BlockgraphError):
     """A state_dict or checkpoint does not fit the model."""
 

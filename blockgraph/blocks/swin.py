@@ -153,8 +153,12 @@ class WindowAttention(Module):
         bias = self.attention_bias(mask, key)
         if bias.shape[0] > 1:  # one mask per window: repeat it for every image of the batch
             bias = bias.expand(Bw // bias.shape[0], -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
-        drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            # torch.export decomposes masked SDPA into a layout its own reshape then fails to view: plain math
+            x = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+        else:
+            drop = self.attn_drop if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
         x = x.transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
         return self.proj_drop(self.proj(x))
 

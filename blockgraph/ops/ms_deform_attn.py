@@ -7,7 +7,7 @@ attention-weighted sum of the samples::
 
     out[n, q, m*D + d] = sum_{l, p} A[n, q, m, l, p] * bilinear(value[n, level l, m, d], loc[n, q, m, l, p])
 
-Three implementations share that contract:
+Four implementations share that contract:
 
 - :func:`ms_deform_attn_reference`: the upstream ``ms_deform_attn_core_pytorch`` (four-corner ``F.grid_sample`` per
   level, stack, multiply, sum), kept as the oracle. It materializes ``[N*M, D, Lq, L*P]`` several times over.
@@ -18,6 +18,11 @@ Three implementations share that contract:
 - ``"torch"``: the same gather in pure PyTorch: ``F.embedding_bag`` over ``value`` viewed as a table of ``N*S*M``
   rows of D channels, one bag of L*P (row, corner weight) pairs per (n, q, m) and corner, chunked over queries to
   bound memory. Used when the C++ kernel cannot be built, off the CPU (meta), or on request.
+- ``"gather"``: the same bilinear sampling written with plain tensor ops only (index arithmetic, one
+  ``index_select`` per corner, a batched matmul with the weights; no loop over chunks, no custom op, no
+  ``grid_sample``), so that exporters (``torch.onnx.export``, ``torch.export``) see an ordinary graph: ONNX gets
+  Gather/MatMul nodes any runtime runs. ``"auto"`` picks it while exporting. Differentiable by autograd (any order),
+  but it materializes ``[N*M*Lq*L*P, D]`` per corner: for export and inference, not training.
 
 Both fast paths have their own backward (gradients w.r.t. value, sampling locations and attention weights; first
 order only). The backward recomputes the corner geometry from the locations (a few cheap elementwise ops) rather
@@ -52,7 +57,7 @@ from torch.autograd.function import once_differentiable
 from blockgraph.errors import ShapeError
 from blockgraph.ops import _msda_cpp
 
-Backend = Literal["auto", "cpp", "torch", "reference"]
+Backend = Literal["auto", "cpp", "torch", "gather", "reference"]
 
 CHUNK_SAMPLES = 1 << 17
 """Samples (n, q, m, l, p) the pure path handles at once: bounds its scratch memory to a few tens of MB."""
@@ -78,8 +83,9 @@ def ms_deform_attn(
         sampling_locations: ``[N, Lq, M, L, P, 2]``, normalized (x, y); (0, 0) is the top-left corner of the map,
             (1, 1) the bottom-right. Values outside [0, 1] are allowed (zero padding).
         attention_weights: ``[N, Lq, M, L, P]``.
-        backend: ``"auto"`` (the C++ kernel when it builds and the tensors are on the CPU, else ``"torch"``),
-            ``"cpp"``, ``"torch"`` (pure-PyTorch gather), or ``"reference"`` (:func:`ms_deform_attn_reference`).
+        backend: ``"auto"`` (``"gather"`` while exporting; else the C++ kernel when it builds and the tensors are
+            on the CPU, else ``"torch"``), ``"cpp"``, ``"torch"`` (pure-PyTorch fused gather), ``"gather"``
+            (plain tensor ops, for export), or ``"reference"`` (:func:`ms_deform_attn_reference`).
 
     Returns:
         ``[N, Lq, M*D]``, channel ``m*D + d``. Differentiable in value, sampling_locations and attention_weights.
@@ -91,6 +97,8 @@ def ms_deform_attn(
     chosen = _resolve(backend, value)
     if chosen == "reference":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if chosen == "gather":
+        return _plain_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if chosen == "cpp":
         return torch.ops.blockgraph_msda.forward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
@@ -98,14 +106,23 @@ def ms_deform_attn(
     return _Gather.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-def ms_deform_attn_backend(value: Tensor | None = None) -> Literal["cpp", "torch"]:
+def ms_deform_attn_backend(value: Tensor | None = None) -> Literal["cpp", "torch", "gather"]:
     """The implementation ``backend="auto"`` runs (for ``value``'s device and dtype, when given).
 
-    Builds the C++ kernel on the first call unless ``BLOCKGRAPH_NO_CPP=1``.
+    ``"gather"`` while a graph is being exported (``torch.onnx.export``, ``torch.export``). Builds the C++ kernel on
+    the first call unless ``BLOCKGRAPH_NO_CPP=1``.
     """
+    if exporting():
+        return "gather"
     if value is not None and (value.device.type != "cpu" or value.dtype not in (torch.float32, torch.float64)):
         return "torch"
     return "cpp" if _cpp_available() else "torch"
+
+
+def exporting() -> bool:
+    """Whether torch is tracing a graph for export (ONNX, either exporter; ``torch.export``): custom ops and
+    autograd Functions would not survive there."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 @torch.compiler.assume_constant_result
@@ -179,7 +196,7 @@ def _check(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Ten
         )
 
 
-def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "torch", "reference"]:
+def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "torch", "gather", "reference"]:
     if backend == "auto":
         return ms_deform_attn_backend(value)
     if backend == "cpp":
@@ -195,9 +212,11 @@ def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "torch", "refere
                 hint='use backend="torch" or "auto"',
             )
         return "cpp"
-    if backend in ("torch", "reference"):
+    if backend in ("torch", "gather", "reference"):
         return backend
-    raise ShapeError(f"ms_deform_attn: unknown backend {backend!r}", hint="one of 'auto', 'cpp', 'torch', 'reference'")
+    raise ShapeError(
+        f"ms_deform_attn: unknown backend {backend!r}", hint="one of 'auto', 'cpp', 'torch', 'gather', 'reference'"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +277,46 @@ def _no_double_backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
 
 
 _msda_cpp.after_load(_register_cpp_op)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export backend: plain tensor ops (index arithmetic, index_select, bmm), traceable into any graph format.
+
+
+def _plain_gather(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+    """Bilinear sampling as four gathers from ``value`` viewed as a table of ``N*M*S`` rows of D channels.
+
+    Everything is a tensor op on the inputs (level sizes and starts are read from the tensors, never turned into
+    Python numbers), so a trace with a symbolic batch or map size stays valid. A corner outside its map reads row 0
+    with weight 0 (zero padding); so does a NaN location.
+    """
+    N, S, M, D = value.shape
+    Lq, L, P = loc.shape[1], loc.shape[3], loc.shape[4]
+    table = value.transpose(1, 2).reshape(N * M * S, D)  # [N*M*S, D], row (n*M + m)*S + s
+    shapes, starts = shapes.to(value.device), starts.to(value.device)
+    size = shapes.flip(-1).to(loc.dtype)  # [L, 2] (W, H)
+    # Pixel coordinates, rounded as grid_sample rounds them (see the module docstring): (2 loc - 1 + 1) W/2 - 0.5.
+    grid_plus_one = loc.transpose(1, 2) * 2 - 1 + 1  # [N, M, Lq, L, P, 2]
+    pix = torch.addcmul(torch.tensor(-0.5, dtype=loc.dtype, device=loc.device), grid_plus_one, size[:, None] / 2)
+    corner0 = pix.floor()  # [N, M, Lq, L, P, 2] (x0, y0)
+    frac = pix - corner0
+    width = shapes[:, 1].view(L, 1)  # [L, 1], broadcast over P
+    heads = torch.arange(N * M, device=value.device).view(N, M, 1, 1, 1) * S  # [N, M, 1, 1, 1] first row of (n, m)
+    first = heads + starts.view(L, 1)  # [N, M, 1, L, 1] first row of (n, m, level)
+    attn = attn.transpose(1, 2)  # [N, M, Lq, L, P]
+    out = None
+    for dy in (0, 1):
+        for dx in (0, 1):
+            x, y = corner0[..., 0] + dx, corner0[..., 1] + dy  # [N, M, Lq, L, P] each
+            inside = (x >= 0) & (x < size[:, 0:1]) & (y >= 0) & (y < size[:, 1:2])  # False for NaN too
+            wx = frac[..., 0] if dx else 1 - frac[..., 0]
+            wy = frac[..., 1] if dy else 1 - frac[..., 1]
+            weight = torch.where(inside, wx * wy * attn, 0)  # [N, M, Lq, L, P]
+            row = torch.where(inside, first + y.long() * width + x.long(), 0)  # [N, M, Lq, L, P]
+            samples = table.index_select(0, row.reshape(-1)).view(N * M * Lq, L * P, D)  # [N*M*Lq, L*P, D]
+            term = torch.bmm(weight.reshape(N * M * Lq, 1, L * P), samples)  # [N*M*Lq, 1, D]
+            out = term if out is None else out + term
+    return out.view(N, M, Lq, D).transpose(1, 2).reshape(N, Lq, M * D)  # [N, Lq, M*D]
 
 
 # ---------------------------------------------------------------------------------------------------------------
