@@ -14,6 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 15, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, alternating between them each round (so drift hits all alike)."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, rounds=rounds, warmup=warmup).items()}
+
+
+def interleaved_samples(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 15, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function, in rounds that alternate between them (see :func:`interleaved`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -24,7 +31,7 @@ def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 15, warmu
             start = time.perf_counter()
             fns[key]()
             times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def process(argv: Sequence[str], *, cwd: str | os.PathLike[str] | None = None) -> Callable[[], object]:
