@@ -86,6 +86,7 @@ COLUMNS: list[Column] = [
 
 def render(store: Store) -> str:
     rows = store.rows("builder")
+    expected = [r.name for r in twins()]
     return (
         "\n".join(
             [
@@ -103,11 +104,13 @@ def render(store: Store) -> str:
                     "build ours / timm.create_model",
                     {r["model"]: r["build_ours_s"] / r["build_timm_s"] for r in rows},
                     BUILD_GOAL,
+                    expected,
                 ),
                 goal_line(
                     "validate process / meta-forward process",
                     {r["model"]: r["validate_s"] / r["meta_s"] for r in rows},
                     VALIDATE_GOAL,
+                    expected,
                 ),
                 "",
                 "## Per twin",

@@ -159,7 +159,7 @@ def _eager_goals(rows: list[dict[str, Any]]) -> list[str]:
     for batch, limit in EAGER_GOALS.items():
         ratios = {r["model"]: r["ours_s"] / r["timm_s"] for r in rows if r["batch"] == batch}
         if ratios:
-            lines.append(goal_line(f"eager ours / timm, batch {batch}", ratios, limit))
+            lines.append(goal_line(f"eager ours / timm, batch {batch}", ratios, limit, [r.name for r in twins()]))
     return lines
 
 
@@ -168,9 +168,11 @@ def _compile_goals(rows: list[dict[str, Any]]) -> list[str]:
         return []
     specs = {r["model"] for r in rows}
     failed = sorted({r["model"] for r in rows if "error" in r["ours"] or r["ours"]["breaks"] != 0})
+    absent = [r.name for r in references() if r.name not in specs]
     lines = [
         f"- torch.compile(fullgraph=True) with no graph break: {len(specs) - len(failed)}/{len(specs)} specs"
         + (f"; failing: {', '.join(failed)}" if failed else "")
+        + (f"; not measured yet: {', '.join(absent)}" if absent else "")
     ]
     ratios = {
         f"{r['model']} b{r['batch']}": r["ours"]["s"] / r["twin"]["s"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import itertools
 import json
 import os
 import platform
@@ -108,6 +109,10 @@ class Store:
         if self.json.exists() and not fresh:
             self.data = json.loads(self.json.read_text())
         self.run = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        for n in itertools.count(2):  # two runs in one second (tests) keep their own rows apart
+            if self.run not in self.data["runs"]:
+                break
+            self.run = f"{self.run.split(' #')[0]} #{n}"
         import torch
 
         from tests.support.timm_oracle import import_timm
@@ -183,11 +188,14 @@ def table(columns: Sequence[Column], rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def goal_line(what: str, ratios: dict[str, float], limit: float) -> str:
-    """A markdown bullet: how many ratios meet ``ratio <= limit``, and the ones that miss, worst first."""
+def goal_line(what: str, ratios: dict[str, float], limit: float, expected: Iterable[str] = ()) -> str:
+    """A markdown bullet: how many ratios meet ``ratio <= limit``, the ones that miss (worst first), and the
+    ``expected`` names that have no measurement yet."""
     missed = sorted(((v, k) for k, v in ratios.items() if v > limit), reverse=True)
     text = f"- {what} ≤ {limit:.2f}: {len(ratios) - len(missed)}/{len(ratios)}"
-    return text + ("; missed: " + ", ".join(f"{k} {v:.2f}" for v, k in missed) if missed else "")
+    text += "; missed: " + ", ".join(f"{k} {v:.2f}" for v, k in missed) if missed else ""
+    absent = [name for name in expected if name not in ratios]
+    return text + (f"; not measured yet: {', '.join(absent)}" if absent else "")
 
 
 def ms(seconds: float | None) -> str:
