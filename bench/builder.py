@@ -15,7 +15,7 @@ the same way.
 Rows are kept in ``OUT.json`` beside the table, and a run updates only the rows it measures (``--only``). Usage:
 
     .venv/bin/python bench/builder.py [--only PATTERN] [--repeats 7] [--process-repeats 5] [--threads 2]
-        [--out bench/results/builder.md] [--fresh]
+        [--out bench/results/builder.md] [--fresh] [--render-only]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     store = Store(args.out, fresh=args.fresh, threads=args.threads)
-    chosen = twins(args.only)
+    chosen = [] if args.render_only else twins(args.only)
     log(f"{len(chosen)} twins, {args.repeats} build rounds, {args.process_repeats} process rounds")
     store.run_jobs(
         [("builder", r.name, partial(measure, r, args.repeats, args.process_repeats)) for r in chosen], render

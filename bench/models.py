@@ -21,7 +21,7 @@ Rows are kept in ``OUT.json`` beside the table, and a run updates only the rows 
 pieces with ``--only`` (comma-separated globs on spec names). Usage:
 
     .venv/bin/python bench/models.py [--only PATTERN] [--no-compile | --compile-only] [--batches 1,8]
-        [--compile-batches 1,8] [--repeats 15] [--threads 2] [--out bench/results/models.md] [--fresh]
+        [--compile-batches 1,8] [--repeats 15] [--threads 2] [--out bench/results/models.md] [--fresh] [--render-only]
 """
 
 from __future__ import annotations
@@ -272,6 +272,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = Store(args.out, fresh=args.fresh, threads=args.threads)
     jobs: list[Job] = []
+    if args.render_only:
+        args.no_compile = args.compile_only = True
     if not args.compile_only:
         jobs += [("eager", r.name, partial(eager, r, batches, args.repeats)) for r in twins(args.only)]
     if not args.no_compile:

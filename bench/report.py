@@ -47,6 +47,7 @@ def common_args(parser: argparse.ArgumentParser, *, out: str, repeats: int) -> N
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / out, help=f"markdown table (default {out}); rows in .json")
     parser.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs instead of updating them")
+    parser.add_argument("--render-only", action="store_true", help="measure nothing; rewrite the table from the .json")
 
 
 def matches(name: str, only: str | None) -> bool:
@@ -71,7 +72,10 @@ def first_line(error: BaseException) -> str:
 
 def goal(value: float | None, limit: float) -> str:
     """A table cell saying whether a ratio meets its goal (``✓``) or by how much it misses it."""
-    return "—" if value is None else ("✓" if value <= limit else f"✗ (+{value / limit - 1:.0%})")
+    if value is None:
+        return "—"
+    over = value / limit - 1
+    return "✓" if over <= 0 else f"✗ (+{over:.0%})" if over >= 0.01 else f"✗ (+{over:.1%})"
 
 
 def _cpu() -> str:
@@ -119,7 +123,7 @@ class Store:
 
         timm = import_timm()
 
-        self.data["runs"][self.run] = {
+        self.info = {
             "command": " ".join([".venv/bin/python", _relative(sys.argv[0]), *sys.argv[1:]]),
             "torch": torch.__version__,
             "timm": timm.__version__,
@@ -138,9 +142,9 @@ class Store:
 
     def save(self, render: Callable[[Store], str]) -> None:
         """Write the JSON rows and the markdown that ``render`` makes of them (both atomically)."""
-        self.data["runs"][self.run]["load_end"] = _load()
+        self.data["runs"][self.run] = self.info | {"load_end": _load()}
         used = {row["run"] for section in self.data["sections"].values() for row in section.values()}
-        self.data["runs"] = {k: v for k, v in self.data["runs"].items() if k in used or k == self.run}
+        self.data["runs"] = {k: v for k, v in self.data["runs"].items() if k in used}
         write_atomic(self.json, json.dumps(self.data, indent=1) + "\n")
         write_atomic(self.out, render(self))
 
@@ -149,6 +153,8 @@ class Store:
         that raises is reported and skipped, and the process exits with status 1 after the others have run."""
         started = time.perf_counter()
         failed = []
+        if not jobs:  # --render-only: the table again, from the rows kept
+            self.save(render)
         for i, (section, name, job) in enumerate(jobs, 1):
             log(f"[{i}/{len(jobs)}] {section} {name} ({time.perf_counter() - started:.0f} s so far)")
             try:

@@ -37,6 +37,7 @@ def test_interleaved_samples_alternate_the_order() -> None:
 def test_goal_cells_and_lines() -> None:
     assert goal(0.9, 0.9) == "✓"
     assert goal(1.08, 0.9) == "✗ (+20%)"
+    assert goal(0.1502, 0.15) == "✗ (+0.1%)"
     line = goal_line("eager", {"a": 0.5, "b": 1.2, "c": 1.5}, 1.0, expected=["a", "b", "c", "d"])
     assert line == "- eager ≤ 1.00: 1/3; missed: c 1.50, b 1.20; not measured yet: d"
 
@@ -61,6 +62,9 @@ def test_a_partial_run_replaces_only_its_rows(tmp_path) -> None:
     third = Store(out, fresh=True, threads=2)
     third.put("s", "c", {"model": "c", "v": 4})
     third.save(render)
+    assert out.read_text() == "c=4\n"
+    assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [third.run]
+    Store(out, fresh=False, threads=2).save(render)  # --render-only: same rows, no run of its own
     assert out.read_text() == "c=4\n"
     assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [third.run]
     assert sorted(p.name for p in out.parent.iterdir()) == ["t.json", "t.md"]  # no temporary file left behind
