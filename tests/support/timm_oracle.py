@@ -16,7 +16,6 @@ import sys
 from types import ModuleType
 from typing import Any
 
-import pytest
 import torch
 
 # Upstream schemas (torchvision/csrc/ops/nms.cpp and its quantized twin).
@@ -63,6 +62,8 @@ def import_timm() -> ModuleType:
     try:
         return importlib.import_module("timm")
     except ModuleNotFoundError as exc:
+        import pytest  # here only: bench/ scripts time processes that import this module
+
         pytest.skip(f"timm oracle unavailable: {exc} (run `make .venv/.stamp`)", allow_module_level=True)
     except RuntimeError as exc:
         if not _is_missing_torchvision_op(exc):

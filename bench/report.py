@@ -1,0 +1,212 @@
+"""Benchmark results that survive partial runs: rows kept in a JSON file beside the markdown table they render to.
+
+A run over some models (``--only``) replaces their rows and keeps the others, so a long benchmark can be taken in
+pieces; every row names the run it comes from, and the table's header describes each of those runs (date, versions,
+CPU, threads, load average). Both files are rewritten atomically after every model, so an interrupted run keeps what
+it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def common_args(parser: argparse.ArgumentParser, *, out: str, repeats: int) -> None:
+    """The options every model benchmark takes."""
+    parser.add_argument("--only", metavar="PATTERN", help="models whose name matches these globs (comma-separated)")
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help=f"timed rounds per measurement (default {repeats})"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / out, help=f"markdown table (default {out}); rows in .json")
+    parser.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs instead of updating them")
+    parser.add_argument("--render-only", action="store_true", help="measure nothing; rewrite the table from the .json")
+
+
+def matches(name: str, only: str | None) -> bool:
+    """Whether a model name is selected by ``--only`` (comma-separated globs; none selects everything)."""
+    return only is None or any(fnmatch.fnmatch(name, p.strip()) for p in only.split(","))
+
+
+Job = tuple[str, str, Callable[[], list[dict[str, Any]]]]
+"""(section, model name, a call returning the model's rows)."""
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one short line (type and first line of its message), for a table cell."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def goal(value: float | None, limit: float) -> str:
+    """A table cell saying whether a ratio meets its goal (``✓``) or by how much it misses it."""
+    if value is None:
+        return "—"
+    over = value / limit - 1
+    return "✓" if over <= 0 else f"✗ (+{over:.0%})" if over >= 0.01 else f"✗ (+{over:.1%})"
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _relative(path: str) -> str:
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+class Store:
+    """Rows by section and key, with the runs they come from; saved as JSON and rendered as markdown."""
+
+    def __init__(self, out: Path, *, fresh: bool, threads: int) -> None:
+        self.out = out
+        self.json = out.with_suffix(".json")
+        self.data: dict[str, Any] = {"runs": {}, "sections": {}}
+        if self.json.exists() and not fresh:
+            self.data = json.loads(self.json.read_text())
+        self.run = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        for n in itertools.count(2):  # two runs in one second (tests) keep their own rows apart
+            if self.run not in self.data["runs"]:
+                break
+            self.run = f"{self.run.split(' #')[0]} #{n}"
+        import torch
+
+        from tests.support.timm_oracle import import_timm
+
+        timm = import_timm()
+
+        self.info = {
+            "command": " ".join([".venv/bin/python", _relative(sys.argv[0]), *sys.argv[1:]]),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            "cpu": f"{_cpu()}, {os.cpu_count()} logical CPUs",
+            "threads": threads,
+            "load_start": _load(),
+        }
+
+    def put(self, section: str, key: str, row: dict[str, Any]) -> None:
+        self.data["sections"].setdefault(section, {})[key] = {**row, "run": self.run}
+
+    def rows(self, section: str) -> list[dict[str, Any]]:
+        rows = self.data["sections"].get(section, {})
+        return [rows[k] for k in sorted(rows)]
+
+    def save(self, render: Callable[[Store], str]) -> None:
+        """Write the JSON rows and the markdown that ``render`` makes of them (both atomically)."""
+        self.data["runs"][self.run] = self.info | {"load_end": _load()}
+        used = {row["run"] for section in self.data["sections"].values() for row in section.values()}
+        self.data["runs"] = {k: v for k, v in self.data["runs"].items() if k in used}
+        write_atomic(self.json, json.dumps(self.data, indent=1) + "\n")
+        write_atomic(self.out, render(self))
+
+    def run_jobs(self, jobs: Sequence[Job], render: Callable[[Store], str]) -> None:
+        """Run each job, store its rows (keyed by name, and batch where a row has one) and save after each; a job
+        that raises is reported and skipped, and the process exits with status 1 after the others have run."""
+        started = time.perf_counter()
+        failed = []
+        if not jobs:  # --render-only: the table again, from the rows kept
+            self.save(render)
+        for i, (section, name, job) in enumerate(jobs, 1):
+            log(f"[{i}/{len(jobs)}] {section} {name} ({time.perf_counter() - started:.0f} s so far)")
+            try:
+                rows = job()
+            except Exception as e:  # noqa: BLE001 (one model's failure must not lose the others' rows)
+                failed.append(f"{section} {name}: {first_line(e)}")
+                log(f"  FAILED: {failed[-1]}")
+                continue
+            for row in rows:
+                self.put(section, name + (f"/{row['batch']:04d}" if "batch" in row else ""), row)
+            self.save(render)
+        log(f"wrote {self.out} (rows in {self.json.name}); total {time.perf_counter() - started:.0f} s")
+        if failed:
+            sys.exit("failed:\n" + "\n".join(failed))
+
+    def runs_markdown(self) -> str:
+        """One line per run that contributed rows."""
+        lines = []
+        for when, run in self.data["runs"].items():
+            lines.append(
+                f"- run `{when}`: `{run['command']}`; torch {run['torch']}, timm {run['timm']}, Python {run['python']}; "
+                f"{run['cpu']}; {run['threads']} torch threads; load average (1/5/15 min) {run['load_start']} at "
+                f"start, {run.get('load_end', 'n/a')} at end"
+            )
+        return "\n".join(lines)
+
+
+Column = tuple[str, str, Callable[[dict[str, Any]], object]]
+"""A table column: header, alignment (``l`` or ``r``), and the cell of a row."""
+
+
+def table(columns: Sequence[Column], rows: Iterable[dict[str, Any]]) -> str:
+    """A markdown table of ``rows``, one line each."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |"]
+    lines.append("| " + " | ".join("---:" if a == "r" else "---" for _, a, _ in columns) + " |")
+    lines += ["| " + " | ".join(str(cell(r)).replace("|", "\\|") for _, _, cell in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def goal_line(what: str, ratios: dict[str, float], limit: float, expected: Iterable[str] = ()) -> str:
+    """A markdown bullet: how many ratios meet ``ratio <= limit``, the ones that miss (worst first), and the
+    ``expected`` names that have no measurement yet."""
+    missed = sorted(((v, k) for k, v in ratios.items() if v > limit), reverse=True)
+    text = f"- {what} ≤ {limit:.2f}: {len(ratios) - len(missed)}/{len(ratios)}"
+    text += "; missed: " + ", ".join(f"{k} {v:.2f}" for v, k in missed) if missed else ""
+    absent = [name for name in expected if name not in ratios]
+    return text + (f"; not measured yet: {', '.join(absent)}" if absent else "")
+
+
+def ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or not b else f"{a / b:.3f}"

@@ -1,0 +1,70 @@
+"""The benchmark helpers in bench/: the memory measure, and results that survive partial runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from report import Store, goal, goal_line  # noqa: E402
+from timing import interleaved_samples, peak_allocated  # noqa: E402
+
+
+def test_peak_allocated_is_the_high_water_mark_of_live_tensors() -> None:
+    def call() -> torch.Tensor:
+        a = torch.ones(1000)  # 4000 bytes
+        b = torch.ones(3000)  # 12000: 16000 live, the peak
+        del a
+        torch.ones(500)  # 2000, freed at once: 14000 at most
+        return b
+
+    assert peak_allocated(call) == 16000
+    assert peak_allocated(lambda: torch.ones(10, 10) @ torch.ones(10, 10)) == 3 * 400  # two operands and the product
+
+
+def test_interleaved_samples_alternate_the_order() -> None:
+    calls: list[str] = []
+    samples = interleaved_samples({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(v) for v in samples.values()] == [3, 3]
+
+
+def test_goal_cells_and_lines() -> None:
+    assert goal(0.9, 0.9) == "✓"
+    assert goal(1.08, 0.9) == "✗ (+20%)"
+    assert goal(0.1502, 0.15) == "✗ (+0.1%)"
+    line = goal_line("eager", {"a": 0.5, "b": 1.2, "c": 1.5}, 1.0, expected=["a", "b", "c", "d"])
+    assert line == "- eager ≤ 1.00: 1/3; missed: c 1.50, b 1.20; not measured yet: d"
+
+
+def test_a_partial_run_replaces_only_its_rows(tmp_path) -> None:
+    out = tmp_path / "results" / "t.md"
+
+    def render(store: Store) -> str:
+        return "".join(f"{r['model']}={r['v']}\n" for r in store.rows("s"))
+
+    first = Store(out, fresh=False, threads=2)
+    first.put("s", "a", {"model": "a", "v": 1})
+    first.put("s", "b", {"model": "b", "v": 2})
+    first.save(render)
+    second = Store(out, fresh=False, threads=2)  # as with --only b
+    second.put("s", "b", {"model": "b", "v": 3})
+    second.save(render)
+    assert out.read_text() == "a=1\nb=3\n"
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["run"] for r in data["sections"]["s"].values()] == [first.run, second.run]
+    assert list(data["runs"]) == [first.run, second.run] and first.run != second.run
+    third = Store(out, fresh=True, threads=2)
+    third.put("s", "c", {"model": "c", "v": 4})
+    third.save(render)
+    assert out.read_text() == "c=4\n"
+    assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [third.run]
+    Store(out, fresh=False, threads=2).save(render)  # --render-only: same rows, no run of its own
+    assert out.read_text() == "c=4\n"
+    assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [third.run]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t.json", "t.md"]  # no temporary file left behind
