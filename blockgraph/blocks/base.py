@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -41,9 +43,24 @@ def memo(cache: dict[Any, Any], key: Any, make: Any, limit: int = 8) -> Any:
     return value
 
 
+_init_skipped = False
+
+
+@contextlib.contextmanager
+def init_elsewhere() -> Iterator[None]:
+    """Within it, :func:`init_linear` leaves layers as constructed: for a caller that initializes them its own way
+    (MobileViT's transformer: normal(0, 0.01)), so that the slow truncated normal is not drawn for nothing."""
+    global _init_skipped
+    before, _init_skipped = _init_skipped, True
+    try:
+        yield
+    finally:
+        _init_skipped = before
+
+
 def init_linear(layer: Any, std: float = 0.02) -> Any:
     """timm's ViT-family init: weight ~ trunc_normal(std), bias zero (no-op on the meta device)."""
-    if layer.weight.device.type != "meta":
+    if layer.weight.device.type != "meta" and not _init_skipped:
         nn.init.trunc_normal_(layer.weight, std=std)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_elsewhere
 from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.blocks.vit import VitBlock
@@ -146,10 +146,11 @@ class MobileVitBlock(Module):
         self.conv_kxk = ConvBn(dim, dim, 3, 1, 1, act=act, init="fan_out_groups", **dd)
         self.conv_1x1 = nn.Conv2d(dim, transformer_dim, 1, bias=False, **dd)
         init_conv(self.conv_1x1, "fan_out_groups")
-        self.transformer = nn.Sequential(*(
-            VitBlock(transformer_dim, heads, mlp_ratio, True, drop_path_rate, eps=eps, act=act, **dd)
-            for _ in range(depth)
-        ))  # fmt: skip
+        with init_elsewhere():  # the Linear layers are drawn below, as timm's ByobNet does
+            self.transformer = nn.Sequential(*(
+                VitBlock(transformer_dim, heads, mlp_ratio, True, drop_path_rate, eps=eps, act=act, **dd)
+                for _ in range(depth)
+            ))  # fmt: skip
         for layer in self.transformer.modules():
             if isinstance(layer, nn.Linear) and layer.weight.device.type != "meta":
                 nn.init.normal_(layer.weight, std=0.01)  # timm ByobNet init

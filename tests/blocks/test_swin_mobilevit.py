@@ -112,3 +112,18 @@ def test_the_stated_sizes_are_exactly_those_torch_can_run() -> None:
         except RuntimeError:
             ran = False
         assert ran == accepted, h
+
+
+def test_mobilevit_transformer_linears_are_drawn_once_from_normal_0_01() -> None:
+    """timm's ByobNet init (normal(0, 0.01)) for the transformer's Linear layers, drawn once: the ViT-family
+    truncated normal (std 0.02) is skipped inside the block and applies again outside it."""
+    from blockgraph.blocks import base
+    from blockgraph.blocks.mobilevit import MobileVitBlock
+
+    torch.manual_seed(0)
+    block = MobileVitBlock(64, 96, depth=2)
+    weights = torch.cat([m.weight.flatten() for m in block.transformer.modules() if isinstance(m, torch.nn.Linear)])
+    assert abs(weights.std().item() - 0.01) < 5e-4
+    assert not base._init_skipped
+    layer = base.init_linear(torch.nn.Linear(512, 512))
+    assert abs(layer.weight.std().item() - 0.02) < 1e-3
