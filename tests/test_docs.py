@@ -106,3 +106,12 @@ def test_picture_page(generated: dict[str, str]) -> None:
 
 def test_every_op_field_has_its_own_description() -> None:
     assert undocumented() == {}
+
+
+def test_readme_shows_the_current_picture(generated: dict[str, str]) -> None:
+    page = generated["coat_lite_small.md"]
+    block = "```mermaid\n" + page.split("```mermaid\n", 1)[1].split("```", 1)[0] + "```\n"
+    assert block in (ROOT / "README.md").read_text(), (
+        "README's coat_lite_small picture is stale: copy the mermaid block of docs/coat_lite_small.md "
+        "(python cli.py docs --all docs) into README.md"
+    )
