@@ -14,19 +14,13 @@ import torch
 
 import blockgraph as bg
 from tests.conftest import ROOT
+from tests.support.processes import run_without_torch
 
 SMALL = ROOT / "specs" / "coat_lite_small.yaml"
 
 
 def test_validate_does_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        "from blockgraph.cli import main\n"
-        f"rc = main(['validate', {str(SMALL)!r}, '--input', '3x480x640'])\n"
-        "assert 'torch' not in sys.modules, 'validate imported torch'\n"
-        "sys.exit(rc)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = run_without_torch("validate", SMALL, "--input", "3x480x640")
     assert result.returncode == 0, result.stderr
     assert "stage1 1x64x120x160" in result.stdout
     assert "logits 1x1000" in result.stdout

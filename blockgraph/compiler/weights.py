@@ -71,13 +71,7 @@ def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
     spec = model.spec
     ours = model.state_dict()
     mapped, source, unexpected = _rename(rules, state_dict, ours)
-    missing = [k for k in ours if k not in mapped]
-    problems = []
-    if missing:
-        problems.append(_listed("missing", missing))
-    if unexpected:
-        problems.append(_listed("unexpected", unexpected))
-    if problems:
+    if problems := _fit_problems(ours, mapped, unexpected):
         raise WeightsError(
             f"the {twin.timm or 'twin'} state_dict does not fit '{spec.name}': " + "; ".join(problems),
             hint="fix the spec's `twin.rename` rules (regex → our key) or the architecture",
@@ -163,13 +157,7 @@ def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list
         mapped, source, unexpected = _rename(rules, state_dict, full)
         what = f"{twin.timm or 'twin'} state_dict"
     head = {k for k in ours if k in full and tuple(full[k].shape) != tuple(ours[k].shape)}
-    missing = [k for k in ours if k not in mapped]
-    problems = []
-    if missing:
-        problems.append(_listed("missing", missing))
-    if unexpected:
-        problems.append(_listed("unexpected", unexpected))
-    if problems:
+    if problems := _fit_problems(ours, mapped, unexpected):
         raise WeightsError(
             f"the {what} in {path} does not fit '{spec.name}': " + "; ".join(problems),
             hint="check that the file holds weights of this model (and variant); a timm twin's keys go through "
@@ -200,3 +188,11 @@ def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list
             stacklevel=3,
         )
     return skipped
+
+
+def _fit_problems(ours: Mapping[str, Any], mapped: Mapping[str, Any], unexpected: list[str]) -> list[str]:
+    """What keeps a renamed state_dict from loading strictly: our keys it lacks, and its keys we do not have."""
+    missing = [k for k in ours if k not in mapped]
+    return ([_listed("missing", missing)] if missing else []) + (
+        [_listed("unexpected", unexpected)] if unexpected else []
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 import blockgraph as bg
 from tests.conftest import ROOT
+from tests.support.processes import run_without_torch
 
 SMALL = ROOT / "specs" / "coat_lite_small.yaml"
 pytestmark = pytest.mark.filterwarnings("ignore:'\\w+' deprecated - use")  # pydot on pyparsing 3.3
@@ -219,13 +219,6 @@ def test_a_failing_dot_is_reported(tmp_path: Path, monkeypatch, run_cli) -> None
 
 
 def test_graph_does_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        "from blockgraph.cli import main\n"
-        f"rc = main(['graph', {str(SMALL)!r}, '--format', 'dot'])\n"
-        "assert 'torch' not in sys.modules, 'graph imported torch'\n"
-        "sys.exit(rc)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = run_without_torch("graph", SMALL, "--format", "dot")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith('digraph "coat_lite_small" {')
