@@ -58,6 +58,14 @@ def init_elsewhere() -> Iterator[None]:
         _init_skipped = before
 
 
+def linear(fan_in: int, fan_out: int, bias: bool = True, std: float = 0.02, device: Any = None, dtype: Any = None):
+    """``nn.Linear`` with timm's ViT-family init (see :func:`init_linear`), drawn once: the layer is made without
+    PyTorch's default (kaiming uniform) init, which would be overwritten (``torch.nn.utils.skip_init``)."""
+    device = torch.get_default_device() if device is None else device
+    layer = torch.nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+    return init_linear(layer, std)
+
+
 def init_linear(layer: Any, std: float = 0.02) -> Any:
     """timm's ViT-family init: weight ~ trunc_normal(std), bias zero (no-op on the meta device)."""
     if layer.weight.device.type != "meta" and not _init_skipped:

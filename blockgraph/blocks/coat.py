@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext, SharedCall
@@ -202,8 +202,8 @@ class FactorAttnConvRelPosEnc(Module):
         dd = {"device": device, "dtype": dtype}
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
-        self.qkv = init_linear(nn.Linear(dim, dim * 3, bias=qkv_bias, **dd))
-        self.proj = init_linear(nn.Linear(dim, dim, **dd))
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], crpe: ConvRelPosEnc) -> torch.Tensor:
@@ -521,7 +521,7 @@ class AggregateHead(Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, **dd) for _ in range(n))
         self.aggregate = nn.Conv1d(n, 1, kernel_size=1, **dd)
         self.drop = nn.Dropout(drop)
-        self.fc = init_linear(nn.Linear(dim, num_classes, **dd)) if num_classes else nn.Identity()
+        self.fc = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         if self.pool == "token":

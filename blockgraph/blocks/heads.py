@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, linear
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -60,7 +60,7 @@ class ClsHead(Module):
         self.extra = extra
         self.norm = nn.LayerNorm(dim, eps=eps, **dd) if norm else nn.Identity()
         self.drop = nn.Dropout(drop)
-        self.fc = init_linear(nn.Linear(dim, num_classes, **dd)) if num_classes else nn.Identity()
+        self.fc = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
@@ -97,7 +97,7 @@ class AvgPoolHead(Module):
     def __init__(self, dim, num_classes, drop=0.0, device=None, dtype=None):
         super().__init__()
         self.drop = nn.Dropout(drop)
-        self.fc = init_linear(nn.Linear(dim, num_classes, device=device, dtype=dtype)) if num_classes else nn.Identity()
+        self.fc = linear(dim, num_classes, device=device, dtype=dtype) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x.mean(dim=(2, 3))))

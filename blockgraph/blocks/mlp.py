@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, activation, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, activation, linear
 from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -49,10 +49,10 @@ class Mlp(Module):
     def __init__(self, dim, hidden, dim_out=None, act="gelu", drop=0.0, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.fc1 = init_linear(nn.Linear(dim, hidden, **dd))
+        self.fc1 = linear(dim, hidden, **dd)
         self.act = activation(act)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = init_linear(nn.Linear(hidden, dim_out or dim, **dd))
+        self.fc2 = linear(hidden, dim_out or dim, **dd)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear, memo
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, memo
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
@@ -128,8 +128,8 @@ class WindowAttention(Module):
         if self.relative_position_bias_table.device.type != "meta":
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window).to(device), persistent=False)
-        self.qkv = init_linear(nn.Linear(dim, dim * 3, bias=qkv_bias, **dd))
-        self.proj = init_linear(nn.Linear(dim, dim, **dd))
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[Any, torch.Tensor] = {}
 
@@ -238,7 +238,7 @@ class PatchMerging(Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm = nn.LayerNorm(4 * dim, eps=eps, **dd)
-        self.reduction = init_linear(nn.Linear(4 * dim, dim_out, bias=False, **dd))
+        self.reduction = linear(4 * dim, dim_out, bias=False, **dd)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         B, _, C = x.shape

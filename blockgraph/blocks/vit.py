@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
@@ -136,8 +136,8 @@ class Attention(Module):
         dd = {"device": device, "dtype": dtype}
         self.heads = heads
         self.attn_drop = attn_drop
-        self.qkv = init_linear(nn.Linear(dim, dim * 3, bias=qkv_bias, **dd))
-        self.proj = init_linear(nn.Linear(dim, dim, **dd))
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,8 +218,8 @@ class DistilledHead(Module):
         self.train_both = train_both
         self.norm = nn.LayerNorm(dim, eps=eps, **dd)
         self.drop = nn.Dropout(drop)
-        self.fc = init_linear(nn.Linear(dim, num_classes, **dd)) if num_classes else nn.Identity()
-        self.fc_dist = init_linear(nn.Linear(dim, num_classes, **dd)) if num_classes else nn.Identity()
+        self.fc = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
+        self.fc_dist = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.norm(x)

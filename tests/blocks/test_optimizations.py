@@ -146,3 +146,19 @@ def test_deformable_encoder_layout_cache_equals_the_padded_path_without_padding(
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
             assert torch.equal(b, c)
     assert len(encoder._layouts) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "coat_lite_tiny", "swin_tiny_patch4_window7_224"])
+def test_linear_layers_get_their_init_once_on_the_requested_device(name: str) -> None:
+    """Linear layers are made without PyTorch's default init (skip_init) and drawn once from trunc_normal(0.02)
+    with zero bias: every one is initialized, none is left as uninitialized memory, all on the CPU."""
+    torch.manual_seed(0)
+    model = bg.create_model(name)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    for layer in linears:
+        assert abs(layer.weight.detach().std().item() - 0.02) < 0.004
+        assert layer.bias is None or not layer.bias.detach().any()
