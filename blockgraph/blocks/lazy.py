@@ -72,8 +72,10 @@ def realize(cls: type) -> type:
         return cls
     real = _REAL.get(cls)
     if real is None:
-        for klass in cls.__mro__:
-            _unlazy(klass.__module__)
+        # torch is imported now: every loaded block file (helpers called from ``forward`` included, such as
+        # ``blocks.base.memo``) gets the real modules, so that no stand-in is left for torch.compile to trip on.
+        for name in [m for m in sys.modules if m.startswith("blockgraph.blocks")] + [k.__module__ for k in cls.__mro__]:
+            _unlazy(name)
         real = type(
             cls.__name__,
             (cls, torch.nn.Module),

@@ -55,3 +55,20 @@ def test_every_intermediate_is_released_after_its_last_reader(name: str, outputs
 
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["coat_lite_tiny", "coat_tiny", "vit_tiny_patch16_224", "mpvit_tiny", "swin_tiny_patch4_window7_224",
+     "mobilevit_xxs", "deformable_encoder", "coat_lite_small_deformable"],
+)  # fmt: skip
+def test_one_graph_without_breaks_for_torch_compile(name: str) -> None:
+    """Dynamo traces the whole forward as one graph (what torch.compile(fullgraph=True) needs): one spec per family,
+    the deformable ones included (per-size caches and lazy stand-ins must not break it)."""
+    import torch._dynamo as dynamo
+
+    model = bg.create_model(name).eval()
+    with torch.no_grad():
+        explained = dynamo.explain(model)(torch.randn(1, 3, *model.spec.input.size))
+    dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [r.reason for r in explained.break_reasons]
