@@ -48,8 +48,9 @@ _init_skipped = False
 
 @contextlib.contextmanager
 def init_elsewhere() -> Iterator[None]:
-    """Within it, :func:`init_linear` leaves layers as constructed: for a caller that initializes them its own way
-    (MobileViT's transformer: normal(0, 0.01)), so that the slow truncated normal is not drawn for nothing."""
+    """Within it, :func:`init_linear` draws nothing, so layers made by :func:`linear` hold uninitialized memory: for
+    a caller that then initializes every one of them its own way (MobileViT's transformer: normal(0, 0.01), zero
+    bias), so that the slow truncated normal is not drawn for nothing."""
     global _init_skipped
     before, _init_skipped = _init_skipped, True
     try:

@@ -11,11 +11,13 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, memo
 from blockgraph.blocks.coat import check_heads
-from blockgraph.blocks.lazy import F, Module, nn, torch
+from blockgraph.blocks.lazy import F, Module, lazy_module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
+
+ops = lazy_module("blockgraph.ops")
 
 # --------------------------------------------------------------------------------------------------- the block
 
@@ -153,7 +155,7 @@ class WindowAttention(Module):
         bias = self.attention_bias(mask, key)
         if bias.shape[0] > 1:  # one mask per window: repeat it for every image of the batch
             bias = bias.expand(Bw // bias.shape[0], -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        if ops.exporting():
             # torch.export decomposes masked SDPA into a layout its own reshape then fails to view: plain math
             x = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
         else:

@@ -288,9 +288,9 @@ def _batch_stat_code(inference: Inference, order: list[str]) -> str:
         t = inference.types[name]
         for value in t.values() if isinstance(t, dict) else (t,):
             h, w = value.grid
-            condition = f"{_py(h)} == 1" if h == w else f"{_py(h)} == 1 and {_py(w)} == 1"
-            if f"({condition})" not in conditions:
-                conditions.append(f"({condition})")
+            condition = f"({_py(h)} == 1 and {_py(w)} == 1)"
+            if condition not in conditions:
+                conditions.append(condition)
     return " or ".join(conditions)
 
 

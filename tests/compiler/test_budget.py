@@ -81,7 +81,7 @@ def test_static_params_and_activations_equal_the_built_model(path) -> None:
     assert not static.unknown
 
 
-def test_the_estimate_is_torch_free_and_fast_for_ten_thousand_blocks() -> None:
+def test_the_estimate_is_exact_and_fast_for_nine_thousand_blocks() -> None:
     """Pricing needs no tensor: a ViT of 9,000 blocks at width 1536 (2.5e11 parameters) is counted exactly and
     refused in a fraction of a second (after its expansion and shape inference)."""
     wide = {"dim": 1536, "heads": 16}
