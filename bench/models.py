@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
-from report import Column, Job, Store, common_args, first_line, goal, goal_line, log, ms, ratio, table  # noqa: E402
+from report import Column, Job, Store, common_args, first_line, goal, goal_line, log, ms, ratio, steady_malloc, table  # noqa: E402
 from timing import interleaved, interleaved_samples, peak_allocated  # noqa: E402
 from torch._inductor.utils import fresh_cache  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
@@ -267,6 +267,7 @@ def main() -> None:
     which.add_argument("--no-compile", action="store_true", help="eager only")
     which.add_argument("--compile-only", action="store_true", help="torch.compile only")
     args = parser.parse_args()
+    steady_malloc(args)
     batches = [int(b) for b in args.batches.split(",")]
     compile_batches = [int(b) for b in (args.compile_batches or args.batches).split(",")]
     torch.set_num_threads(args.threads)

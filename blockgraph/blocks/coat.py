@@ -14,7 +14,7 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear
-from blockgraph.blocks.lazy import F, Module, nn, torch
+from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext, SharedCall
 from blockgraph.spec.schema import BlockSpec, Name, register, shared_ref, shared_refs
@@ -206,15 +206,22 @@ class FactorAttnConvRelPosEnc(Module):
         self.proj = linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int], crpe: ConvRelPosEnc) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, size: tuple[int, int], crpe: ConvRelPosEnc, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, h, N, Ch]
+        fast = fused.enabled(self)
+        qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
+        q, k, v = qkv.reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, Ch]
         factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
         x = self.scale * factor
         x[:, :, N - size[0] * size[1] :] += crpe(q, v, size)  # the CRPE adds nothing at extra (cls) tokens
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*Ch]
-        return self.proj_drop(self.proj(x))
+        if fast:
+            return fused.linear(x, self.proj, residual=residual)
+        x = self.proj_drop(self.proj(x))
+        return x if residual is None else residual + x
 
 
 # --------------------------------------------------------------------------------------------------- serial block
@@ -279,6 +286,9 @@ class SerialBlock(Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> torch.Tensor:
         x = cpe(x, size)
+        if fused.enabled(self):  # the residual adds happen in the projections' epilogues
+            x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -465,9 +475,13 @@ class ParallelBlock(Module):
                 total = total + self._resize(cur[j], sizes[j], sizes[i], factor)
             mixed.append(total)
         outs = []
+        fast = fused.enabled(self)
         for p, x, m in zip(self.ports, xs, mixed, strict=True):
             x = x + self.drop_path(m)
-            outs.append(x + self.drop_path(self.mlp(self.norm2[p](x))))
+            if fast:  # the residual add happens in fc2's epilogue
+                outs.append(self.mlp(self.norm2[p](x), residual=x))
+            else:
+                outs.append(x + self.drop_path(self.mlp(self.norm2[p](x))))
         return tuple(outs)
 
 

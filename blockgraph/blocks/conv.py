@@ -9,7 +9,7 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, activation
-from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
@@ -97,6 +97,8 @@ class ConvBn(Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(self):  # one convolution with the BatchNorm folded in
+            return fused.conv_bn(x, self.conv, self.bn, self.act)
         return self.act(self.bn(self.conv(x)))
 
 
@@ -147,4 +149,4 @@ class ConcatConvBn(ConvBn):
         super().__init__(dim, dim_out, 1, 1, 0, 1, act, eps, init, device=device, dtype=dtype)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(torch.cat(xs, dim=1))))
+        return super().forward(torch.cat(xs, dim=1))

@@ -50,6 +50,7 @@ def lazy_module(name: str) -> Any:
 torch: Any = _Lazy("torch")
 nn: Any = _Lazy("torch.nn")
 F: Any = _Lazy("torch.nn.functional")
+fused: Any = _Lazy("blockgraph.ops.fused")  # the eager-inference kernels
 
 _REAL: dict[type, type] = {}
 

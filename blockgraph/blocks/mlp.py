@@ -8,7 +8,7 @@ from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, activation, linear
-from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
@@ -55,5 +55,10 @@ class Mlp(Module):
         self.fc2 = linear(hidden, dim_out or dim, **dd)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of ``x``, plus ``residual`` if given (callers pass it in eval mode only, where drop path is the
+        identity; the fused kernels add it in fc2's epilogue)."""
+        if fused.enabled(self):
+            return fused.linear(fused.linear(x, self.fc1, self.act), self.fc2, residual=residual)
+        y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return y if residual is None else residual + y

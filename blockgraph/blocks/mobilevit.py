@@ -11,7 +11,7 @@ from pydantic import PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_elsewhere
 from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
-from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.blocks.vit import VitBlock
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -72,6 +72,8 @@ class Mv2Block(Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3_1x1(self.conv2_kxk(self.conv1_1x1(x)))
+        if self.residual and fused.enabled(self):
+            return y.add_(x)
         return x + self.drop_path(y) if self.residual else y
 
 

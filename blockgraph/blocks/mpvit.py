@@ -11,7 +11,7 @@ from pydantic import PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, activation
 from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
-from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
@@ -68,6 +68,8 @@ class DWConvBn(Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(self):  # the BatchNorm folded into pwconv
+            return fused.conv_bn(self.dwconv(x), self.pwconv, self.bn, self.act)
         return self.act(self.bn(self.pwconv(self.dwconv(x))))
 
 
@@ -142,4 +144,6 @@ class InvResBlock(Module):
         self.conv2 = ConvBn(hidden, dim, eps=eps, init="fan_out_groups", **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(self):  # the BatchNorm folded into dwconv; the residual added in place
+            return self.conv2(fused.conv_bn(self.conv1(x), self.dwconv, self.norm, self.act)).add_(x)
         return x + self.conv2(self.act(self.norm(self.dwconv(self.conv1(x)))))

@@ -11,7 +11,7 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, memo
 from blockgraph.blocks.coat import check_heads
-from blockgraph.blocks.lazy import F, Module, lazy_module, nn, torch
+from blockgraph.blocks.lazy import F, Module, fused, lazy_module, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -150,8 +150,9 @@ class WindowAttention(Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, key: Any = None) -> torch.Tensor:
         Bw, N, C = x.shape  # Bw = B * windows
-        qkv = self.qkv(x).reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [Bw, h, N, d]
+        fast = fused.enabled(self)
+        qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
+        q, k, v = qkv.reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [Bw, h, N, d]
         bias = self.attention_bias(mask, key)
         if bias.shape[0] > 1:  # one mask per window: repeat it for every image of the batch
             bias = bias.expand(Bw // bias.shape[0], -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
@@ -162,7 +163,7 @@ class WindowAttention(Module):
             drop = self.attn_drop if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
         x = x.transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
-        return self.proj_drop(self.proj(x))
+        return fused.linear(x, self.proj) if fast else self.proj_drop(self.proj(x))
 
 
 class SwinBlock(Module):
@@ -201,6 +202,8 @@ class SwinBlock(Module):
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         x = x + self.drop_path(y.reshape(B, L, C))
+        if fused.enabled(self):  # the residual add happens in fc2's epilogue
+            return self.mlp(self.norm2(x), residual=x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -10,7 +10,7 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear
 from blockgraph.blocks.coat import check_heads
-from blockgraph.blocks.lazy import F, Module, nn, torch
+from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -140,13 +140,18 @@ class Attention(Module):
         self.proj = linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, h, N, d]
+        fast = fused.enabled(self)
+        qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
+        q, k, v = qkv.reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, d]
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*d]
-        return self.proj_drop(self.proj(x))
+        if fast:
+            return fused.linear(x, self.proj, residual=residual)
+        x = self.proj_drop(self.proj(x))
+        return x if residual is None else residual + x
 
 
 class VitBlock(Module):
@@ -165,6 +170,9 @@ class VitBlock(Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=proj_drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(self):  # the residual adds happen in the projections' epilogues
+            x = self.attn(self.norm1(x), residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -1,0 +1,132 @@
+"""Inference kernels: the blocks' math with fewer passes over memory, for eager inference.
+
+The blocks call these when :func:`enabled` says so: the module is in eval mode, nothing records gradients
+(``torch.no_grad()`` or ``torch.inference_mode()``), and torch runs eagerly (not compiling: inductor fuses by itself;
+not exporting or tracing: exported graphs keep standard ops). Otherwise the blocks run their plain layers, so
+training, autograd, ``torch.compile`` and ONNX see exactly the modules' own ops.
+
+- :func:`linear`: on the CPU in float32, oneDNN's matrix multiply (``torch.ops.mkldnn._linear_pointwise``, the op
+  inductor's CPU backend emits) with the activation or the residual add done in its epilogue, where the plain path
+  would run a second pass over the output. Elsewhere ``F.linear`` then the activation / add in place.
+- :func:`conv_bn`: Conv2d → BatchNorm2d (eval: an affine map per channel) → activation as one convolution whose
+  weight and bias have the BatchNorm folded in, the activation applied in place. The folded pair is kept on the
+  convolution and made again whenever any of the six tensors changes (version counter or storage), so an optimizer
+  step, ``load_state_dict`` or ``.to()`` is always seen. On the CPU the folded weight is channels-last: oneDNN's
+  convolutions then skip the layout reorders of every input and output (2x faster on large depthwise maps), and
+  the maps that follow stay channels-last (views and ``flatten(2).transpose(1, 2)`` to tokens are free).
+
+Results equal the plain path's up to float rounding (a different summation order: within 1e-5 of timm's twins on
+every reference model, guarded by tests/blocks/test_optimizations.py). The folded weights cost one copy of the
+convolution weights of the Conv-BN layers, made on the first eval forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockgraph.ops.ms_deform_attn import exporting
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+# activation module type → (oneDNN post-op name, algorithm); GELU's algorithm is its ``approximate``
+_POST_OPS: dict[type, str] = {nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish", nn.GELU: "gelu"}
+
+
+def enabled(module: nn.Module) -> bool:
+    """Whether ``module`` may run the fused kernels now: eval mode, no gradients recorded, eager torch."""
+    return not (
+        module.training
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or exporting()
+    )
+
+
+def _post_op(act: nn.Module | None) -> tuple[str, str] | None:
+    """oneDNN's name and algorithm for ``act`` (``("none", "")`` for none), or None if oneDNN has no such post-op."""
+    if act is None or isinstance(act, nn.Identity):
+        return "none", ""
+    name = _POST_OPS.get(type(act))
+    if name is None:
+        return None
+    return name, act.approximate if isinstance(act, nn.GELU) else ""
+
+
+def _in_place(act: nn.Module, y: Tensor) -> Tensor:
+    """``act(y)``, overwriting ``y`` where the activation has an in-place form."""
+    if isinstance(act, nn.ReLU):
+        return F.relu_(y)
+    if isinstance(act, nn.SiLU):
+        return F.silu(y, inplace=True)
+    if isinstance(act, nn.Hardswish):
+        return F.hardswish(y, inplace=True)
+    return act(y)
+
+
+def linear(x: Tensor, layer: nn.Linear, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+    """``act(layer(x))``, or ``residual + layer(x)`` (not both), in one pass over the output where oneDNN can.
+
+    For eager inference only (:func:`enabled`): the fused op has no autograd formula.
+    """
+    w, b = layer.weight, layer.bias
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32:
+        if residual is not None and act is None and residual.shape[-1] == w.shape[0]:
+            if residual.shape == x.shape[:-1] + residual.shape[-1:]:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        elif residual is None:
+            post = _post_op(act)
+            if post is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, w, b, post[0], [], post[1])
+    y = F.linear(x, w, b)
+    if act is not None:
+        y = _in_place(act, y)
+    return y if residual is None else y.add_(residual)
+
+
+def _stamp(*tensors: Tensor | None) -> tuple:
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """``conv``'s weight and bias with the eval-mode ``bn`` folded in (cached on ``conv`` until a tensor changes).
+
+    ``bn(conv(x)) = conv(x) * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``, so the weight's output
+    channel ``o`` scales by ``s[o]`` and the bias is ``(b - mean) * s + beta``.
+    """
+    key = (
+        _stamp(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+        bn.eps,
+        channels_last,
+    )
+    cached = conv.__dict__.get("_blockgraph_folded")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+    bias = bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    conv.__dict__["_blockgraph_folded"] = (key, weight, bias)
+    return weight, bias
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None = None) -> Tensor:
+    """``act(bn(conv(x)))`` as one convolution with the (eval-mode) BatchNorm folded in, the activation in place.
+
+    For eager inference only (:func:`enabled`). A BatchNorm without running statistics (it normalizes by the batch
+    even in eval) or a convolution with padding modes other than zeros runs the plain layers.
+    """
+    if bn.running_mean is None or conv.padding_mode != "zeros":
+        y = bn(conv(x))
+    else:
+        weight, bias = folded(conv, bn, channels_last=x.device.type == "cpu")
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return y if act is None else _in_place(act, y)

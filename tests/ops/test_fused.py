@@ -1,0 +1,188 @@
+"""The eager-inference kernels (blockgraph/ops/fused.py) against the plain layers they replace: each kernel alone,
+the folded-weight cache under every way weights change, when the fused path runs (and when it must not), and whole
+reference models fused vs plain in float64, where any difference in the math would show."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from torch import nn
+
+import blockgraph as bg
+from blockgraph.ops import fused
+from tests.support.weights import randomize_batchnorm
+
+
+def _ops_called(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+# --------------------------------------------------------------------------------------------------------- enabled
+
+
+def test_enabled_only_in_eval_without_autograd() -> None:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        assert not fused.enabled(m)  # training mode: dropout and drop path are live
+        assert fused.enabled(m.eval())
+    with torch.inference_mode():
+        assert fused.enabled(m)
+    assert not fused.enabled(m)  # autograd records: the fused ops have no derivative formula
+
+
+def test_not_enabled_while_compiling_or_exporting() -> None:
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(fused.enabled(self))
+            return x + 1
+
+    probe = Probe().eval()
+    with torch.no_grad():
+        torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(2))
+        torch.export.export(probe, (torch.zeros(2),))
+    assert seen and not any(seen)
+
+
+# ---------------------------------------------------------------------------------------------------------- linear
+
+
+ACTS = [None, nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.Tanh(), nn.Identity()]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (2, 3, 4, 24)])
+def test_linear_with_activation_equals_the_layers(act: nn.Module | None, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer, x = nn.Linear(24, 40), torch.randn(shape)
+    with torch.no_grad():
+        expected = layer(x) if act is None else act(layer(x))
+        torch.testing.assert_close(fused.linear(x, layer, act), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_residual_equals_the_layer_plus_residual(bias: bool) -> None:
+    torch.manual_seed(0)
+    layer, x = nn.Linear(24, 16, bias=bias), torch.randn(2, 9, 24)
+    residual = torch.randn(2, 16, 9).transpose(1, 2)  # a strided residual too
+    with torch.no_grad():
+        torch.testing.assert_close(fused.linear(x, layer, residual=residual), residual + layer(x), rtol=0, atol=1e-5)
+        broadcast = torch.randn(16)  # not the output's shape: the plain add
+        torch.testing.assert_close(fused.linear(x, layer, residual=broadcast), broadcast + layer(x), rtol=0, atol=0)
+
+
+def test_linear_runs_onednn_on_the_cpu_in_float32_and_plain_ops_elsewhere() -> None:
+    layer, x = nn.Linear(8, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _ops_called(lambda: fused.linear(x, layer, nn.GELU()))
+        double = nn.Linear(8, 8).double()
+        called = _ops_called(lambda: fused.linear(x.double(), double, nn.GELU()))
+        assert "mkldnn::_linear_pointwise" not in called and "aten::gelu_" not in called  # GELU has no in-place form
+        torch.testing.assert_close(
+            fused.linear(x.double(), double, nn.SiLU()), F.silu(double(x.double())), rtol=0, atol=1e-15
+        )
+
+
+# --------------------------------------------------------------------------------------------------------- conv_bn
+
+
+def _conv_bn(groups: int = 1, bias: bool = False, stride: int = 1, kernel: int = 3) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16 if groups == 1 else 8, kernel, stride, kernel // 2, groups=groups, bias=bias)
+    bn = nn.BatchNorm2d(conv.out_channels)
+    randomize_batchnorm(bn, torch.Generator().manual_seed(1))
+    return conv, bn.eval()
+
+
+@pytest.mark.parametrize("act", [None, nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.GELU()], ids=repr)
+@pytest.mark.parametrize(("groups", "bias", "stride", "kernel"), [(1, False, 1, 3), (8, True, 2, 3), (1, True, 1, 1)])
+def test_conv_bn_folds_to_the_same_result(act, groups: int, bias: bool, stride: int, kernel: int) -> None:
+    conv, bn = _conv_bn(groups, bias, stride, kernel)
+    x = torch.randn(2, 8, 13, 11)
+    with torch.no_grad():
+        expected = bn(conv(x)) if act is None else act(bn(conv(x)))
+        got = fused.conv_bn(x, conv, bn, act)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if groups == 1 and kernel > 1:  # on the CPU the folded weight is channels-last, so is the map (and the next)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # a 1x1 or depthwise weight has either layout: the map keeps the input's
+        got = fused.conv_bn(x.contiguous(memory_format=torch.channels_last), conv, bn, act)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    conv64, bn64 = conv.double(), bn.double()
+    with torch.no_grad():
+        expected = bn64(conv64(x.double()))
+        torch.testing.assert_close(fused.conv_bn(x.double(), conv64, bn64), expected, rtol=0, atol=1e-13)
+
+
+def test_the_folded_weights_follow_every_change_of_the_layers() -> None:
+    conv, bn = _conv_bn()
+    x = torch.randn(2, 8, 6, 6)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(fused.conv_bn(x, conv, bn), bn(conv(x)), rtol=0, atol=1e-5)
+
+    check()
+    first = conv.__dict__["_blockgraph_folded"]
+    check()
+    assert conv.__dict__["_blockgraph_folded"] is first  # unchanged layers: the cached pair
+    with torch.no_grad():
+        bn.running_var.mul_(3.0)  # in place: a new version
+    check()
+    conv.weight.grad = torch.ones_like(conv.weight)
+    torch.optim.SGD(conv.parameters(), lr=0.5).step()  # an optimizer step
+    check()
+    other_conv, other_bn = _conv_bn()
+    randomize_batchnorm(other_bn, torch.Generator().manual_seed(7))
+    conv.load_state_dict(other_conv.state_dict())
+    bn.load_state_dict(other_bn.state_dict())
+    check()
+    bn.bias = nn.Parameter(torch.full((16,), 2.0))  # a new tensor altogether
+    check()
+    bn.eps = 0.1
+    check()
+    assert "_blockgraph_folded" not in conv.state_dict() and "_blockgraph_folded" not in dict(conv.named_buffers())
+
+
+def test_conv_bn_without_running_statistics_runs_the_plain_layers() -> None:
+    conv, _ = _conv_bn()
+    bn = nn.BatchNorm2d(16, track_running_stats=False).eval()  # normalizes by the batch even in eval
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.conv_bn(x, conv, bn), bn(conv(x)), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny", "vit_tiny_patch16_224", "mobilevit_xxs", "mpvit_tiny"])
+def test_fused_inference_equals_the_plain_model(name: str) -> None:
+    """The same model, fused (eval + no_grad) vs its modules' own ops (autograd on), in float64: the fused math
+    is the plain math (1e-10), and in float32 they agree within the 1e-5 the twins are held to."""
+    torch.manual_seed(0)
+    model = bg.create_model(name).eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(3))
+    h, w = model.spec.input.size
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
+    for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        model, x = model.to(dtype), x.to(dtype)
+        with torch.no_grad():
+            got = model(x)
+        plain = model(x).detach()
+        torch.testing.assert_close(got, plain, rtol=0, atol=atol)
+
+
+def test_training_mode_runs_the_plain_layers() -> None:
+    model = bg.create_model("mobilevit_xxs").train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        called = _ops_called(lambda: model(x))
+    assert "mkldnn::_linear_pointwise" not in called and "aten::native_batch_norm" in called
+    with torch.no_grad():
+        called = _ops_called(lambda: model.eval()(x))
+    assert "mkldnn::_linear_pointwise" in called and "aten::native_batch_norm" not in called
