@@ -65,6 +65,13 @@ class ConvPosEnc(Module):
         H, W = size
         extra = N - H * W
         feat = x[:, extra:].transpose(1, 2).view(B, C, H, W)  # [B, C, H, W]
+        if fused.enabled(self):
+            if not extra:  # the conv's output is fresh: add in place
+                return self.proj(feat).add_(feat).flatten(2).transpose(1, 2)
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)  # conv + residual written in place of cat
+            out[:, :extra] = x[:, :extra]
+            torch.add(self.proj(feat), feat, out=out[:, extra:].transpose(1, 2).view(B, C, H, W))
+            return out
         out = (self.proj(feat) + feat).flatten(2).transpose(1, 2)  # [B, H*W, C]
         return torch.cat((x[:, :extra], out), dim=1) if extra else out
 
@@ -150,6 +157,21 @@ class ConvRelPosEnc(Module):
         conv_v = torch.cat(convs, dim=1).reshape(B, h, Ch, H * W).transpose(-1, -2)  # [B, h, H*W, Ch]
         return q[:, :, extra:] * conv_v
 
+    def accumulate(self, out: torch.Tensor, q: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> None:
+        """``out += q * DWConv(v)`` with the three in the token layout ``[B, H*W, h, Ch]`` (image tokens only), for
+        eager inference: the windows' kernels run as one depthwise conv (``fused.merged_depthwise``), channels-last
+        on a view of ``v``, and the product is added in place."""
+        B, L, h, Ch = v.shape
+        merged = fused.merged_depthwise(list(self.conv_list))
+        if merged is None:
+            crpe = self(q.transpose(1, 2), v.transpose(1, 2), size)  # [B, h, H*W, Ch]
+            out += crpe.transpose(1, 2)
+            return
+        weight, bias = merged
+        img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
+        conv = F.conv2d(img, weight, bias, padding=weight.shape[-1] // 2, groups=h * Ch)
+        out.addcmul_(q, conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch))
+
 
 # -------------------------------------------------------------------------------------------- factorized attention
 
@@ -211,15 +233,22 @@ class FactorAttnConvRelPosEnc(Module):
     ) -> torch.Tensor:
         """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``)."""
         B, N, C = x.shape
-        fast = fused.enabled(self)
-        qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
-        q, k, v = qkv.reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, Ch]
+        extra = N - size[0] * size[1]  # the CRPE adds nothing at extra (cls) tokens
+        if fused.enabled(self):
+            # The same sums in the token layout [B, N, h, Ch]: scale * factor is written once where proj reads it,
+            # and the CRPE term is added in place.
+            qkv = fused.linear(x, self.qkv).view(B, N, 3, self.heads, C // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, Ch] views
+            factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
+            out = torch.mul(factor.transpose(1, 2), self.scale, out=x.new_empty(B, N, self.heads, C // self.heads))
+            crpe.accumulate(out[:, extra:], qkv[:, extra:, 0], qkv[:, extra:, 2], size)
+            return fused.linear(out.view(B, N, C), self.proj, residual=residual)
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, h, N, Ch]
         factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
         x = self.scale * factor
-        x[:, :, N - size[0] * size[1] :] += crpe(q, v, size)  # the CRPE adds nothing at extra (cls) tokens
+        x[:, :, extra:] += crpe(q, v, size)
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*Ch]
-        if fast:
-            return fused.linear(x, self.proj, residual=residual)
         x = self.proj_drop(self.proj(x))
         return x if residual is None else residual + x
 

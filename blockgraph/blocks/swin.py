@@ -153,7 +153,14 @@ class WindowAttention(Module):
         fast = fused.enabled(self)
         qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
         q, k, v = qkv.reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [Bw, h, N, d]
-        bias = self.attention_bias(mask, key)
+        bias = self.attention_bias(mask, key)  # [windows or 1, h, N, N]
+        if fast:
+            # 49-token windows: the plain math with the bias added in place beats SDPA's flash kernel (1.0 vs 1.75 ms
+            # for the 64 windows of stage 1 at batch 1), and the bias is not repeated for every image
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias)
+            x = attn.softmax(dim=-1) @ v
+            return fused.linear(x.transpose(1, 2).reshape(Bw, N, C), self.proj)
         if bias.shape[0] > 1:  # one mask per window: repeat it for every image of the batch
             bias = bias.expand(Bw // bias.shape[0], -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
         if ops.exporting():
@@ -163,7 +170,7 @@ class WindowAttention(Module):
             drop = self.attn_drop if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
         x = x.transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
-        return fused.linear(x, self.proj) if fast else self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x))
 
 
 class SwinBlock(Module):
@@ -253,4 +260,6 @@ class PatchMerging(Module):
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         x = x.reshape(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # [B, h/2, w/2, 4C]
-        return self.reduction(self.norm(x)).flatten(1, 2)  # [B, h/2 * w/2, dim_out]
+        x = self.norm(x)
+        x = fused.linear(x, self.reduction) if fused.enabled(self) else self.reduction(x)
+        return x.flatten(1, 2)  # [B, h/2 * w/2, dim_out]

@@ -186,3 +186,61 @@ def test_training_mode_runs_the_plain_layers() -> None:
     with torch.no_grad():
         called = _ops_called(lambda: model.eval()(x))
     assert "mkldnn::_linear_pointwise" in called and "aten::native_batch_norm" not in called
+
+
+# ------------------------------------------------------------------------------------------------ merged_depthwise
+
+
+def _depthwise(channels: int, kernel: int, bias: bool = True, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=bias, **kwargs)
+
+
+def test_merged_depthwise_equals_the_split_convolutions() -> None:
+    torch.manual_seed(0)
+    convs = [_depthwise(4, 3), _depthwise(6, 7, bias=False), _depthwise(2, 5)]
+    x = torch.randn(2, 12, 9, 11)
+    with torch.no_grad():
+        expected = torch.cat([c(p) for c, p in zip(convs, torch.split(x, [4, 6, 2], 1), strict=True)], 1)
+        weight, bias = fused.merged_depthwise(convs)
+        got = F.conv2d(x, weight, bias, padding=3, groups=12)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert fused.merged_depthwise(convs)[0] is weight  # cached
+        convs[1].weight.mul_(2.0)  # and remade when a weight changes
+        expected = torch.cat([c(p) for c, p in zip(convs, torch.split(x, [4, 6, 2], 1), strict=True)], 1)
+        weight, bias = fused.merged_depthwise(convs)
+        torch.testing.assert_close(F.conv2d(x, weight, bias, padding=3, groups=12), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "odd_one",
+    [
+        nn.Conv2d(4, 4, 4, padding=2, groups=4),  # even kernel: no center
+        _depthwise(4, 3, stride=2),
+        _depthwise(4, 3, dilation=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),  # not depthwise
+        nn.Conv2d(4, 4, 3, padding=0, groups=4),  # not 'same'
+        _depthwise(4, 3, padding_mode="reflect"),
+    ],
+    ids=["even", "stride", "dilation", "grouped", "valid", "reflect"],
+)
+def test_merged_depthwise_refuses_what_it_cannot_merge(odd_one: nn.Conv2d) -> None:
+    assert fused.merged_depthwise([_depthwise(4, 5), odd_one]) is None
+
+
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("extra", [0, 1])
+def test_coat_factor_attention_fused_equals_plain(merged: bool, extra: int, monkeypatch) -> None:
+    """The fused factor attention (token layout, CRPE added in place, one merged conv or, where the windows cannot
+    merge, the CRPE module itself), against the plain path, in float64, with and without a cls token."""
+    from blockgraph.blocks.coat import ConvRelPosEnc, FactorAttnConvRelPosEnc
+
+    if not merged:
+        monkeypatch.setattr(fused, "merged_depthwise", lambda convs: None)
+    torch.manual_seed(0)
+    attn = FactorAttnConvRelPosEnc(32, heads=8).double().eval()
+    crpe = ConvRelPosEnc(4, 8, {3: 2, 5: 3, 7: 3}).double().eval()
+    x = torch.randn(2, extra + 5 * 6, 32, dtype=torch.float64)
+    residual = torch.randn_like(x)
+    plain = attn(x, (5, 6), crpe, residual).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, (5, 6), crpe, residual), plain, rtol=0, atol=1e-12)
