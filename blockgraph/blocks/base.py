@@ -59,11 +59,29 @@ def init_elsewhere() -> Iterator[None]:
         _init_skipped = before
 
 
+_NO_INIT: dict[type, type] = {}
+
+
+def uninitialized(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``cls(*args, **kwargs)`` for a torch layer whose ``__init__`` ends with ``reset_parameters()`` (Linear,
+    Conv2d), with its parameters allocated but not drawn: for a caller that draws them its own way right after.
+
+    The layer is made as a subclass whose ``reset_parameters`` does nothing, then given its real class back, so it
+    is exactly a ``cls`` instance. (``torch.nn.utils.skip_init`` does the same by drawing on the meta device first,
+    which costs about 1 ms per layer in Python decompositions: most of building a small model.)
+    """
+    quiet = _NO_INIT.get(cls)
+    if quiet is None:
+        quiet = _NO_INIT[cls] = type(cls.__name__, (cls,), {"reset_parameters": lambda self: None})
+    layer = quiet(*args, **kwargs)
+    layer.__class__ = cls
+    return layer
+
+
 def linear(fan_in: int, fan_out: int, bias: bool = True, std: float = 0.02, device: Any = None, dtype: Any = None):
     """``nn.Linear`` with timm's ViT-family init (see :func:`init_linear`), drawn once: the layer is made without
-    PyTorch's default (kaiming uniform) init, which would be overwritten (``torch.nn.utils.skip_init``)."""
-    device = torch.get_default_device() if device is None else device
-    layer = torch.nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+    PyTorch's default (kaiming uniform) init, which would be overwritten (:func:`uninitialized`)."""
+    layer = uninitialized(nn.Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
     return init_linear(layer, std)
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, activation
+from blockgraph.blocks.base import BuildContext, activation, uninitialized
 from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -26,6 +26,15 @@ def init_conv(conv, mode: str) -> None:
     k = conv.kernel_size[0] * conv.kernel_size[1]
     fan_out = k * conv.out_channels / (conv.groups if mode == "fan_out_groups" else 1)
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+
+
+def conv2d(*args, init: str = "default", **kwargs):
+    """``nn.Conv2d(*args, **kwargs)`` with the weight init ``init`` (:func:`init_conv`), drawn once."""
+    if init == "default":
+        return nn.Conv2d(*args, **kwargs)
+    conv = uninitialized(nn.Conv2d, *args, **kwargs)
+    init_conv(conv, init)
+    return conv
 
 
 class Conv2dFields(BlockSpec):
@@ -91,8 +100,7 @@ class ConvBn(Module):
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.conv = nn.Conv2d(dim, dim_out, kernel, stride, padding, groups=groups, bias=False, **dd)
-        init_conv(self.conv, init)
+        self.conv = conv2d(dim, dim_out, kernel, stride, padding, groups=groups, bias=False, init=init, **dd)
         self.bn = nn.BatchNorm2d(dim_out, eps=eps, **dd)
         self.act = activation(act)
 

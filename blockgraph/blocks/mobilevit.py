@@ -10,7 +10,7 @@ from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, init_elsewhere
-from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
+from blockgraph.blocks.conv import ConvAct, ConvBn, conv2d
 from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.blocks.vit import VitBlock
 from blockgraph.graph.infer import InferContext
@@ -146,8 +146,7 @@ class MobileVitBlock(Module):
         dd = {"device": device, "dtype": dtype}
         self.patch = patch
         self.conv_kxk = ConvBn(dim, dim, 3, 1, 1, act=act, init="fan_out_groups", **dd)
-        self.conv_1x1 = nn.Conv2d(dim, transformer_dim, 1, bias=False, **dd)
-        init_conv(self.conv_1x1, "fan_out_groups")
+        self.conv_1x1 = conv2d(dim, transformer_dim, 1, bias=False, init="fan_out_groups", **dd)
         with init_elsewhere():  # the Linear layers are drawn below, as timm's ByobNet does
             self.transformer = nn.Sequential(*(
                 VitBlock(transformer_dim, heads, mlp_ratio, True, drop_path_rate, eps=eps, act=act, **dd)

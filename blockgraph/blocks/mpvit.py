@@ -10,7 +10,7 @@ from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, activation
-from blockgraph.blocks.conv import ConvAct, ConvBn, init_conv
+from blockgraph.blocks.conv import ConvAct, ConvBn, conv2d
 from blockgraph.blocks.lazy import Module, fused, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
@@ -60,10 +60,8 @@ class DWConvBn(Module):
     def __init__(self, dim, kernel=3, stride=1, act="hardswish", eps=1e-5, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.dwconv = nn.Conv2d(dim, dim, kernel, stride, (kernel - 1) // 2, groups=dim, bias=False, **dd)
-        self.pwconv = nn.Conv2d(dim, dim, 1, bias=False, **dd)
-        init_conv(self.dwconv, "fan_out")
-        init_conv(self.pwconv, "fan_out")
+        self.dwconv = conv2d(dim, dim, kernel, stride, (kernel - 1) // 2, groups=dim, bias=False, init="fan_out", **dd)
+        self.pwconv = conv2d(dim, dim, 1, bias=False, init="fan_out", **dd)
         self.bn = nn.BatchNorm2d(dim, eps=eps, **dd)
         self.act = activation(act)
 
@@ -137,8 +135,7 @@ class InvResBlock(Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.conv1 = ConvBn(dim, hidden, act=act, eps=eps, init="fan_out_groups", **dd)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False, **dd)
-        init_conv(self.dwconv, "fan_out_groups")
+        self.dwconv = conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False, init="fan_out_groups", **dd)
         self.norm = nn.BatchNorm2d(hidden, eps=eps, **dd)
         self.act = activation(act)
         self.conv2 = ConvBn(hidden, dim, eps=eps, init="fan_out_groups", **dd)

@@ -153,7 +153,7 @@ def test_deformable_encoder_layout_cache_equals_the_padded_path_without_padding(
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "coat_lite_tiny", "swin_tiny_patch4_window7_224"])
 def test_linear_layers_get_their_init_once_on_the_requested_device(name: str) -> None:
-    """Linear layers are made without PyTorch's default init (skip_init) and drawn once from trunc_normal(0.02)
+    """Linear layers are made without PyTorch's default init (base.uninitialized) and drawn once from trunc_normal(0.02)
     with zero bias: every one is initialized, none is left as uninitialized memory, all on the CPU."""
     torch.manual_seed(0)
     model = bg.create_model(name)
@@ -162,3 +162,24 @@ def test_linear_layers_get_their_init_once_on_the_requested_device(name: str) ->
     for layer in linears:
         assert abs(layer.weight.detach().std().item() - 0.02) < 0.004
         assert layer.bias is None or not layer.bias.detach().any()
+
+
+@pytest.mark.parametrize(
+    ("cls", "args", "kwargs"),
+    [
+        (torch.nn.Linear, (8, 4), {"bias": False}),
+        (torch.nn.Linear, (8, 4), {"dtype": torch.float64}),
+        (torch.nn.Conv2d, (8, 16, 3, 2, 1), {"groups": 2, "bias": False}),
+    ],
+)
+def test_uninitialized_layers_are_the_real_class_with_the_same_state(cls, args, kwargs) -> None:
+    """base.uninitialized gives exactly the torch class (no subclass left behind), with the same attributes,
+    parameters and buffers as the normal constructor; only the drawing is skipped."""
+    from blockgraph.blocks.base import uninitialized
+
+    layer, normal = uninitialized(cls, *args, **kwargs), cls(*args, **kwargs)
+    assert type(layer) is cls
+    assert vars(layer).keys() == vars(normal).keys() and repr(layer) == repr(normal)
+    got, expected = layer.state_dict(), normal.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(got[k].shape == expected[k].shape and got[k].dtype == expected[k].dtype for k in got)

@@ -11,6 +11,7 @@ import yaml
 from blockgraph.errors import Pos, SpecError
 from blockgraph.spec import load
 from blockgraph.spec.load import MAX_NODES, Node, load_file, load_text
+from tests.conftest import ROOT
 from tests.support.positions import at, where
 
 
@@ -366,3 +367,26 @@ def test_directory(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="is a directory, not a spec file") as info:
         load_file(tmp_path)
     assert info.value.file == str(tmp_path)
+
+
+@pytest.mark.parametrize("nested", ["[" * 100_000 + "]" * 100_000, "\n  " + "- " * 100_000 + "x"])
+def test_runaway_nesting_is_a_spec_error_not_a_crash(nested: str) -> None:
+    """Too deep for either YAML composer: a SpecError (libyaml is not even tried: it would overflow the C stack)."""
+    with pytest.raises(SpecError, match="nests collections too deeply"):
+        load_text("a: " + nested, "deep.yaml")
+
+
+def test_reference_specs_are_read_by_libyaml_and_give_the_same_nodes(monkeypatch) -> None:
+    """The fast composer is the one used for every reference spec, and its nodes (values and positions) equal the
+    pure-Python composer's."""
+    used = []
+    compose_all = yaml.compose_all
+    monkeypatch.setattr(yaml, "compose_all", lambda text, Loader: used.append(Loader) or compose_all(text, Loader))  # noqa: N803
+    for path in sorted((ROOT / "specs").glob("*.yaml")):
+        text = path.read_text()
+        fast = load_text(text, path.name)
+        monkeypatch.setattr(load, "_FAST_LOADER", None)
+        slow = load_text(text, path.name)
+        monkeypatch.setattr(load, "_FAST_LOADER", yaml.CSafeLoader)
+        assert fast == slow  # values, positions, key positions
+    assert used.count(yaml.CSafeLoader) == len(used) // 2 > 20
