@@ -32,6 +32,7 @@ from blockgraph.spec.schema import (
     RenameRule,
     Shared,
     TwinSpec,
+    describe_fields,
     model_types,
     path_type,
     registry,
@@ -178,6 +179,7 @@ def _default(info: FieldInfo) -> str:
 
 def fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, str, str, bool]]:
     """``(key, type, default, description, from the vocabulary)`` for each field of ``model``."""
+    describe_fields()
     for name, info in model.model_fields.items():
         if name in skip:
             continue
@@ -200,6 +202,7 @@ def _table(rows: list[tuple[str, str, str, str, bool]]) -> list[str]:
 def undocumented() -> dict[str, list[str]]:
     """Op fields that have no description of their own (op → field names), whether or not the vocabulary covers
     them."""
+    describe_fields()
     out: dict[str, list[str]] = {}
     for op, cls in registry().items():
         missing = [
