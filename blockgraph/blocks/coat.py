@@ -247,7 +247,12 @@ class FactorAttnConvRelPosEnc(Module):
         q, k, v = qkv.unbind(0)  # [B, h, N, Ch]
         factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
         x = self.scale * factor
-        x[:, :, extra:] += crpe(q, v, size)
+        if not extra:  # out of place: torch.compile fuses it (a sliced in-place add becomes a scatter copy)
+            x = x + crpe(q, v, size)
+        elif torch.compiler.is_compiling():
+            x = torch.cat((x[:, :, :extra], x[:, :, extra:] + crpe(q, v, size)), dim=2)
+        else:
+            x[:, :, extra:] += crpe(q, v, size)
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*Ch]
         x = self.proj_drop(self.proj(x))
         return x if residual is None else residual + x
