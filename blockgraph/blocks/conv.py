@@ -20,12 +20,15 @@ ConvInit = Literal["default", "fan_out", "fan_out_groups"]
 
 def init_conv(conv, mode: str) -> None:
     """``fan_out``: normal(0, sqrt(2 / (k*k*out))) as MPViT's Conv2d_BN (no division by groups);
-    ``fan_out_groups``: the same over ``out / groups`` (MPViT's ResBlock); ``default``: PyTorch's."""
+    ``fan_out_groups``: the same over ``out / groups`` (MPViT's ResBlock); ``default``: PyTorch's. A bias, if any,
+    is zeroed (timm's ``_init_weights`` for these layers)."""
     if mode == "default" or conv.weight.device.type == "meta":
         return
     k = conv.kernel_size[0] * conv.kernel_size[1]
     fan_out = k * conv.out_channels / (conv.groups if mode == "fan_out_groups" else 1)
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
 
 
 def conv2d(*args, init: str = "default", **kwargs):

@@ -183,3 +183,14 @@ def test_uninitialized_layers_are_the_real_class_with_the_same_state(cls, args, 
     got, expected = layer.state_dict(), normal.state_dict()
     assert got.keys() == expected.keys()
     assert all(got[k].shape == expected[k].shape and got[k].dtype == expected[k].dtype for k in got)
+
+
+def test_conv2d_with_its_own_init_draws_every_parameter() -> None:
+    """conv.conv2d skips PyTorch's default init: the weight gets the fan-out normal and a bias is zeroed, so no
+    parameter is left as uninitialized memory."""
+    from blockgraph.blocks.conv import conv2d
+
+    torch.manual_seed(0)
+    conv = conv2d(16, 32, 3, padding=1, bias=True, init="fan_out")
+    assert type(conv) is torch.nn.Conv2d and not conv.bias.detach().any()
+    assert abs(conv.weight.detach().std().item() - (2.0 / (9 * 32)) ** 0.5) < 0.01
