@@ -146,6 +146,8 @@ def _build_json(model: Any, report: Any, batch: int = 1) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
             "macs": macs[name],
         })  # fmt: skip
+        if name in model.trimmed_tokens:  # computes its first tokens only (all its readers read): their count
+            nodes[-1]["computed_tokens"] = model.trimmed_tokens[name]
     shared = [
         {
             "name": name,

@@ -212,7 +212,17 @@ def test_summary_per_node_params_and_macs_add_up(run_cli) -> None:
     assert sum(n["params"] for n in nodes.values()) + sum(s["params"] for s in shared.values()) == data["params"]
     # A node's MACs include the shared modules it calls, so the nodes alone add up to the total.
     assert sum(n["macs"] for n in nodes.values()) == data["macs"]
-    assert 0.98 < data["macs"] / 1.60e9 < 1.01  # timm's benchmark CSV: 1.60 GMACs at 224
+    # The last block computes the cls token only (the head reads nothing else): its keys and values for all 50 tokens
+    # (qkv's k, v rows, the CPE and softmax(k)^T v: 10,240,000 + 141,120 + 8 x 40 x 40 x 50) and the rest for one.
+    last = nodes["stage4.blocks.1"]
+    assert last["computed_tokens"] == 1 and last["shape"] == [1, 50, 320]
+    assert (
+        last["macs"]
+        == 50 * 320 * 640 + 7 * 7 * 320 * 9 + 8 * 40 * 40 * 50 + 320 * 320 * 2 + 8 * 40 * 40 + 2 * 320 * 1280
+    )
+    full = nodes["stage4.blocks.0"]["macs"]  # the same block on every token
+    assert 0.98 < (data["macs"] - last["macs"] + full) / 1.60e9 < 1.01  # timm's benchmark CSV: 1.60 GMACs at 224
+    assert not any("computed_tokens" in n for name, n in nodes.items() if name != "stage4.blocks.1")
     assert nodes["stage1.patch_embed"]["macs"] == 56 * 56 * 64 * 3 * 4 * 4  # conv 4x4/4, 3 -> 64 channels
     assert nodes["head"]["macs"] == 320 * 1000 and nodes["head"]["params"] == 2 * 320 + 320 * 1000 + 1000
     # The shared depthwise 3x3 CPE of stage 1 runs once per block (2 blocks) on a 56x56x64 map.

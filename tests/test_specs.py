@@ -79,6 +79,9 @@ def _check_shapes(path: Path, size: tuple[int, int]) -> None:
     for name, t in model.node_types().items():
         types = t.values() if isinstance(t, dict) else [t]
         expected[name] = [x.shape({"H": h, "W": w}, batch=1) for x in types]
+    for name, keep in model.trimmed_tokens.items():  # computed: the leading tokens its readers read (ViT's cls)
+        [(batch, _, channels)] = expected[name]
+        expected[name] = [(batch, keep, channels)]
     seen: dict[str, list[tuple[int, ...]]] = {}
 
     def hook(name):

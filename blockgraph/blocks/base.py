@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 """A dropout-like probability in [0, 1) (dropout, drop path)."""
@@ -23,6 +23,9 @@ class BuildContext:
     device: Any = None
     dtype: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    keep_tokens: int | None = None
+    """For a block that ``trims_tokens``: return only this many leading tokens (None: all); see
+    :attr:`~blockgraph.spec.schema.BlockSpec.trims_tokens`."""
 
     @property
     def dd(self) -> dict[str, Any]:
@@ -83,6 +86,22 @@ def linear(fan_in: int, fan_out: int, bias: bool = True, std: float = 0.02, devi
     PyTorch's default (kaiming uniform) init, which would be overwritten (:func:`uninitialized`)."""
     layer = uninitialized(nn.Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
     return init_linear(layer, std)
+
+
+def split_qkv(qkv: Any, x: Any, heads: int, queries: int, fast: bool) -> tuple[Any, Any, Any]:
+    """q from the first ``queries`` tokens of ``x`` ``[B, N, C]``, k and v from every token, through the rows of the
+    ``qkv`` layer (q, then k, then v; views of its weight): ``[B, heads, queries, d]``, ``[B, heads, N, d]`` twice.
+    ``fast``: through :func:`blockgraph.ops.fused.linear` (eager inference only)."""
+    B, N, C = x.shape
+
+    def project(x: Any, rows: slice) -> Any:
+        if fast:
+            return fused.linear(x, qkv, rows=rows)
+        return F.linear(x, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+
+    q = project(x[:, :queries], slice(0, C)).view(B, queries, heads, -1).transpose(1, 2)
+    k, v = project(x, slice(C, None)).view(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
 
 
 def init_linear(layer: Any, std: float = 0.02) -> Any:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, split_qkv
 from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext, SharedCall
@@ -229,12 +229,27 @@ class FactorAttnConvRelPosEnc(Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, size: tuple[int, int], crpe: ConvRelPosEnc, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        size: tuple[int, int],
+        crpe: ConvRelPosEnc,
+        residual: torch.Tensor | None = None,
+        queries: int | None = None,
     ) -> torch.Tensor:
-        """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``)."""
+        """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``). ``queries``: only
+        the first ``queries`` tokens, all of them extra (cls) tokens, attend and are returned."""
         B, N, C = x.shape
         extra = N - size[0] * size[1]  # the CRPE adds nothing at extra (cls) tokens
-        if fused.enabled(self):
+        fast = fused.enabled(self)
+        if queries is not None:  # extra tokens only: no CRPE term
+            q, k, v = split_qkv(self.qkv, x, self.heads, queries, fast)
+            x = (q @ (k.softmax(dim=2).transpose(-1, -2) @ v)).mul_(self.scale)  # [B, h, queries, Ch]
+            x = x.transpose(1, 2).reshape(B, queries, C)
+            if fast:
+                return fused.linear(x, self.proj, residual=residual)
+            x = self.proj_drop(self.proj(x))
+            return x if residual is None else residual + x
+        if fast:
             # The same sums in the token layout [B, N, h, Ch]: scale * factor is written once where proj reads it,
             # and the CRPE term is added in place.
             qkv = fused.linear(x, self.qkv).view(B, N, 3, self.heads, C // self.heads)
@@ -287,6 +302,7 @@ class SerialBlockSpec(BlockSpec):
     crpe: CrpeRef
     """The stage's shared ``conv_rel_pos_enc``."""
     needs_size = True
+    trims_tokens = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
@@ -296,7 +312,7 @@ class SerialBlockSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> SerialBlock:
         return SerialBlock(
             self.dim, self.heads, self.mlp_ratio, self.qkv_bias, self.drop_path, self.proj_drop, self.norm_eps,
-            self.act, **ctx.dd,
+            self.act, keep=ctx.keep_tokens, **ctx.dd,
         )  # fmt: skip
 
     def params(self, x: TensorType) -> int:
@@ -304,14 +320,16 @@ class SerialBlockSpec(BlockSpec):
 
 
 class SerialBlock(Module):
-    """``norm1``, ``factoratt_crpe``, ``norm2``, ``mlp`` (timm's names); CPE and CRPE are passed in."""
+    """``norm1``, ``factoratt_crpe``, ``norm2``, ``mlp`` (timm's names); CPE and CRPE are passed in. With ``keep``,
+    only the first ``keep`` tokens (extra tokens) are computed and returned; every token is a key and a value."""
 
     def __init__(
         self, dim, heads, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, proj_drop=0.0, eps=1e-6, act="gelu",
-        device=None, dtype=None,
+        keep=None, device=None, dtype=None,
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        self.keep = keep
         self.norm1 = nn.LayerNorm(dim, eps=eps, **dd)
         self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, heads, qkv_bias, proj_drop, **dd)
         self.drop_path = drop_path(drop_path_rate)
@@ -320,10 +338,12 @@ class SerialBlock(Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> torch.Tensor:
         x = cpe(x, size)
+        keep = self.keep
+        kept = x if keep is None else x[:, :keep]
         if fused.enabled(self):  # the residual adds happen in the projections' epilogues
-            x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=x)
+            x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=kept.contiguous(), queries=keep)
             return self.mlp(self.norm2(x), residual=x)
-        x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
+        x = kept + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe, queries=keep))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -43,6 +43,9 @@ class ClsHeadSpec(BlockSpec):
             )
         return TensorType.vector(self.num_classes or self.dim)
 
+    def reads_tokens(self, x: TensorType) -> int | None:
+        return 1 if self.pool == "token" else None
+
     def build(self, ctx: BuildContext, x: TensorType) -> ClsHead:
         return ClsHead(self.dim, self.num_classes, self.pool, x.extra, self.norm, self.norm_eps, self.drop, **ctx.dd)
 
@@ -63,9 +66,9 @@ class ClsHead(Module):
         self.fc = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        x = x[:, 0] if self.pool == "token" else x[:, self.extra :].mean(dim=1)  # [B, C]
-        return self.fc(self.drop(x))
+        if self.pool == "token":  # the norm is per token: the cls token's alone
+            return self.fc(self.drop(self.norm(x[:, 0])))
+        return self.fc(self.drop(self.norm(x)[:, self.extra :].mean(dim=1)))
 
 
 @register

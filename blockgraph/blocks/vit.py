@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, split_qkv
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
@@ -112,6 +112,7 @@ class VitBlockSpec(BlockSpec):
     """LayerNorm epsilon."""
     act: Activation = "gelu"
     """Activation function."""
+    trims_tokens = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
@@ -121,7 +122,7 @@ class VitBlockSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType) -> VitBlock:
         return VitBlock(
             self.dim, self.heads, self.mlp_ratio, self.qkv_bias, self.drop_path, self.proj_drop, self.attn_drop,
-            self.norm_eps, self.act, **ctx.dd,
+            self.norm_eps, self.act, keep=ctx.keep_tokens, **ctx.dd,
         )  # fmt: skip
 
     def params(self, x: TensorType) -> int:
@@ -140,12 +141,19 @@ class Attention(Module):
         self.proj = linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``)."""
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, queries: int | None = None
+    ) -> torch.Tensor:
+        """Attention over ``x``, plus ``residual`` if given (eval mode only; see ``Mlp.forward``). ``queries``: only
+        the first ``queries`` tokens attend (every token is a key and a value), and only they are returned."""
         B, N, C = x.shape
         fast = fused.enabled(self)
-        qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
-        q, k, v = qkv.reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, d]
+        if queries is None:
+            qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
+            q, k, v = qkv.reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B,h,N,d]
+        else:
+            q, k, v = split_qkv(self.qkv, x, self.heads, queries, fast)
+            N = queries
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*d]
         if fast:
@@ -155,14 +163,16 @@ class Attention(Module):
 
 
 class VitBlock(Module):
-    """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names)."""
+    """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names). With ``keep``, only the first ``keep`` tokens are
+    computed and returned: they attend to every token, the others are only keys and values."""
 
     def __init__(
         self, dim, heads, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, proj_drop=0.0, attn_drop=0.0, eps=1e-6,
-        act="gelu", device=None, dtype=None,
+        act="gelu", keep=None, device=None, dtype=None,
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        self.keep = keep
         self.norm1 = nn.LayerNorm(dim, eps=eps, **dd)
         self.attn = Attention(dim, heads, qkv_bias, attn_drop, proj_drop, **dd)
         self.drop_path = drop_path(drop_path_rate)
@@ -170,10 +180,12 @@ class VitBlock(Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=proj_drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.keep
+        kept = x if keep is None else x[:, :keep]
         if fused.enabled(self):  # the residual adds happen in the projections' epilogues
-            x = self.attn(self.norm1(x), residual=x)
+            x = self.attn(self.norm1(x), residual=kept.contiguous(), queries=keep)
             return self.mlp(self.norm2(x), residual=x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = kept + self.drop_path(self.attn(self.norm1(x), queries=keep))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -210,6 +222,9 @@ class DistilledHeadSpec(BlockSpec):
             )
         return TensorType.vector(self.num_classes or self.dim)
 
+    def reads_tokens(self, x: TensorType) -> int:
+        return 2  # cls and dist
+
     def build(self, ctx: BuildContext, x: TensorType) -> DistilledHead:
         return DistilledHead(self.dim, self.num_classes, self.norm_eps, self.drop, self.train_both, **ctx.dd)
 
@@ -230,7 +245,7 @@ class DistilledHead(Module):
         self.fc_dist = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm(x)
+        x = self.norm(x[:, :2])
         cls, dist = self.fc(self.drop(x[:, 0])), self.fc_dist(self.drop(x[:, 1]))
         if self.training and self.train_both:
             return cls, dist

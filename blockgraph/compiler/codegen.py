@@ -89,6 +89,7 @@ def compile_model(
     needed = graph.ancestors([node for _, node, _ in chosen])
     order = [name for name in graph.order() if name in needed]
 
+    trimmed = trimmed_tokens(inference, order, chosen)
     modules: dict[str, nn.Module] = {}
     shared_used = sorted(
         {q for name in order for v in graph.nodes[name].shared.values() for q in ([v] if isinstance(v, str) else v)}
@@ -103,19 +104,51 @@ def compile_model(
             continue
         types = inference.inputs(name)
         with _sized(name, node.op, graph.pos(node.path)):
-            modules[name] = node.spec.build(BuildContext(name, device, dtype), *types)  # type: ignore[union-attr]
+            ctx = BuildContext(name, device, dtype, keep_tokens=trimmed.get(name))
+            modules[name] = node.spec.build(ctx, *types)  # type: ignore[union-attr]
 
     model_cls = type(f"{_class_name(graph.spec.name)}", (BlockgraphModel,), {"__module__": BlockgraphModel.__module__})
     model = model_cls()
     _install(model, modules)
-    code = _generate(inference, order, chosen, returns, model)
+    code = _generate(inference, order, chosen, returns, trimmed)
     filename = f"<blockgraph {graph.spec.name} #{next(_counter)}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     namespace: dict[str, Any] = {}
     exec(compile(code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
     model_cls.forward = namespace["forward"]  # type: ignore[attr-defined]
-    model._setup(inference, chosen, returns, order, code)
+    model._setup(inference, chosen, returns, order, code, trimmed)
     return model
+
+
+def trimmed_tokens(inference: Inference, order: list[str], chosen: list[tuple[str, str, str | None]]) -> dict[str, int]:
+    """The nodes that compute only their first k tokens, with k: those whose block ``trims_tokens`` and whose every
+    reader reads at most k leading tokens, all of them extra tokens (cls, distillation), and that are not returned.
+
+    It is dead-code elimination on tokens: ViT's head reads the cls token alone, so the last block needs the keys
+    and values of every token but queries, projection and MLP for the cls token only (about 5/6 of its work).
+    """
+    graph = inference.graph
+    needed = set(order)
+    returned = {node for _, node, _ in chosen}
+    trimmed = {}
+    for name in order:
+        node = graph.nodes[name]
+        t = inference.types[name]
+        if node.is_input or name in returned or not type(node.spec).trims_tokens or not isinstance(t, TensorType):
+            continue
+        readers = [e.dst for e in graph.out_edges(name) if e.dst in needed]
+        wants = [_reads(inference, reader, t) for reader in readers]
+        if readers and None not in wants and max(wants) <= t.extra:  # type: ignore[type-var]
+            trimmed[name] = max(wants)  # type: ignore[type-var]
+    return trimmed
+
+
+def _reads(inference: Inference, reader: str, t: TensorType) -> int | None:
+    """How many leading tokens of ``t`` the node ``reader`` reads, if that is its only input (else None: all)."""
+    graph = inference.graph
+    if len(graph.in_edges(reader)) != 1:
+        return None
+    return graph.nodes[reader].spec.reads_tokens(t)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
@@ -202,7 +235,7 @@ def _generate(
     order: list[str],
     chosen: list[tuple[str, str, str | None]],
     returns: str,
-    model: nn.Module,
+    trimmed: dict[str, int],
 ) -> str:
     graph = inference.graph
     spec = graph.spec
@@ -255,7 +288,10 @@ def _generate(
         t = inference.types[name]
         if isinstance(t, TensorType):
             var[name] = names(name)
-            lines.append(f"    {var[name]} = {call}  # {t.symbolic_shape()}")
+            note = (
+                f"; computes its first {trimmed[name]} token(s) only, all its readers read" if name in trimmed else ""
+            )
+            lines.append(f"    {var[name]} = {call}  # {t.symbolic_shape()}{note}")
         else:  # several outputs: unpack the tuple into one variable per port
             targets = []
             for port in t:

@@ -67,12 +67,16 @@ class BlockgraphModel(nn.Module):
             ``index``; a :class:`FeatureInfo` (``.channels()``, ``.reduction()``, ``.module_name()``, ``.out_indices``).
         code: the source of the generated ``forward``.
         outputs: the outputs ``forward`` returns, in order.
+        trimmed_tokens: nodes that compute only their first k tokens, because every reader reads only those (ViT's
+            last block, read by a head on the cls token): ``{node: k}``. A node that is returned (``outputs=``) is
+            never trimmed.
     """
 
     spec: ModelBase
     feature_info: FeatureInfo
     code: str
     outputs: list[str]
+    trimmed_tokens: dict[str, int]
 
     def _setup(
         self,
@@ -81,10 +85,12 @@ class BlockgraphModel(nn.Module):
         returns: str,
         order: list[str],
         code: str,
+        trimmed: dict[str, int],
     ) -> None:
         graph = inference.graph
         self.spec = graph.spec
         self.code = code
+        self.trimmed_tokens = trimmed
         self.outputs = [name for name, _, _ in chosen]
         self.returns = returns
         self.nodes = [n for n in order if not graph.nodes[n].is_input]
@@ -197,7 +203,10 @@ class BlockgraphModel(nn.Module):
             t = self._inference.types[name]
             types = {"": t} if isinstance(t, TensorType) else {f"{p}: ": pt for p, pt in t.items()}
             for i, (label, pt) in enumerate(types.items()):
-                concrete = _shape(pt.shape({"H": h, "W": w}, batch=batch))
+                shape = pt.shape({"H": h, "W": w}, batch=batch)
+                concrete = _shape(shape)
+                if name in self.trimmed_tokens:  # computed: the first k tokens only
+                    concrete = f"{_shape((batch, self.trimmed_tokens[name], shape[2]))} (of {shape[1]} tokens)"
                 params = _params(self.get_submodule(name)) if i == 0 else ""
                 first = i == 0
                 rows.append([name if first else "", node.op if first else "", f"{label}{pt}", concrete, params,

@@ -70,12 +70,17 @@ def _in_place(act: nn.Module, y: Tensor) -> Tensor:
     return act(y)
 
 
-def linear(x: Tensor, layer: nn.Linear, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
-    """``act(layer(x))``, or ``residual + layer(x)`` (not both), in one pass over the output where oneDNN can.
+def linear(
+    x: Tensor, layer: nn.Linear, act: nn.Module | None = None, residual: Tensor | None = None, rows: slice | None = None
+) -> Tensor:
+    """``act(layer(x))``, or ``residual + layer(x)`` (not both), in one pass over the output where oneDNN can;
+    ``rows``: only these output features (a view of the weight's rows, no copy).
 
     For eager inference only (:func:`enabled`): the fused op has no autograd formula.
     """
     w, b = layer.weight, layer.bias
+    if rows is not None:
+        w, b = w[rows], None if b is None else b[rows]
     if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32:
         if residual is not None and act is None and residual.shape[-1] == w.shape[0]:
             if residual.shape == x.shape[:-1] + residual.shape[-1:]:

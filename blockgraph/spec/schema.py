@@ -162,10 +162,21 @@ class BlockSpec(SpecModel):
     """Whether the module normalizes with batch statistics (BatchNorm) at its output's grid: in training, a batch of
     one image whose map there is 1x1 leaves one value per channel, which BatchNorm cannot normalize; the compiled
     forward rejects that case with a ShapeError naming the node."""
+    trims_tokens: ClassVar[bool] = False
+    """Whether ``build`` honours ``ctx.keep_tokens``: a module that returns only the first ``keep_tokens`` tokens of
+    its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
+    that work whose result nothing reads is not done (ViT's last block computes the cls token alone); the node's
+    static type still describes the full output."""
 
     def output_ports(self) -> tuple[str, ...] | None:
         """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a
         block with one output. Others read a port as ``from: node.port``."""
+        return None
+
+    def reads_tokens(self, x: TensorType) -> int | None:
+        """How many leading tokens of its one input ``x`` the block reads (a head on the cls token: 1), or None, the
+        default: all of them, or unknown. A count at most ``x.extra`` lets a block before it that ``trims_tokens``
+        compute those tokens only."""
         return None
 
     def infer(self, ctx: InferContext, *inputs: TensorType) -> TensorType | dict[str, TensorType]:

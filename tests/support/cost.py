@@ -42,6 +42,9 @@ def assert_static_costs_match(model: torch.nn.Module, height: int, width: int, b
     wrong = {n: (counted[n], c) for n, c in params.items() if counted[n] != c}
     assert not wrong, f"static != measured parameters (node: (static, measured)): {wrong}"
     expected = cost.activation_bytes(model.inference, height, width, batch)
+    for name, keep in model.trimmed_tokens.items():  # its first tokens only: static bytes * keep / tokens
+        t = model.inference.types[name]
+        expected[name] = expected[name] * keep // t.shape({"H": height, "W": width}, batch)[1]
     wrong = {n: (expected[n], b) for n, b in outputs.items() if expected[n] != b}
     assert not wrong, f"static != measured output bytes (node: (static, measured)): {wrong}"
     assert set(outputs) == set(model.nodes)
