@@ -88,6 +88,11 @@ def linear(fan_in: int, fan_out: int, bias: bool = True, std: float = 0.02, devi
     return init_linear(layer, std)
 
 
+def leading(x: Any, keep: int | None) -> Any:
+    """The first ``keep`` tokens of ``x`` ``[B, N, C]`` (contiguous), or ``x`` itself when ``keep`` is None."""
+    return x if keep is None else x[:, :keep].contiguous()
+
+
 def split_qkv(qkv: Any, x: Any, heads: int, queries: int, fast: bool) -> tuple[Any, Any, Any]:
     """q from the first ``queries`` tokens of ``x`` ``[B, N, C]``, k and v from every token, through the rows of the
     ``qkv`` layer (q, then k, then v; views of its weight): ``[B, heads, queries, d]``, ``[B, heads, N, d]`` twice.

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, split_qkv
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, leading, linear, split_qkv
 from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext, SharedCall
@@ -338,12 +338,11 @@ class SerialBlock(Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int], cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> torch.Tensor:
         x = cpe(x, size)
-        keep = self.keep
-        kept = x if keep is None else x[:, :keep]
+        keep = self.keep  # None, or compute the first `keep` tokens only (queries); every token is a key and value
         if fused.enabled(self):  # the residual adds happen in the projections' epilogues
-            x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=kept.contiguous(), queries=keep)
+            x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=leading(x, keep), queries=keep)
             return self.mlp(self.norm2(x), residual=x)
-        x = kept + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe, queries=keep))
+        x = leading(x, keep) + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe, queries=keep))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

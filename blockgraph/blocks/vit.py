@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, split_qkv
+from blockgraph.blocks.base import BuildContext, Rate, drop_path, leading, linear, split_qkv
 from blockgraph.blocks.coat import check_heads
 from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
@@ -180,12 +180,11 @@ class VitBlock(Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=proj_drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.keep
-        kept = x if keep is None else x[:, :keep]
+        keep = self.keep  # None, or compute the first `keep` tokens only (queries); every token is a key and value
         if fused.enabled(self):  # the residual adds happen in the projections' epilogues
-            x = self.attn(self.norm1(x), residual=kept.contiguous(), queries=keep)
+            x = self.attn(self.norm1(x), residual=leading(x, keep), queries=keep)
             return self.mlp(self.norm2(x), residual=x)
-        x = kept + self.drop_path(self.attn(self.norm1(x), queries=keep))
+        x = leading(x, keep) + self.drop_path(self.attn(self.norm1(x), queries=keep))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
