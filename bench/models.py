@@ -13,9 +13,9 @@ Compile (every spec in specs/, families and specs without a twin included, and e
 ``torch._dynamo.explain``; then ``torch.compile(model, fullgraph=True, dynamic=False)`` (inductor, default mode),
 whose first call at each batch size of ``--compile-batches`` is the compile time (one recompilation per batch size;
 a static shape each); its output is compared with the eager model's; compiled latency is the median of interleaved
-rounds of compiled ours, compiled twin and eager ours. Every compile is cold: each first call runs in
-``torch._inductor.utils.fresh_cache()`` (an empty cache folder, in-memory caches cleared), and a tiny warm-up
-compile first pays the process's one-time costs (imports, compile workers).
+rounds of compiled ours and compiled twin (ABBA), then eager ours is timed on its own. Every compile is cold: each
+first call runs in ``torch._inductor.utils.fresh_cache()`` (an empty cache folder, in-memory caches cleared), and a
+tiny warm-up compile first pays the process's one-time costs (imports, compile workers).
 
 Rows are kept in ``OUT.json`` beside the table, and a run updates only the rows it measures: take the benchmark in
 pieces with ``--only`` (comma-separated globs on spec names). Usage:
@@ -138,12 +138,14 @@ def compiled(ref: Reference, batches: list[int], repeats: int) -> list[dict[str,
             with torch.no_grad():
                 row[key]["diff"] = max_diff(out, models[key](x))
         calls: dict[str, Callable[[], object]] = {k: partial(fn, x) for k, fn in fns.items() if k not in errors}
-        calls["eager"] = partial(models["ours"], x)
         with torch.no_grad():
+            # ours and the twin alone in the rounds (ABBA): a third call in the rotation would sit next to one of
+            # them more often than to the other (coat_mini read 1.04 that way, 0.99-1.00 in pairs)
             t = interleaved(calls, rounds=repeats)
+            eager = interleaved({"eager": partial(models["ours"], x)}, rounds=repeats)
         for key in fns:
             row[key]["s"] = t.get(key)
-        row["eager_s"] = t["eager"]
+        row["eager_s"] = t["eager"] = eager["eager"]
         rows.append(row)
         twin_part = f", twin {ms(row['twin'].get('s'))} ms" if "twin" in row else ""
         log(
