@@ -244,11 +244,7 @@ class FactorAttnConvRelPosEnc(Module):
         if queries is not None:  # extra tokens only: no CRPE term
             q, k, v = split_qkv(self.qkv, x, self.heads, queries, fast)
             x = (q @ (k.softmax(dim=2).transpose(-1, -2) @ v)).mul_(self.scale)  # [B, h, queries, Ch]
-            x = x.transpose(1, 2).reshape(B, queries, C)
-            if fast:
-                return fused.linear(x, self.proj, residual=residual)
-            x = self.proj_drop(self.proj(x))
-            return x if residual is None else residual + x
+            return self._out(x.transpose(1, 2).reshape(B, queries, C), residual, fast)
         if fast:
             # The same sums in the token layout [B, N, h, Ch]: scale * factor is written once where proj reads it,
             # and the CRPE term is added in place.
@@ -257,7 +253,7 @@ class FactorAttnConvRelPosEnc(Module):
             factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
             out = torch.mul(factor.transpose(1, 2), self.scale, out=x.new_empty(B, N, self.heads, C // self.heads))
             crpe.accumulate(out[:, extra:], qkv[:, extra:, 0], qkv[:, extra:, 2], size)
-            return fused.linear(out.view(B, N, C), self.proj, residual=residual)
+            return self._out(out.view(B, N, C), residual, fast)
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, h, N, Ch]
         factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # [B, h, N, Ch]
@@ -268,7 +264,12 @@ class FactorAttnConvRelPosEnc(Module):
             x = torch.cat((x[:, :, :extra], x[:, :, extra:] + crpe(q, v, size)), dim=2)
         else:
             x[:, :, extra:] += crpe(q, v, size)
-        x = x.transpose(1, 2).reshape(B, N, C)  # [B, N, h*Ch]
+        return self._out(x.transpose(1, 2).reshape(B, N, C), residual, fast)  # [B, N, h*Ch]
+
+    def _out(self, x: torch.Tensor, residual: torch.Tensor | None, fast: bool) -> torch.Tensor:
+        """``proj`` (then dropout) of ``x`` ``[B, N, C]``, plus ``residual`` if given: fused when ``fast``."""
+        if fast:
+            return fused.linear(x, self.proj, residual=residual)
         x = self.proj_drop(self.proj(x))
         return x if residual is None else residual + x
 
