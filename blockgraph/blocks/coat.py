@@ -131,7 +131,8 @@ def _splits_hint(heads: int, windows: list[int]) -> str:
 
 
 class ConvRelPosEnc(Module):
-    """``conv_list``: one depthwise conv (with bias) per window, over its heads' channels."""
+    """``conv_list``: one depthwise conv (with bias) per window, over its heads' channels; they run as one conv whose
+    kernels are zero-padded to the largest (``fused.merge_depthwise``)."""
 
     def __init__(self, head_dim, heads, windows, device=None, dtype=None):
         super().__init__()
@@ -150,11 +151,13 @@ class ConvRelPosEnc(Module):
         H, W = size
         extra = N - H * W
         v_img = v[:, :, extra:].transpose(-1, -2).reshape(B, h * Ch, H, W)  # channel = head * Ch + c
-        convs = [
-            conv(part)
-            for conv, part in zip(self.conv_list, torch.split(v_img, self.channel_splits, dim=1), strict=True)
-        ]
-        conv_v = torch.cat(convs, dim=1).reshape(B, h, Ch, H * W).transpose(-1, -2)  # [B, h, H*W, Ch]
+        merged = fused.merge_depthwise(self.conv_list)  # one conv (differentiable), not split + convs + cat
+        if merged is not None:
+            conv_v = F.conv2d(v_img, *merged, padding=merged[0].shape[-1] // 2, groups=h * Ch)
+        else:
+            parts = torch.split(v_img, self.channel_splits, dim=1)
+            conv_v = torch.cat([conv(part) for conv, part in zip(self.conv_list, parts, strict=True)], dim=1)
+        conv_v = conv_v.reshape(B, h, Ch, H * W).transpose(-1, -2)  # [B, h, H*W, Ch]
         return q[:, :, extra:] * conv_v
 
     def accumulate(self, out: torch.Tensor, q: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> None:

@@ -211,6 +211,22 @@ def test_merged_depthwise_equals_the_split_convolutions() -> None:
         torch.testing.assert_close(F.conv2d(x, weight, bias, padding=3, groups=12), expected, rtol=0, atol=1e-5)
 
 
+def test_merge_depthwise_is_differentiable() -> None:
+    """The uncached merge (the plain path's: training, compile) passes gradients to each convolution's own tensors,
+    the padded taps' gradients dropped: the same gradients as the split convolutions, in float64."""
+    torch.manual_seed(0)
+    convs = [_depthwise(4, 3).double(), _depthwise(6, 7, bias=False).double(), _depthwise(2, 5).double()]
+    x = torch.randn(2, 12, 9, 11, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 12, 9, 11, dtype=torch.float64)
+    inputs = (x, *(p for c in convs for p in c.parameters()))
+    expected = torch.cat([c(p) for c, p in zip(convs, torch.split(x, [4, 6, 2], 1), strict=True)], 1)
+    got = F.conv2d(x, *fused.merge_depthwise(convs), padding=3, groups=12)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got, inputs, upstream)
+    for g, e in zip(grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "odd_one",
     [
