@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field
 
 from blockgraph.blocks.lazy import F, Module, fused, nn, torch
+
+if TYPE_CHECKING:
+    from blockgraph.types import Expr
 
 Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 """A dropout-like probability in [0, 1) (dropout, drop path)."""
@@ -22,10 +25,18 @@ class BuildContext:
     node: str
     device: Any = None
     dtype: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
     keep_tokens: int | None = None
     """For a block that ``trims_tokens``: return only this many leading tokens (None: all); see
     :attr:`~blockgraph.spec.schema.BlockSpec.trims_tokens`."""
+    input_size: tuple[int, int] | None = None
+    """The spec's input ``(H, W)``: a block may precompute what depends on it (a mask); the model takes other
+    sizes too."""
+
+    def at_input_size(self, size: Expr) -> int | None:
+        """A size expression (of the symbols ``H``, ``W``) at :attr:`input_size`; None without one."""
+        if self.input_size is None:
+            return None
+        return size.evaluate({"H": self.input_size[0], "W": self.input_size[1]})
 
     @property
     def dd(self) -> dict[str, Any]:

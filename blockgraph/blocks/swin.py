@@ -11,13 +11,11 @@ from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, drop_path, linear, memo
 from blockgraph.blocks.coat import check_heads
-from blockgraph.blocks.lazy import F, Module, fused, lazy_module, nn, torch
+from blockgraph.blocks.lazy import F, Module, fused, nn, torch
 from blockgraph.blocks.mlp import Activation, Mlp
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
-
-ops = lazy_module("blockgraph.ops")
 
 # --------------------------------------------------------------------------------------------------- the block
 
@@ -79,9 +77,10 @@ class SwinBlockSpec(BlockSpec):
         return x
 
     def build(self, ctx: BuildContext, x: TensorType) -> SwinBlock:
+        h, w = (ctx.at_input_size(size) for size in x.grid)  # the map at the spec's input: its mask is made now
         return SwinBlock(
             self.dim, self.heads, self.window, self.shift, self.mlp_ratio, self.qkv_bias, self.drop_path,
-            self.proj_drop, self.attn_drop, self.norm_eps, self.act, **ctx.dd,
+            self.proj_drop, self.attn_drop, self.norm_eps, self.act, size=None if h is None else (h, w), **ctx.dd,
         )  # fmt: skip
 
     def params(self, x: TensorType) -> int:
@@ -119,9 +118,10 @@ class WindowAttention(Module):
     """``qkv`` → softmax attention with ``scale``, the relative position bias (and the shift mask) added to the
     logits → ``proj``; bias from ``relative_position_bias_table`` ``[(2w-1)^2, heads]`` (timm's layout).
 
-    The attention runs through ``F.scaled_dot_product_attention`` with the bias as a float mask. Outside autograd
-    (eval under ``no_grad``/``inference_mode``) the bias, or bias + shift mask, is built once per map size and
-    reused until the table changes (its version counter and storage are part of the key).
+    The attention is the explicit math, not ``F.scaled_dot_product_attention``: for 49-token windows with a float
+    bias it is the faster of the two, eagerly and under torch.compile (numbers at the code). Outside autograd (eval
+    under ``no_grad``/``inference_mode``) the bias, or bias + shift mask, is built once per map size and reused
+    until the table changes (its version counter and storage are part of the key).
     """
 
     def __init__(self, dim, heads, window, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, device=None, dtype=None):
@@ -166,24 +166,28 @@ class WindowAttention(Module):
             attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias)
             x = attn.softmax(dim=-1) @ v
             return fused.linear(x.transpose(1, 2).reshape(Bw, N, C), self.proj)
-        if bias.shape[0] > 1:  # one mask per window: repeat it for every image of the batch
-            bias = bias.expand(Bw // bias.shape[0], -1, -1, -1, -1).reshape(Bw, self.heads, N, N)
-        if ops.exporting():
-            # torch.export decomposes masked SDPA into a layout its own reshape then fails to view: plain math
-            x = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
-        else:
-            drop = self.attn_drop if self.training else 0.0
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
+        # the plain math, as timm's non-fused path: inductor fuses the bias add into the softmax and the 49-token
+        # windows' products go to bmm (Swin-T compiled at batch 1: 0.99-1.01 of timm's; through SDPA's flash kernel
+        # 1.02-1.06); with a bias that needs a gradient, SDPA would run this math anyway
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).view(-1, bias.shape[0], self.heads, N, N) + bias
+        attn = attn.view(Bw, self.heads, N, N).softmax(dim=-1)
+        x = F.dropout(attn, self.attn_drop, self.training) @ v
         x = x.transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
         return self.proj_drop(self.proj(x))
 
 
 class SwinBlock(Module):
-    """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names), on row-major tokens of an ``h x w`` map."""
+    """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names), on row-major tokens of an ``h x w`` map.
+
+    With ``size`` (the map the model is built for) a shifted block keeps that map's shift mask as the buffer
+    ``attn_mask`` (not in the state_dict), as timm does: under torch.compile it is then an input of the graph, not a
+    computation traced into it (inductor fused that index arithmetic into the softmax, per head and image: Swin-T's
+    shifted blocks took 3x as long). Other sizes make and cache theirs on first use.
+    """
 
     def __init__(
         self, dim, heads, window=7, shift=0, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, proj_drop=0.0,
-        attn_drop=0.0, eps=1e-5, act="gelu", device=None, dtype=None,
+        attn_drop=0.0, eps=1e-5, act="gelu", size=None, device=None, dtype=None,
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
@@ -194,9 +198,14 @@ class SwinBlock(Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=proj_drop, **dd)
         self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.mask_size = tuple(size) if size is not None and shift and min(size) > window else None
+        mask = shift_mask(*self.mask_size, window, shift, device) if self.mask_size else None
+        self.register_buffer("attn_mask", mask, persistent=False)
 
     def _mask(self, h: int, w: int, shift: int, device) -> torch.Tensor:
-        """The shift mask for this map size (computed once per size and device)."""
+        """The shift mask for this map size: the buffer's, or computed once per size and device."""
+        if (h, w) == self.mask_size and self.attn_mask.device == device:
+            return self.attn_mask
         return memo(self._masks, (h, w, str(device)), lambda: shift_mask(h, w, self.window, shift, device))
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

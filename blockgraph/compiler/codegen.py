@@ -90,6 +90,7 @@ def compile_model(
     order = [name for name in graph.order() if name in needed]
 
     trimmed = trimmed_tokens(inference, order, chosen)
+    input_size = tuple(graph.spec.input.size)
     modules: dict[str, nn.Module] = {}
     shared_used = sorted(
         {q for name in order for v in graph.nodes[name].shared.values() for q in ([v] if isinstance(v, str) else v)}
@@ -104,7 +105,7 @@ def compile_model(
             continue
         types = inference.inputs(name)
         with _sized(name, node.op, graph.pos(node.path)):
-            ctx = BuildContext(name, device, dtype, keep_tokens=trimmed.get(name))
+            ctx = BuildContext(name, device, dtype, keep_tokens=trimmed.get(name), input_size=input_size)
             modules[name] = node.spec.build(ctx, *types)  # type: ignore[union-attr]
 
     model_cls = type(f"{_class_name(graph.spec.name)}", (BlockgraphModel,), {"__module__": BlockgraphModel.__module__})

@@ -1,5 +1,5 @@
 """Each speed-up in the blocks is guarded by an equivalence test against the plain math it replaces, so that no
-later change can trade exactness for speed: Swin's attention through SDPA with a cached bias, CoaT's CRPE without
+later change can trade exactness for speed: Swin's window attention with a cached bias and mask, CoaT's CRPE without
 zero rows, ViT's SDPA attention, the deformable encoder's per-size layout cache."""
 
 from __future__ import annotations
@@ -83,6 +83,26 @@ def test_swin_block_in_training_equals_eval_without_dropout() -> None:
     with torch.no_grad():
         evaluated = block.eval()(x, (14, 14))
     torch.testing.assert_close(trained, evaluated, rtol=0, atol=1e-5)
+
+
+def test_swin_block_keeps_the_mask_of_its_build_size_as_a_buffer() -> None:
+    """The built size's mask is a non-persistent buffer (an input under torch.compile, not traced ops), equal to
+    the definition; another size makes its own, and both give the same block output as a block built without."""
+    torch.manual_seed(0)
+    block = _seeded(SwinBlock(32, 4, 7, shift=3, size=(14, 21))).eval()
+    plain = SwinBlock(32, 4, 7, shift=3).eval()
+    plain.load_state_dict(block.state_dict())
+    assert "attn_mask" not in block.state_dict()
+    assert torch.equal(block.attn_mask, shift_mask(14, 21, 7, 3))
+    assert block._mask(14, 21, 3, block.attn_mask.device) is block.attn_mask
+    assert plain.attn_mask is None and SwinBlock(32, 4, 7, shift=3, size=(7, 7)).attn_mask is None  # one window
+    for h, w in [(14, 21), (21, 14)]:
+        x = torch.randn(2, h * w, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, (h, w)), plain(x, (h, w)), rtol=0, atol=0)
+        torch.testing.assert_close(block.train()(x, (h, w)), plain.train()(x, (h, w)), rtol=0, atol=0)
+        block.eval(), plain.eval()
+    assert list(block._masks) == [(21, 14, "cpu")]
 
 
 # ------------------------------------------------------------------------------------------------------------ CoaT
