@@ -101,7 +101,8 @@ def test_swin_block_keeps_the_mask_of_its_build_size_as_a_buffer() -> None:
         with torch.no_grad():
             torch.testing.assert_close(block(x, (h, w)), plain(x, (h, w)), rtol=0, atol=0)
         torch.testing.assert_close(block.train()(x, (h, w)), plain.train()(x, (h, w)), rtol=0, atol=0)
-        block.eval(), plain.eval()
+        block.eval()
+        plain.eval()
     assert list(block._masks) == [(21, 14, "cpu")]
 
 
