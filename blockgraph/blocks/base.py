@@ -46,7 +46,9 @@ class BuildContext:
 
 def memo(cache: dict[Any, Any], key: Any, make: Any, limit: int = 8) -> Any:
     """``make()``, remembered in ``cache`` under ``key`` (per input size: masks, biases, reference points); the
-    oldest entry goes past ``limit``. Under ``torch.compile`` it calls ``make()``, which the compiler traces."""
+    oldest entry goes past ``limit``. Under ``torch.compile`` it calls ``make()``, which the compiler traces into the
+    graph (run on every call): what depends only on the spec's input size can be a buffer made at build instead
+    (``BuildContext.input_size``; Swin's shift mask)."""
     if torch.compiler.is_compiling():
         return make()
     value = cache.get(key)

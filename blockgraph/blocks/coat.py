@@ -132,16 +132,17 @@ def _splits_hint(heads: int, windows: list[int]) -> str:
 
 class ConvRelPosEnc(Module):
     """``conv_list``: one depthwise conv (with bias) per window, over its heads' channels; they run as one conv whose
-    kernels are zero-padded to the largest (``fused.merge_depthwise``)."""
+    kernels are zero-padded to the largest (``fused.merge_depthwise``), so the window sizes must be odd."""
 
     def __init__(self, head_dim, heads, windows, device=None, dtype=None):
         super().__init__()
+        if any(k % 2 == 0 for k in windows):
+            raise ValueError(f"CRPE windows must be odd (the map keeps its size), got {sorted(windows)}")
         self.heads = heads
         self.conv_list = nn.ModuleList(
             nn.Conv2d(n * head_dim, n * head_dim, k, padding=k // 2, groups=n * head_dim, device=device, dtype=dtype)
             for k, n in windows.items()
         )
-        self.channel_splits = [n * head_dim for n in windows.values()]
 
     def forward(self, q: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``q * DWConv(v)`` at the image tokens: ``[B, h, H*W, Ch]``. timm's CRPE returns ``[B, h, N, Ch]`` with a
@@ -151,12 +152,8 @@ class ConvRelPosEnc(Module):
         H, W = size
         extra = N - H * W
         v_img = v[:, :, extra:].transpose(-1, -2).reshape(B, h * Ch, H, W)  # channel = head * Ch + c
-        merged = fused.merge_depthwise(self.conv_list)  # one conv (differentiable), not split + convs + cat
-        if merged is not None:
-            conv_v = F.conv2d(v_img, *merged, padding=merged[0].shape[-1] // 2, groups=h * Ch)
-        else:
-            parts = torch.split(v_img, self.channel_splits, dim=1)
-            conv_v = torch.cat([conv(part) for conv, part in zip(self.conv_list, parts, strict=True)], dim=1)
+        weight, bias = fused.merge_depthwise(self.conv_list)  # one conv (differentiable), not split + convs + cat
+        conv_v = F.conv2d(v_img, weight, bias, padding=weight.shape[-1] // 2, groups=h * Ch)
         conv_v = conv_v.reshape(B, h, Ch, H * W).transpose(-1, -2)  # [B, h, H*W, Ch]
         return q[:, :, extra:] * conv_v
 
@@ -165,12 +162,7 @@ class ConvRelPosEnc(Module):
         eager inference: the windows' kernels run as one depthwise conv (``fused.merged_depthwise``), channels-last
         on a view of ``v``, and the product is added in place."""
         B, L, h, Ch = v.shape
-        merged = fused.merged_depthwise(list(self.conv_list))
-        if merged is None:
-            crpe = self(q.transpose(1, 2), v.transpose(1, 2), size)  # [B, h, H*W, Ch]
-            out += crpe.transpose(1, 2)
-            return
-        weight, bias = merged
+        weight, bias = fused.merged_depthwise(self.conv_list)
         img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
         conv = F.conv2d(img, weight, bias, padding=weight.shape[-1] // 2, groups=h * Ch)
         out.addcmul_(q, conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch))

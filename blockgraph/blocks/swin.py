@@ -159,21 +159,19 @@ class WindowAttention(Module):
         qkv = fused.linear(x, self.qkv) if fast else self.qkv(x)
         q, k, v = qkv.reshape(Bw, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # [Bw, h, N, d]
         bias = self.attention_bias(mask, key)  # [windows or 1, h, N, N]
+        # The explicit math, not SDPA, at 49-token windows: eagerly 1.0 vs 1.75 ms for the 64 windows of stage 1 at
+        # batch 1 (SDPA's flash kernel); compiled, inductor fuses the bias add into the softmax and the products go
+        # to bmm (Swin-T at batch 1: 0.99-1.01 of timm's compiled time, 1.02-1.06 through SDPA). With a bias that
+        # needs a gradient SDPA would run this math anyway.
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # [Bw, h, N, N]
+        per_window = attn.view(-1, bias.shape[0], self.heads, N, N)  # the bias is not repeated for every image
         if fast:
-            # 49-token windows: the plain math with the bias added in place beats SDPA's flash kernel (1.0 vs 1.75 ms
-            # for the 64 windows of stage 1 at batch 1), and the bias is not repeated for every image
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias)
-            x = attn.softmax(dim=-1) @ v
-            return fused.linear(x.transpose(1, 2).reshape(Bw, N, C), self.proj)
-        # the plain math, as timm's non-fused path: inductor fuses the bias add into the softmax and the 49-token
-        # windows' products go to bmm (Swin-T compiled at batch 1: 0.99-1.01 of timm's; through SDPA's flash kernel
-        # 1.02-1.06); with a bias that needs a gradient, SDPA would run this math anyway
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).view(-1, bias.shape[0], self.heads, N, N) + bias
-        attn = attn.view(Bw, self.heads, N, N).softmax(dim=-1)
-        x = F.dropout(attn, self.attn_drop, self.training) @ v
+            per_window.add_(bias)
+        else:
+            attn = (per_window + bias).view(Bw, self.heads, N, N)
+        x = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training) @ v
         x = x.transpose(1, 2).reshape(Bw, N, C)  # [Bw, N, h*d]
-        return self.proj_drop(self.proj(x))
+        return fused.linear(x, self.proj) if fast else self.proj_drop(self.proj(x))
 
 
 class SwinBlock(Module):
@@ -198,9 +196,13 @@ class SwinBlock(Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=proj_drop, **dd)
         self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.mask_size = tuple(size) if size is not None and shift and min(size) > window else None
+        self.mask_size = tuple(size) if size is not None and self._shift(*size) else None
         mask = shift_mask(*self.mask_size, window, shift, device) if self.mask_size else None
         self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _shift(self, h: int, w: int) -> int:
+        """The shift on an ``h x w`` map: none when the map is one window (timm)."""
+        return self.shift if min(h, w) > self.window else 0
 
     def _mask(self, h: int, w: int, shift: int, device) -> torch.Tensor:
         """The shift mask for this map size: the buffer's, or computed once per size and device."""
@@ -212,7 +214,7 @@ class SwinBlock(Module):
         B, L, C = x.shape
         h, w = size
         win = self.window
-        shift = self.shift if min(h, w) > win else 0  # timm: a map of one window is not shifted
+        shift = self._shift(h, w)
         y = self.norm1(x).view(B, h, w, C)
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))

@@ -137,6 +137,12 @@ def test_factor_attention_with_crpe_equals_the_zero_padded_formula(extra: int) -
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+def test_crpe_refuses_even_windows() -> None:
+    """Its windows run as one conv with kernels padded around their centers: an even kernel has none."""
+    with pytest.raises(ValueError, match="odd"):
+        ConvRelPosEnc(8, 4, {3: 2, 4: 2})
+
+
 # ------------------------------------------------------------------------------------------------------------- ViT
 
 

@@ -243,15 +243,13 @@ def test_merged_depthwise_refuses_what_it_cannot_merge(odd_one: nn.Conv2d) -> No
     assert fused.merged_depthwise([_depthwise(4, 5), odd_one]) is None
 
 
-@pytest.mark.parametrize("merged", [True, False])
 @pytest.mark.parametrize("extra", [0, 1])
-def test_coat_factor_attention_fused_equals_plain(merged: bool, extra: int, monkeypatch) -> None:
-    """The fused factor attention (token layout, CRPE added in place, one merged conv or, where the windows cannot
-    merge, the CRPE module itself), against the plain path, in float64, with and without a cls token."""
+def test_coat_factor_attention_fused_equals_plain(extra: int) -> None:
+    """The fused factor attention (token layout, CRPE added in place from the cached merged conv, channels-last),
+    against the plain path (itself checked against the split windows in tests/blocks/test_optimizations.py), in
+    float64, with and without a cls token."""
     from blockgraph.blocks.coat import ConvRelPosEnc, FactorAttnConvRelPosEnc
 
-    if not merged:
-        monkeypatch.setattr(fused, "merged_depthwise", lambda convs: None)
     torch.manual_seed(0)
     attn = FactorAttnConvRelPosEnc(32, heads=8).double().eval()
     crpe = ConvRelPosEnc(4, 8, {3: 2, 5: 3, 7: 3}).double().eval()
