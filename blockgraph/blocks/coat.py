@@ -54,7 +54,8 @@ class ConvPosEncSpec(BlockSpec):
 
 
 class ConvPosEnc(Module):
-    """``proj``: depthwise conv with bias; the residual is inside the module."""
+    """``proj``: depthwise conv with bias (its weight viewed channels-last: ``fused.channels_last_depthwise``); the
+    residual is inside the module."""
 
     def __init__(self, dim, kernel=3, device=None, dtype=None):
         super().__init__()
@@ -64,15 +65,17 @@ class ConvPosEnc(Module):
         B, N, C = x.shape
         H, W = size
         extra = N - H * W
-        feat = x[:, extra:].transpose(1, 2).view(B, C, H, W)  # [B, C, H, W]
+        feat = x[:, extra:].transpose(1, 2).view(B, C, H, W)  # [B, C, H, W], channels-last strides
+        conv = self.proj
+        y = F.conv2d(feat, fused.channels_last_depthwise(conv.weight), conv.bias, padding=conv.padding, groups=C)
         if fused.enabled(self):
             if not extra:  # the conv's output is fresh: add in place
-                return self.proj(feat).add_(feat).flatten(2).transpose(1, 2)
+                return y.add_(feat).flatten(2).transpose(1, 2)
             out = torch.empty_like(x, memory_format=torch.contiguous_format)  # conv + residual written in place of cat
             out[:, :extra] = x[:, :extra]
-            torch.add(self.proj(feat), feat, out=out[:, extra:].transpose(1, 2).view(B, C, H, W))
+            torch.add(y, feat, out=out[:, extra:].transpose(1, 2).view(B, C, H, W))
             return out
-        out = (self.proj(feat) + feat).flatten(2).transpose(1, 2)  # [B, H*W, C]
+        out = (y + feat).flatten(2).transpose(1, 2)  # [B, H*W, C]
         return torch.cat((x[:, :extra], out), dim=1) if extra else out
 
 

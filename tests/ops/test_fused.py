@@ -243,6 +243,48 @@ def test_merged_depthwise_refuses_what_it_cannot_merge(odd_one: nn.Conv2d) -> No
     assert fused.merged_depthwise([_depthwise(4, 5), odd_one]) is None
 
 
+# ----------------------------------------------------------------------------------------- channels_last_depthwise
+
+
+def test_channels_last_depthwise_is_a_view_with_the_same_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    conv = _depthwise(6, 3).double()
+    weight = fused.channels_last_depthwise(conv.weight)
+    assert weight.data_ptr() == conv.weight.data_ptr() and torch.equal(weight, conv.weight)
+    assert weight.stride() == (9, 1, 3, 1) and weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    inputs = (x, conv.weight, conv.bias)
+    got = F.conv2d(x, weight, conv.bias, padding=1, groups=6)
+    expected = conv(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got, inputs, upstream)
+    for g, e in zip(grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    dense = nn.Conv2d(4, 8, 3).weight  # not depthwise: a channels-last view would need a copy
+    assert fused.channels_last_depthwise(dense) is dense
+    assert fused.merge_depthwise([_depthwise(4, 3), _depthwise(2, 5)])[0].stride() == (25, 1, 5, 1)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's layout choice")
+def test_channels_last_depthwise_keeps_a_batch_one_token_map_channels_last() -> None:
+    """Tokens [1, N, C] viewed as a map [1, C, H, W] with the batch stride C (inductor's strides at batch 1): with
+    the module's own weight oneDNN reads the input as channels-first and copies it to NCHW; with the view it runs on
+    the input as it is and returns channels-last, with the same values."""
+    torch.manual_seed(0)
+    conv = _depthwise(16, 3)
+    x = torch.randn(1, 5 * 7, 16).as_strided((1, 16, 5, 7), (16, 1, 7 * 16, 16))
+    weight = fused.channels_last_depthwise(conv.weight)
+    with torch.no_grad():
+        plain = conv(x)
+        got = F.conv2d(x, weight, conv.bias, padding=1, groups=16)
+        assert "aten::copy_" in _ops_called(lambda: conv(x))  # the case this is for
+        assert "aten::copy_" not in _ops_called(lambda: F.conv2d(x, weight, conv.bias, padding=1, groups=16))
+    assert plain.is_contiguous() and not got.is_contiguous()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("extra", [0, 1])
 def test_coat_factor_attention_fused_equals_plain(extra: int) -> None:
     """The fused factor attention (token layout, CRPE added in place from the cached merged conv, channels-last),
