@@ -95,9 +95,10 @@ def uninitialized(cls: type, *args: Any, **kwargs: Any) -> Any:
 
 
 def linear(fan_in: int, fan_out: int, bias: bool = True, std: float = 0.02, device: Any = None, dtype: Any = None):
-    """``nn.Linear`` with timm's ViT-family init (see :func:`init_linear`), drawn once: the layer is made without
-    PyTorch's default (kaiming uniform) init, which would be overwritten (:func:`uninitialized`)."""
-    layer = uninitialized(nn.Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+    """``nn.Linear`` (:class:`blockgraph.ops.fused.Linear`: oneDNN under torch.compile) with timm's ViT-family init
+    (see :func:`init_linear`), drawn once: the layer is made without PyTorch's default (kaiming uniform) init, which
+    would be overwritten (:func:`uninitialized`)."""
+    layer = uninitialized(fused.Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
     return init_linear(layer, std)
 
 

@@ -54,8 +54,7 @@ class ConvPosEncSpec(BlockSpec):
 
 
 class ConvPosEnc(Module):
-    """``proj``: depthwise conv with bias (its weight viewed channels-last: ``fused.channels_last_depthwise``); the
-    residual is inside the module."""
+    """``proj``: depthwise conv with bias (run by ``fused.depthwise_conv2d``); the residual is inside the module."""
 
     def __init__(self, dim, kernel=3, device=None, dtype=None):
         super().__init__()
@@ -66,8 +65,7 @@ class ConvPosEnc(Module):
         H, W = size
         extra = N - H * W
         feat = x[:, extra:].transpose(1, 2).view(B, C, H, W)  # [B, C, H, W], channels-last strides
-        conv = self.proj
-        y = F.conv2d(feat, fused.channels_last_depthwise(conv.weight), conv.bias, padding=conv.padding, groups=C)
+        y = fused.depthwise_conv2d(feat, self.proj.weight, self.proj.bias, self.proj.padding)
         if fused.enabled(self):
             if not extra:  # the conv's output is fresh: add in place
                 return y.add_(feat).flatten(2).transpose(1, 2)
@@ -156,7 +154,7 @@ class ConvRelPosEnc(Module):
         extra = N - H * W
         v_img = v[:, :, extra:].transpose(-1, -2).reshape(B, h * Ch, H, W)  # channel = head * Ch + c
         weight, bias = fused.merge_depthwise(self.conv_list)  # one conv (differentiable), not split + convs + cat
-        conv_v = F.conv2d(v_img, weight, bias, padding=weight.shape[-1] // 2, groups=h * Ch)
+        conv_v = fused.depthwise_conv2d(v_img, weight, bias, weight.shape[-1] // 2)
         conv_v = conv_v.reshape(B, h, Ch, H * W).transpose(-1, -2)  # [B, h, H*W, Ch]
         return q[:, :, extra:] * conv_v
 
@@ -167,7 +165,7 @@ class ConvRelPosEnc(Module):
         B, L, h, Ch = v.shape
         weight, bias = fused.merged_depthwise(self.conv_list)
         img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
-        conv = F.conv2d(img, weight, bias, padding=weight.shape[-1] // 2, groups=h * Ch)
+        conv = fused.depthwise_conv2d(img, weight, bias, weight.shape[-1] // 2)
         out.addcmul_(q, conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch))
 
 

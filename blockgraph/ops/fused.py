@@ -8,6 +8,9 @@ training, autograd, ``torch.compile`` and ONNX see exactly the modules' own ops.
 - :func:`linear`: on the CPU in float32, oneDNN's matrix multiply (``torch.ops.mkldnn._linear_pointwise``, the op
   inductor's CPU backend emits) with the activation or the residual add done in its epilogue, where the plain path
   would run a second pass over the output. Elsewhere ``F.linear`` then the activation / add in place.
+- :class:`Linear` (every ``linear`` layer of the blocks): ``nn.Linear`` whose forward, while torch.compile traces
+  for inference (no gradients), runs large matrix multiplies through oneDNN as well (:func:`dense`): inductor
+  without freezing lowers ``F.linear`` to MKL's ``addmm``, 5-28% slower on these machines' shapes.
 - :func:`merged_depthwise`: depthwise convolutions over consecutive channel groups (CoaT's CRPE windows) as one,
   cached; :func:`merge_depthwise` builds it with differentiable ops, for the plain path too (training, compile).
 - :func:`conv_bn`: Conv2d → BatchNorm2d (eval: an affine map per channel) → activation as one convolution whose
@@ -96,6 +99,47 @@ def linear(
     return y if residual is None else y.add_(residual)
 
 
+# oneDNN's matrix multiply as an op of our own: torch.compile cannot trace ``mkldnn._linear_pointwise`` itself (no fake
+# kernel; inductor lowers it only for frozen weights), so the graph calls this one, opaque to inductor like ``addmm``.
+_LIBRARY = torch.library.Library("blockgraph", "DEF")
+_LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl(
+    "onednn_linear", lambda x, weight, bias: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), "CPU"
+)
+torch.library.register_fake("blockgraph::onednn_linear")(
+    lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0]))
+)
+
+COMPILED_ONEDNN_MIN_MACS = 64_000_000
+"""Multiply-adds from which :func:`dense` calls oneDNN in a compiled graph. Measured ratios oneDNN / inductor's
+``addmm`` (2 threads, float32, rows x in x out): 197x768x3072 0.72, 785x320x960 0.90-0.97, 197x384x1152 0.92-0.96;
+below, the op call's overhead eats the gain: 3137x64x192 0.96-1.01, 1024x96x288 0.95-1.06, 64x144x432 1.27."""
+
+
+def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; while torch.compile traces for inference on the CPU in float32 and the product
+    has at least :data:`COMPILED_ONEDNN_MIN_MACS` multiply-adds, through oneDNN (``blockgraph::onednn_linear``, no
+    autograd formula: never while gradients are recorded, nor for export, where graphs keep standard ops)."""
+    if (
+        _ONEDNN
+        and torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() or exporting())
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS
+    ):
+        return torch.ops.blockgraph.onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`dense`: the same parameters, state_dict and results (within float
+    rounding); faster under torch.compile for inference."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dense(x, self.weight, self.bias)
+
+
 def _stamp(*tensors: Tensor | None) -> tuple:
     return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
@@ -179,24 +223,25 @@ def merge_depthwise(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor | None] 
     bias = None
     if any(conv.bias is not None for conv in convs):
         bias = torch.cat([c.weight.new_zeros(c.out_channels) if c.bias is None else c.bias for c in convs])
-    return channels_last_depthwise(weight), bias
+    return weight, bias
 
 
-def channels_last_depthwise(weight: Tensor) -> Tensor:
-    """A depthwise convolution's weight ``[C, 1, kh, kw]`` as a view with channels-last strides: the same memory
-    (only the stride of its size-1 dim differs), so every path may use it, autograd included. Other weights are
-    returned as they are.
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int | tuple[int, int]) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, groups=C)`` for a depthwise weight ``[C, 1, kh, kw]``. When
+    ``x``'s channels are its innermost dim (a map viewed from tokens ``[B, N, C]``), the weight goes in as a view
+    with channels-last strides: the same memory (only its size-1 dim's stride differs), so autograd and every path
+    may use it.
 
-    With it oneDNN runs its channels-last kernel whatever the strides of the input's size-1 dims. Under
-    torch.compile at batch 1, inductor's view of tokens ``[1, N, C]`` as a map ``[1, C, H, W]`` gives the batch dim
-    the stride ``C``; ``suggest_memory_format`` reads that as channels-first, so with a contiguous weight the
-    convolution copied its input to NCHW and ran NCHW's depthwise kernel (3x3 over 320 channels at 28x28:
-    0.8-1.2 ms plus a 0.2-0.4 ms copy, against 0.13-0.34 ms channels-last). Eager views keep a channels-last
-    batch stride, where this changes nothing.
+    oneDNN then runs its channels-last kernel on ``x`` as it is, whatever the strides of ``x``'s size-1 dims. At
+    batch 1 (eager views, and inductor's under torch.compile) the batch dim's stride makes ``suggest_memory_format``
+    read such a map as channels-first, so with the plain weight the convolution copied its input to NCHW and ran
+    NCHW's depthwise kernel: 0.36 vs 0.13 ms eagerly for 3x3 over 320 channels at 28x28, 0.8-1.2 ms plus a
+    0.2-0.4 ms copy compiled. At larger batches both weights give the same kernel and bits. A channels-first ``x``
+    keeps the plain weight (its kernel and results unchanged).
     """
-    if weight.dim() != 4 or weight.shape[1] != 1 or not weight.is_contiguous():
-        return weight
-    return weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
+    if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
+        weight = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
+    return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | None = None) -> Tensor:

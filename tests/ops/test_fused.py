@@ -87,6 +87,50 @@ def test_linear_runs_onednn_on_the_cpu_in_float32_and_plain_ops_elsewhere() -> N
         )
 
 
+# ------------------------------------------------------------------------------------------------- Linear (dense)
+
+
+def test_the_blocks_linear_layers_are_nn_linear_with_its_state() -> None:
+    from blockgraph.blocks.base import linear
+
+    layer = linear(24, 40)
+    assert isinstance(layer, nn.Linear) and type(layer) is fused.Linear
+    assert list(layer.state_dict()) == ["weight", "bias"] and repr(layer) == repr(nn.Linear(24, 40))
+    x = torch.randn(3, 24)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # eager: F.linear itself
+    assert linear(24, 40, device="meta")(x.to("meta")).shape == (3, 40)
+
+
+@pytest.mark.skipif(not fused._ONEDNN, reason="oneDNN's matrix multiply")
+def test_linear_runs_onednn_in_graphs_compiled_for_inference_on_large_products() -> None:
+    """oneDNN in a graph traced without gradients when the product is large enough, ``F.linear`` (so autograd)
+    otherwise; the compiled result equals the layer's. ``aot_eager`` runs the traced graph eagerly (the ops it holds
+    show in the profile); inductor once, for the values."""
+    torch.manual_seed(0)
+    layer = fused.Linear(256, 512)
+    large = torch.randn(1, 512, 256)  # 512 * 256 * 512 multiply-adds: at least COMPILED_ONEDNN_MIN_MACS
+    small = torch.randn(1, 64, 256)
+    assert large.numel() * 512 >= fused.COMPILED_ONEDNN_MIN_MACS > small.numel() * 512
+
+    def graph_ops(x: torch.Tensor) -> set[str]:
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+        compiled(x)
+        return _ops_called(lambda: compiled(x))
+
+    with torch.no_grad():
+        assert "blockgraph::onednn_linear" in graph_ops(large)
+        assert "blockgraph::onednn_linear" not in graph_ops(small)
+        assert "blockgraph::onednn_linear" not in _ops_called(lambda: layer(large))  # eager: F.linear
+        got = torch.compile(layer, fullgraph=True, dynamic=False)(large)
+        torch.testing.assert_close(got, F.linear(large, layer.weight, layer.bias), rtol=0, atol=1e-5)
+    assert "blockgraph::onednn_linear" not in graph_ops(large)  # gradients recorded: F.linear
+    torch._dynamo.reset()
+    x = large.clone().requires_grad_()
+    torch.compile(layer, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(large, layer.weight, layer.bias).square().sum(), layer.weight)[0]
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------------- conv_bn
 
 
@@ -243,46 +287,45 @@ def test_merged_depthwise_refuses_what_it_cannot_merge(odd_one: nn.Conv2d) -> No
     assert fused.merged_depthwise([_depthwise(4, 5), odd_one]) is None
 
 
-# ----------------------------------------------------------------------------------------- channels_last_depthwise
+# ------------------------------------------------------------------------------------------------ depthwise_conv2d
 
 
-def test_channels_last_depthwise_is_a_view_with_the_same_values_and_gradients() -> None:
+def _token_map(batch: int, channels: int, h: int, w: int, **kwargs) -> torch.Tensor:
+    """Tokens ``[B, h*w, C]`` viewed as a map ``[B, C, h, w]`` (channels innermost), as CoaT's CPE and CRPE do."""
+    return torch.randn(batch, h * w, channels, **kwargs).transpose(1, 2).view(batch, channels, h, w)
+
+
+def test_depthwise_conv2d_equals_the_layer_with_its_gradients() -> None:
     torch.manual_seed(0)
     conv = _depthwise(6, 3).double()
-    weight = fused.channels_last_depthwise(conv.weight)
-    assert weight.data_ptr() == conv.weight.data_ptr() and torch.equal(weight, conv.weight)
-    assert weight.stride() == (9, 1, 3, 1) and weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    x = _token_map(2, 6, 5, 7, dtype=torch.float64).requires_grad_()
     upstream = torch.randn(2, 6, 5, 7, dtype=torch.float64)
     inputs = (x, conv.weight, conv.bias)
-    got = F.conv2d(x, weight, conv.bias, padding=1, groups=6)
+    got = fused.depthwise_conv2d(x, conv.weight, conv.bias, 1)
     expected = conv(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     grads = torch.autograd.grad(got, inputs, upstream)
     for g, e in zip(grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
-    dense = nn.Conv2d(4, 8, 3).weight  # not depthwise: a channels-last view would need a copy
-    assert fused.channels_last_depthwise(dense) is dense
-    assert fused.merge_depthwise([_depthwise(4, 3), _depthwise(2, 5)])[0].stride() == (25, 1, 5, 1)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's layout choice")
-def test_channels_last_depthwise_keeps_a_batch_one_token_map_channels_last() -> None:
-    """Tokens [1, N, C] viewed as a map [1, C, H, W] with the batch stride C (inductor's strides at batch 1): with
-    the module's own weight oneDNN reads the input as channels-first and copies it to NCHW; with the view it runs on
-    the input as it is and returns channels-last, with the same values."""
+def test_depthwise_conv2d_keeps_a_batch_one_token_map_channels_last() -> None:
+    """A token map at batch 1: with the layer's own weight oneDNN reads the input as channels-first (its batch
+    stride) and copies it to NCHW; with the weight viewed channels-last it runs on the input as it is and returns
+    channels-last, the same values. A channels-first input keeps the layer's kernel: the same bits."""
     torch.manual_seed(0)
     conv = _depthwise(16, 3)
-    x = torch.randn(1, 5 * 7, 16).as_strided((1, 16, 5, 7), (16, 1, 7 * 16, 16))
-    weight = fused.channels_last_depthwise(conv.weight)
+    x = _token_map(1, 16, 5, 7)
     with torch.no_grad():
         plain = conv(x)
-        got = F.conv2d(x, weight, conv.bias, padding=1, groups=16)
+        got = fused.depthwise_conv2d(x, conv.weight, conv.bias, 1)
         assert "aten::copy_" in _ops_called(lambda: conv(x))  # the case this is for
-        assert "aten::copy_" not in _ops_called(lambda: F.conv2d(x, weight, conv.bias, padding=1, groups=16))
-    assert plain.is_contiguous() and not got.is_contiguous()
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+        assert "aten::copy_" not in _ops_called(lambda: fused.depthwise_conv2d(x, conv.weight, conv.bias, 1))
+        assert plain.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+        nchw = x.contiguous()
+        assert torch.equal(fused.depthwise_conv2d(nchw, conv.weight, conv.bias, 1), conv(nchw))
 
 
 @pytest.mark.parametrize("extra", [0, 1])
