@@ -3,7 +3,8 @@
 The blocks call these when :func:`enabled` says so: the module is in eval mode, nothing records gradients
 (``torch.no_grad()`` or ``torch.inference_mode()``), and torch runs eagerly (not compiling: inductor fuses by itself;
 not exporting or tracing: exported graphs keep standard ops). Otherwise the blocks run their plain layers, so
-training, autograd, ``torch.compile`` and ONNX see exactly the modules' own ops.
+training, autograd, ``torch.compile`` and ONNX see the modules' own ops, with two exceptions that every path may
+take: :class:`Linear` (in graphs compiled for inference) and :func:`depthwise_conv2d`.
 
 - :func:`linear`: on the CPU in float32, oneDNN's matrix multiply (``torch.ops.mkldnn._linear_pointwise``, the op
   inductor's CPU backend emits) with the activation or the residual add done in its epilogue, where the plain path
@@ -13,6 +14,8 @@ training, autograd, ``torch.compile`` and ONNX see exactly the modules' own ops.
   without freezing lowers ``F.linear`` to MKL's ``addmm``, 5-28% slower on these machines' shapes.
 - :func:`merged_depthwise`: depthwise convolutions over consecutive channel groups (CoaT's CRPE windows) as one,
   cached; :func:`merge_depthwise` builds it with differentiable ops, for the plain path too (training, compile).
+- :func:`depthwise_conv2d`: a depthwise convolution of a map viewed from tokens, its weight viewed channels-last so
+  that oneDNN never copies the map to NCHW (which it did at batch 1, eagerly and compiled).
 - :func:`conv_bn`: Conv2d → BatchNorm2d (eval: an affine map per channel) → activation as one convolution whose
   weight and bias have the BatchNorm folded in, the activation applied in place. The folded pair is kept on the
   convolution and made again whenever any of the six tensors changes (version counter or storage), so an optimizer
