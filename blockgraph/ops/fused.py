@@ -102,8 +102,9 @@ def linear(
     return y if residual is None else y.add_(residual)
 
 
-# oneDNN's matrix multiply as an op of our own: torch.compile cannot trace ``mkldnn._linear_pointwise`` itself (no fake
-# kernel; inductor lowers it only for frozen weights), so the graph calls this one, opaque to inductor like ``addmm``.
+# oneDNN's matrix multiply as an op of our own: inductor lowers ``mkldnn._linear_pointwise`` only for frozen weights
+# (its lowering asserts the weight is a graph constant; ``.binary`` has no fake kernel at all), so the graph calls
+# this one, which inductor runs as an opaque call, as it does ``addmm``.
 _LIBRARY = torch.library.Library("blockgraph", "DEF")
 _LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIBRARY.impl(
