@@ -12,7 +12,7 @@ from pydantic import PositiveFloat, PositiveInt
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext, Rate, activation, memo
 from blockgraph.blocks.conv import Conv2dFields
-from blockgraph.blocks.lazy import Module, lazy_module, nn, torch
+from blockgraph.blocks.lazy import Module, fused, lazy_module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
@@ -99,10 +99,10 @@ class MSDeformAttn(Module):
             raise ValueError(f"dim {dim} must be divisible by heads {heads}")
         dd = {"device": device, "dtype": dtype}
         self.levels, self.heads, self.points = levels, heads, points
-        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2, **dd)
-        self.attention_weights = nn.Linear(dim, heads * levels * points, **dd)
-        self.value_proj = nn.Linear(dim, dim, **dd)
-        self.output_proj = nn.Linear(dim, dim, **dd)
+        self.sampling_offsets = fused.Linear(dim, heads * levels * points * 2, **dd)
+        self.attention_weights = fused.Linear(dim, heads * levels * points, **dd)
+        self.value_proj = fused.Linear(dim, dim, **dd)
+        self.output_proj = fused.Linear(dim, dim, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -169,10 +169,10 @@ class DeformableEncoderLayer(Module):
         self.self_attn = MSDeformAttn(dim, levels, heads, points, **dd)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim, eps=eps, **dd)
-        self.linear1 = nn.Linear(dim, ffn, **dd)
+        self.linear1 = fused.Linear(dim, ffn, **dd)
         self.activation = activation(act)
         self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn, dim, **dd)
+        self.linear2 = fused.Linear(ffn, dim, **dd)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps, **dd)
 
