@@ -87,7 +87,8 @@ def test_swin_block_in_training_equals_eval_without_dropout() -> None:
 
 def test_swin_block_keeps_the_mask_of_its_build_size_as_a_buffer() -> None:
     """The built size's mask is a non-persistent buffer (an input under torch.compile, not traced ops), equal to
-    the definition; another size makes its own, and both give the same block output as a block built without."""
+    ``shift_mask`` (checked against its definition in test_swin_mobilevit.py); another size makes its own, and both
+    give the same block output as a block built without."""
     torch.manual_seed(0)
     block = _seeded(SwinBlock(32, 4, 7, shift=3, size=(14, 21))).eval()
     plain = SwinBlock(32, 4, 7, shift=3).eval()
