@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
 from blockgraph.compiler import budget
 from blockgraph.compiler.budget import DEFAULT_MAX_PARAMS
 from blockgraph.errors import BlockgraphError, Pos, SpecError, WeightsError
-from blockgraph.graph.build import Graph, build_graph
-from blockgraph.graph.infer import Inference, infer
-from blockgraph.spec.expand import Expanded, expand
-from blockgraph.spec.schema import ModelBase, ParsedSpec, parse
+from blockgraph.pipeline import Analysis, SpecLike, analyze
+from blockgraph.spec.schema import ModelBase
 from blockgraph.types import describe_value
 
 if TYPE_CHECKING:
@@ -28,64 +25,16 @@ if TYPE_CHECKING:
 SPEC_DIR = Path(os.environ.get("BLOCKGRAPH_SPECS", Path(__file__).resolve().parent.parent / "specs"))
 """Where the reference specs live (``create_model`` / ``list_models``); ``BLOCKGRAPH_SPECS`` overrides it."""
 
-SpecLike = str | os.PathLike[str] | ModelBase
-
-
-@dataclass
-class Analysis:
-    """Everything known about a spec before any weight exists."""
-
-    expanded: Expanded
-    parsed: ParsedSpec
-    graph: Graph
-    inference: Inference
-
-    @property
-    def spec(self) -> ModelBase:
-        return self.parsed.model
-
-
-def _looks_like_path(text: str) -> bool:
-    return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.exists(text))
-
-
-def analyze(
-    spec: SpecLike,
-    *,
-    variant: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    num_classes: int | None = None,
-) -> Analysis:
-    """Run the pipeline up to static shapes: load → expand → parse → graph → infer (no torch).
-
-    Args:
-        spec: a spec file path, YAML text, or a :class:`ModelBase`.
-        variant: a variant of a family spec (``"small"``).
-        overrides: variable values replacing the spec's.
-        num_classes: shorthand for ``overrides={"num_classes": n}``.
-    """
-    overrides = dict(overrides or {})
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    if isinstance(spec, ModelBase):
-        expanded = expand(
-            Path(os.devnull), text=_dump(spec), file=f"<{spec.name}>", variant=variant, overrides=overrides
-        )
-    elif isinstance(spec, str) and not _looks_like_path(spec):
-        expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides)
-    else:
-        expanded = expand(spec, variant=variant, overrides=overrides)
-    parsed = parse(expanded)
-    graph = build_graph(parsed)
-    return Analysis(expanded, parsed, graph, infer(graph))
-
-
-def _dump(spec: ModelBase) -> str:
-    import json
-
-    data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    data.pop("variant", None)
-    return json.dumps(data)  # JSON is YAML
+__all__ = [
+    "Analysis",
+    "analyze",
+    "build_model",
+    "create_model",
+    "list_models",
+    "load",
+    "load_timm_state_dict",
+    "validate",
+]
 
 
 @dataclass

@@ -138,6 +138,11 @@ class PluginError(BlockgraphError):
     """A block plugin (an entry point of the ``blockgraph.blocks`` group) failed to load or to register."""
 
 
+class BlockError(BlockgraphError):
+    """A block broke its own contract: its module's parameters or output shapes differ from its rules, or its
+    rules failed (a custom block's code raised)."""
+
+
 class MultiError(BlockgraphError):
     """Several errors found in one pass (every bad key of a spec, say), reported together."""
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import blockgraph as bg
+from blockgraph.spec.schema import registry
 from tests.conftest import ROOT
 from tests.support.processes import run_without_torch
 
@@ -97,7 +98,7 @@ def test_schema_is_json_schema_with_every_op(run_cli) -> None:
     assert code == 0
     schema = json.loads(out)
     text = json.dumps(schema)
-    for op in bg.api.blockgraph.spec.schema.registry():
+    for op in registry():
         assert f'"{op}"' in text
     assert schema["title"] == "blockgraph model spec"
 

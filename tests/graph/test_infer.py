@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import blockgraph as bg
-from blockgraph.api import Analysis
 from blockgraph.errors import BlockgraphError, ShapeError
+from blockgraph.pipeline import Analysis
 from tests.conftest import ROOT
 from tests.support.positions import at, where
 
