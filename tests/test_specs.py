@@ -11,6 +11,7 @@ import torch
 
 import blockgraph as bg
 from tests.conftest import ROOT, SPECS
+from tests.support.specs import shrunk
 
 SIZES = [(224, 224), (480, 640), (256, 320), (250, 333)]
 ids = [p.stem for p in SPECS]
@@ -23,13 +24,8 @@ def _all_outputs(path: Path) -> list[str]:
 
 def _shrunk(path: Path, **kwargs) -> torch.nn.Module:
     """The spec with every depth variable at 1: the same blocks and shape rules, a fraction of the compute."""
-    variables = bg.analyze(path).spec.variables
-    overrides = {}
-    for name, value in variables.items():
-        if "depth" in name:
-            overrides[name] = [1] * len(value) if isinstance(value, list) else 1
     kwargs.setdefault("outputs", _all_outputs(path))
-    return bg.build_model(path, overrides=overrides, **kwargs)
+    return bg.build_model(path, overrides=shrunk(path), **kwargs)
 
 
 def _flat(value) -> list[torch.Tensor]:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, linear
-from blockgraph.blocks.lazy import Module, nn, torch
+from blockgraph.blocks.base import BuildContext, Rate
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register
@@ -46,29 +48,13 @@ class ClsHeadSpec(BlockSpec):
     def reads_tokens(self, x: TensorType) -> int | None:
         return 1 if self.pool == "token" else None
 
-    def build(self, ctx: BuildContext, x: TensorType) -> ClsHead:
-        return ClsHead(self.dim, self.num_classes, self.pool, x.extra, self.norm, self.norm_eps, self.drop, **ctx.dd)
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.heads import ClsHead
+
+        return ClsHead(extra=x.extra, **self.fields(), **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return count.norm(self.dim, self.norm) + (count.linear(self.dim, self.num_classes) if self.num_classes else 0)
-
-
-class ClsHead(Module):
-    """``norm`` → pool → drop → ``fc``."""
-
-    def __init__(self, dim, num_classes, pool="token", extra=1, norm=True, eps=1e-6, drop=0.0, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.pool = pool
-        self.extra = extra
-        self.norm = nn.LayerNorm(dim, eps=eps, **dd) if norm else nn.Identity()
-        self.drop = nn.Dropout(drop)
-        self.fc = linear(dim, num_classes, **dd) if num_classes else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "token":  # the norm is per token: the cls token's alone
-            return self.fc(self.drop(self.norm(x[:, 0])))
-        return self.fc(self.drop(self.norm(x)[:, self.extra :].mean(dim=1)))
 
 
 @register
@@ -87,20 +73,10 @@ class AvgPoolHeadSpec(BlockSpec):
         ctx.expect(x, layout="image", channels=self.dim)
         return TensorType.vector(self.num_classes or self.dim)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> AvgPoolHead:
-        return AvgPoolHead(self.dim, self.num_classes, self.drop, **ctx.dd)
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.heads import AvgPoolHead
+
+        return AvgPoolHead(**self.fields(), **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return count.linear(self.dim, self.num_classes) if self.num_classes else 0
-
-
-class AvgPoolHead(Module):
-    """mean over H, W → ``drop`` → ``fc``."""
-
-    def __init__(self, dim, num_classes, drop=0.0, device=None, dtype=None):
-        super().__init__()
-        self.drop = nn.Dropout(drop)
-        self.fc = linear(dim, num_classes, device=device, dtype=dtype) if num_classes else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x.mean(dim=(2, 3))))

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
-from blockgraph.blocks.base import BuildContext, Rate, activation, linear
-from blockgraph.blocks.lazy import Module, fused, nn, torch
+from blockgraph.blocks.base import Activation, BuildContext, Rate
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
 
-Activation = Literal["gelu", "relu", "silu", "hardswish"]
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register
@@ -36,29 +36,10 @@ class MlpSpec(BlockSpec):
         ctx.expect(x, layout=("tokens", "vector"), channels=self.dim)
         return x.with_(channels=self.dim_out or self.dim)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> Mlp:
-        return Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dim_out, self.act, self.drop, **ctx.dd)
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.mlp import Mlp
+
+        return Mlp(**self.fields(), **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return count.mlp(self.dim, int(self.dim * self.mlp_ratio), self.dim_out)
-
-
-class Mlp(Module):
-    """``fc1`` → act → drop → ``fc2`` → drop, over the last dimension."""
-
-    def __init__(self, dim, hidden, dim_out=None, act="gelu", drop=0.0, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.fc1 = linear(dim, hidden, **dd)
-        self.act = activation(act)
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = linear(hidden, dim_out or dim, **dd)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The MLP of ``x``, plus ``residual`` if given (callers pass it in eval mode only, where drop path is the
-        identity; the fused kernels add it in fc2's epilogue)."""
-        if fused.enabled(self):
-            return fused.linear(fused.linear(x, self.fc1, self.act), self.fc2, residual=residual)
-        y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-        return y if residual is None else residual + y

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
 from blockgraph.blocks import count
 from blockgraph.blocks.base import BuildContext
-from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register
@@ -42,27 +44,10 @@ class ConvPatchEmbedSpec(BlockSpec):
             return TensorType.tokens(self.dim, h, w)
         return TensorType.image(self.dim, h, w)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> ConvPatchEmbed:
-        return ConvPatchEmbed(
-            x.channels, self.dim, self.patch, self.norm, self.norm_eps, self.bias, self.flatten, **ctx.dd
-        )
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.patch_embed import ConvPatchEmbed
+
+        return ConvPatchEmbed(x.channels, **self.fields(), **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return count.conv(x.channels, self.dim, self.patch, bias=self.bias) + count.norm(self.dim, self.norm)
-
-
-class ConvPatchEmbed(Module):
-    """``proj`` (Conv2d, kernel = stride = patch) → flatten to tokens → ``norm`` (timm's PatchEmbed layout)."""
-
-    def __init__(self, in_chans, dim, patch, norm=True, eps=1e-5, bias=True, flatten=True, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.flatten = flatten
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch, bias=bias, **dd)
-        self.norm = nn.LayerNorm(dim, eps=eps, **dd) if norm else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # [B, C, h, w]
-        if self.flatten:
-            x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
-        return self.norm(x)

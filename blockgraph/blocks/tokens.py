@@ -5,15 +5,17 @@ Token order is row-major (token ``n = y * w + x``); extra tokens (cls) come firs
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from blockgraph.blocks.base import BuildContext
-from blockgraph.blocks.lazy import Module, nn, torch
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register
@@ -34,28 +36,13 @@ class InsertClsTokenSpec(BlockSpec):
             ctx.fail(f"`at: {self.at}` is past the {x.extra} extra token(s) already there", field="at")
         return x.with_(extra=x.extra + 1)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> InsertClsToken:
-        return InsertClsToken(self.dim, self.at, self.init_std, **ctx.dd)
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.tokens import InsertClsToken
+
+        return InsertClsToken(**self.fields(), **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return self.dim
-
-
-class InsertClsToken(Module):
-    """``[B, N, C]`` → ``[B, 1 + N, C]`` with the learned ``token`` at position ``at``."""
-
-    def __init__(self, dim, at=0, init_std=0.02, device=None, dtype=None):
-        super().__init__()
-        self.at = at
-        self.token = nn.Parameter(torch.zeros(1, 1, dim, device=device, dtype=dtype))
-        if self.token.device.type != "meta" and init_std > 0:
-            nn.init.trunc_normal_(self.token, std=init_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        token = self.token.expand(x.shape[0], -1, -1)
-        if self.at == 0:
-            return torch.cat((token, x), dim=1)
-        return torch.cat((x[:, : self.at], token, x[:, self.at :]), dim=1)
 
 
 @register
@@ -70,22 +57,13 @@ class RemoveClsTokenSpec(BlockSpec):
             ctx.fail("the tokens carry no cls token to remove", field="op", hint="delete this block")
         return x.with_(extra=0)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> RemoveClsToken:
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.tokens import RemoveClsToken
+
         return RemoveClsToken(x.extra)
 
     def params(self, x: TensorType) -> int:
         return 0
-
-
-class RemoveClsToken(Module):
-    """``[B, extra + N, C]`` → ``[B, N, C]``."""
-
-    def __init__(self, extra: int = 1):
-        super().__init__()
-        self.extra = extra
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, self.extra :]
 
 
 @register
@@ -101,22 +79,13 @@ class TokensToMapSpec(BlockSpec):
         ctx.expect(x, layout="tokens", extra=None if self.drop_extra else 0)
         return TensorType.image(x.channels, *x.grid)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> TokensToMap:
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.tokens import TokensToMap
+
         return TokensToMap(x.extra if self.drop_extra else 0)
 
     def params(self, x: TensorType) -> int:
         return 0
-
-
-class TokensToMap(Module):
-    def __init__(self, extra: int = 0):
-        super().__init__()
-        self.extra = extra
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if self.extra:
-            x = x[:, self.extra :]
-        return x.reshape(x.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()  # [B, C, h, w]
 
 
 @register
@@ -129,13 +98,10 @@ class MapToTokensSpec(BlockSpec):
         ctx.expect(x, layout="image")
         return TensorType.tokens(x.channels, *x.grid)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> MapToTokens:
+    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+        from blockgraph.layers.tokens import MapToTokens
+
         return MapToTokens()
 
     def params(self, x: TensorType) -> int:
         return 0
-
-
-class MapToTokens(Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).transpose(1, 2)  # [B, h*w, C]

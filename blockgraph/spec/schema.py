@@ -85,12 +85,15 @@ def describe_fields() -> None:
     docs: dict[type, dict[str, str]] = {}
     for cls in pending:
         for name, info in cls.model_fields.items():
-            owner = next((c for c in cls.__mro__ if name in getattr(c, "__annotations__", {})), None)
-            if info.description or owner is None:
+            if info.description:
                 continue
-            if owner not in docs:
-                docs[owner] = _attribute_docstrings(owner)
-            info.description = docs[owner].get(name) or info.description
+            # The nearest class that declares the field with a docstring (a subclass may redeclare a default only).
+            for owner in (c for c in cls.__mro__ if name in getattr(c, "__annotations__", {})):
+                if owner not in docs:
+                    docs[owner] = _attribute_docstrings(owner)
+                if name in docs[owner]:
+                    info.description = docs[owner][name]
+                    break
     # A model's schema embeds the schemas of the models in its fields: rebuild those first.
     done: set[type] = set()
 
@@ -195,6 +198,12 @@ class BlockSpec(SpecModel):
     @classmethod
     def op_name(cls) -> str:
         return _literal_op(cls)
+
+    def fields(self, *exclude: str) -> dict[str, Any]:
+        """The block's parameters by name (not ``op``, ``name``, ``from``, references to shared modules, nor
+        ``exclude``): its module is built with keyword arguments named as the fields."""
+        skip = {"op", "name", "from_", *self.shared_fields(), *exclude}
+        return {k: getattr(self, k) for k in type(self).model_fields if k not in skip}
 
     @classmethod
     def shared_fields(cls) -> dict[str, Shared]:

@@ -1,4 +1,5 @@
-"""The primitives compose beyond the reference specs, and the lazy torch-free module base behaves as nn.Module."""
+"""The primitives compose beyond the reference specs; the block library is torch-free, its modules are ordinary
+torch modules."""
 
 from __future__ import annotations
 
@@ -47,10 +48,11 @@ def test_a_hybrid_of_standalone_primitives_builds_infers_and_trains() -> None:
 
 
 def test_compiled_models_are_real_modules() -> None:
+    from blockgraph.layers.coat import SerialBlock
+
     model = bg.create_model("coat_lite_tiny")
     assert isinstance(model, torch.nn.Module)
-    block = model.get_submodule("stage1.blocks.0")
-    assert isinstance(block, torch.nn.Module) and type(block).__name__ == "SerialBlock"
+    assert type(model.get_submodule("stage1.blocks.0")) is SerialBlock
     twin = copy.deepcopy(model).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

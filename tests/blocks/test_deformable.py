@@ -56,7 +56,7 @@ def _expected(attn, query, ref, src, shapes, mask) -> torch.Tensor:
 
 @pytest.mark.parametrize("box", [False, True], ids=["points", "boxes"])
 def test_msdeformattn_with_padding_and_boxes_matches_the_written_out_math(box: bool) -> None:
-    from blockgraph.blocks.deformable import MSDeformAttn
+    from blockgraph.layers.deformable import MSDeformAttn
 
     torch.manual_seed(0)
     shapes = [(4, 5), (2, 3)]
@@ -77,7 +77,7 @@ def test_msdeformattn_with_padding_and_boxes_matches_the_written_out_math(box: b
 
 
 def test_msdeformattn_initialization() -> None:
-    from blockgraph.blocks.deformable import MSDeformAttn
+    from blockgraph.layers.deformable import MSDeformAttn
 
     attn = MSDeformAttn(dim=256, levels=4, heads=8, points=4)
     bias = attn.sampling_offsets.bias.view(8, 4, 4, 2)
@@ -93,7 +93,7 @@ def test_msdeformattn_initialization() -> None:
 
 
 def test_sine_embedding_matches_the_formulas() -> None:
-    from blockgraph.blocks.deformable import sine_position_embedding
+    from blockgraph.layers.deformable import sine_position_embedding
 
     mask = torch.zeros(1, 3, 4, dtype=torch.bool)
     mask[0, :, 3] = True  # the last column is padding

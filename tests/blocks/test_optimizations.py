@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 
 import blockgraph as bg
-from blockgraph.blocks.coat import ConvRelPosEnc, FactorAttnConvRelPosEnc
-from blockgraph.blocks.swin import SwinBlock, WindowAttention, shift_mask
-from blockgraph.blocks.vit import Attention
+from blockgraph.layers.coat import ConvRelPosEnc, FactorAttnConvRelPosEnc
+from blockgraph.layers.swin import SwinBlock, WindowAttention, shift_mask
+from blockgraph.layers.vit import Attention
 from tests.conftest import ROOT
 
 
@@ -184,7 +184,7 @@ def test_deformable_encoder_layout_cache_equals_the_padded_path_without_padding(
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "coat_lite_tiny", "swin_tiny_patch4_window7_224"])
 def test_linear_layers_get_their_init_once_on_the_requested_device(name: str) -> None:
-    """Linear layers are made without PyTorch's default init (base.uninitialized) and drawn once from trunc_normal(0.02)
+    """Linear layers are made without PyTorch's default init (common.uninitialized) and drawn once from trunc_normal(0.02)
     with zero bias: every one is initialized, none is left as uninitialized memory, all on the CPU."""
     torch.manual_seed(0)
     model = bg.create_model(name)
@@ -204,9 +204,9 @@ def test_linear_layers_get_their_init_once_on_the_requested_device(name: str) ->
     ],
 )
 def test_uninitialized_layers_are_the_real_class_with_the_same_state(cls, args, kwargs) -> None:
-    """base.uninitialized gives exactly the torch class (no subclass left behind), with the same attributes,
+    """common.uninitialized gives exactly the torch class (no subclass left behind), with the same attributes,
     parameters and buffers as the normal constructor; only the drawing is skipped."""
-    from blockgraph.blocks.base import uninitialized
+    from blockgraph.layers.common import uninitialized
 
     layer, normal = uninitialized(cls, *args, **kwargs), cls(*args, **kwargs)
     assert type(layer) is cls
@@ -219,7 +219,7 @@ def test_uninitialized_layers_are_the_real_class_with_the_same_state(cls, args, 
 def test_conv2d_with_its_own_init_draws_every_parameter() -> None:
     """conv.conv2d skips PyTorch's default init: the weight gets the fan-out normal and a bias is zeroed, so no
     parameter is left as uninitialized memory."""
-    from blockgraph.blocks.conv import conv2d
+    from blockgraph.layers.conv import conv2d
 
     torch.manual_seed(0)
     conv = conv2d(16, 32, 3, padding=1, bias=True, init="fan_out")

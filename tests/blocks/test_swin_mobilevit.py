@@ -77,7 +77,7 @@ def test_mobilevit_rejects_a_size_its_patches_do_not_divide(run_cli) -> None:
 @pytest.mark.parametrize("size", [(224, 224), (448, 672)])
 def test_swin_shift_mask_matches_its_definition(size: tuple[int, int]) -> None:
     """-100 between tokens of a window that came from different regions of the unshifted map, else 0."""
-    from blockgraph.blocks.swin import shift_mask
+    from blockgraph.layers.swin import shift_mask
 
     h, w = size[0] // 4, size[1] // 4
     window, shift = 7, 3
@@ -117,13 +117,13 @@ def test_the_stated_sizes_are_exactly_those_torch_can_run() -> None:
 def test_mobilevit_transformer_linears_are_drawn_once_from_normal_0_01() -> None:
     """timm's ByobNet init (normal(0, 0.01)) for the transformer's Linear layers, drawn once: the ViT-family
     truncated normal (std 0.02) is skipped inside the block and applies again outside it."""
-    from blockgraph.blocks import base
-    from blockgraph.blocks.mobilevit import MobileVitBlock
+    from blockgraph.layers import common
+    from blockgraph.layers.mobilevit import MobileVitBlock
 
     torch.manual_seed(0)
-    block = MobileVitBlock(64, 96, depth=2)
+    block = MobileVitBlock(64, 96, layers=2)
     weights = torch.cat([m.weight.flatten() for m in block.transformer.modules() if isinstance(m, torch.nn.Linear)])
     assert abs(weights.std().item() - 0.01) < 5e-4
-    assert not base._init_skipped
-    layer = base.init_linear(torch.nn.Linear(512, 512))
+    assert not common._init_skipped
+    layer = common.init_linear(torch.nn.Linear(512, 512))
     assert abs(layer.weight.std().item() - 0.02) < 1e-3

@@ -66,7 +66,7 @@ def test_deit_distilled_head_averages_in_eval_and_returns_both_in_train() -> Non
 
 @pytest.mark.parametrize("at, order", [(0, [9, 1, 2]), (1, [1, 9, 2])])
 def test_insert_token_position(at: int, order: list[float]) -> None:
-    from blockgraph.blocks.tokens import InsertClsToken
+    from blockgraph.layers.tokens import InsertClsToken
 
     layer = InsertClsToken(1, at=at, init_std=0)
     with torch.no_grad():

@@ -101,7 +101,8 @@ def test_the_estimate_is_exact_and_fast_for_nine_thousand_blocks() -> None:
 def test_a_custom_block_without_a_counting_rule_is_counted_on_the_meta_device(monkeypatch) -> None:
     from typing import Literal
 
-    from blockgraph.blocks.lazy import nn
+    from torch import nn
+
     from blockgraph.spec import schema
     from blockgraph.spec.schema import BlockSpec, register
 

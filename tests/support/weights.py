@@ -15,3 +15,10 @@ def randomize_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> N
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
                 m.weight.uniform_(0.5, 1.5, generator=generator)
                 m.bias.normal_(0.0, 0.2, generator=generator)
+
+
+def ops_called(fn) -> set[str]:
+    """The names of the ops ``fn()`` runs (torch.profiler's keys: ``aten::add_``, ``mkldnn::_linear_pointwise``)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}

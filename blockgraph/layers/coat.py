@@ -1,0 +1,193 @@
+"""CoaT's conv-attentional layers (Xu et al., "Co-Scale Conv-Attentional Image Transformers", ICCV 2021), in
+timm's layout: the convolutional position encoding (CPE) and relative position encoding (CRPE), the factorized
+attention, the serial and parallel blocks, and the aggregating head. Tokens may carry extra (cls) tokens in front;
+CPE and CRPE leave them unchanged / add nothing there, as in the paper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockgraph.layers.common import DropPath, leading, linear, qkv_heads, residual_branch
+from blockgraph.layers.heads import classifier
+from blockgraph.layers.mlp import Mlp
+from blockgraph.ops.coat import conv_pos_enc, factor_attention
+from blockgraph.ops.conv import depthwise_conv2d, merge_depthwise
+
+
+class ConvPosEnc(nn.Module):
+    """``x + proj(x)`` at the image tokens: ``proj`` is a depthwise conv with bias, 'same' padding
+    (:func:`blockgraph.ops.coat.conv_pos_enc`)."""
+
+    def __init__(self, dim: int, kernel: int = 3, device: Any = None, dtype: Any = None):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel, 1, kernel // 2, groups=dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return conv_pos_enc(x, size, self.proj.weight, self.proj.bias)
+
+
+class ConvRelPosEnc(nn.Module):
+    """``conv_list``: one depthwise conv (with bias) per window, over its heads' channels (``windows`` maps kernel
+    size → heads, in head order). They run as one conv whose kernels are zero-padded to the largest
+    (:func:`blockgraph.ops.conv.merge_depthwise`), so the window sizes must be odd."""
+
+    def __init__(self, head_dim: int, heads: int, windows: dict[int, int], device: Any = None, dtype: Any = None):
+        super().__init__()
+        if any(k % 2 == 0 for k in windows):
+            raise ValueError(f"CRPE windows must be odd (the map keeps its size), got {sorted(windows)}")
+        self.heads = heads
+        self.conv_list = nn.ModuleList(
+            nn.Conv2d(n * head_dim, n * head_dim, k, padding=k // 2, groups=n * head_dim, device=device, dtype=dtype)
+            for k, n in windows.items()
+        )
+
+    def forward(self, v: Tensor, size: tuple[int, int]) -> Tensor:
+        """The windows' convolution of the image tokens' values ``v`` ``[B, H*W, h, Ch]`` (channel = head * Ch + c),
+        in the same layout; the attention multiplies it by q (:func:`blockgraph.ops.coat.factor_attention`)."""
+        B, L, h, Ch = v.shape
+        weight, bias = merge_depthwise(self.conv_list)
+        img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
+        conv = depthwise_conv2d(img, weight, bias, weight.shape[-1] // 2)
+        return conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch)
+
+
+class FactorAttnConvRelPosEnc(nn.Module):
+    """``qkv`` → factorized attention ``Ch^-0.5 * q (softmax_N(k)^T v)`` + ``q * crpe(v)`` → ``proj``, then drop
+    path and a residual add when given one."""
+
+    def __init__(
+        self, dim: int, heads: int = 8, qkv_bias: bool = True, proj_drop: float = 0.0, drop_path: float = 0.0,
+        device: Any = None, dtype: Any = None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self,
+        x: Tensor,
+        size: tuple[int, int],
+        crpe: ConvRelPosEnc,
+        residual: Tensor | None = None,
+        queries: int | None = None,
+    ) -> Tensor:
+        """``residual + drop_path(attention(x))``. ``queries``: only the first ``queries`` tokens attend (every
+        token is a key and a value), and only they are returned."""
+        q, k, v = qkv_heads(self.qkv, x, self.heads, queries)  # [B, Nq, h, Ch], [B, N, h, Ch] x2
+        extra = x.shape[1] - size[0] * size[1]  # the CRPE adds nothing at extra (cls) tokens
+        conv_v = crpe(v[:, extra:], size) if q.shape[1] > extra else None
+        y = factor_attention(q, k, v, self.scale, conv_v)  # [B, Nq, C]
+        return residual_branch(self.proj, y, residual, self.proj_drop, self.drop_path)
+
+
+class SerialBlock(nn.Module):
+    """CoaT's serial block: ``x = cpe(x)``, ``x + DropPath(FA(LN1(x)))``, ``x + DropPath(MLP(LN2(x)))``, with
+    ``norm1``, ``factoratt_crpe``, ``norm2``, ``mlp`` (timm's names); CPE and CRPE are passed in. With ``keep``, only
+    the first ``keep`` tokens (extra tokens) are computed and returned; every token is a key and a value."""
+
+    def __init__(
+        self, dim: int, heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+        proj_drop: float = 0.0, norm_eps: float = 1e-6, act: str = "gelu", keep: int | None = None,
+        device: Any = None, dtype: Any = None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.keep = keep
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, heads, qkv_bias, proj_drop, drop_path, **dd)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
+
+    def forward(self, x: Tensor, size: tuple[int, int], cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> Tensor:
+        x = cpe(x, size)
+        x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=leading(x, self.keep), queries=self.keep)
+        return self.mlp(self.norm2(x), residual=x)
+
+
+class ParallelBlock(nn.Module):
+    """CoaT's parallel block: per scale ``p``, ``norm1[p]``, ``attn[p]`` (FactorAttnConvRelPosEnc with the scale's
+    CPE and CRPE), ``norm2[p]``; each scale adds every other scale's attention output resized to its grid
+    (bilinear; by the scale ``factors`` timm uses, or to the target grid); one ``mlp`` for all scales."""
+
+    def __init__(
+        self, dim: int, ports: list[str], heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+        drop_path: float = 0.0, proj_drop: float = 0.0, norm_eps: float = 1e-6, act: str = "gelu",
+        factors: list[list[float | None]] | None = None, extra: int = 1, device: Any = None, dtype: Any = None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.ports = list(ports)
+        self.extra = extra
+        self.factors = factors
+        n = len(ports)
+        # Sources added to each scale: nearest first, coarser first among equals (timm's order of additions).
+        self.sources = [sorted((j for j in range(n) if j != i), key=lambda j, i=i: (abs(j - i), -j)) for i in range(n)]
+        self.norm1 = nn.ModuleDict({p: nn.LayerNorm(dim, eps=norm_eps, **dd) for p in ports})
+        self.attn = nn.ModuleDict({p: FactorAttnConvRelPosEnc(dim, heads, qkv_bias, proj_drop, **dd) for p in ports})
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.ModuleDict({p: nn.LayerNorm(dim, eps=norm_eps, **dd) for p in ports})
+        self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
+
+    def _resize(self, x: Tensor, size: tuple[int, int], target: tuple[int, int], factor: float | None) -> Tensor:
+        B, N, C = x.shape
+        img = x[:, self.extra :].transpose(1, 2).reshape(B, C, size[0], size[1])  # [B, C, H, W]
+        if factor is not None:
+            img = F.interpolate(img, scale_factor=factor, recompute_scale_factor=False, mode="bilinear",
+                                align_corners=False)  # fmt: skip
+        else:
+            img = F.interpolate(img, size=target, mode="bilinear", align_corners=False)
+        img = img.reshape(B, C, -1).transpose(1, 2)  # [B, h*w, C]
+        return torch.cat((x[:, : self.extra], img), dim=1) if self.extra else img
+
+    def forward(self, *args: Any, cpes: tuple[ConvPosEnc, ...], crpes: tuple[ConvRelPosEnc, ...]) -> tuple:
+        n = len(self.ports)
+        xs, sizes = list(args[:n]), args[n:]
+        xs = [cpe(x, size) for cpe, x, size in zip(cpes, xs, sizes, strict=True)]
+        cur = [
+            self.attn[p](self.norm1[p](x), size, crpe)
+            for p, x, size, crpe in zip(self.ports, xs, sizes, crpes, strict=True)
+        ]
+        outs = []
+        for i, (p, x) in enumerate(zip(self.ports, xs, strict=True)):
+            mixed = cur[i]
+            for j in self.sources[i]:
+                factor = self.factors[i][j] if self.factors is not None else None
+                mixed = mixed + self._resize(cur[j], sizes[j], sizes[i], factor)
+            x = x + self.drop_path(mixed)
+            outs.append(self.mlp(self.norm2[p](x), residual=x))
+        return tuple(outs)
+
+
+class AggregateHead(nn.Module):
+    """``norms[k]`` per scale → pool (cls tokens, or token means) → ``aggregate`` (Conv1d(n, 1, 1)) → ``drop`` →
+    ``fc``."""
+
+    def __init__(
+        self, dim: int, n: int, num_classes: int, pool: str = "token", extra: int = 1, norm_eps: float = 1e-6,
+        drop: float = 0.0, device: Any = None, dtype: Any = None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.pool = pool
+        self.extra = extra
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=norm_eps, **dd) for _ in range(n))
+        self.aggregate = nn.Conv1d(n, 1, kernel_size=1, **dd)
+        self.drop = nn.Dropout(drop)
+        self.fc = classifier(dim, num_classes, **dd)
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        if self.pool == "token":
+            pooled = [norm(x)[:, 0] for norm, x in zip(self.norms, xs, strict=True)]
+        else:
+            pooled = [norm(x)[:, self.extra :].mean(dim=1) for norm, x in zip(self.norms, xs, strict=True)]
+        x = self.aggregate(torch.stack(pooled, dim=1)).squeeze(1)  # [B, n, C] -> [B, C]
+        return self.fc(self.drop(x))

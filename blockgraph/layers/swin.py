@@ -1,0 +1,169 @@
+"""Swin Transformer layers (Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",
+ICCV 2021), in timm's layout: window attention with a relative position bias, cyclic-shift windows with the -100
+attention mask, and patch merging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockgraph.layers.common import DropPath, linear, memo, qkv_heads
+from blockgraph.layers.mlp import Mlp
+
+
+def relative_position_index(window: int) -> Tensor:
+    """``[w*w, w*w]`` index into the ``(2w-1)^2`` bias table: ``(dy + w - 1) * (2w - 1) + (dx + w - 1)``."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # [w*w, w*w, 2] (dy, dx)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def shift_mask(h: int, w: int, window: int, shift: int, device: Any = None) -> Tensor:
+    """The -100 mask ``[nW, w*w, w*w]`` between tokens that came from different regions before the cyclic shift.
+
+    Along each axis of size n the regions are ``[0, n - window)``, ``[n - window, n - shift)``, ``[n - shift, n)``
+    (timm's slices); a token's label is row region * 3 + column region. Written as comparisons, not as slice
+    assignments, so that under torch.compile it is one small kernel (the nine assignments made inductor generate
+    megabytes of C++ for Swin-T).
+    """
+
+    def regions(n: int) -> Tensor:
+        i = torch.arange(n, device=device)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    labels = regions(h)[:, None] * 3 + regions(w)[None, :]  # [h, w]
+    windows = labels.view(h // window, window, w // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    diff = windows[:, None, :] - windows[:, :, None]  # [nW, w*w, w*w]
+    return diff.ne(0).to(torch.float32) * -100.0
+
+
+class WindowAttention(nn.Module):
+    """``qkv`` → softmax attention with ``scale``, the relative position bias (and the shift mask) added to the
+    logits → ``proj``; bias from ``relative_position_bias_table`` ``[(2w-1)^2, heads]`` (timm's layout).
+
+    The attention is the explicit math, not ``F.scaled_dot_product_attention``: for 49-token windows with a float
+    bias it is the faster of the two, eagerly and under torch.compile (inductor fuses the bias add into the softmax
+    and runs the products as bmm); with a bias that needs a gradient SDPA would run this math anyway. Outside
+    autograd the bias, or bias + shift mask, is built once per map size and reused until the table changes (its
+    version counter and storage are part of the key).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, window: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+        proj_drop: float = 0.0, device: Any = None, dtype: Any = None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.window = window
+        self.scale = (dim // heads) ** -0.5
+        self.attn_drop = attn_drop
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads, **dd))
+        if self.relative_position_bias_table.device.type != "meta":
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window).to(device), persistent=False)
+        self.qkv = linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: dict[Any, Tensor] = {}
+
+    def attention_bias(self, mask: Tensor | None = None, key: Any = None) -> Tensor:
+        """The logits' bias: ``[1, heads, N, N]``, or ``[nW, heads, N, N]`` with the shift ``mask`` ``[nW, N, N]``
+        added. ``key`` names the mask (the map size) for the cache; ``None`` computes it afresh."""
+        table = self.relative_position_bias_table
+        if key is not None and not (torch.is_grad_enabled() and table.requires_grad):
+            stamp = (key, table._version, table.data_ptr(), table.dtype, str(table.device))
+            return memo(self._bias_cache, stamp, lambda: self.attention_bias(mask))
+        N = self.window * self.window
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            bias = bias + mask[:, None].to(bias.dtype)  # [nW, heads, N, N]
+        return bias.contiguous()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, key: Any = None) -> Tensor:
+        Bw, N, C = x.shape  # Bw = B * windows
+        q, k, v = (t.transpose(1, 2) for t in qkv_heads(self.qkv, x, self.heads))  # [Bw, h, N, d]
+        bias = self.attention_bias(mask, key)  # [windows or 1, h, N, N]
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # [Bw, h, N, N], fresh: the bias is added in place
+        attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias)  # per window, not repeated for every image
+        x = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(Bw, N, C)))  # [Bw, N, h*d]
+
+
+class SwinBlock(nn.Module):
+    """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names), on row-major tokens of an ``h x w`` map.
+
+    With ``size`` (the map the model is built for) a shifted block keeps that map's shift mask as the buffer
+    ``attn_mask`` (not in the state_dict), as timm does: under torch.compile it is then an input of the graph, not a
+    computation traced into it (inductor fused that index arithmetic into the softmax, per head and image). Other
+    sizes make and cache theirs on first use.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, window: int = 7, shift: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+        drop_path: float = 0.0, proj_drop: float = 0.0, attn_drop: float = 0.0, norm_eps: float = 1e-5,
+        act: str = "gelu", size: tuple[int, int] | None = None, device: Any = None, dtype: Any = None,
+    ):  # fmt: skip
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.attn = WindowAttention(dim, heads, window, qkv_bias, attn_drop, proj_drop, **dd)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
+        self._masks: dict[tuple[int, int, str], Tensor] = {}
+        self.mask_size = tuple(size) if size is not None and self._shift(*size) else None
+        mask = shift_mask(*self.mask_size, window, shift, device) if self.mask_size else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _shift(self, h: int, w: int) -> int:
+        """The shift on an ``h x w`` map: none when the map is one window (timm)."""
+        return self.shift if min(h, w) > self.window else 0
+
+    def _mask(self, h: int, w: int, shift: int, device: Any) -> Tensor:
+        """The shift mask for this map size: the buffer's, or computed once per size and device."""
+        if (h, w) == self.mask_size and self.attn_mask.device == device:
+            return self.attn_mask
+        return memo(self._masks, (h, w, str(device)), lambda: shift_mask(h, w, self.window, shift, device))
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        B, L, C = x.shape
+        h, w = size
+        win = self.window
+        shift = self._shift(h, w)
+        y = self.norm1(x).view(B, h, w, C)
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+        y = y.view(B, h // win, win, w // win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, C)
+        mask = self._mask(h, w, shift, x.device) if shift else None
+        y = self.attn(y, mask, (h, w, shift))  # [B*nW, win*win, C]
+        y = y.view(B, h // win, w // win, win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, C)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        x = x + self.drop_path(y.reshape(B, L, C))
+        return self.mlp(self.norm2(x), residual=x)
+
+
+class PatchMerging(nn.Module):
+    """Each 2x2 group of tokens concatenated (``x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]``) →
+    ``norm`` (LayerNorm 4C) → ``reduction`` (Linear 4C → dim_out, no bias); odd maps are zero-padded (timm)."""
+
+    def __init__(self, dim: int, dim_out: int, norm_eps: float = 1e-5, device: Any = None, dtype: Any = None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm = nn.LayerNorm(4 * dim, eps=norm_eps, **dd)
+        self.reduction = linear(4 * dim, dim_out, bias=False, **dd)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        B, _, C = x.shape
+        h, w = size
+        x = x.view(B, h, w, C)
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            h, w = h + h % 2, w + w % 2
+        x = x.reshape(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # [B, h/2, w/2, 4C]
+        return self.reduction(self.norm(x)).flatten(1, 2)  # [B, h/2 * w/2, dim_out]

@@ -1,0 +1,58 @@
+"""When an op may run a fast kernel instead of its plain reference, and how fast kernels keep what they derive from
+a layer's weights.
+
+Each op of this package (``linear``, ``conv_bn``, CoaT's attention, ...) is one function with one contract: its
+plain reference is ordinary differentiable torch code, used for training, ``torch.compile`` and export; its fast
+kernels compute the same values (up to float rounding: a different summation order) with fewer passes over
+memory, and each is tested against the reference. The layers call the op and never choose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockgraph.ops.ms_deform_attn import exporting
+
+
+def eager_inference(x: Tensor) -> bool:
+    """Whether an op may run its eager inference kernels on ``x``: nothing records gradients (they have no
+    derivative formula), torch runs eagerly (not compiling: inductor fuses by itself; not tracing or exporting:
+    exported graphs keep standard ops), on a real device (not meta)."""
+    return not (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or exporting()
+        or x.device.type == "meta"
+    )
+
+
+def in_place(act: nn.Module, y: Tensor) -> Tensor:
+    """``act(y)``, overwriting ``y`` where the activation has an in-place form (for eager inference kernels)."""
+    if isinstance(act, nn.ReLU):
+        return F.relu_(y)
+    if isinstance(act, nn.SiLU):
+        return F.silu(y, inplace=True)
+    if isinstance(act, nn.Hardswish):
+        return F.hardswish(y, inplace=True)
+    return act(y)
+
+
+def stamp(*tensors: Tensor | None) -> tuple:
+    """What identifies the current values of tensors: version counter (in-place changes), storage, dtype, device."""
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def remember(owner: nn.Module, attr: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, kept on ``owner`` (a plain attribute: not a buffer, not in the state_dict) until ``key`` changes."""
+    cached = owner.__dict__.get(attr)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = make()
+    owner.__dict__[attr] = (key, value)
+    return value

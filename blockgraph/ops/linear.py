@@ -1,0 +1,86 @@
+"""The linear layers' op: ``residual + act(x @ weight.T + bias)``, with its plain reference and two oneDNN kernels.
+
+- Eager inference (:func:`~blockgraph.ops.kernel.eager_inference`), CPU, float32: oneDNN's matrix multiply
+  (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits) with the activation or the residual
+  add in its epilogue, where the reference runs a second pass over the output.
+- A graph torch.compile traces for inference (no gradients, not exporting), CPU, float32, products of at least
+  :data:`COMPILED_ONEDNN_MIN_MACS` multiply-adds: oneDNN's matrix multiply through an op of our own
+  (``blockgraph::onednn_linear``). Inductor without freezing lowers ``F.linear`` to MKL's ``addmm``, 5-28% slower
+  on these shapes (measured per shape, compiled: README, "Inference speed").
+- Otherwise (training, autograd, export, other devices and dtypes): the reference, ``F.linear``, then the
+  activation and the add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blockgraph.ops.kernel import eager_inference, in_place
+from blockgraph.ops.ms_deform_attn import exporting
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+# activation module type → oneDNN post-op name (GELU's algorithm is its ``approximate``; the others have none)
+_POST_OPS: dict[type, str] = {nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish", nn.GELU: "gelu"}
+
+# oneDNN's matrix multiply as an op of our own: inductor lowers ``mkldnn._linear_pointwise`` only for frozen weights
+# (its lowering asserts the weight is a graph constant; ``.binary`` has no fake kernel at all), so the graph calls
+# this one, which inductor runs as an opaque call, as it does ``addmm``.
+_LIBRARY = torch.library.Library("blockgraph", "DEF")
+_LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl(
+    "onednn_linear", lambda x, weight, bias: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), "CPU"
+)
+torch.library.register_fake("blockgraph::onednn_linear")(
+    lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0]))
+)
+
+COMPILED_ONEDNN_MIN_MACS = 64_000_000
+"""Multiply-adds from which a compiled graph calls oneDNN: below it, the op call's overhead eats the gain."""
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act: nn.Module | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
+    kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight)."""
+    onednn = _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    fast = eager_inference(x)
+    y = None
+    if onednn and fast:
+        if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        post = _post_op(act) if residual is None else None
+        if post is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post[0], [], post[1])
+    elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
+        y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
+    if y is None:
+        y = F.linear(x, weight, bias)
+    if act is not None:
+        y = in_place(act, y) if fast else act(y)
+    if residual is None:
+        return y
+    return y.add_(residual) if fast else residual + y
+
+
+def _compiled_inference() -> bool:
+    """Whether torch.compile is tracing a graph for inference (no gradients recorded, not for export)."""
+    return torch.compiler.is_compiling() and not (torch.is_grad_enabled() or exporting())
+
+
+def _post_op(act: nn.Module | None) -> tuple[str, str] | None:
+    """oneDNN's name and algorithm for ``act`` (``("none", "")`` for none), or None if oneDNN has no such post-op."""
+    if act is None or isinstance(act, nn.Identity):
+        return "none", ""
+    name = _POST_OPS.get(type(act))
+    if name is None:
+        return None
+    return name, act.approximate if isinstance(act, nn.GELU) else ""

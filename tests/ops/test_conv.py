@@ -1,0 +1,191 @@
+"""The convolution ops (blockgraph/ops/conv.py) against the plain layers: Conv-BN folded in eager inference (and
+its cache under every way weights change), depthwise convolutions merged into one, and a depthwise convolution of
+a token map viewed channels-last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from torch import nn
+
+from blockgraph.ops.conv import conv_bn, depthwise_conv2d, merge_depthwise
+from tests.support.weights import ops_called, randomize_batchnorm
+
+
+def _conv_bn(groups: int = 1, bias: bool = False, stride: int = 1, kernel: int = 3) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16 if groups == 1 else 8, kernel, stride, kernel // 2, groups=groups, bias=bias)
+    bn = nn.BatchNorm2d(conv.out_channels)
+    randomize_batchnorm(bn, torch.Generator().manual_seed(1))
+    return conv, bn.eval()
+
+
+@pytest.mark.parametrize("act", [None, nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.GELU()], ids=repr)
+@pytest.mark.parametrize(("groups", "bias", "stride", "kernel"), [(1, False, 1, 3), (8, True, 2, 3), (1, True, 1, 1)])
+def test_conv_bn_folds_to_the_same_result(act, groups: int, bias: bool, stride: int, kernel: int) -> None:
+    conv, bn = _conv_bn(groups, bias, stride, kernel)
+    x = torch.randn(2, 8, 13, 11)
+    with torch.no_grad():
+        expected = bn(conv(x)) if act is None else act(bn(conv(x)))
+        got = conv_bn(x, conv, bn, act)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if groups == 1 and kernel > 1:  # on the CPU the folded weight is channels-last, so is the map (and the next)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # a 1x1 or depthwise weight has either layout: the map keeps the input's
+        got = conv_bn(x.contiguous(memory_format=torch.channels_last), conv, bn, act)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    conv64, bn64 = conv.double(), bn.double()
+    with torch.no_grad():
+        expected = bn64(conv64(x.double()))
+        torch.testing.assert_close(conv_bn(x.double(), conv64, bn64), expected, rtol=0, atol=1e-13)
+
+
+def test_conv_bn_adds_a_residual_in_place_of_its_output_only() -> None:
+    """``residual + act(bn(conv(x)))``: the reference with autograd on, the folded kernel (the add in place on its
+    own output) without; the residual itself is never written."""
+    conv, bn = _conv_bn()
+    x, residual = torch.randn(2, 8, 6, 6), torch.randn(2, 16, 6, 6)
+    kept = residual.clone()
+    expected = residual + nn.SiLU()(bn(conv(x)))
+    torch.testing.assert_close(conv_bn(x, conv, bn, nn.SiLU(), residual), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        got = conv_bn(x, conv, bn, nn.SiLU(), residual)
+    torch.testing.assert_close(got, expected.detach(), rtol=0, atol=1e-5)
+    assert torch.equal(residual, kept)
+
+
+def test_the_folded_weights_follow_every_change_of_the_layers() -> None:
+    conv, bn = _conv_bn()
+    x = torch.randn(2, 8, 6, 6)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), rtol=0, atol=1e-5)
+
+    check()
+    first = conv.__dict__["_blockgraph_folded"]
+    check()
+    assert conv.__dict__["_blockgraph_folded"] is first  # unchanged layers: the cached pair
+    with torch.no_grad():
+        bn.running_var.mul_(3.0)  # in place: a new version
+    check()
+    conv.weight.grad = torch.ones_like(conv.weight)
+    torch.optim.SGD(conv.parameters(), lr=0.5).step()  # an optimizer step
+    check()
+    other_conv, other_bn = _conv_bn()
+    randomize_batchnorm(other_bn, torch.Generator().manual_seed(7))
+    conv.load_state_dict(other_conv.state_dict())
+    bn.load_state_dict(other_bn.state_dict())
+    check()
+    bn.bias = nn.Parameter(torch.full((16,), 2.0))  # a new tensor altogether
+    check()
+    bn.eps = 0.1
+    check()
+    assert "_blockgraph_folded" not in conv.state_dict() and "_blockgraph_folded" not in dict(conv.named_buffers())
+
+
+def test_conv_bn_without_running_statistics_runs_the_plain_layers() -> None:
+    conv, _ = _conv_bn()
+    bn = nn.BatchNorm2d(16, track_running_stats=False).eval()  # normalizes by the batch even in eval
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- merge_depthwise
+
+
+def _depthwise(channels: int, kernel: int, bias: bool = True, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=bias, **kwargs)
+
+
+def test_merge_depthwise_equals_the_split_convolutions_and_is_cached_for_inference() -> None:
+    torch.manual_seed(0)
+    convs = [_depthwise(4, 3), _depthwise(6, 7, bias=False), _depthwise(2, 5)]
+    x = torch.randn(2, 12, 9, 11)
+    with torch.no_grad():
+        expected = torch.cat([c(p) for c, p in zip(convs, torch.split(x, [4, 6, 2], 1), strict=True)], 1)
+        weight, bias = merge_depthwise(convs)
+        got = F.conv2d(x, weight, bias, padding=3, groups=12)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert merge_depthwise(convs)[0] is weight  # cached (nothing records gradients)
+        convs[1].weight.mul_(2.0)  # and remade when a weight changes
+        expected = torch.cat([c(p) for c, p in zip(convs, torch.split(x, [4, 6, 2], 1), strict=True)], 1)
+        weight, bias = merge_depthwise(convs)
+        torch.testing.assert_close(F.conv2d(x, weight, bias, padding=3, groups=12), expected, rtol=0, atol=1e-5)
+
+
+def test_merge_depthwise_is_differentiable() -> None:
+    """With autograd on, the merge is made afresh (not cached) and passes gradients to each convolution's own
+    tensors, the padded taps' gradients dropped: the same gradients as the split convolutions, in float64."""
+    torch.manual_seed(0)
+    convs = [_depthwise(4, 3).double(), _depthwise(6, 7, bias=False).double(), _depthwise(2, 5).double()]
+    x = torch.randn(2, 12, 9, 11, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 12, 9, 11, dtype=torch.float64)
+    inputs = (x, *(p for c in convs for p in c.parameters()))
+    expected = torch.cat([c(p) for c, p in zip(convs, torch.split(x, [4, 6, 2], 1), strict=True)], 1)
+    got = F.conv2d(x, *merge_depthwise(convs), padding=3, groups=12)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got, inputs, upstream)
+    for g, e in zip(grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "odd_one",
+    [
+        nn.Conv2d(4, 4, 4, padding=2, groups=4),  # even kernel: no center
+        _depthwise(4, 3, stride=2),
+        _depthwise(4, 3, dilation=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),  # not depthwise
+        nn.Conv2d(4, 4, 3, padding=0, groups=4),  # not 'same'
+        _depthwise(4, 3, padding_mode="reflect"),
+    ],
+    ids=["even", "stride", "dilation", "grouped", "valid", "reflect"],
+)
+def test_merge_depthwise_refuses_what_it_cannot_merge(odd_one: nn.Conv2d) -> None:
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_depthwise([_depthwise(4, 5), odd_one])
+
+
+# ------------------------------------------------------------------------------------------------ depthwise_conv2d
+
+
+def _token_map(batch: int, channels: int, h: int, w: int, **kwargs) -> torch.Tensor:
+    """Tokens ``[B, h*w, C]`` viewed as a map ``[B, C, h, w]`` (channels innermost), as CoaT's CPE and CRPE do."""
+    return torch.randn(batch, h * w, channels, **kwargs).transpose(1, 2).view(batch, channels, h, w)
+
+
+def test_depthwise_conv2d_equals_the_layer_with_its_gradients() -> None:
+    torch.manual_seed(0)
+    conv = _depthwise(6, 3).double()
+    x = _token_map(2, 6, 5, 7, dtype=torch.float64).requires_grad_()
+    upstream = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    inputs = (x, conv.weight, conv.bias)
+    got = depthwise_conv2d(x, conv.weight, conv.bias, 1)
+    expected = conv(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got, inputs, upstream)
+    for g, e in zip(grads, torch.autograd.grad(expected, inputs, upstream), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's layout choice")
+def test_depthwise_conv2d_keeps_a_batch_one_token_map_channels_last() -> None:
+    """A token map at batch 1: with the layer's own weight oneDNN reads the input as channels-first (its batch
+    stride) and copies it to NCHW; with the weight viewed channels-last it runs on the input as it is and returns
+    channels-last, the same values. A channels-first input keeps the layer's kernel: the same bits."""
+    torch.manual_seed(0)
+    conv = _depthwise(16, 3)
+    x = _token_map(1, 16, 5, 7)
+    with torch.no_grad():
+        plain = conv(x)
+        got = depthwise_conv2d(x, conv.weight, conv.bias, 1)
+        assert "aten::copy_" in ops_called(lambda: conv(x))  # the case this is for
+        assert "aten::copy_" not in ops_called(lambda: depthwise_conv2d(x, conv.weight, conv.bias, 1))
+        assert plain.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+        nchw = x.contiguous()
+        assert torch.equal(depthwise_conv2d(nchw, conv.weight, conv.bias, 1), conv(nchw))

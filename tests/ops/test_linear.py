@@ -1,0 +1,83 @@
+"""The linear op (blockgraph/ops/linear.py): its oneDNN kernels against the plain reference, with an activation or
+a residual in the epilogue, in eager inference and in graphs compiled for inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from torch import nn
+
+from blockgraph.layers.common import Linear
+from blockgraph.ops import linear as linear_module
+from blockgraph.ops.linear import linear
+from tests.support.weights import ops_called
+
+ACTS = [None, nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.Tanh(), nn.Identity()]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (2, 3, 4, 24)])
+def test_linear_with_activation_equals_the_reference(act: nn.Module | None, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer, x = nn.Linear(24, 40), torch.randn(shape)
+    expected = (layer(x) if act is None else act(layer(x))).detach()
+    torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=0)  # reference
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_residual_equals_the_layer_plus_residual(bias: bool) -> None:
+    torch.manual_seed(0)
+    layer, x = nn.Linear(24, 16, bias=bias), torch.randn(2, 9, 24)
+    residual = torch.randn(2, 16, 9).transpose(1, 2)  # a strided residual too
+    with torch.no_grad():
+        got = linear(x, layer.weight, layer.bias, residual=residual)
+        torch.testing.assert_close(got, residual + layer(x), rtol=0, atol=1e-5)
+        broadcast = torch.randn(16)  # not the output's shape: the plain add
+        got = linear(x, layer.weight, layer.bias, residual=broadcast)
+        torch.testing.assert_close(got, broadcast + layer(x), rtol=0, atol=0)
+
+
+def test_linear_runs_onednn_on_the_cpu_in_float32_and_plain_ops_elsewhere() -> None:
+    layer, x = nn.Linear(8, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in ops_called(lambda: linear(x, layer.weight, layer.bias, act=nn.GELU()))
+        double = nn.Linear(8, 8).double()
+        called = ops_called(lambda: linear(x.double(), double.weight, double.bias, act=nn.GELU()))
+        assert "mkldnn::_linear_pointwise" not in called
+        got = linear(x.double(), double.weight, double.bias, act=nn.SiLU())
+        torch.testing.assert_close(got, F.silu(double(x.double())), rtol=0, atol=1e-15)
+    called = ops_called(lambda: linear(x, layer.weight, layer.bias, act=nn.GELU()))  # autograd records: reference
+    assert "mkldnn::_linear_pointwise" not in called and "aten::linear" in called
+
+
+@pytest.mark.skipif(not linear_module._ONEDNN, reason="oneDNN's matrix multiply")
+def test_linear_runs_onednn_in_graphs_compiled_for_inference_on_large_products() -> None:
+    """oneDNN in a graph traced without gradients when the product is large enough, ``F.linear`` (so autograd)
+    otherwise; the compiled result equals the layer's. ``aot_eager`` runs the traced graph eagerly (the ops it holds
+    show in the profile); inductor once, for the values."""
+    torch.manual_seed(0)
+    layer = Linear(256, 512)
+    large = torch.randn(1, 512, 256)  # 512 * 256 * 512 multiply-adds: at least COMPILED_ONEDNN_MIN_MACS
+    small = torch.randn(1, 64, 256)
+    assert large.numel() * 512 >= linear_module.COMPILED_ONEDNN_MIN_MACS > small.numel() * 512
+
+    def graph_ops(x: torch.Tensor) -> set[str]:
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+        compiled(x)
+        return ops_called(lambda: compiled(x))
+
+    with torch.no_grad():
+        assert "blockgraph::onednn_linear" in graph_ops(large)
+        assert "blockgraph::onednn_linear" not in graph_ops(small)
+        assert "blockgraph::onednn_linear" not in ops_called(lambda: layer(large))  # eager: its own kernel
+        got = torch.compile(layer, fullgraph=True, dynamic=False)(large)
+        torch.testing.assert_close(got, F.linear(large, layer.weight, layer.bias), rtol=0, atol=1e-5)
+    assert "blockgraph::onednn_linear" not in graph_ops(large)  # gradients recorded: F.linear
+    torch._dynamo.reset()
+    x = large.clone().requires_grad_()
+    torch.compile(layer, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
+    expected = torch.autograd.grad(F.linear(large, layer.weight, layer.bias).square().sum(), layer.weight)[0]
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
