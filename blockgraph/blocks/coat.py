@@ -98,7 +98,7 @@ class ConvRelPosEncSpec(BlockSpec):
     def build(self, ctx: BuildContext, x: TensorType | None = None) -> nn.Module:
         from blockgraph.layers.coat import ConvRelPosEnc
 
-        return ConvRelPosEnc(self.dim // self.heads, self.heads, dict(self.windows), **ctx.dd)
+        return ConvRelPosEnc(**self.fields(), **ctx.dd)
 
     def params(self, x: TensorType | None = None) -> int:
         head_dim = self.dim // self.heads

@@ -31,15 +31,16 @@ class ConvPosEnc(nn.Module):
 
 
 class ConvRelPosEnc(nn.Module):
-    """``conv_list``: one depthwise conv (with bias) per window, over its heads' channels (``windows`` maps kernel
-    size → heads, in head order). They run as one conv whose kernels are zero-padded to the largest
+    """``conv_list``: one depthwise conv (with bias) per window, over its heads' channels (``dim // heads`` each;
+    ``windows`` maps kernel size → heads, in head order). They run as one conv whose kernels are zero-padded to the largest
     (:func:`blockgraph.ops.conv.merge_depthwise`), so the window sizes must be odd."""
 
-    def __init__(self, head_dim: int, heads: int, windows: dict[int, int], device: Any = None, dtype: Any = None):
+    def __init__(self, dim: int, heads: int, windows: dict[int, int], device: Any = None, dtype: Any = None):
         super().__init__()
         if any(k % 2 == 0 for k in windows):
             raise ValueError(f"CRPE windows must be odd (the map keeps its size), got {sorted(windows)}")
         self.heads = heads
+        head_dim = dim // heads
         self.conv_list = nn.ModuleList(
             nn.Conv2d(n * head_dim, n * head_dim, k, padding=k // 2, groups=n * head_dim, device=device, dtype=dtype)
             for k, n in windows.items()

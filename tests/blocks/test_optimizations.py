@@ -114,7 +114,7 @@ def test_swin_block_keeps_the_mask_of_its_build_size_as_a_buffer() -> None:
 def test_factor_attention_with_crpe_equals_the_zero_padded_formula(extra: int) -> None:
     """``scale * q (softmax_N(k)^T v) + pad(CRPE)`` with the zero rows written out, as timm computes it."""
     torch.manual_seed(0)
-    crpe = _seeded(ConvRelPosEnc(8, 4, {3: 2, 5: 2}), 1)
+    crpe = _seeded(ConvRelPosEnc(32, 4, {3: 2, 5: 2}), 1)
     attn = _seeded(FactorAttnConvRelPosEnc(32, 4), 2)
     H, W = 5, 6
     x = torch.randn(2, extra + H * W, 32, requires_grad=True)
@@ -141,7 +141,7 @@ def test_factor_attention_with_crpe_equals_the_zero_padded_formula(extra: int) -
 def test_crpe_refuses_even_windows() -> None:
     """Its windows run as one conv with kernels padded around their centers: an even kernel has none."""
     with pytest.raises(ValueError, match="odd"):
-        ConvRelPosEnc(8, 4, {3: 2, 4: 2})
+        ConvRelPosEnc(32, 4, {3: 2, 4: 2})
 
 
 # ------------------------------------------------------------------------------------------------------------- ViT
