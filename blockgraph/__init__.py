@@ -24,6 +24,7 @@ from blockgraph.errors import (
     SpecError,
     WeightsError,
 )
+from blockgraph.spec.plugins import load_plugin
 from blockgraph.spec.schema import BlockSpec, register
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load",
+    "load_plugin",
     "load_timm_state_dict",
     "register",
     "validate",
