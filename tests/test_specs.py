@@ -21,15 +21,21 @@ def _all_outputs(path: Path) -> list[str]:
     return list(analysis.graph.outputs) + list(analysis.graph.features)
 
 
-def _shrunk(path: Path, **kwargs) -> torch.nn.Module:
-    """The spec with every depth variable at 1: the same blocks and shape rules, a fraction of the compute."""
+def shallow(path: Path) -> dict[str, object]:
+    """Overrides that set every depth variable of a spec to 1: the same blocks and shape rules, a fraction of the
+    compute."""
     variables = bg.analyze(path).spec.variables
-    overrides = {}
+    overrides: dict[str, object] = {}
     for name, value in variables.items():
         if "depth" in name:
             overrides[name] = [1] * len(value) if isinstance(value, list) else 1
+    return overrides
+
+
+def _shrunk(path: Path, **kwargs) -> torch.nn.Module:
+    """The model of the spec with every depth variable at 1 (:func:`shallow`)."""
     kwargs.setdefault("outputs", _all_outputs(path))
-    return bg.build_model(path, overrides=overrides, **kwargs)
+    return bg.build_model(path, overrides=shallow(path), **kwargs)
 
 
 def _flat(value) -> list[torch.Tensor]:

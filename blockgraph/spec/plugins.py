@@ -1,4 +1,4 @@
-"""Custom blocks from user code: loading the modules that register them.
+"""Custom blocks from user code: loading the modules that register them, and translating what their code raises.
 
 Code comes in three ways, each a module whose import registers blocks (``@register``):
 
@@ -22,16 +22,18 @@ Torch-free; nothing here knows about particular ops.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from blockgraph.errors import PluginError, Pos
+from blockgraph.errors import BlockError, BlockgraphError, PluginError, Pos
 from blockgraph.spec.expand import Expanded, Import, names_a_file
 from blockgraph.spec.schema import BlockSpec, register, registered
 
@@ -277,3 +279,44 @@ def _unknown_ops(data: Any) -> bool:
         elif isinstance(node, list):
             stack.extend(node)
     return False
+
+
+# ------------------------------------------------------------------------------------------------ custom blocks' code
+
+
+def is_builtin(cls: type) -> bool:
+    """Whether a block type is one of blockgraph's own (its class is defined inside the ``blockgraph`` package)."""
+    return cls.__module__ == "blockgraph" or cls.__module__.startswith("blockgraph.")
+
+
+def describe(spec: BlockSpec, node: str) -> str:
+    """``custom block 'stem.affine' (op channel_affine, my_pkg.blocks.ChannelAffineSpec)``."""
+    cls = type(spec)
+    return f"custom block '{node}' (op {spec.op}, {cls.__module__}.{cls.__qualname__})"
+
+
+@contextlib.contextmanager
+def custom_code(spec: BlockSpec, node: str, pos: Pos | None, what: str) -> Iterator[None]:
+    """Run a custom block's code (its shape rule, ``params``, ``build``, its module) turning what it raises into a
+    :class:`BlockError` naming the node, the op and the block's class; ``what`` names the code (``"its shape
+    rule"``).
+
+    A built-in block's exception passes through unchanged: that is a bug of blockgraph, not of the spec's author.
+    Blockgraph's own errors (``ctx.fail``) pass through too.
+    """
+    if is_builtin(type(spec)):
+        yield
+        return
+    try:
+        yield
+    except BlockgraphError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the author's code may raise anything
+        cls = type(spec)
+        raise BlockError(
+            f"{describe(spec, node)} raised {_first_line(e)} in {what}",
+            pos=pos,
+            node=node,
+            hint=f"fix {cls.__qualname__} (in {cls.__module__}); in Python, the BlockError's __cause__ holds the "
+            "traceback",
+        ) from e
