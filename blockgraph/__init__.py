@@ -14,6 +14,7 @@ from blockgraph.api import (
     validate,
 )
 from blockgraph.errors import (
+    BlockError,
     BlockgraphError,
     BudgetError,
     ExportError,
@@ -28,6 +29,7 @@ from blockgraph.spec.plugins import load_plugin
 from blockgraph.spec.schema import BlockSpec, register
 
 __all__ = [
+    "BlockError",
     "BlockSpec",
     "BlockgraphError",
     "BudgetError",

@@ -123,8 +123,8 @@ def _check_params(inference: Inference, name: str, module: nn.Module) -> None:
             f"{_label(inference, name)}: params() says {rule:,} parameters, the module has {count:,}",
             pos=inference.graph.pos(owner.path),
             node=name,
-            hint=f"fix the params() rule of {_where(owner.spec)} or its module ({_where(module)}): budgets, "
-            "`validate` and summaries count with the rule",
+            hint=f"fix the params() rule of op '{owner.spec.op}' or its module ({type(module).__qualname__}): "
+            "budgets, `validate` and summaries count with the rule",
         )
 
 
@@ -163,15 +163,10 @@ def _check_shapes(inference: Inference, name: str, module: nn.Module, shared: An
                 f"{h}x{w}, batch {BATCH})",
                 pos=pos,
                 node=name,
-                hint=f"fix the shape rule (infer) of {_where(node.spec)} or its module ({_where(module)}); the "
-                "compiled forward and every static check rely on the rule",
+                hint=f"fix the shape rule (infer) of op '{node.spec.op}' or its module "  # type: ignore[union-attr]
+                f"({type(module).__qualname__}): the compiled forward and every static check rely on the rule",
             )
 
 
 def _shape(shape: Iterable[int]) -> str:
     return "x".join(map(str, shape))
-
-
-def _where(obj: Any) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"

@@ -289,10 +289,12 @@ def is_builtin(cls: type) -> bool:
     return cls.__module__ == "blockgraph" or cls.__module__.startswith("blockgraph.")
 
 
-def describe(spec: BlockSpec, node: str) -> str:
-    """``custom block 'stem.affine' (op channel_affine, my_pkg.blocks.ChannelAffineSpec)``."""
-    cls = type(spec)
-    return f"custom block '{node}' (op {spec.op}, {cls.__module__}.{cls.__qualname__})"
+def qualified(cls: type) -> str:
+    """A class as its author knows it: ``my_pkg.blocks.ChannelAffineSpec``, or, for a class of a plugin file,
+    ``ChannelAffineSpec of /path/to/affine.py`` (its module's name is made up)."""
+    if cls.__module__.startswith(PACKAGE + "."):
+        return f"{cls.__qualname__} of {getattr(sys.modules.get(cls.__module__), '__file__', cls.__module__)}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @contextlib.contextmanager
@@ -312,11 +314,9 @@ def custom_code(spec: BlockSpec, node: str, pos: Pos | None, what: str) -> Itera
     except BlockgraphError:
         raise
     except Exception as e:  # noqa: BLE001 - the author's code may raise anything
-        cls = type(spec)
         raise BlockError(
-            f"{describe(spec, node)} raised {_first_line(e)} in {what}",
+            f"custom block '{node}' (op {spec.op}, {qualified(type(spec))}) raised {_first_line(e)} in {what}",
             pos=pos,
             node=node,
-            hint=f"fix {cls.__qualname__} (in {cls.__module__}); in Python, the BlockError's __cause__ holds the "
-            "traceback",
+            hint="fix the block's code; in Python, the BlockError's __cause__ holds the traceback",
         ) from e

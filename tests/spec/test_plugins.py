@@ -77,22 +77,13 @@ def _install(root: Path, module: str, source: str, entry: str) -> None:
 
 
 @pytest.fixture
-def site(tmp_path: Path):
+def site(tmp_path: Path, plugin_sandbox):
     """A directory on sys.path for fake distributions; the registry and sys.modules are restored afterwards."""
-    saved = dict(schema._REGISTRY)
-    modules = set(sys.modules)
     sys.path.insert(0, str(tmp_path))
-    plugins._reset_plugins()
     try:
         yield tmp_path
     finally:
         sys.path.remove(str(tmp_path))
-        for name in set(sys.modules) - modules:
-            if name.startswith(("bgplug_", plugins.PACKAGE)):
-                del sys.modules[name]
-        for op in set(schema._REGISTRY) - set(saved):
-            schema.unregister(op)
-        plugins._reset_plugins()
 
 
 def test_entry_point_block_validates_builds_and_runs(site: Path) -> None:
@@ -452,3 +443,19 @@ print("loaded")
     assert f"`--plugin {plugin.resolve()}` on the command line" in loaded
     assert f"`blockgraph.load_plugin({str(plugin.resolve())!r})` in Python" in loaded
     assert loaded.endswith("\nloaded\n")
+
+
+def test_an_exception_in_a_plugin_files_rule_names_the_file(site: Path, run_cli) -> None:
+    plugin = _plugin_files(site)
+    plugin.write_text(SPEC_HALF.replace("ctx.expect(x,", "ctx.expect(x, width=self.dim,"))
+    spec = site / "spec.yaml"
+    spec.write_text("imports: [./affine.py]\n" + BODY)
+    message = (
+        f"custom block 'affine' (op file_affine, FileAffineSpec of {plugin.resolve()}) raised TypeError: "
+        "InferContext.expect() got an unexpected keyword argument 'width' in its shape rule"
+    )
+    with pytest.raises(bg.BlockError) as info:
+        bg.validate(spec)
+    assert info.value.message == message and (info.value.line, info.value.node) == (6, "affine")
+    code, _, err = run_cli("validate", spec)
+    assert code == 2 and err.startswith(f"{spec}:6:5: error: {message}\nhint: fix the block's code")
