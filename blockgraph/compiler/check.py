@@ -6,16 +6,17 @@ that is off shows at build, as an error naming the node, rather than as a wrong 
 forward. Built-in blocks are not checked at build (speed); the test suite checks every node and shared module of
 every reference spec (:func:`check_blocks`).
 
-Each block is built alone on the meta device (no memory, no init) and called on meta tensors of its input types at
-the spec's input size, batch 2, in eval mode, exactly as the generated forward calls it: the inputs, then the ``(h, w)`` grid of
-each input when its class ``needs_size``, then its shared modules (built on meta too) as keyword arguments. Only
-the ``BlockSpec`` API is used (``build``, ``params``, ``output_ports``, ``needs_size``, the shared fields): nothing
-here knows about particular ops.
+Each block is built alone on the meta device (no memory, no init) and called, in eval mode, on meta tensors of its
+input types at the spec's input size, batch 2, exactly as the generated forward calls it: the inputs, then the
+``(h, w)`` grid of each input when its class ``needs_size``, then its shared modules (built on meta too) as keyword
+arguments. So a custom block's module must run on the meta device (no ``.item()``, no shapes that depend on values).
+Only the ``BlockSpec`` API is used (``build``, ``params``, ``output_ports``, ``needs_size``, the shared fields):
+nothing here knows about particular ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,7 +27,6 @@ from blockgraph.errors import BlockError, BlockgraphError, raise_all
 from blockgraph.graph.cost import block_params
 from blockgraph.graph.infer import Inference
 from blockgraph.spec.plugins import custom_code, is_builtin
-from blockgraph.types import TensorType
 
 BATCH = 2
 """The batch of the meta tensors a block is called on (2: a batch dimension the rule cannot confuse with 1)."""
@@ -144,15 +144,13 @@ def _check_shapes(inference: Inference, name: str, module: nn.Module, shared: An
     what = "its module's forward (called on meta tensors of its input types)"
     with custom_code(node.spec, name, pos, what), torch.device("meta"):  # type: ignore[arg-type]
         value = module(*args, **kwargs)
-    expected: TensorType | Mapping[str, TensorType] = inference.types[name]
+    expected: Any = inference.types[name]  # a TensorType, or one per output port
     ports = node.spec.output_ports()  # type: ignore[union-attr]
     if ports is None:
-        pairs = [("output ", _shape(expected.shape(env, batch=BATCH)), value)]  # type: ignore[union-attr]
+        pairs = [("output ", _shape(expected.shape(env, batch=BATCH)), value)]
     elif isinstance(value, tuple | list) and len(value) == len(ports):
-        pairs = [
-            (f"output '{p}' ", _shape(expected[p].shape(env, batch=BATCH)), v)
-            for p, v in zip(ports, value, strict=True)
-        ]  # type: ignore[index]
+        shapes = [_shape(expected[p].shape(env, batch=BATCH)) for p in ports]
+        pairs = [(f"output '{p}' ", s, v) for p, s, v in zip(ports, shapes, value, strict=True)]
     else:
         pairs = [("outputs ", f"a tuple of {len(ports)} ({', '.join(ports)})", value)]
     for what, want, v in pairs:

@@ -15,7 +15,9 @@ process however many specs import it, and what is pickled from it is found again
 another process.
 
 A spec that imports code runs that code, as a Python config file does; the YAML itself still executes nothing. A
-checkpoint's spec never imports (``allow_imports=False``): its plugins must be loaded first.
+checkpoint's spec never imports (``allow_imports=False``): its plugins must be loaded first. (The entry points of
+installed distributions are loaded for it as for any spec that names an op nobody registered: installing a
+distribution that declares them is what trusts them.)
 
 Torch-free; nothing here knows about particular ops.
 """
@@ -93,13 +95,13 @@ def load_imports(expanded: Expanded, *, allow_imports: bool = True) -> None:
         if allow_imports:
             _load(entry, f"plugin {entry.written!r}")
         elif _module_name(entry) not in sys.modules:
-            load = entry.name if entry.is_file else entry.written
-            python = f"`blockgraph.load_plugin({load!r})`" + ("" if entry.is_file else f" or `import {load}`")
+            name = entry.name
+            python = f"`blockgraph.load_plugin({name!r})`" + ("" if entry.is_file else f" or `import {name}`")
             raise PluginError(
-                f"the spec imports the plugin {entry.name!r}, which is not loaded, and may not import it here (as "
-                "when a checkpoint is loaded: that never runs code)",
+                f"the spec imports the plugin {name!r}, which is not loaded, and may not import it here (as when a "
+                "checkpoint is loaded: that never runs code)",
                 pos=entry.pos,
-                hint=f"load it first: `--plugin {load}` on the command line, {python} in Python",
+                hint=f"load it first: `--plugin {name}` on the command line, {python} in Python",
             )
     if _unknown_ops(expanded.data):
         load_plugins()
