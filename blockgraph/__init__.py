@@ -14,6 +14,7 @@ from blockgraph.api import (
     validate,
 )
 from blockgraph.errors import (
+    BlockError,
     BlockgraphError,
     BudgetError,
     ExportError,
@@ -24,9 +25,11 @@ from blockgraph.errors import (
     SpecError,
     WeightsError,
 )
+from blockgraph.spec.plugins import load_plugin
 from blockgraph.spec.schema import BlockSpec, register
 
 __all__ = [
+    "BlockError",
     "BlockSpec",
     "BlockgraphError",
     "BudgetError",
@@ -42,6 +45,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load",
+    "load_plugin",
     "load_timm_state_dict",
     "register",
     "validate",

@@ -139,6 +139,7 @@ def build_model(
     device: Any = None,
     dtype: Any = None,
     max_params: float | None = 2_000_000_000,
+    allow_imports: bool = True,
 ) -> nn.Module:
     """Build the ``nn.Module`` a spec describes.
 
@@ -154,11 +155,13 @@ def build_model(
             (negative ones count from the end), or an int ``n`` for the last ``n``. They are returned in
             declaration order.
         outputs: names of the outputs (or, with ``features_only``, of the features) to return.
+        allow_imports: import the modules the spec's ``imports:`` names; when False, one not loaded yet is a
+            :class:`PluginError` (what loading a checkpoint does: it never runs code).
     """
     from blockgraph.compiler.budget import check
     from blockgraph.compiler.codegen import compile_model
 
-    analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes, allow_imports=allow_imports)
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it

@@ -234,8 +234,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
-    from blockgraph.spec.schema import json_schema
-    from blockgraph.spec.source_schema import source_schema
+    from blockgraph.spec.source_schema import json_schema, source_schema
 
     schema = json_schema() if args.expanded else source_schema()
     _emit(json.dumps(schema, indent=2, ensure_ascii=False) + "\n", args.out)
@@ -259,7 +258,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import blockgraph.blocks  # noqa: F401
     from blockgraph.api import list_models
-    from blockgraph.spec.schema import registry
+    from blockgraph.spec.plugins import registry
 
     if args.ops:
         for op, cls in registry().items():
@@ -330,12 +329,24 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", default="*")
     ls.add_argument("--ops", action="store_true", help="list the registered ops")
     ls.set_defaults(func=cmd_list)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--plugin",
+            action="append",
+            default=[],
+            metavar="MODULE_OR_FILE",
+            help="import a module of custom blocks first (a dotted name, or a .py file); repeatable",
+        )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.plugin:
+            from blockgraph.spec.plugins import load_command_line
+
+            load_command_line(args.plugin)
         return args.func(args)
     except BlockgraphError as e:
         print(e.format(), file=sys.stderr)

@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from blockgraph.spec import expr
+from blockgraph.spec.plugins import registry
 from blockgraph.spec.schema import (
     BlockName,
     BlockSpec,
@@ -35,7 +36,6 @@ from blockgraph.spec.schema import (
     describe_fields,
     model_types,
     path_type,
-    registry,
 )
 
 REFRESH = "python cli.py docs --all docs"
@@ -244,6 +244,13 @@ TEMPLATES = [
 ]  # fmt: skip
 
 
+_IMPORTS = (
+    "Modules of custom blocks to import first: dotted names (`my_pkg.blocks`) or .py files relative to this file "
+    "(`./blocks/convnext.py`); inherited through `extends:`. Their code runs, as a Python config's does; see "
+    "[custom blocks](custom-blocks.md)."
+)
+
+
 def spec_language() -> str:
     """The Markdown reference of the spec language (docs/spec-language.md)."""
     model, stage = model_types()
@@ -291,7 +298,8 @@ def spec_language() -> str:
     top = [(*variables, False) if row[0] == "variables" else row for row in fields(model)]
     extends = ("extends", "string (a path)", "—", "A parent spec to deep-merge this file over.", False)
     variants = ("variants", "mapping name → a partial model", "`{}`", "Named variants (see the templates).", False)
-    out += _table([*top, extends, variants])
+    imports = ("imports", "list of module names or .py files", "`[]`", _IMPORTS, False)
+    out += _table([*top, extends, imports, variants])
     out += ["", "## Stages", "", _text(inspect.getdoc(stage)), "", *_table(list(fields(stage))), ""]
     out += ["## Paths", "", _text(inspect.getdoc(path)), "", *_table(list(fields(path))), ""]
     out += [

@@ -135,7 +135,8 @@ class WeightsError(BlockgraphError):
 
 
 class PluginError(BlockgraphError):
-    """A block plugin (an entry point of the ``blockgraph.blocks`` group) failed to load or to register."""
+    """A module of custom blocks (a spec's ``imports:``, ``--plugin``, an entry point of the ``blockgraph.blocks``
+    group) cannot be found, failed to load or to register, or may not be imported (a checkpoint's spec)."""
 
 
 class BlockError(BlockgraphError):

@@ -1,4 +1,4 @@
-"""The analysis pipeline, everything before torch: load → expand → parse → graph → infer.
+"""The analysis pipeline, everything before torch: load → expand → (load plugins) → parse → graph → infer.
 
 Torch-free: ``validate``, the compiler (which rebuilds a model from its embedded spec) and the public API all start
 here.
@@ -17,6 +17,7 @@ import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
 from blockgraph.graph.build import Graph, build_graph
 from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
+from blockgraph.spec.plugins import load_imports
 from blockgraph.spec.schema import ModelBase, ParsedSpec, parse
 
 SpecLike = str | os.PathLike[str] | ModelBase
@@ -47,14 +48,20 @@ def analyze(
     variant: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
+    allow_imports: bool = True,
 ) -> Analysis:
     """Run the pipeline up to static shapes: load → expand → parse → graph → infer (no torch).
+
+    Between expanding and parsing, the modules the spec's ``imports:`` names are loaded (their code runs), and the
+    installed plugins if the spec names an op nobody registered (:mod:`blockgraph.spec.plugins`).
 
     Args:
         spec: a spec file path, YAML text, or a :class:`ModelBase`.
         variant: a variant of a family spec (``"small"``).
         overrides: variable values replacing the spec's.
         num_classes: shorthand for ``overrides={"num_classes": n}``.
+        allow_imports: when False, a module of ``imports:`` that is not loaded yet is a :class:`PluginError`
+            instead of being imported (a checkpoint's spec never runs code).
     """
     overrides = dict(overrides or {})
     if num_classes is not None:
@@ -67,6 +74,7 @@ def analyze(
         expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides)
     else:
         expanded = expand(spec, variant=variant, overrides=overrides)
+    load_imports(expanded, allow_imports=allow_imports)
     parsed = parse(expanded)
     graph = build_graph(parsed)
     return Analysis(expanded, parsed, graph, infer(graph))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,23 @@ def run_cli():
         return code, out.getvalue(), err.getvalue()
 
     return run
+
+
+@pytest.fixture
+def plugin_sandbox():
+    """What a test loads as plugins is forgotten afterwards: the ops it registered, the modules it imported
+    (``bgplug_*`` and plugin files), and that installed plugins were loaded."""
+    from blockgraph.spec import plugins, schema
+
+    saved = dict(schema._REGISTRY)
+    modules = set(sys.modules)
+    plugins._reset_plugins()
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - modules:
+            if name.startswith(("bgplug_", plugins.PACKAGE)):
+                del sys.modules[name]
+        for op in set(schema._REGISTRY) - set(saved):
+            schema.unregister(op)
+        plugins._reset_plugins()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import blockgraph as bg
-from blockgraph.spec.schema import registry
+from blockgraph.spec.plugins import registry
 from tests.conftest import ROOT
 from tests.support.processes import run_without_torch
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from blockgraph.docs import REFRESH, VOCABULARY, pages, spec_language, type_text, undocumented
-from blockgraph.spec.schema import registry
+from blockgraph.spec.plugins import registry
 from tests.conftest import ROOT
 from tests.graph.test_render import _mermaid_structure
 
@@ -124,11 +124,11 @@ def test_field_descriptions_are_read_only_when_something_shows_them() -> None:
     interpreter) never does it; docs, the JSON Schema and error hints do, and then every field has its text."""
     code = (
         "import blockgraph as bg\n"
-        "from blockgraph.spec import schema\n"
+        "from blockgraph.spec import schema, source_schema\n"
         "bg.validate('specs/coat_lite_tiny.yaml')\n"
         "assert not schema._DESCRIBED, 'validate parsed sources'\n"
-        "assert schema.registry()['mlp'].model_fields['mlp_ratio'].description is None\n"
-        "schema.json_schema()\n"
-        "assert schema.registry()['mlp'].model_fields['mlp_ratio'].description.startswith('Hidden width')\n"
+        "assert schema.registered()['mlp'].model_fields['mlp_ratio'].description is None\n"
+        "source_schema.json_schema()\n"
+        "assert schema.registered()['mlp'].model_fields['mlp_ratio'].description.startswith('Hidden width')\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

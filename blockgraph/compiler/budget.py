@@ -43,16 +43,11 @@ def estimate(inference: Inference, input_size: tuple[int, int], batch: int = 1, 
 
 def _measure(inference: Inference, nodes: dict[str, int | None], shared: dict[str, int | None]) -> None:
     """Count the blocks that have no ``params`` rule by building each alone on the meta device."""
-    from blockgraph.blocks.base import BuildContext
+    from blockgraph.compiler.check import build_alone
 
-    graph = inference.graph
-    for name in [n for n, c in shared.items() if c is None]:
-        module = graph.shared[name].spec.build(BuildContext(name, device="meta"))
-        shared[name] = sum(p.numel() for p in module.parameters())
-    for name in [n for n, c in nodes.items() if c is None]:
-        spec = graph.nodes[name].spec
-        module = spec.build(BuildContext(name, device="meta"), *inference.inputs(name))  # type: ignore[union-attr]
-        nodes[name] = sum(p.numel() for p in module.parameters())
+    for counts in (shared, nodes):
+        for name in [n for n, c in counts.items() if c is None]:
+            counts[name] = sum(p.numel() for p in build_alone(inference, name).parameters())
 
 
 def check(

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from blockgraph.errors import BlockgraphError, Pos, WeightsError
+from blockgraph.errors import BlockgraphError, PluginError, Pos, WeightsError
 
 FORMAT = "blockgraph-checkpoint/1"
 
@@ -78,10 +78,12 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
     """Rebuild a model from a checkpoint written by :func:`save` (``blockgraph build --out``).
 
     The architecture comes from the embedded spec alone (no spec file needed); its hash is checked; the weights
-    load strictly with ``weights_only=True``.
+    load strictly with ``weights_only=True``. Nothing in the file runs code: the modules of custom blocks that the
+    spec imports (``imports:``) must be loaded first (``blockgraph.load_plugin``, ``--plugin``).
 
     Raises:
         WeightsError: the file is missing, truncated, altered, or not a blockgraph checkpoint.
+        PluginError: the spec imports a module of custom blocks that is not loaded.
     """
     from blockgraph.api import build_model
 
@@ -94,7 +96,10 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
             outputs=payload.get("outputs") if returns in ("dict", "list") else None,
             features_only=returns == "list",
             device=device,
+            allow_imports=False,
         )
+    except PluginError as e:  # the checkpoint is where it was asked for (its spec is JSON text)
+        raise PluginError(e.message, pos=Pos(path), hint=e.hint) from e
     except BlockgraphError as e:
         raise WeightsError(f"the embedded spec does not build: {e.message}", pos=Pos(path), hint=e.hint) from e
     _load_state_dict(model, payload, path, "the embedded spec")

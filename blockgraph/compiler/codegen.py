@@ -19,9 +19,11 @@ from typing import Any
 from torch import nn
 
 from blockgraph.blocks.base import BuildContext
+from blockgraph.compiler.check import check_custom_blocks
 from blockgraph.compiler.model import BlockgraphModel
 from blockgraph.errors import BlockgraphError, BudgetError
 from blockgraph.graph.infer import Inference
+from blockgraph.spec.plugins import custom_code
 from blockgraph.types import Expr, TensorType
 
 _counter = count()
@@ -97,16 +99,19 @@ def compile_model(
     )
     for qualified in shared_used:
         shared = graph.shared[qualified]
-        with _sized(qualified, shared.spec.op, graph.pos(shared.path)):
+        pos = graph.pos(shared.path)
+        with custom_code(shared.spec, qualified, pos, "its build()"), _sized(qualified, shared.spec.op, pos):
             modules[qualified] = shared.spec.build(BuildContext(qualified, device, dtype))
     for name in order:
         node = graph.nodes[name]
         if node.is_input:
             continue
         types = inference.inputs(name)
-        with _sized(name, node.op, graph.pos(node.path)):
+        pos = graph.pos(node.path)
+        with custom_code(node.spec, name, pos, "its build()"), _sized(name, node.op, pos):  # type: ignore[arg-type]
             ctx = BuildContext(name, device, dtype, keep_tokens=trimmed.get(name), input_size=input_size)
             modules[name] = node.spec.build(ctx, *types)  # type: ignore[union-attr]
+    check_custom_blocks(inference, modules)  # their modules against their rules, on the meta device
 
     model_cls = type(f"{_class_name(graph.spec.name)}", (BlockgraphModel,), {"__module__": BlockgraphModel.__module__})
     model = model_cls()

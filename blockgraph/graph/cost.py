@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockgraph.graph.infer import Inference
+from blockgraph.spec.plugins import custom_code
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,23 @@ class Params:
 def params(inference: Inference) -> Params:
     """Every node's and shared module's parameter count from its block's rule."""
     graph = inference.graph
-    shared = {name: s.spec.params() for name, s in graph.shared.items()}
-    nodes = {
-        node.name: node.spec.params(*inference.inputs(node.name))  # type: ignore[union-attr]
-        for node in graph
-        if not node.is_input
-    }
+    shared = {name: block_params(inference, name) for name in graph.shared}
+    nodes = {node.name: block_params(inference, node.name) for node in graph if not node.is_input}
     return Params(nodes, shared)
+
+
+def block_params(inference: Inference, name: str) -> int | None:
+    """The parameter count of one node's or shared module's module by its block's ``params`` rule (None: the rule
+    does not know).
+
+    Raises:
+        BlockError: a custom block's rule raised.
+    """
+    graph = inference.graph
+    owner = graph.shared.get(name) or graph.nodes[name]
+    inputs = [] if name in graph.shared else inference.inputs(name)
+    with custom_code(owner.spec, name, graph.pos(owner.path), "its params() rule"):  # type: ignore[arg-type]
+        return owner.spec.params(*inputs)  # type: ignore[union-attr]
 
 
 def activation_bytes(

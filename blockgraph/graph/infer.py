@@ -15,6 +15,7 @@ from typing import Any, Literal, NoReturn
 from blockgraph.errors import BlockgraphError, Pos, ShapeError, raise_all
 from blockgraph.graph.build import Graph, Node
 from blockgraph.spec.expand import Path
+from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import BlockSpec
 from blockgraph.types import Acceptance, Constraint, Expr, TensorType, solve
 
@@ -268,7 +269,8 @@ class SharedCall:
         node = Node(self.name, shared.spec, shared.path, index=-1)
         ctx = InferContext(self.user.graph, node, self.user._sink, owner=f"{self.user._label}' via shared '{self.name}")
         try:
-            return shared.spec.infer(ctx, *inputs)
+            with custom_code(shared.spec, self.name, ctx.pos(), "its shape rule"):
+                return shared.spec.infer(ctx, *inputs)
         except ShapeError as e:
             e.hint = (e.hint + "; " if e.hint else "") + f"the shared module is used by block '{self.user.node.name}'"
             raise
@@ -296,10 +298,12 @@ def infer(graph: Graph) -> Inference:
                 value = _port(graph, edge, value)
             inputs.append(value)
         ctx = InferContext(graph, node, sink)
-        result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
-        ports = node.spec.output_ports()  # type: ignore[union-attr]
-        if ports is not None:
-            assert isinstance(result, Mapping) and tuple(result) == ports, f"{node.op}: rule/ports disagree"
+        with custom_code(node.spec, node.name, ctx.pos(), "its shape rule"):  # type: ignore[arg-type]
+            result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
+            ports = node.spec.output_ports()  # type: ignore[union-attr]
+            if ports is not None and not (isinstance(result, Mapping) and tuple(result) == ports):
+                found = f"ports {list(result)}" if isinstance(result, Mapping) else type(result).__name__
+                raise TypeError(f"the shape rule returned {found}, but output_ports() is {list(ports)}")
         types[node.name] = result
         node.meta["type"] = result
     acceptance = solve([c.constraint for c in sink], SYMBOLS)

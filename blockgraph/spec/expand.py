@@ -19,12 +19,17 @@ Language (on top of YAML):
 * ``depth: N`` on an entry of a ``blocks`` list: the entry is repeated N times as ``name.0`` ... ``name.N-1``, with
   ``rep`` bound to the repetition index; its ``from:`` wires the first repetition, each later one reads the one
   before it.
+* ``imports: [my_pkg.blocks, ./blocks/convnext.py]``: the modules of custom blocks the spec needs, by dotted name
+  or as ``.py`` files relative to the file that lists them; inherited through ``extends:`` and variants (a union,
+  the parent's first). They are only collected here (:attr:`Expanded.imports`): ``blockgraph.spec.plugins`` loads
+  them, before parsing.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +43,9 @@ MAX_EXTENDS = 32
 MAX_EXPANDED = 10_000
 """Upper bound on the number of entries produced by templates and repeats."""
 REP = "rep"
-RESERVED = {"extends", "variant", "variants", "variables"}
+IMPORTS = "imports"
+RESERVED = {"extends", "variant", "variants", "variables", IMPORTS}
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 @dataclass
@@ -75,6 +82,27 @@ class SourceMap:
         return path
 
 
+def names_a_file(entry: str) -> bool:
+    """Whether an ``imports:`` entry (or a ``--plugin`` value) names a ``.py`` file rather than a module: it ends
+    with ``.py`` or has a path separator."""
+    return entry.endswith(".py") or "/" in entry or os.sep in entry
+
+
+@dataclass(frozen=True)
+class Import:
+    """An entry of ``imports:``: a dotted module name, or a ``.py`` file as an absolute path (symbolic links
+    resolved), and where it was written."""
+
+    name: str
+    pos: Pos
+    written: str
+    """The entry as written (a file's path relative to its spec)."""
+
+    @property
+    def is_file(self) -> bool:
+        return names_a_file(self.name)
+
+
 @dataclass
 class Expanded:
     """The output of :func:`expand`: plain data, where it came from, and how it was made."""
@@ -82,11 +110,14 @@ class Expanded:
     data: dict[str, Any]
     source: SourceMap
     variant: str | None = None
+    imports: list[Import] = field(default_factory=list)
+    """The modules of custom blocks the spec imports (``imports:``), in order, each once; not loaded here."""
 
     def standalone(self) -> dict[str, Any]:
-        """The data as a spec of its own (no `extends:`, no expressions, no variant to choose): what a checkpoint
-        embeds to rebuild the model."""
-        return {k: v for k, v in self.data.items() if k != "variant"}
+        """The data as a spec of its own (no `extends:`, no expressions, no variant to choose, files imported by
+        absolute path): what a checkpoint embeds to rebuild the model."""
+        data = {k: v for k, v in self.data.items() if k != "variant"}
+        return {IMPORTS: [i.name for i in self.imports], **data} if self.imports else data
 
 
 # ----------------------------------------------------------------------------------------------------- extends / merge
@@ -103,6 +134,44 @@ def _merge(base: Node, over: Node) -> Node:
             continue
         out[key] = _merge(out[key], value) if key in out else value
     return Node(out, over.pos, over.key_pos or base.key_pos)
+
+
+def _merge_spec(base: Node, over: Node) -> Node:
+    """:func:`_merge` of two whole specs, except that ``imports:`` lists add up (``base``'s first)."""
+    merged = _merge(base, over)
+    inherited, own = base.get(IMPORTS), over.get(IMPORTS)
+    if inherited is not None and own is not None and inherited.is_list and own.is_list:
+        merged.value[IMPORTS] = Node([*inherited.value, *own.value], own.pos, own.key_pos)
+    return merged
+
+
+def _imports(node: Node | None) -> list[Import]:
+    """The entries of ``imports:``, files resolved against the directory of the file that lists them, each once."""
+    if node is None:
+        return []
+    if not node.is_list:
+        raise SpecError(
+            "`imports:` takes a list of modules of custom blocks",
+            pos=node.pos,
+            hint="e.g. `imports: [my_pkg.blocks, ./blocks/convnext.py]`",
+        )
+    out: dict[str, Import] = {}
+    for item in node.value:
+        entry = item.value
+        if isinstance(entry, str) and names_a_file(entry):
+            here = os.path.dirname(item.pos.file) if os.path.exists(item.pos.file) else os.getcwd()
+            name = os.path.realpath(os.path.join(here, entry))
+        elif isinstance(entry, str) and _MODULE_NAME.fullmatch(entry):
+            name = entry
+        else:
+            raise SpecError(
+                f"`imports:` entry {entry!r} is neither a module name nor a .py file",
+                pos=item.pos,
+                hint="write a dotted module name (`my_pkg.blocks`) or a path ending in .py, relative to this file "
+                "(`./blocks/convnext.py`)",
+            )
+        out.setdefault(name, Import(name, item.pos, entry))
+    return list(out.values())
 
 
 def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
@@ -134,7 +203,7 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
         child.meta["variant"] = chosen.value
     if "variants" in child.value and base.is_map:  # a family of its own: the parent's sizes do not carry over
         base = Node({k: v for k, v in base.value.items() if k != "variants"}, base.pos, base.key_pos)
-    merged = _merge(base, child)
+    merged = _merge_spec(base, child)
     merged.meta.update(child.meta)
     return merged
 
@@ -161,7 +230,7 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
     variant = variants.value[name]
     if not variant.is_map:
         raise SpecError(f"variant '{name}' must be a mapping of overrides", pos=variant.pos)
-    merged = _merge(Node(body, root.pos), variant)
+    merged = _merge_spec(Node(body, root.pos), variant)
     if chosen is not None and "name" not in variant.value and "name" in body:
         base_name = body["name"]
         merged.value["name"] = Node(f"{base_name.value}_{name}", base_name.pos, base_name.key_pos)
@@ -432,4 +501,4 @@ def expand(
     data["variables"] = {name: variables[name] for name in defs}
     if chosen is not None:
         data["variant"] = chosen
-    return Expanded(data, expander.source, chosen)
+    return Expanded(data, expander.source, chosen, _imports(root.get(IMPORTS)))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator
 
-from blockgraph.errors import BlockgraphError, PluginError, Pos, SpecError, raise_all
+from blockgraph.errors import BlockgraphError, Pos, SpecError, raise_all
 from blockgraph.spec.expand import Expanded, SourceMap
 
 if TYPE_CHECKING:
@@ -234,8 +234,11 @@ def register(cls: type[BlockSpec]) -> type[BlockSpec]:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", op):
         raise TypeError(f"op name {op!r} must be snake_case")
     existing = _REGISTRY.get(op)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise TypeError(f"op '{op}' is already registered by {existing.__module__}.{existing.__qualname__}")
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(
+            f"op '{op}' is already registered by {existing.__module__}.{existing.__qualname__}, not by "
+            f"{cls.__module__}.{cls.__qualname__}: rename one of the ops, or import the module under one name only"
+        )
     _REGISTRY[op] = cls
     _CACHE.clear()
     return cls
@@ -247,79 +250,10 @@ def unregister(op: str) -> None:
         _CACHE.clear()
 
 
-def registry() -> dict[str, type[BlockSpec]]:
-    """The registered block types by op name (a copy), plugins included (:func:`load_plugins`)."""
-    load_plugins()
+def registered() -> dict[str, type[BlockSpec]]:
+    """The block types registered now, by op name (a copy); :func:`blockgraph.spec.plugins.registry` loads the
+    installed plugins first."""
     return dict(sorted(_REGISTRY.items()))
-
-
-ENTRY_POINT_GROUP = "blockgraph.blocks"
-"""The entry point group through which installed distributions add ops: each entry point names a module (whose
-import registers its blocks with :func:`register`) or a :class:`BlockSpec` subclass (registered on load)."""
-
-_plugins_loaded = False
-
-
-def load_plugins() -> None:
-    """Load every entry point of the ``blockgraph.blocks`` group, once.
-
-    Called lazily: when a spec uses an op nobody registered, and when the registry is listed (``registry()``, the
-    JSON Schema, the docs). A spec of built-in ops never imports a plugin.
-
-    Raises:
-        PluginError: an entry point failed to import, or names neither a module nor a BlockSpec subclass, or its
-            block cannot be registered; the message names the entry point and its distribution.
-    """
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    import types
-    from importlib.metadata import entry_points
-
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
-        dist = getattr(ep.dist, "name", None)
-        label = f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP}" + (
-            f", from {dist})" if dist else ")"
-        )
-        try:
-            obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, BlockSpec):
-                register(obj)
-            elif not isinstance(obj, types.ModuleType):
-                raise TypeError(
-                    f"it names an object of type {type(obj).__name__}, not a module or a BlockSpec subclass"
-                )
-        except BlockgraphError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure of third-party code becomes one clear error
-            first = str(e).splitlines()[0][:300] if str(e) else ""
-            raise PluginError(
-                f"the block plugin {label} failed to load: {type(e).__name__}: {first}",
-                hint=f"fix or uninstall {dist or 'the distribution that declares it'}; specs that use only "
-                "built-in ops do not load plugins",
-            ) from e
-    _plugins_loaded = True
-
-
-def _reset_plugins() -> None:
-    """Forget that plugins were loaded (tests install fake distributions)."""
-    global _plugins_loaded
-    _plugins_loaded = False
-
-
-def _unknown_ops(data: Any) -> bool:
-    """Whether plain spec data names an op that is not registered (anywhere: blocks, shared modules, merges)."""
-    stack = [data]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            op = node.get("op")
-            if isinstance(op, str) and op not in _REGISTRY:
-                return True
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
 
 
 # ------------------------------------------------------------------------------------------------- fixed spec models
@@ -469,17 +403,6 @@ def path_type() -> type[PathBase]:
     return _CACHE["path"]
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the spec language as written *after* expansion (plugins included)."""
-    load_plugins()
-    describe_fields()
-    model, _ = model_types()
-    schema = model.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "blockgraph model spec"
-    return schema
-
-
 # ----------------------------------------------------------------------------------------------------------- parsing
 
 
@@ -498,8 +421,6 @@ def parse(expanded: Expanded) -> ParsedSpec:
     Raises:
         SpecError: (or an MultiError of them) one per invalid value, each at its file:line:col.
     """
-    if _unknown_ops(expanded.data):
-        load_plugins()
     model_cls, _ = model_types()
     try:
         model = model_cls.model_validate(expanded.data)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import blockgraph as bg
-from blockgraph.spec.schema import json_schema, registry
-from blockgraph.spec.source_schema import source_schema
+from blockgraph.spec.plugins import registry
+from blockgraph.spec.source_schema import json_schema, source_schema
 from tests.conftest import ROOT, SPECS
 
 CHECKED_IN = ROOT / "docs" / "blockgraph.schema.json"
