@@ -77,11 +77,13 @@ def realize(cls: type) -> type:
         # ``blocks.base.memo``) gets the real modules, so that no stand-in is left for torch.compile to trip on.
         for name in [m for m in sys.modules if m.startswith("blockgraph.blocks")] + [k.__module__ for k in cls.__mro__]:
             _unlazy(name)
+        qualname = f"_real_{cls.__qualname__.replace('.', '_')}"  # bound below, where pickle finds it by name
         real = type(
             cls.__name__,
             (cls, torch.nn.Module),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__},
+            {"__module__": cls.__module__, "__qualname__": qualname, "__doc__": cls.__doc__},
         )
+        setattr(sys.modules[cls.__module__], qualname, real)
         _REAL[cls] = real
     return real
 
