@@ -155,17 +155,14 @@ def build_model(
             declaration order.
         outputs: names of the outputs (or, with ``features_only``, of the features) to return.
     """
-    from blockgraph.compiler.budget import check
-    from blockgraph.compiler.codegen import compile_model
+    from blockgraph.compiler.build import compile_model
 
     analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it
-        check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
-    model = compile_model(analysis.inference, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
-    model.spec_data = analysis.expanded.standalone()
-    return model
+        budget.check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
+    return compile_model(analysis, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
 
 
 def _feature_names(
@@ -284,13 +281,13 @@ def create_model(
         )
     model = build_model(path, num_classes=num_classes, features_only=features_only, out_indices=out_indices, **kwargs)
     if checkpoint_path is not None:
-        from blockgraph.compiler.codegen import compile_model
+        from blockgraph.compiler.build import compile_model
         from blockgraph.compiler.weights import load_weights_file
 
         overrides = {k: v for k, v in (kwargs.get("overrides") or {}).items() if k != "num_classes"}
         full = analyze(path, variant=kwargs.get("variant"), overrides=overrides)
         every = list(dict.fromkeys([*full.graph.outputs, *full.graph.features]))
-        reference = compile_model(full.inference, outputs=every or None, device="meta")
+        reference = compile_model(full, outputs=every or None, device="meta")
         load_weights_file(model, os.fspath(checkpoint_path), reference)
     return model
 

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from blockgraph.compiler.build import compile_model
 from blockgraph.errors import BlockgraphError, Pos, WeightsError
+from blockgraph.pipeline import analyze
 
 FORMAT = "blockgraph-checkpoint/1"
 
@@ -83,14 +85,12 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
     Raises:
         WeightsError: the file is missing, truncated, altered, or not a blockgraph checkpoint.
     """
-    from blockgraph.api import build_model
-
     path = os.fspath(path)
     payload = _read(path, device)
     returns = payload.get("returns")
     try:
-        model = build_model(
-            payload["spec"],
+        model = compile_model(
+            analyze(payload["spec"]),
             outputs=payload.get("outputs") if returns in ("dict", "list") else None,
             features_only=returns == "list",
             device=device,
