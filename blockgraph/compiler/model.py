@@ -1,17 +1,20 @@
-"""The module class compiled models derive from: spec, feature info, generated code, summary."""
+"""The module class compiled models derive from: spec, feature info, generated code, summary; pickled as torch.fx's
+``GraphModule`` is, by regenerating its class and ``forward`` from the spec."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from typing import Any
 
 from torch import nn
 
 from blockgraph.compiler import summary
-from blockgraph.compiler.codegen import Program
+from blockgraph.compiler.codegen import Program, generate
 from blockgraph.errors import ShapeError
 from blockgraph.graph.infer import Inference
-from blockgraph.pipeline import Analysis
+from blockgraph.pipeline import Analysis, analyze
 from blockgraph.spec.schema import ModelBase
 from blockgraph.types import TensorType
 
@@ -51,6 +54,10 @@ class FeatureInfo(list):
 class BlockgraphModel(nn.Module):
     """Base of compiled models. Each compiled model gets its own subclass whose ``forward`` is generated code.
 
+    It pickles (``pickle``, ``torch.save``) as the spec, the outputs chosen and its state, and unpickles by
+    analysing the spec again and regenerating its class and ``forward`` (:func:`rebuild`), as torch.fx's
+    ``GraphModule`` does; ``copy.deepcopy`` shares the analysis instead.
+
     Attributes:
         spec: the validated spec (:class:`~blockgraph.spec.schema.ModelBase`).
         spec_data: the expanded spec as plain data: a spec of its own (no ``extends:``, no expressions), which
@@ -70,6 +77,10 @@ class BlockgraphModel(nn.Module):
     code: str
     outputs: list[str]
     trimmed_tokens: dict[str, int]
+
+    _DERIVED = frozenset("spec code trimmed_tokens outputs returns nodes feature_info _analysis _program".split())
+    """What :meth:`_attach` derives from the spec data: never pickled. (``spec_data`` is: read back from JSON text,
+    it means the same but may differ in form, ``{3: 2}`` read as ``{"3": 2}``.)"""
 
     def _attach(self, analysis: Analysis, program: Program) -> None:
         graph, inference = analysis.graph, analysis.inference
@@ -91,6 +102,23 @@ class BlockgraphModel(nn.Module):
         selected = [names.index(n) for n in self.outputs] if program.returns == "list" else range(len(names))
         self.feature_info = FeatureInfo(info, selected)
         self._analysis, self._program = analysis, program
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the spec (JSON text) and the outputs asked for, from which :func:`rebuild` makes the empty
+        model, then the state (submodules, parameters, buffers, hooks, attributes) that pickle restores into it
+        through ``__setstate__``: after ``rebuild`` has run (a plugin it loads may define classes of the state)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+        return rebuild, (json.dumps(self.spec_data), self._program.asked, self._program.features_only), state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockgraphModel:
+        """A copy like the default one (modules, parameters, buffers, hooks copied), sharing the immutable spec,
+        analysis and generated code instead of pickling them through :meth:`__reduce__`."""
+        for shared in (self.spec, self._analysis, self._program):
+            memo[id(shared)] = shared
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     @property
     def inference(self) -> Inference:
@@ -149,6 +177,18 @@ class BlockgraphModel(nn.Module):
         """A table of every node: name, op, output type (symbolic) and shape at ``input_size``, parameters, and
         multiply-accumulates (see :meth:`macs`)."""
         return summary.table(self, input_size, batch, macs)
+
+
+def rebuild(spec: str, outputs: list[str] | None, features_only: bool) -> BlockgraphModel:
+    """The empty model that unpickling fills (see :meth:`BlockgraphModel.__reduce__`): the spec analysed and the
+    class and ``forward`` generated again, as when the model was compiled, without building any module.
+
+    Args:
+        spec: the model's :attr:`~BlockgraphModel.spec_data`, as JSON text.
+        outputs, features_only: what the model was compiled to return.
+    """
+    analysis = analyze(spec)
+    return empty(analysis, generate(analysis.inference, outputs, features_only))
 
 
 def empty(analysis: Analysis, program: Program) -> BlockgraphModel:
