@@ -128,7 +128,7 @@ def _input_triplet(size: Sequence[int] | None, model: ModelBase) -> tuple[int, i
 
 
 def build_model(
-    spec: SpecLike,
+    spec: SpecLike | Analysis,
     *,
     variant: str | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -148,16 +148,27 @@ def build_model(
     (counted statically, from the blocks' counting rules); ``None`` skips the check.
 
     Args:
+        spec: a spec (see :func:`analyze`), or the :class:`Analysis` of one (of :func:`analyze`, or a
+            :func:`validate` report's): it is not analysed again, and its variant and overrides are those it was
+            made with.
         num_classes: the classifier's width (the spec's ``num_classes`` variable).
         features_only: return the declared feature maps, as a list, in declaration order.
         out_indices: with ``features_only``, which feature maps (timm style): indices into the declared features
             (negative ones count from the end), or an int ``n`` for the last ``n``. They are returned in
             declaration order.
         outputs: names of the outputs (or, with ``features_only``, of the features) to return.
+
+    Raises:
+        SpecError: ``variant``, ``overrides`` or ``num_classes`` given with an :class:`Analysis`.
     """
     from blockgraph.compiler.build import compile_model
 
-    analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    if not isinstance(spec, Analysis):
+        analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    elif variant is not None or overrides or num_classes is not None:
+        raise SpecError("variant, overrides and num_classes apply to a spec, not to its analysis")
+    else:
+        analysis = spec
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it
@@ -246,9 +257,9 @@ def create_model(
     blockgraph never downloads: ``pretrained=True`` loads the weights from ``checkpoint_path``, and without one
     raises a :class:`WeightsError`. ``checkpoint_path`` (with or without ``pretrained``) may be a blockgraph
     checkpoint (``blockgraph build --out``), a state_dict in our key layout, or the timm twin's state_dict
-    (``torch.save(timm_model.state_dict(), path)``), whose keys go through the spec's ``twin.rename`` rules. With
-    ``num_classes`` different from the file's, the classifier's tensors are skipped (they keep their fresh
-    initialization; a UserWarning names them), as timm does; any other mismatch is an error. With
+    (``torch.save(timm_model.state_dict(), path)``), whose keys go through the spec's ``twin.rename`` rules. Given a
+    ``num_classes`` other than the file's, the classifier's tensors that differ in it are skipped (they keep their
+    fresh initialization; a UserWarning names them), as timm does; any other mismatch is an error. With
     ``features_only``, the file's classifier is dropped.
 
     Args:
@@ -281,14 +292,10 @@ def create_model(
         )
     model = build_model(path, num_classes=num_classes, features_only=features_only, out_indices=out_indices, **kwargs)
     if checkpoint_path is not None:
-        from blockgraph.compiler.build import compile_model
         from blockgraph.compiler.weights import load_weights_file
 
-        overrides = {k: v for k, v in (kwargs.get("overrides") or {}).items() if k != "num_classes"}
-        full = analyze(path, variant=kwargs.get("variant"), overrides=overrides)
-        every = list(dict.fromkeys([*full.graph.outputs, *full.graph.features]))
-        reference = compile_model(full, outputs=every or None, device="meta")
-        load_weights_file(model, os.fspath(checkpoint_path), reference)
+        resized = num_classes is not None or "num_classes" in (kwargs.get("overrides") or {})
+        load_weights_file(model, os.fspath(checkpoint_path), resized_classifier=resized)
     return model
 
 

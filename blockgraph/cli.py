@@ -82,25 +82,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from blockgraph.api import build_model
 
     report = _validate(args)  # shapes and budgets first: nothing is allocated before they pass
-    c, h, w = report.input
-    if args.emit_python:  # the generated forward only: built on the meta device, no weights allocated
-        model = build_model(
-            args.spec,
-            variant=args.variant,
-            overrides=_overrides(args.set),
-            features_only=args.features_only,
-            device="meta",
-        )
-        print(model.code, end="")
+    _, h, w = report.input
+    if args.emit_python:  # the generated forward only: no module is built
+        from blockgraph.compiler.codegen import generate
+
+        print(generate(report.analysis.inference, features_only=args.features_only).code, end="")
         return 0
-    model = build_model(
-        args.spec,
-        variant=args.variant,
-        overrides=_overrides(args.set),
-        features_only=args.features_only,
-        device=args.device,
-        max_params=None,  # checked above
-    )
+    model = build_model(report.analysis, features_only=args.features_only, device=args.device, max_params=None)
     if args.out:
         from blockgraph.compiler.checkpoint import save
 
@@ -119,9 +107,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     report = _validate(args)
     _, h, w = report.input
-    model = build_model(
-        args.spec, variant=args.variant, overrides=_overrides(args.set), features_only=args.features_only, device="meta"
-    )
+    model = build_model(report.analysis, features_only=args.features_only, device="meta")
     if args.json:
         print(json.dumps(_build_json(model, report, batch=args.batch), indent=2))
     else:
@@ -217,10 +203,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from blockgraph.api import build_model
     from blockgraph.compiler.export import export_onnx
 
-    report = _validate(args)
+    report = _validate(args)  # budgets included
     _, h, w = report.input
-    overrides = _overrides(args.set)
-    model = build_model(args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only)
+    model = build_model(report.analysis, features_only=args.features_only, max_params=None)
     if args.weights:
         from blockgraph.compiler.checkpoint import load_weights
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from blockgraph.compiler.checkpoint import is_checkpoint, read
 from blockgraph.errors import WeightsError
 
 
@@ -31,15 +34,16 @@ def _twin_rules(model: nn.Module) -> tuple[Any, list[tuple[re.Pattern[str], str]
 
 
 def _rename(
-    rules: list[tuple[re.Pattern[str], str]], state_dict: Mapping[str, Any], known: Mapping[str, Any]
+    rules: list[tuple[re.Pattern[str], str]], state_dict: Mapping[str, Any], known: Callable[[str], bool]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Rename twin keys onto ``known`` keys: (mapped tensors, our key → twin key, twin keys that fit nothing)."""
+    """Rename twin keys onto keys ``known`` accepts: (mapped tensors, our key → twin key, twin keys that fit
+    nothing)."""
     mapped: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
         target = rename_key(key, rules)
-        if target not in known:
+        if not known(target):
             unexpected.append(f"{key} -> {target}" if target != key else key)
             continue
         if target in mapped:
@@ -70,7 +74,7 @@ def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
     twin, rules = _twin_rules(model)
     spec = model.spec
     ours = model.state_dict()
-    mapped, source, unexpected = _rename(rules, state_dict, ours)
+    mapped, source, unexpected = _rename(rules, state_dict, ours.__contains__)
     if problems := _fit_problems(ours, mapped, unexpected):
         raise WeightsError(
             f"the {twin.timm or 'twin'} state_dict does not fit '{spec.name}': " + "; ".join(problems),
@@ -96,8 +100,6 @@ def _unwrap(payload: Any, path: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state_dict in a loaded file, and its layout: ``"blockgraph"`` (our checkpoint) or ``"state_dict"`` (a
     plain state_dict, possibly under ``state_dict``/``model`` as training scripts save it, ``module.``-prefixed by
     DDP)."""
-    from blockgraph.compiler.checkpoint import is_checkpoint
-
     if is_checkpoint(payload):
         return dict(payload["state_dict"]), "blockgraph"
     if isinstance(payload, dict):
@@ -116,15 +118,16 @@ def _unwrap(payload: Any, path: str) -> tuple[dict[str, torch.Tensor], str]:
     return dict(payload), "state_dict"
 
 
-def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list[str]:
+def load_weights_file(model: nn.Module, path: str, *, resized_classifier: bool = False) -> list[str]:
     """Load a weights file into ``model``: a blockgraph checkpoint, a state_dict in our key layout, or the timm
     twin's state_dict (renamed through ``twin.rename``).
 
-    ``reference`` is the same spec built on the meta device with its default number of classes and every output
-    and feature: the keys a complete checkpoint holds. Keys that ``model`` does not use (the classifier of a
-    ``features_only`` model) are dropped. A key whose shape depends on ``num_classes`` (its shape in ``model``
-    differs from ``reference``'s) and differs from the file's is *skipped*: it keeps its fresh initialization, as
-    timm does when ``num_classes`` differs from the pretrained head. Everything else must fit exactly.
+    The file may hold a complete model: the tensors of nodes and shared modules that ``model`` did not build (the
+    classifier of a ``features_only`` model), known by their names in the spec's graph, are dropped. With
+    ``resized_classifier`` (the caller chose ``num_classes``), a tensor of a classifier (a node whose block has
+    ``num_classes``) whose shape differs from the file's in ``num_classes`` only is *skipped*: it keeps its fresh
+    initialization, as timm does when ``num_classes`` differs from the pretrained head. Everything else must fit
+    exactly.
 
     Returns:
         The skipped keys (a UserWarning names them too).
@@ -132,31 +135,26 @@ def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list
     Raises:
         WeightsError: the file cannot be read, or its tensors do not fit (missing, unexpected, shapes).
     """
-    import warnings
-
-    from blockgraph.compiler.checkpoint import read
-
     payload = read(path)
     state_dict, layout = _unwrap(payload, path)
-    ours, full = model.state_dict(), reference.state_dict()
-    spec = model.spec
-    if layout == "blockgraph" or set(state_dict) <= set(full):
-        mapped, unexpected = (
-            {k: v for k, v in state_dict.items() if k in full},
-            [k for k in state_dict if k not in full],
-        )
-        source = {k: k for k in mapped}
-        what = "checkpoint" if layout == "blockgraph" else "state_dict"
-        if layout == "blockgraph":
-            import json
+    ours, spec, graph = model.state_dict(), model.spec, model.inference.graph
+    built = {*model.nodes, *model.shared_modules(), model.spec.input.name}
+    unbuilt = tuple(f"{name}." for name in [*graph.nodes, *graph.shared] if name not in built)
+    classifiers = {
+        f"{n}.": node.spec.num_classes for n, node in graph.nodes.items() if hasattr(node.spec, "num_classes")
+    }
 
-            name = json.loads(payload["spec"]).get("name")
-            what = f"checkpoint of '{name}'"
+    def known(key: str) -> bool:
+        return key in ours or key.startswith(unbuilt)
+
+    if layout == "blockgraph" or all(map(known, state_dict)):
+        mapped, unexpected = {k: v for k, v in state_dict.items() if k in ours}, [k for k in state_dict if not known(k)]
+        source = {k: k for k in mapped}
+        what = f"checkpoint of '{json.loads(payload['spec']).get('name')}'" if layout == "blockgraph" else "state_dict"
     else:
         twin, rules = _twin_rules(model)
-        mapped, source, unexpected = _rename(rules, state_dict, full)
+        mapped, source, unexpected = _rename(rules, state_dict, known)
         what = f"{twin.timm or 'twin'} state_dict"
-    head = {k for k in ours if k in full and tuple(full[k].shape) != tuple(ours[k].shape)}
     if problems := _fit_problems(ours, mapped, unexpected):
         raise WeightsError(
             f"the {what} in {path} does not fit '{spec.name}': " + "; ".join(problems),
@@ -167,9 +165,11 @@ def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list
     skipped: list[str] = []
     for key, target in ours.items():
         value = mapped[key]
+        width = next((n for prefix, n in classifiers.items() if key.startswith(prefix)), None)  # its num_classes
+        differ = {b for a, b in zip(value.shape, target.shape, strict=False) if a != b}  # our sizes that differ
         if tuple(value.shape) == tuple(target.shape):
             load[key] = value
-        elif key in head:
+        elif resized_classifier and value.dim() == target.dim() and differ == {width}:
             skipped.append(key)
         else:
             raise WeightsError(
