@@ -97,11 +97,9 @@ def validate(
         text, shape = describe_value(analysis.inference.types[node.name], env)
         nodes.append({"name": node.name, "op": node.op, "type": text, "shape": shape})
     graph = analysis.graph
-    outputs = {}
-    for key, out in {**graph.outputs, **graph.features}.items():
-        value = analysis.inference.types[out.node]
-        t = value[out.port] if out.port is not None else value
-        outputs[key] = "x".join(map(str, t.shape(env, batch=1)))
+    outputs = {
+        k: "x".join(map(str, analysis.output(k).shape(env, batch=1))) for k in {**graph.outputs, **graph.features}
+    }
     return Report(
         model.name,
         model.variant,
@@ -161,14 +159,13 @@ def build_model(
     Raises:
         SpecError: ``variant``, ``overrides`` or ``num_classes`` given with an :class:`Analysis`.
     """
-    from blockgraph.compiler.build import compile_model
+    from blockgraph.compiler.model import compile_model
 
-    if not isinstance(spec, Analysis):
-        analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes)
+    analysis = spec
+    if not isinstance(analysis, Analysis):
+        analysis = analyze(analysis, variant=variant, overrides=overrides, num_classes=num_classes)
     elif variant is not None or overrides or num_classes is not None:
         raise SpecError("variant, overrides and num_classes apply to a spec, not to its analysis")
-    else:
-        analysis = spec
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it

@@ -12,7 +12,7 @@ import pytest
 
 import blockgraph as bg
 from blockgraph import pipeline
-from blockgraph.compiler import build
+from blockgraph.compiler import model
 from blockgraph.compiler.checkpoint import save
 from tests.conftest import ROOT
 
@@ -24,7 +24,7 @@ SMALL = ("--set", "depths=[1,1,1,1]")
 def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts of ``analyze`` and ``compile_model`` calls, wherever blockgraph looks them up."""
     counts: Counter = Counter()
-    for original in (pipeline.analyze, build.compile_model):
+    for original in (pipeline.analyze, model.compile_model):
 
         def counted(*args, _original=original, **kwargs):
             counts[_original.__name__] += 1

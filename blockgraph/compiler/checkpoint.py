@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from blockgraph.compiler.build import compile_model
+from blockgraph.compiler.model import compile_model
 from blockgraph.errors import BlockgraphError, Pos, WeightsError
 from blockgraph.pipeline import analyze
 
@@ -86,7 +86,13 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
         WeightsError: the file is missing, truncated, altered, or not a blockgraph checkpoint.
     """
     path = os.fspath(path)
-    payload = _read(path, device)
+    payload = read(path, device=device)  # (the embedded spec's sha256 checked)
+    if not is_checkpoint(payload):
+        raise WeightsError(
+            f"{path} is not a blockgraph checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})",
+            pos=Pos(path),
+            hint=f"expected format {FORMAT!r}",
+        )
     returns = payload.get("returns")
     try:
         model = compile_model(
@@ -97,37 +103,10 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
         )
     except BlockgraphError as e:
         raise WeightsError(f"the embedded spec does not build: {e.message}", pos=Pos(path), hint=e.hint) from e
-    _load_state_dict(model, payload, path, "the embedded spec")
-    return model
-
-
-def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
-    """Load the weights of a checkpoint written by :func:`save` into ``model``, strictly (every key, every shape).
-
-    Raises:
-        WeightsError: the file is not a valid checkpoint, or its weights do not fit ``model``.
-    """
-    path = os.fspath(path)
-    device = next((p.device for p in model.parameters()), None)
-    _load_state_dict(model, _read(path, device), path, f"'{model.spec.name}'")
-    return model
-
-
-def _read(path: str, device: Any) -> dict[str, Any]:
-    """The checkpoint's payload, after checking its format and the embedded spec's hash."""
-    where = Pos(path)
-    payload = read(path, device=device)
-    if not is_checkpoint(payload):
-        raise WeightsError(
-            f"{path} is not a blockgraph checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})",
-            pos=where,
-            hint=f"expected format {FORMAT!r}",
-        )
-    return payload  # (read() checked the embedded spec's sha256)
-
-
-def _load_state_dict(model: Any, payload: dict[str, Any], path: str, what: str) -> None:
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, KeyError) as e:
-        raise WeightsError(f"the weights do not fit {what}: {str(e).splitlines()[0][:300]}", pos=Pos(path)) from e
+        raise WeightsError(
+            f"the weights do not fit the embedded spec: {str(e).splitlines()[0][:300]}", pos=Pos(path)
+        ) from e
+    return model

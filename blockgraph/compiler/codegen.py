@@ -1,9 +1,6 @@
 """Generate a compiled model's ``forward``: Python source, one line per node, no interpretation loop, readable via
-``model.code`` (like ``torch.fx``'s ``GraphModule.code``).
-
-Deterministic in the inference and the outputs asked for, and torch-free: the compiler builds the modules beside it
-(:mod:`blockgraph.compiler.build`), and an unpickled model regenerates it without building any module
-(:func:`blockgraph.compiler.model.rebuild`).
+``model.code`` (like ``torch.fx``'s ``GraphModule.code``). Deterministic in the inference and the outputs asked for,
+and torch-free: unpickling regenerates it without building any module (:func:`blockgraph.compiler.model.rebuild`).
 """
 
 from __future__ import annotations
@@ -50,12 +47,8 @@ class Program:
 
 
 def generate(inference: Inference, outputs: Sequence[str] | None = None, features_only: bool = False) -> Program:
-    """The forward computing ``outputs`` (see :func:`select_outputs`): only the nodes they need, each value
-    released after its last reader.
-
-    Raises:
-        BlockgraphError: an output is unknown, or there is nothing to return.
-    """
+    """The forward computing ``outputs`` (see :func:`select_outputs`, which raises a BlockgraphError for an unknown
+    one): only the nodes they need, each value released after its last reader."""
     chosen, returns = select_outputs(inference, outputs, features_only)
     needed = inference.graph.ancestors([node for _, node, _ in chosen])
     order = [name for name in inference.graph.order() if name in needed]

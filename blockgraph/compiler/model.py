@@ -1,18 +1,25 @@
-"""The module class compiled models derive from: spec, feature info, generated code, summary; pickled as torch.fx's
-``GraphModule`` is, by regenerating its class and ``forward`` from the spec."""
+"""The compiled model: its class (spec, feature info, generated ``forward``, summary), built from an analysis by
+:func:`compile_model`: each node's module, built by its block (``BlockSpec.build``), installed under the node's
+dotted name (``stage1.blocks.0`` → ``model.stage1.blocks[0]``); shared modules once under their qualified name,
+handed to their users as keyword arguments. A model pickles as torch.fx's ``GraphModule`` does: its class and
+``forward`` are regenerated from the spec (:func:`rebuild`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
+from blockgraph.blocks.base import BuildContext
 from blockgraph.compiler import summary
 from blockgraph.compiler.codegen import Program, generate
-from blockgraph.errors import ShapeError
+from blockgraph.errors import BlockgraphError, BudgetError, ShapeError
 from blockgraph.graph.infer import Inference
 from blockgraph.pipeline import Analysis, analyze
 from blockgraph.spec.schema import ModelBase
@@ -83,7 +90,7 @@ class BlockgraphModel(nn.Module):
     it means the same but may differ in form, ``{3: 2}`` read as ``{"3": 2}``.)"""
 
     def _attach(self, analysis: Analysis, program: Program) -> None:
-        graph, inference = analysis.graph, analysis.inference
+        graph = analysis.graph
         self.spec = analysis.spec
         self.spec_data = analysis.expanded.standalone()
         self.code = program.code
@@ -91,14 +98,9 @@ class BlockgraphModel(nn.Module):
         self.outputs = [name for name, _, _ in program.chosen]
         self.returns = program.returns
         self.nodes = [n for n in program.order if not graph.nodes[n].is_input]
-        info = []
-        for index, (key, out) in enumerate(graph.features.items()):
-            t = inference.types[out.node]
-            t = t[out.port] if out.port is not None else t
-            info.append(
-                {"name": key, "module": out.node, "num_chs": t.channels, "reduction": t.stride(), "index": index}
-            )
         names = list(graph.features)
+        info = [{"name": key, "module": graph.features[key].node, "num_chs": analysis.output(key).channels,
+                 "reduction": analysis.output(key).stride(), "index": i} for i, key in enumerate(names)]  # fmt: skip
         selected = [names.index(n) for n in self.outputs] if program.returns == "list" else range(len(names))
         self.feature_info = FeatureInfo(info, selected)
         self._analysis, self._program = analysis, program
@@ -121,8 +123,13 @@ class BlockgraphModel(nn.Module):
         return clone
 
     @property
+    def analysis(self) -> Analysis:
+        """The static analysis this model was compiled from: spec, graph, types, constraints, accepted sizes."""
+        return self._analysis
+
+    @property
     def inference(self) -> Inference:
-        """The static analysis this model was compiled from (types, constraints, accepted sizes)."""
+        """``analysis.inference``: every node's type, the constraints, the accepted sizes."""
         return self._analysis.inference
 
     def _reject(self, x: Any) -> None:
@@ -179,14 +186,44 @@ class BlockgraphModel(nn.Module):
         return summary.table(self, input_size, batch, macs)
 
 
-def rebuild(spec: str, outputs: list[str] | None, features_only: bool) -> BlockgraphModel:
-    """The empty model that unpickling fills (see :meth:`BlockgraphModel.__reduce__`): the spec analysed and the
-    class and ``forward`` generated again, as when the model was compiled, without building any module.
+class Container(nn.Module):
+    """A namespace module for dotted names (``stage1`` holding ``patch_embed``, ``blocks``, ...)."""
 
-    Args:
-        spec: the model's :attr:`~BlockgraphModel.spec_data`, as JSON text.
-        outputs, features_only: what the model was compiled to return.
+
+def compile_model(
+    analysis: Analysis,
+    *,
+    outputs: Sequence[str] | None = None,
+    features_only: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+) -> BlockgraphModel:
+    """Build the modules of every node the chosen outputs need, and generate ``forward``.
+
+    Raises:
+        BlockgraphError: an output is unknown; :class:`BudgetError`: a block's tensors are too large to exist.
     """
+    graph = analysis.graph
+    program = generate(analysis.inference, outputs, features_only)
+    model = empty(analysis, program)
+    modules: dict[str, nn.Module] = {}
+    for qualified in model.shared_modules():
+        shared = graph.shared[qualified]
+        with _sized(qualified, shared.spec.op, graph.pos(shared.path)):
+            modules[qualified] = shared.spec.build(BuildContext(qualified, device, dtype))
+    input_size = tuple(analysis.spec.input.size)
+    for name in model.nodes:
+        node = graph.nodes[name]
+        with _sized(name, node.op, graph.pos(node.path)):
+            ctx = BuildContext(name, device, dtype, keep_tokens=program.trimmed.get(name), input_size=input_size)
+            modules[name] = node.spec.build(ctx, *analysis.inference.inputs(name))  # type: ignore[union-attr]
+    _install(model, modules)
+    return model
+
+
+def rebuild(spec: str, outputs: list[str] | None, features_only: bool) -> BlockgraphModel:
+    """The empty model that unpickling fills (see :meth:`BlockgraphModel.__reduce__`): the spec (JSON text) analysed
+    and the class and ``forward`` for these outputs generated again, as at compile time, without building modules."""
     analysis = analyze(spec)
     return empty(analysis, generate(analysis.inference, outputs, features_only))
 
@@ -199,3 +236,54 @@ def empty(analysis: Analysis, program: Program) -> BlockgraphModel:
     model = cls()
     model._attach(analysis, program)
     return model
+
+
+@contextlib.contextmanager
+def _sized(node: str, op: str, pos: Any) -> Iterator[None]:
+    """Turn "this tensor is too large to exist" (even on the meta device) into a BudgetError naming the node."""
+    try:
+        yield
+    except MemoryError as e:
+        raise BudgetError(f"op '{op}': not enough memory to build this block", pos=pos, node=node) from e
+    except RuntimeError as e:  # torch.OutOfMemoryError included
+        text = str(e).lower()
+        if "overflow" in text:
+            what = "a parameter of this block is too large to exist"
+        elif "can't allocate memory" in text or "out of memory" in text:
+            what = "not enough memory for the parameters of this block"
+        else:
+            raise
+        raise BudgetError(
+            f"op '{op}': {what} ({str(e).splitlines()[0][:160]})",
+            pos=pos,
+            node=node,
+            hint="check the widths and sizes set for this block (and the variables they use); budgets "
+            "(max_params) refuse such a model before building it",
+        ) from e
+
+
+def _install(root: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Place modules under their dotted names; a namespace whose children are 0..n-1 becomes a ModuleList."""
+    tree: dict[str, Any] = {}
+    for dotted, module in modules.items():
+        parts = dotted.split(".")
+        here = tree
+        for part in parts[:-1]:
+            here = here.setdefault(part, {})
+            if not isinstance(here, dict):
+                raise BlockgraphError(f"module name '{dotted}' is used both as a block and as a namespace")
+        here[parts[-1]] = module
+
+    def materialize(node: Any) -> nn.Module:
+        if isinstance(node, nn.Module):
+            return node
+        keys = list(node)
+        if keys and all(k.isdigit() for k in keys) and sorted(map(int, keys)) == list(range(len(keys))):
+            return nn.ModuleList(materialize(node[str(i)]) for i in range(len(keys)))
+        container = Container()
+        for key in keys:
+            container.add_module(key, materialize(node[key]))
+        return container
+
+    for key, value in tree.items():
+        root.add_module(key, materialize(value))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from blockgraph.types import TensorType
+from blockgraph.types import describe_value
 
 if TYPE_CHECKING:
     from blockgraph.compiler.model import BlockgraphModel
@@ -16,16 +16,10 @@ if TYPE_CHECKING:
 
 def count_macs(model: BlockgraphModel, input_size: tuple[int, int] | None = None, batch: int = 1) -> dict[str, int]:
     """Multiply-accumulates per node (and ``"total"``) for one forward of a batch at ``input_size`` (default: the
-    spec's), counted by ``torch.utils.flop_counter`` on the model's own forward in eval mode, with every parameter
-    and buffer replaced by a meta tensor like it (no memory, no compute; the model's modes are restored).
-
-    A node's count includes the shared modules it calls; a shared module's own entry is the sum over its users.
-    Only matrix products and convolutions count (torch's convention): norms, activations, pooling and resizing are
-    free.
-
-    Raises:
-        ShapeError: the model does not take ``input_size``.
-    """
+    spec's; a :class:`ShapeError` if not accepted), counted by ``torch.utils.flop_counter`` on the model's own
+    forward in eval mode with every parameter and buffer replaced by a meta tensor like it (no memory, no compute;
+    the modes of its modules are restored). A node's count includes the shared modules it calls; a shared module's
+    own entry is the sum over its users. Only matrix products and convolutions count (torch's convention)."""
     h, w = input_size or model.spec.input.size
     model.inference.check(h, w)
     meta = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]}
@@ -48,34 +42,51 @@ def count_macs(model: BlockgraphModel, input_size: tuple[int, int] | None = None
     return out
 
 
-def table(model: BlockgraphModel, input_size: tuple[int, int] | None = None, batch: int = 1, macs: bool = True) -> str:
-    """A table of every node: name, op, output type (symbolic) and shape at ``input_size`` (default: the spec's),
-    parameters, and multiply-accumulates (see :func:`count_macs`; ``macs=False`` leaves them out); then the totals."""
-    graph = model.inference.graph
+def describe(
+    model: BlockgraphModel, input_size: tuple[int, int] | None = None, batch: int = 1, macs: bool = True
+) -> dict[str, Any]:
+    """The model at ``input_size`` (default: the spec's) as plain data: ``name``, ``params``, ``macs``, ``input``,
+    ``outputs`` (their shapes), ``accepts`` (the input sizes), ``nodes`` (``name``, ``op``, ``inputs``, ``shape``, ``type``, ``params``, ``macs``,
+    and ``computed_tokens`` where only the leading tokens are computed) and ``shared`` modules (``name``, ``op``,
+    ``users``, ``params``, ``macs``). MACs: see :func:`count_macs`; ``macs=False`` leaves them None."""
+    graph, types = model.inference.graph, model.inference.types
     h, w = input_size or model.spec.input.size
+    env = {"H": h, "W": w}
     counts = count_macs(model, (h, w), batch) if macs else {}
-    rows = []
-    for qualified in model.shared_modules():
-        op = f"{graph.shared[qualified].spec.op} (shared)"
-        rows.append([qualified, op, "", "", _params(model.get_submodule(qualified)), _macs(counts, qualified)])
+    nodes = []
     for name in model.nodes:
-        node = graph.nodes[name]
-        t = model.inference.types[name]
-        types = {"": t} if isinstance(t, TensorType) else {f"{p}: ": pt for p, pt in t.items()}
-        for i, (label, pt) in enumerate(types.items()):
-            shape = pt.shape({"H": h, "W": w}, batch=batch)
+        text, shape = describe_value(types[name], env, batch=batch)
+        inputs = [e.src if e.out is None else f"{e.src}.{e.out}" for e in graph.in_edges(name)]
+        nodes.append({"name": name, "op": graph.nodes[name].op, "inputs": inputs, "shape": shape, "type": text,
+                      "params": _params(model, name), "macs": counts.get(name)})  # fmt: skip
+        if name in model.trimmed_tokens:  # computes its first tokens only (all its readers read): their count
+            nodes[-1]["computed_tokens"] = model.trimmed_tokens[name]
+    shared = [{"name": name, "op": graph.shared[name].spec.op, "users": list(graph.shared[name].users),
+               "params": _params(model, name), "macs": counts.get(name)} for name in model.shared_modules()]  # fmt: skip
+    outputs = {key: list(model.analysis.output(key).shape(env, batch=batch)) for key in model.outputs}
+    return {"name": model.spec.name, "params": sum(p.numel() for p in model.parameters()), "macs": counts.get("total"),
+            "input": [batch, model.spec.input.channels, h, w], "outputs": outputs,
+            "accepts": model.inference.acceptance.describe(), "nodes": nodes, "shared": shared}  # fmt: skip
+
+
+def table(model: BlockgraphModel, input_size: tuple[int, int] | None = None, batch: int = 1, macs: bool = True) -> str:
+    """:func:`describe` as a table: a row per node (and per output port), per shared module, then the totals."""
+    data = describe(model, input_size, batch, macs)
+    rows = [[s["name"], f"{s['op']} (shared)", "", "", f"{s['params']:,}", _number(s["macs"])] for s in data["shared"]]
+    for node in data["nodes"]:
+        ports = {"": (node["type"], node["shape"])} if isinstance(node["type"], str) else {
+            f"{p}: ": (text, node["shape"][p]) for p, text in node["type"].items()}  # fmt: skip
+        for i, (label, (text, shape)) in enumerate(ports.items()):
             concrete = _shape(shape)
-            if name in model.trimmed_tokens:  # computed: the first k tokens only
-                concrete = f"{_shape((batch, model.trimmed_tokens[name], shape[2]))} (of {shape[1]} tokens)"
-            params = _params(model.get_submodule(name)) if i == 0 else ""
-            first = i == 0
-            rows.append([name if first else "", node.op if first else "", f"{label}{pt}", concrete, params,
-                         _macs(counts, name) if first else ""])  # fmt: skip
-    total = sum(p.numel() for p in model.parameters())
+            if "computed_tokens" in node:  # computed: the first k tokens only
+                concrete = f"{_shape([batch, node['computed_tokens'], shape[2]])} (of {shape[1]} tokens)"
+            first = [node["name"], node["op"], f"{node['params']:,}", _number(node["macs"])] if i == 0 else [""] * 4
+            rows.append([*first[:2], f"{label}{text}", concrete, *first[2:]])
+    _, _, h, w = data["input"]
     header = ["node", "op", "type", f"shape @ {batch}x{h}x{w}", "params", "MACs"]
-    totals = f"{total:,} parameters"
-    if counts:
-        totals += f", {counts['total']:,} MACs ({counts['total'] / 1e9:.2f} G) at {batch}x{h}x{w}"
+    totals = f"{data['params']:,} parameters"
+    if data["macs"] is not None:
+        totals += f", {data['macs']:,} MACs ({data['macs'] / 1e9:.2f} G) at {batch}x{h}x{w}"
     return f"{format_table(header, rows, right={4, 5})}\n\n{model.spec.name}: {totals}, outputs: {', '.join(model.outputs)}"
 
 
@@ -93,12 +104,12 @@ def format_table(header: list[str], rows: list[list[str]], right: set[int] | Non
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _params(module: nn.Module) -> str:
-    return f"{sum(p.numel() for p in module.parameters()):,}"
+def _params(model: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in model.get_submodule(name).parameters())
 
 
-def _macs(counts: dict[str, int], name: str) -> str:
-    return f"{counts[name]:,}" if name in counts else ""
+def _number(value: int | None) -> str:
+    return "" if value is None else f"{value:,}"
 
 
 def _shape(shape: Any) -> str:
