@@ -22,7 +22,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s weights and spec to ``path`` atomically: a temporary file in the same directory, renamed
     into place, so a crash never leaves a half-written checkpoint."""
     path = os.fspath(path)
-    spec_json = json.dumps(model.spec_data, sort_keys=True)
+    spec_json = json.dumps(model.spec_data)  # in declaration order: features and outputs are returned in it
     payload = {
         "format": FORMAT,
         "spec": spec_json,
