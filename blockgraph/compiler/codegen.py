@@ -65,29 +65,20 @@ def select_outputs(
     ``features_only``: the feature maps named by ``outputs`` (all declared ones by default), returned as a list.
     """
     graph = inference.graph
-    if features_only:
-        if not graph.features:
-            raise BlockgraphError(
-                "features_only asked for, but the spec declares no `features:`",
-                pos=graph.pos(()),
-                hint="declare the feature maps under `features:` with their strides",
-            )
-        names = list(outputs) if outputs else list(graph.features)
-        unknown = [n for n in names if n not in graph.features]
-        if unknown:
-            raise BlockgraphError(
-                f"unknown feature(s): {', '.join(unknown)}",
-                pos=graph.pos(()),
-                hint=f"declared: {', '.join(graph.features)}",
-            )
-        chosen = [(k, graph.features[k].node, graph.features[k].port) for k in names]
-        return chosen, "list"
-    table = {**graph.features, **graph.outputs}
-    names = list(outputs) if outputs else (graph.spec.default_outputs or list(graph.outputs) or list(graph.features))
-    unknown = [n for n in names if n not in table]
-    if unknown:
+    if features_only and not graph.features:
         raise BlockgraphError(
-            f"unknown output(s): {', '.join(unknown)}", pos=graph.pos(()), hint=f"declared: {', '.join(table)}"
+            "features_only asked for, but the spec declares no `features:`",
+            pos=graph.pos(()),
+            hint="declare the feature maps under `features:` with their strides",
+        )
+    table = graph.features if features_only else {**graph.features, **graph.outputs}
+    default = graph.spec.default_outputs or list(graph.outputs) or list(graph.features)
+    names = list(outputs) if outputs else list(graph.features) if features_only else default
+    if unknown := [n for n in names if n not in table]:
+        raise BlockgraphError(
+            f"unknown {'feature' if features_only else 'output'}(s): {', '.join(unknown)}",
+            pos=graph.pos(()),
+            hint=f"declared: {', '.join(table)}",
         )
     if not names:  # nothing declared: the last block's output, as nn.Sequential
         last = max((n for n in graph.nodes.values() if not n.is_input), key=lambda n: n.index, default=None)
@@ -98,7 +89,7 @@ def select_outputs(
             return [(p, last.name, p) for p in ports], "dict"
         return [("output", last.name, None)], "tensor"
     chosen = [(n, table[n].node, table[n].port) for n in names]
-    return chosen, "tensor" if len(chosen) == 1 and not outputs else "dict"
+    return chosen, "list" if features_only else "tensor" if len(chosen) == 1 and not outputs else "dict"
 
 
 def trimmed_tokens(inference: Inference, order: list[str], chosen: list[tuple[str, str, str | None]]) -> dict[str, int]:
