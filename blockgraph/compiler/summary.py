@@ -46,9 +46,10 @@ def describe(
     model: BlockgraphModel, input_size: tuple[int, int] | None = None, batch: int = 1, macs: bool = True
 ) -> dict[str, Any]:
     """The model at ``input_size`` (default: the spec's) as plain data: ``name``, ``params``, ``macs``, ``input``,
-    ``outputs`` (their shapes), ``accepts`` (the input sizes), ``nodes`` (``name``, ``op``, ``inputs``, ``shape``, ``type``, ``params``, ``macs``,
-    and ``computed_tokens`` where only the leading tokens are computed) and ``shared`` modules (``name``, ``op``,
-    ``users``, ``params``, ``macs``). MACs: see :func:`count_macs`; ``macs=False`` leaves them None."""
+    ``outputs`` (their shapes), ``accepts`` (the input sizes), ``nodes`` (``name``, ``op``, ``inputs``, ``shape``,
+    ``type``, ``params``, ``macs``, and ``computed_tokens`` where only the leading tokens are computed) and
+    ``shared`` modules (``name``, ``op``, ``users``, ``params``, ``macs``). MACs: see :func:`count_macs`;
+    ``macs=False`` leaves them None."""
     graph, types = model.inference.graph, model.inference.types
     h, w = input_size or model.spec.input.size
     env = {"H": h, "W": w}
@@ -62,7 +63,8 @@ def describe(
         if name in model.trimmed_tokens:  # computes its first tokens only (all its readers read): their count
             nodes[-1]["computed_tokens"] = model.trimmed_tokens[name]
     shared = [{"name": name, "op": graph.shared[name].spec.op, "users": list(graph.shared[name].users),
-               "params": _params(model, name), "macs": counts.get(name)} for name in model.shared_modules()]  # fmt: skip
+               "params": _params(model, name), "macs": counts.get(name)}
+              for name in model.shared_modules()]  # fmt: skip
     outputs = {key: list(model.analysis.output(key).shape(env, batch=batch)) for key in model.outputs}
     return {"name": model.spec.name, "params": sum(p.numel() for p in model.parameters()), "macs": counts.get("total"),
             "input": [batch, model.spec.input.channels, h, w], "outputs": outputs,
@@ -87,7 +89,8 @@ def table(model: BlockgraphModel, input_size: tuple[int, int] | None = None, bat
     totals = f"{data['params']:,} parameters"
     if data["macs"] is not None:
         totals += f", {data['macs']:,} MACs ({data['macs'] / 1e9:.2f} G) at {batch}x{h}x{w}"
-    return f"{format_table(header, rows, right={4, 5})}\n\n{model.spec.name}: {totals}, outputs: {', '.join(model.outputs)}"
+    totals += f", outputs: {', '.join(model.outputs)}"
+    return f"{format_table(header, rows, right={4, 5})}\n\n{model.spec.name}: {totals}"
 
 
 def format_table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:

@@ -36,7 +36,7 @@ def _twin_rules(model: nn.Module) -> tuple[Any, list[tuple[re.Pattern[str], str]
 def _rename(
     rules: list[tuple[re.Pattern[str], str]], state_dict: Mapping[str, Any], known: Callable[[str], bool]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Rename keys by ``rules`` onto those ``known`` accepts: (mapped tensors, our key → theirs, keys that fit none)."""
+    """Rename keys by ``rules`` onto those ``known`` accepts: (mapped tensors, our key → theirs, keys fitting none)."""
     mapped: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
