@@ -86,8 +86,8 @@ class BlockgraphModel(nn.Module):
     trimmed_tokens: dict[str, int]
 
     _DERIVED = frozenset("spec code trimmed_tokens outputs returns nodes feature_info _analysis _program".split())
-    """What :meth:`_attach` derives from the spec data: never pickled. (``spec_data`` is: read back from JSON text,
-    it means the same but may differ in form, ``{3: 2}`` read as ``{"3": 2}``.)"""
+    """What :meth:`_attach` derives from the spec data: not pickled. (``spec_data`` is: read back from JSON text it
+    means the same, but its form may differ, ``{3: 2}`` read as ``{"3": 2}``.)"""
 
     def _attach(self, analysis: Analysis, program: Program) -> None:
         graph = analysis.graph
