@@ -97,11 +97,9 @@ def validate(
         text, shape = describe_value(analysis.inference.types[node.name], env)
         nodes.append({"name": node.name, "op": node.op, "type": text, "shape": shape})
     graph = analysis.graph
-    outputs = {}
-    for key, out in {**graph.outputs, **graph.features}.items():
-        value = analysis.inference.types[out.node]
-        t = value[out.port] if out.port is not None else value
-        outputs[key] = "x".join(map(str, t.shape(env, batch=1)))
+    outputs = {
+        k: "x".join(map(str, analysis.output(k).shape(env, batch=1))) for k in {**graph.outputs, **graph.features}
+    }
     return Report(
         model.name,
         model.variant,
@@ -128,7 +126,7 @@ def _input_triplet(size: Sequence[int] | None, model: ModelBase) -> tuple[int, i
 
 
 def build_model(
-    spec: SpecLike,
+    spec: SpecLike | Analysis,
     *,
     variant: str | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -139,7 +137,6 @@ def build_model(
     device: Any = None,
     dtype: Any = None,
     max_params: float | None = 2_000_000_000,
-    allow_imports: bool = True,
 ) -> nn.Module:
     """Build the ``nn.Module`` a spec describes.
 
@@ -149,26 +146,31 @@ def build_model(
     (counted statically, from the blocks' counting rules); ``None`` skips the check.
 
     Args:
+        spec: a spec (see :func:`analyze`), or the :class:`Analysis` of one (of :func:`analyze`, or a
+            :func:`validate` report's): it is not analysed again, and its variant and overrides are those it was
+            made with.
         num_classes: the classifier's width (the spec's ``num_classes`` variable).
         features_only: return the declared feature maps, as a list, in declaration order.
         out_indices: with ``features_only``, which feature maps (timm style): indices into the declared features
             (negative ones count from the end), or an int ``n`` for the last ``n``. They are returned in
             declaration order.
         outputs: names of the outputs (or, with ``features_only``, of the features) to return.
-        allow_imports: import the modules the spec's ``imports:`` names; when False, one not loaded yet is a
-            :class:`PluginError` (what loading a checkpoint does: it never runs code).
-    """
-    from blockgraph.compiler.budget import check
-    from blockgraph.compiler.codegen import compile_model
 
-    analysis = analyze(spec, variant=variant, overrides=overrides, num_classes=num_classes, allow_imports=allow_imports)
+    Raises:
+        SpecError: ``variant``, ``overrides`` or ``num_classes`` given with an :class:`Analysis`.
+    """
+    from blockgraph.compiler.model import compile_model
+
+    analysis = spec
+    if not isinstance(analysis, Analysis):
+        analysis = analyze(analysis, variant=variant, overrides=overrides, num_classes=num_classes)
+    elif variant is not None or overrides or num_classes is not None:
+        raise SpecError("variant, overrides and num_classes apply to a spec, not to its analysis")
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it
-        check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
-    model = compile_model(analysis.inference, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
-    model.spec_data = analysis.expanded.standalone()
-    return model
+        budget.check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
+    return compile_model(analysis, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
 
 
 def _feature_names(
@@ -252,9 +254,9 @@ def create_model(
     blockgraph never downloads: ``pretrained=True`` loads the weights from ``checkpoint_path``, and without one
     raises a :class:`WeightsError`. ``checkpoint_path`` (with or without ``pretrained``) may be a blockgraph
     checkpoint (``blockgraph build --out``), a state_dict in our key layout, or the timm twin's state_dict
-    (``torch.save(timm_model.state_dict(), path)``), whose keys go through the spec's ``twin.rename`` rules. With
-    ``num_classes`` different from the file's, the classifier's tensors are skipped (they keep their fresh
-    initialization; a UserWarning names them), as timm does; any other mismatch is an error. With
+    (``torch.save(timm_model.state_dict(), path)``), whose keys go through the spec's ``twin.rename`` rules. Given a
+    ``num_classes`` other than the file's, the classifier's tensors that differ in it are skipped (they keep their
+    fresh initialization; a UserWarning names them), as timm does; any other mismatch is an error. With
     ``features_only``, the file's classifier is dropped.
 
     Args:
@@ -287,14 +289,10 @@ def create_model(
         )
     model = build_model(path, num_classes=num_classes, features_only=features_only, out_indices=out_indices, **kwargs)
     if checkpoint_path is not None:
-        from blockgraph.compiler.codegen import compile_model
         from blockgraph.compiler.weights import load_weights_file
 
-        overrides = {k: v for k, v in (kwargs.get("overrides") or {}).items() if k != "num_classes"}
-        full = analyze(path, variant=kwargs.get("variant"), overrides=overrides)
-        every = list(dict.fromkeys([*full.graph.outputs, *full.graph.features]))
-        reference = compile_model(full.inference, outputs=every or None, device="meta")
-        load_weights_file(model, os.fspath(checkpoint_path), reference)
+        resized = num_classes is not None or "num_classes" in (kwargs.get("overrides") or {})
+        load_weights_file(model, os.fspath(checkpoint_path), resized_classifier=resized)
     return model
 
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from blockgraph.errors import BlockgraphError, Pos, SpecError
-from blockgraph.types import describe_value
 
 EXIT_INVALID = 2
 EXIT_INTERNAL = 3
@@ -79,101 +78,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """``build``, and ``summary`` (built on the meta device, never written)."""
     from blockgraph.api import build_model
+    from blockgraph.compiler.summary import describe
 
     report = _validate(args)  # shapes and budgets first: nothing is allocated before they pass
-    c, h, w = report.input
-    if args.emit_python:  # the generated forward only: built on the meta device, no weights allocated
-        model = build_model(
-            args.spec,
-            variant=args.variant,
-            overrides=_overrides(args.set),
-            features_only=args.features_only,
-            device="meta",
-        )
-        print(model.code, end="")
+    _, h, w = report.input
+    if args.emit_python:  # the generated forward only: no module is built
+        from blockgraph.compiler.codegen import generate
+
+        print(generate(report.analysis.inference, features_only=args.features_only).code, end="")
         return 0
-    model = build_model(
-        args.spec,
-        variant=args.variant,
-        overrides=_overrides(args.set),
-        features_only=args.features_only,
-        device=args.device,
-        max_params=None,  # checked above
-    )
+    model = build_model(report.analysis, features_only=args.features_only, device=args.device, max_params=None)
     if args.out:
         from blockgraph.compiler.checkpoint import save
 
         save(model, args.out)
     if args.json:
-        print(json.dumps(_build_json(model, report), indent=2))
+        print(json.dumps(describe(model, (h, w), args.batch), indent=2))
     else:
-        print(model.summary((h, w)))
+        print(model.summary((h, w), batch=args.batch))
         if args.out:
             print(f"wrote {args.out}")
     return 0
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    from blockgraph.api import build_model
-
-    report = _validate(args)
-    _, h, w = report.input
-    model = build_model(
-        args.spec, variant=args.variant, overrides=_overrides(args.set), features_only=args.features_only, device="meta"
-    )
-    if args.json:
-        print(json.dumps(_build_json(model, report, batch=args.batch), indent=2))
-    else:
-        print(model.summary((h, w), batch=args.batch))
-    return 0
-
-
-def _build_json(model: Any, report: Any, batch: int = 1) -> dict[str, Any]:
-    c, h, w = report.input
-    inference = model.inference
-    graph = inference.graph
-    macs = model.macs((h, w), batch)
-    nodes = []
-    for name in model.nodes:
-        text, shape = describe_value(inference.types[name], {"H": h, "W": w}, batch=batch)
-        nodes.append({
-            "name": name,
-            "op": graph.nodes[name].op,
-            "inputs": [e.src if e.out is None else f"{e.src}.{e.out}" for e in graph.in_edges(name)],
-            "shape": shape,
-            "type": text,
-            "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
-            "macs": macs[name],
-        })  # fmt: skip
-        if name in model.trimmed_tokens:  # computes its first tokens only (all its readers read): their count
-            nodes[-1]["computed_tokens"] = model.trimmed_tokens[name]
-    shared = [
-        {
-            "name": name,
-            "op": graph.shared[name].spec.op,
-            "users": list(graph.shared[name].users),
-            "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
-            "macs": macs[name],
-        }
-        for name in model.shared_modules()
-    ]
-    outputs = {}
-    for key in model.outputs:
-        out = graph.outputs.get(key) or graph.features[key]
-        value = inference.types[out.node]
-        t = value[out.port] if out.port is not None else value
-        outputs[key] = list(t.shape({"H": h, "W": w}, batch=batch))
-    return {
-        "name": model.spec.name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "macs": macs["total"],
-        "input": [batch, c, h, w],
-        "outputs": outputs,
-        "accepts": report.accepted,
-        "nodes": nodes,
-        "shared": shared,
-    }
 
 
 def _emit(data: bytes | str, out: str | None, binary: bool = False) -> None:
@@ -217,14 +144,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from blockgraph.api import build_model
     from blockgraph.compiler.export import export_onnx
 
-    report = _validate(args)
+    report = _validate(args)  # budgets included
     _, h, w = report.input
-    overrides = _overrides(args.set)
-    model = build_model(args.spec, variant=args.variant, overrides=overrides, features_only=args.features_only)
+    model = build_model(report.analysis, features_only=args.features_only, max_params=None)
     if args.weights:
-        from blockgraph.compiler.checkpoint import load_weights
+        from blockgraph.compiler.weights import load_weights_file
 
-        load_weights(model, args.weights)
+        load_weights_file(model, args.weights)
     result = export_onnx(
         model, args.onnx, input_size=(h, w), batch=args.batch, dynamic_size=args.dynamic_size, opset=args.opset
     )
@@ -297,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("summary", help="per-node table: op, output shape, params, MACs (meta device, no weights)")
     spec_args(m)
     m.add_argument("--features-only", action="store_true", help="the model that returns the feature maps")
-    m.set_defaults(func=cmd_summary, max_params=None)  # the meta device allocates nothing: no budget by default
+    m.set_defaults(func=cmd_build, max_params=None, device="meta", out=None, emit_python=False)  # no budget: meta
     g = sub.add_parser("graph", help="draw the dataflow: mermaid or dot text, svg/png through Graphviz (no torch)")
     g.add_argument("spec", help="a spec file (YAML)")
     g.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default="mermaid")
@@ -312,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write (atomically)")
     e.add_argument("--dynamic-size", action="store_true", help="H and W dynamic too (over the accepted sizes)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 or newer (default: the exporter's)")
-    e.add_argument("--weights", metavar="CKPT", help="load the weights of a checkpoint written by build --out")
+    e.add_argument("--weights", metavar="CKPT", help="load these weights (build --out, or a state_dict)")
     e.add_argument("--features-only", action="store_true", help="export the feature maps")
     e.set_defaults(func=cmd_export, batch=None)  # --batch N fixes the batch; without it, a dynamic batch axis
     s = sub.add_parser("schema", help="print the JSON Schema of spec files, for editors (no torch)")

@@ -19,6 +19,7 @@ from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
 from blockgraph.spec.plugins import load_imports
 from blockgraph.spec.schema import ModelBase, ParsedSpec, parse
+from blockgraph.types import TensorType
 
 SpecLike = str | os.PathLike[str] | ModelBase
 """A spec: a file path, YAML text, or a parsed :class:`ModelBase`."""
@@ -36,6 +37,12 @@ class Analysis:
     @property
     def spec(self) -> ModelBase:
         return self.parsed.model
+
+    def output(self, name: str) -> TensorType:
+        """The type of the declared output or feature ``name``."""
+        out = self.graph.outputs.get(name) or self.graph.features[name]
+        value = self.inference.types[out.node]
+        return value if isinstance(value, TensorType) else value[out.port]  # (a node of several outputs: a port)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 import blockgraph as bg
 from blockgraph.compiler.checkpoint import save
+from tests.conftest import ROOT
 
 TINY = "coat_lite_tiny"  # dims 64, 128, 256, 320; strides 4, 8, 16, 32
 SMALL_INPUT = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -53,6 +54,14 @@ def test_list_models_glob() -> None:
         "vit_tiny_patch16_224",
     ]
     assert bg.list_models("nothing*") == []
+
+
+def test_build_model_takes_an_analysis() -> None:
+    analysis = bg.analyze(ROOT / "specs" / f"{TINY}.yaml", num_classes=7)
+    model = bg.build_model(analysis, device="meta")
+    assert model.inference is analysis.inference and model.get_submodule("head.fc").out_features == 7
+    with pytest.raises(bg.SpecError, match="apply to a spec, not to its analysis"):
+        bg.build_model(analysis, num_classes=3)
 
 
 def test_num_classes_changes_the_head() -> None:
@@ -141,6 +150,16 @@ def test_num_classes_differs_from_the_checkpoint_head_is_skipped_like_timm(tiny,
     assert model.get_submodule("head.fc").weight.shape == (10, 320)
     assert _equal_state(tiny, model, skip={"head.fc.weight", "head.fc.bias"})  # the head's norm is loaded
     assert torch.equal(model.state_dict()["head.norm.weight"], tiny.state_dict()["head.norm.weight"])
+
+
+def test_with_num_classes_only_the_classifier_width_may_differ(tiny, tmp_path: Path) -> None:
+    """The classifier's tensors are skipped where they differ in num_classes only; its norm must still fit."""
+    state = dict(tiny.state_dict(), **{"head.norm.weight": torch.ones(100)})
+    torch.save(state, tmp_path / "sd.pth")
+    with pytest.raises(
+        bg.WeightsError, match=r"'head\.norm\.weight' has shape \[100\], our 'head\.norm\.weight' has \[320\]"
+    ):
+        bg.create_model(TINY, num_classes=10, checkpoint_path=tmp_path / "sd.pth", device="meta")
 
 
 def test_features_only_drops_the_checkpoint_head(tiny, checkpoint: Path) -> None:

@@ -1,7 +1,7 @@
 """Build-time checks of blocks against their own rules: a module's parameter count against the block's ``params``
 rule, and its output shapes against its shape rule (``infer``).
 
-:func:`~blockgraph.compiler.codegen.compile_model` checks the custom blocks (:func:`check_custom_blocks`): a rule
+:func:`~blockgraph.compiler.model.compile_model` checks the custom blocks (:func:`check_custom_blocks`): a rule
 that is off shows at build, as an error naming the node, rather than as a wrong budget or a shape error deep in the
 forward. Built-in blocks are not checked at build (speed); the test suite checks every node and shared module of
 every reference spec (:func:`check_blocks`).
@@ -34,7 +34,7 @@ BATCH = 2
 
 def check_custom_blocks(inference: Inference, names: Iterable[str]) -> None:
     """:func:`check_blocks` for the blocks among ``names`` (nodes and shared modules) whose class is defined
-    outside blockgraph: what :func:`~blockgraph.compiler.codegen.compile_model` runs."""
+    outside blockgraph: what :func:`~blockgraph.compiler.model.compile_model` runs."""
     custom = [name for name in names if not is_builtin(type(_owner(inference, name).spec))]
     if custom:
         check_blocks(inference, custom)

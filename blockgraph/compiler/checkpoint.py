@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from blockgraph.compiler.model import compile_model
 from blockgraph.errors import BlockgraphError, PluginError, Pos, WeightsError
+from blockgraph.pipeline import analyze
 
 FORMAT = "blockgraph-checkpoint/1"
 
@@ -20,7 +22,7 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s weights and spec to ``path`` atomically: a temporary file in the same directory, renamed
     into place, so a crash never leaves a half-written checkpoint."""
     path = os.fspath(path)
-    spec_json = json.dumps(model.spec_data, sort_keys=True)
+    spec_json = json.dumps(model.spec_data)  # in declaration order: features and outputs are returned in it
     payload = {
         "format": FORMAT,
         "spec": spec_json,
@@ -85,54 +87,30 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
         WeightsError: the file is missing, truncated, altered, or not a blockgraph checkpoint.
         PluginError: the spec imports a module of custom blocks that is not loaded.
     """
-    from blockgraph.api import build_model
-
     path = os.fspath(path)
-    payload = _read(path, device)
+    payload = read(path, device=device)  # (the embedded spec's sha256 checked)
+    if not is_checkpoint(payload):
+        raise WeightsError(
+            f"{path} is not a blockgraph checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})",
+            pos=Pos(path),
+            hint=f"expected format {FORMAT!r}",
+        )
     returns = payload.get("returns")
     try:
-        model = build_model(
-            payload["spec"],
+        model = compile_model(
+            analyze(payload["spec"], allow_imports=False),
             outputs=payload.get("outputs") if returns in ("dict", "list") else None,
             features_only=returns == "list",
             device=device,
-            allow_imports=False,
         )
     except PluginError as e:  # the checkpoint is where it was asked for (its spec is JSON text)
         raise PluginError(e.message, pos=Pos(path), hint=e.hint) from e
     except BlockgraphError as e:
         raise WeightsError(f"the embedded spec does not build: {e.message}", pos=Pos(path), hint=e.hint) from e
-    _load_state_dict(model, payload, path, "the embedded spec")
-    return model
-
-
-def load_weights(model: Any, path: str | os.PathLike[str]) -> Any:
-    """Load the weights of a checkpoint written by :func:`save` into ``model``, strictly (every key, every shape).
-
-    Raises:
-        WeightsError: the file is not a valid checkpoint, or its weights do not fit ``model``.
-    """
-    path = os.fspath(path)
-    device = next((p.device for p in model.parameters()), None)
-    _load_state_dict(model, _read(path, device), path, f"'{model.spec.name}'")
-    return model
-
-
-def _read(path: str, device: Any) -> dict[str, Any]:
-    """The checkpoint's payload, after checking its format and the embedded spec's hash."""
-    where = Pos(path)
-    payload = read(path, device=device)
-    if not is_checkpoint(payload):
-        raise WeightsError(
-            f"{path} is not a blockgraph checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})",
-            pos=where,
-            hint=f"expected format {FORMAT!r}",
-        )
-    return payload  # (read() checked the embedded spec's sha256)
-
-
-def _load_state_dict(model: Any, payload: dict[str, Any], path: str, what: str) -> None:
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, KeyError) as e:
-        raise WeightsError(f"the weights do not fit {what}: {str(e).splitlines()[0][:300]}", pos=Pos(path)) from e
+        raise WeightsError(
+            f"the weights do not fit the embedded spec: {str(e).splitlines()[0][:300]}", pos=Pos(path)
+        ) from e
+    return model

@@ -1,36 +1,60 @@
-"""Compile an inferred graph into an ``nn.Module`` with a straight-line, generated ``forward``.
-
-Each node's module is built by its block (``BlockSpec.build``) and installed under the node's dotted name
-(``stage1.blocks.0`` → ``model.stage1.blocks[0]``); shared modules are installed once under their qualified name
-and handed to their users as keyword arguments. ``forward`` is Python source generated once per model (like
-``torch.fx``'s ``GraphModule.code``): one line per node, no interpretation loop, readable via ``model.code``.
+"""Generate a compiled model's ``forward``: Python source, one line per node, no interpretation loop, readable via
+``model.code`` (like ``torch.fx``'s ``GraphModule.code``). Deterministic in the inference and the outputs asked for,
+and torch-free: unpickling regenerates it without building any module (:func:`blockgraph.compiler.model.rebuild`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import keyword
 import linecache
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
-from torch import nn
-
-from blockgraph.blocks.base import BuildContext
-from blockgraph.compiler.check import check_custom_blocks
-from blockgraph.compiler.model import BlockgraphModel
-from blockgraph.errors import BlockgraphError, BudgetError
+from blockgraph.errors import BlockgraphError
 from blockgraph.graph.infer import Inference
-from blockgraph.spec.plugins import custom_code
 from blockgraph.types import Expr, TensorType
 
 _counter = count()
 
 
-class Container(nn.Module):
-    """A namespace module for dotted names (``stage1`` holding ``patch_embed``, ``blocks``, ...)."""
+@dataclass(frozen=True)
+class Program:
+    """A model's generated ``forward`` and what it computes."""
+
+    asked: list[str] | None
+    """The outputs asked for (``None``: the spec's default ones)."""
+    features_only: bool
+    chosen: list[tuple[str, str, str | None]]
+    """The outputs computed, as ``(name, node, port)``."""
+    returns: str
+    """How ``forward`` returns them: ``"tensor"``, ``"list"`` (features) or ``"dict"``."""
+    order: list[str]
+    """The nodes the outputs need, in execution order (the input included)."""
+    trimmed: dict[str, int]
+    """The nodes that compute only their first k tokens (see :func:`trimmed_tokens`)."""
+    code: str
+
+    def forward(self, name: str) -> Callable[..., Any]:
+        """The function :attr:`code` defines; tracebacks show its lines (it is registered in ``linecache``)."""
+        filename = f"<blockgraph {name} #{next(_counter)}>"
+        linecache.cache[filename] = (len(self.code), None, self.code.splitlines(keepends=True), filename)
+        namespace: dict[str, Any] = {}
+        exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
+        return namespace["forward"]
+
+
+def generate(inference: Inference, outputs: Sequence[str] | None = None, features_only: bool = False) -> Program:
+    """The forward computing ``outputs`` (see :func:`select_outputs`, which raises a BlockgraphError for an unknown
+    one): only the nodes they need, each value released after its last reader."""
+    chosen, returns = select_outputs(inference, outputs, features_only)
+    needed = inference.graph.ancestors([node for _, node, _ in chosen])
+    order = [name for name in inference.graph.order() if name in needed]
+    trimmed = trimmed_tokens(inference, order, chosen)
+    code = _generate(inference, order, chosen, returns, trimmed)
+    return Program(list(outputs) if outputs else None, features_only, chosen, returns, order, trimmed, code)
 
 
 def select_outputs(
@@ -41,29 +65,20 @@ def select_outputs(
     ``features_only``: the feature maps named by ``outputs`` (all declared ones by default), returned as a list.
     """
     graph = inference.graph
-    if features_only:
-        if not graph.features:
-            raise BlockgraphError(
-                "features_only asked for, but the spec declares no `features:`",
-                pos=graph.pos(()),
-                hint="declare the feature maps under `features:` with their strides",
-            )
-        names = list(outputs) if outputs else list(graph.features)
-        unknown = [n for n in names if n not in graph.features]
-        if unknown:
-            raise BlockgraphError(
-                f"unknown feature(s): {', '.join(unknown)}",
-                pos=graph.pos(()),
-                hint=f"declared: {', '.join(graph.features)}",
-            )
-        chosen = [(k, graph.features[k].node, graph.features[k].port) for k in names]
-        return chosen, "list"
-    table = {**graph.features, **graph.outputs}
-    names = list(outputs) if outputs else (graph.spec.default_outputs or list(graph.outputs) or list(graph.features))
-    unknown = [n for n in names if n not in table]
-    if unknown:
+    if features_only and not graph.features:
         raise BlockgraphError(
-            f"unknown output(s): {', '.join(unknown)}", pos=graph.pos(()), hint=f"declared: {', '.join(table)}"
+            "features_only asked for, but the spec declares no `features:`",
+            pos=graph.pos(()),
+            hint="declare the feature maps under `features:` with their strides",
+        )
+    table = graph.features if features_only else {**graph.features, **graph.outputs}
+    default = graph.spec.default_outputs or list(graph.outputs) or list(graph.features)
+    names = list(outputs) if outputs else list(graph.features) if features_only else default
+    if unknown := [n for n in names if n not in table]:
+        raise BlockgraphError(
+            f"unknown {'feature' if features_only else 'output'}(s): {', '.join(unknown)}",
+            pos=graph.pos(()),
+            hint=f"declared: {', '.join(table)}",
         )
     if not names:  # nothing declared: the last block's output, as nn.Sequential
         last = max((n for n in graph.nodes.values() if not n.is_input), key=lambda n: n.index, default=None)
@@ -74,56 +89,7 @@ def select_outputs(
             return [(p, last.name, p) for p in ports], "dict"
         return [("output", last.name, None)], "tensor"
     chosen = [(n, table[n].node, table[n].port) for n in names]
-    return chosen, "tensor" if len(chosen) == 1 and not outputs else "dict"
-
-
-def compile_model(
-    inference: Inference,
-    *,
-    outputs: Sequence[str] | None = None,
-    features_only: bool = False,
-    device: Any = None,
-    dtype: Any = None,
-) -> BlockgraphModel:
-    """Build the modules of every node the chosen outputs need, and generate ``forward``."""
-    graph = inference.graph
-    chosen, returns = select_outputs(inference, outputs, features_only)
-    needed = graph.ancestors([node for _, node, _ in chosen])
-    order = [name for name in graph.order() if name in needed]
-
-    trimmed = trimmed_tokens(inference, order, chosen)
-    input_size = tuple(graph.spec.input.size)
-    modules: dict[str, nn.Module] = {}
-    shared_used = sorted(
-        {q for name in order for v in graph.nodes[name].shared.values() for q in ([v] if isinstance(v, str) else v)}
-    )
-    for qualified in shared_used:
-        shared = graph.shared[qualified]
-        pos = graph.pos(shared.path)
-        with custom_code(shared.spec, qualified, pos, "its build()"), _sized(qualified, shared.spec.op, pos):
-            modules[qualified] = shared.spec.build(BuildContext(qualified, device, dtype))
-    for name in order:
-        node = graph.nodes[name]
-        if node.is_input:
-            continue
-        types = inference.inputs(name)
-        pos = graph.pos(node.path)
-        with custom_code(node.spec, name, pos, "its build()"), _sized(name, node.op, pos):  # type: ignore[arg-type]
-            ctx = BuildContext(name, device, dtype, keep_tokens=trimmed.get(name), input_size=input_size)
-            modules[name] = node.spec.build(ctx, *types)  # type: ignore[union-attr]
-    check_custom_blocks(inference, modules)  # their modules against their rules, on the meta device
-
-    model_cls = type(f"{_class_name(graph.spec.name)}", (BlockgraphModel,), {"__module__": BlockgraphModel.__module__})
-    model = model_cls()
-    _install(model, modules)
-    code = _generate(inference, order, chosen, returns, trimmed)
-    filename = f"<blockgraph {graph.spec.name} #{next(_counter)}>"
-    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
-    namespace: dict[str, Any] = {}
-    exec(compile(code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
-    model_cls.forward = namespace["forward"]  # type: ignore[attr-defined]
-    model._setup(inference, chosen, returns, order, code, trimmed)
-    return model
+    return chosen, "list" if features_only else "tensor" if len(chosen) == 1 and not outputs else "dict"
 
 
 def trimmed_tokens(inference: Inference, order: list[str], chosen: list[tuple[str, str, str | None]]) -> dict[str, int]:
@@ -155,61 +121,6 @@ def _reads(inference: Inference, reader: str, t: TensorType) -> int | None:
     if len(graph.in_edges(reader)) != 1:
         return None
     return graph.nodes[reader].spec.reads_tokens(t)  # type: ignore[union-attr]
-
-
-@contextlib.contextmanager
-def _sized(node: str, op: str, pos: Any) -> Iterator[None]:
-    """Turn "this tensor is too large to exist" (even on the meta device) into a BudgetError naming the node."""
-    try:
-        yield
-    except MemoryError as e:
-        raise BudgetError(f"op '{op}': not enough memory to build this block", pos=pos, node=node) from e
-    except RuntimeError as e:  # torch.OutOfMemoryError included
-        text = str(e).lower()
-        if "overflow" in text:
-            what = "a parameter of this block is too large to exist"
-        elif "can't allocate memory" in text or "out of memory" in text:
-            what = "not enough memory for the parameters of this block"
-        else:
-            raise
-        raise BudgetError(
-            f"op '{op}': {what} ({str(e).splitlines()[0][:160]})",
-            pos=pos,
-            node=node,
-            hint="check the widths and sizes set for this block (and the variables they use); budgets "
-            "(max_params) refuse such a model before building it",
-        ) from e
-
-
-def _class_name(name: str) -> str:
-    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) or "Model"
-
-
-def _install(root: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Place modules under their dotted names; a namespace whose children are 0..n-1 becomes a ModuleList."""
-    tree: dict[str, Any] = {}
-    for dotted, module in modules.items():
-        parts = dotted.split(".")
-        here = tree
-        for part in parts[:-1]:
-            here = here.setdefault(part, {})
-            if not isinstance(here, dict):
-                raise BlockgraphError(f"module name '{dotted}' is used both as a block and as a namespace")
-        here[parts[-1]] = module
-
-    def materialize(node: Any) -> nn.Module:
-        if isinstance(node, nn.Module):
-            return node
-        keys = list(node)
-        if keys and all(k.isdigit() for k in keys) and sorted(map(int, keys)) == list(range(len(keys))):
-            return nn.ModuleList(materialize(node[str(i)]) for i in range(len(keys)))
-        container = Container()
-        for key in keys:
-            container.add_module(key, materialize(node[key]))
-        return container
-
-    for key, value in tree.items():
-        root.add_module(key, materialize(value))
 
 
 def accessor(dotted: str) -> str:

@@ -1,29 +1,31 @@
-"""The module class compiled models derive from: spec, feature info, summary, generated code."""
+"""The compiled model: its class (spec, feature info, generated ``forward``, summary), built from an analysis by
+:func:`compile_model`: each node's module, built by its block (``BlockSpec.build``), installed under the node's
+dotted name (``stage1.blocks.0`` → ``model.stage1.blocks[0]``); shared modules once under their qualified name,
+handed to their users as keyword arguments. A model pickles as torch.fx's ``GraphModule`` does: its class and
+``forward`` are regenerated from the spec (:func:`rebuild`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
-from blockgraph.errors import ShapeError
+from blockgraph.blocks.base import BuildContext
+from blockgraph.compiler import summary
+from blockgraph.compiler.check import check_custom_blocks
+from blockgraph.compiler.codegen import Program, generate
+from blockgraph.errors import BlockgraphError, BudgetError, ShapeError
 from blockgraph.graph.infer import Inference
+from blockgraph.pipeline import Analysis, analyze
+from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import ModelBase
 from blockgraph.types import TensorType
-
-
-def format_table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
-    """A plain-text table with aligned columns (``right``: indices of right-aligned columns)."""
-    right = right or set()
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            str(c).rjust(widths[i]) if i in right else str(c).ljust(widths[i]) for i, c in enumerate(cells)
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 class FeatureInfo(list):
@@ -61,8 +63,14 @@ class FeatureInfo(list):
 class BlockgraphModel(nn.Module):
     """Base of compiled models. Each compiled model gets its own subclass whose ``forward`` is generated code.
 
+    It pickles (``pickle``, ``torch.save``) as the spec, the outputs chosen and its state, and unpickles by
+    analysing the spec again and regenerating its class and ``forward`` (:func:`rebuild`), as torch.fx's
+    ``GraphModule`` does; ``copy.deepcopy`` shares the analysis instead.
+
     Attributes:
         spec: the validated spec (:class:`~blockgraph.spec.schema.ModelBase`).
+        spec_data: the expanded spec as plain data: a spec of its own (no ``extends:``, no expressions), which
+            rebuilds this architecture.
         feature_info: one dict per declared feature map: ``name``, ``module`` (node), ``num_chs``, ``reduction``,
             ``index``; a :class:`FeatureInfo` (``.channels()``, ``.reduction()``, ``.module_name()``, ``.out_indices``).
         code: the source of the generated ``forward``.
@@ -73,43 +81,58 @@ class BlockgraphModel(nn.Module):
     """
 
     spec: ModelBase
+    spec_data: dict[str, Any]
     feature_info: FeatureInfo
     code: str
     outputs: list[str]
     trimmed_tokens: dict[str, int]
 
-    def _setup(
-        self,
-        inference: Inference,
-        chosen: list[tuple[str, str, str | None]],
-        returns: str,
-        order: list[str],
-        code: str,
-        trimmed: dict[str, int],
-    ) -> None:
-        graph = inference.graph
-        self.spec = graph.spec
-        self.code = code
-        self.trimmed_tokens = trimmed
-        self.outputs = [name for name, _, _ in chosen]
-        self.returns = returns
-        self.nodes = [n for n in order if not graph.nodes[n].is_input]
-        info = []
-        for index, (key, out) in enumerate(graph.features.items()):
-            t = inference.types[out.node]
-            t = t[out.port] if out.port is not None else t
-            info.append(
-                {"name": key, "module": out.node, "num_chs": t.channels, "reduction": t.stride(), "index": index}
-            )
+    _DERIVED = frozenset("spec code trimmed_tokens outputs returns nodes feature_info _analysis _program".split())
+    """What :meth:`_attach` derives from the spec data: not pickled. (``spec_data`` is: read back from JSON text it
+    means the same, but its form may differ, ``{3: 2}`` read as ``{"3": 2}``.)"""
+
+    def _attach(self, analysis: Analysis, program: Program) -> None:
+        graph = analysis.graph
+        self.spec = analysis.spec
+        self.spec_data = analysis.expanded.standalone()
+        self.code = program.code
+        self.trimmed_tokens = program.trimmed
+        self.outputs = [name for name, _, _ in program.chosen]
+        self.returns = program.returns
+        self.nodes = [n for n in program.order if not graph.nodes[n].is_input]
         names = list(graph.features)
-        selected = [names.index(n) for n in self.outputs] if returns == "list" else range(len(names))
+        info = [{"name": key, "module": graph.features[key].node, "num_chs": analysis.output(key).channels,
+                 "reduction": analysis.output(key).stride(), "index": i} for i, key in enumerate(names)]  # fmt: skip
+        selected = [names.index(n) for n in self.outputs] if program.returns == "list" else range(len(names))
         self.feature_info = FeatureInfo(info, selected)
-        self._inference = inference
+        self._analysis, self._program = analysis, program
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the spec (JSON text) and the outputs asked for, from which :func:`rebuild` makes the empty
+        model, then the state (submodules, parameters, buffers, hooks, attributes) that pickle restores into it
+        through ``__setstate__``: after ``rebuild`` has run (a plugin it loads may define classes of the state)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+        return rebuild, (json.dumps(self.spec_data), self._program.asked, self._program.features_only), state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockgraphModel:
+        """A copy like the default one (modules, parameters, buffers, hooks copied), sharing the immutable spec,
+        analysis and generated code instead of pickling them through :meth:`__reduce__`."""
+        for shared in (self.spec, self._analysis, self._program):
+            memo[id(shared)] = shared
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    @property
+    def analysis(self) -> Analysis:
+        """The static analysis this model was compiled from: spec, graph, types, constraints, accepted sizes."""
+        return self._analysis
 
     @property
     def inference(self) -> Inference:
-        """The static analysis this model was compiled from (types, constraints, accepted sizes)."""
-        return self._inference
+        """``analysis.inference``: every node's type, the constraints, the accepted sizes."""
+        return self._analysis.inference
 
     def _reject(self, x: Any) -> None:
         """Raise a :class:`ShapeError` explaining why ``forward`` cannot take ``x`` (called only on failure)."""
@@ -121,16 +144,16 @@ class BlockgraphModel(nn.Module):
                 node=spec.input.name,
                 hint="add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else None,
             )
-        self._inference.check(shape[2], shape[3], channels=shape[1])
+        self.inference.check(shape[2], shape[3], channels=shape[1])
         raise ShapeError(f"input of shape {list(shape)} rejected", node=spec.input.name)  # pragma: no cover
 
     def _reject_single(self, x: Any) -> None:
         """Raise the :class:`ShapeError` of a training batch of one image whose map is 1x1 at a BatchNorm."""
-        graph = self._inference.graph
+        graph = self.inference.graph
         h, w = x.shape[-2], x.shape[-1]
         for name in self.nodes:
             node = graph.nodes[name]
-            t = self._inference.types[name]
+            t = self.inference.types[name]
             values = t.values() if isinstance(t, dict) else (t,)
             if type(node.spec).batch_norm and any(v.shape({"H": h, "W": w}, 1)[2:] == (1, 1) for v in values):
                 raise ShapeError(
@@ -144,7 +167,7 @@ class BlockgraphModel(nn.Module):
 
     def shared_modules(self) -> list[str]:
         """Qualified names of the shared modules this model uses."""
-        graph = self._inference.graph
+        graph = self.inference.graph
         names: set[str] = set()
         for n in self.nodes:
             for q in graph.nodes[n].shared.values():
@@ -152,81 +175,120 @@ class BlockgraphModel(nn.Module):
         return sorted(names)
 
     def macs(self, input_size: tuple[int, int] | None = None, batch: int = 1) -> dict[str, int]:
-        """Multiply-accumulates per node (and ``"total"``) for one forward at ``input_size``, counted by
-        ``torch.utils.flop_counter`` on a meta-device replica (no memory, no compute). A node's count includes the
-        shared modules it calls; a shared module's own entry is the sum over its users. Only matrix products and
-        convolutions count (torch's convention): norms, activations, pooling and resizing are free."""
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from blockgraph.compiler.codegen import compile_model
-
-        h, w = input_size or self.spec.input.size
-        self._inference.check(h, w)
-        replica = compile_model(self._inference, outputs=self.outputs if self.returns != "tensor" else None,
-                                features_only=self.returns == "list", device="meta").eval()  # fmt: skip
-        counter = FlopCounterMode(display=False, depth=None)
-        with counter, torch.no_grad():
-            replica(torch.empty(batch, self.spec.input.channels, h, w, device="meta"))
-        counts = counter.get_flop_counts()
-        root = type(replica).__name__
-        out = {}
-        for name in [*self.shared_modules(), *self.nodes]:
-            out[name] = sum(counts.get(f"{root}.{name}", {}).values()) // 2
-        out["total"] = counter.get_total_flops() // 2
-        return out
+        """Multiply-accumulates per node (and ``"total"``) for one forward of a batch at ``input_size`` (default: the
+        spec's), counted on the meta device (see :func:`blockgraph.compiler.summary.count_macs`)."""
+        return summary.count_macs(self, input_size, batch)
 
     def node_types(self) -> dict[str, TensorType | dict[str, TensorType]]:
-        return {n: self._inference.types[n] for n in self.nodes}
+        return {n: self.inference.types[n] for n in self.nodes}
 
     def summary(self, input_size: tuple[int, int] | None = None, batch: int = 1, macs: bool = True) -> str:
         """A table of every node: name, op, output type (symbolic) and shape at ``input_size``, parameters, and
         multiply-accumulates (see :meth:`macs`)."""
-        graph = self._inference.graph
-        h, w = input_size or self.spec.input.size
-        counts = self.macs((h, w), batch) if macs else {}
-        rows = []
-        for qualified in self.shared_modules():
-            module = self.get_submodule(qualified)
-            rows.append(
-                [
-                    qualified,
-                    f"{graph.shared[qualified].spec.op} (shared)",
-                    "",
-                    "",
-                    _params(module),
-                    _macs(counts, qualified),
-                ]
-            )
-        for name in self.nodes:
-            node = graph.nodes[name]
-            t = self._inference.types[name]
-            types = {"": t} if isinstance(t, TensorType) else {f"{p}: ": pt for p, pt in t.items()}
-            for i, (label, pt) in enumerate(types.items()):
-                shape = pt.shape({"H": h, "W": w}, batch=batch)
-                concrete = _shape(shape)
-                if name in self.trimmed_tokens:  # computed: the first k tokens only
-                    concrete = f"{_shape((batch, self.trimmed_tokens[name], shape[2]))} (of {shape[1]} tokens)"
-                params = _params(self.get_submodule(name)) if i == 0 else ""
-                first = i == 0
-                rows.append([name if first else "", node.op if first else "", f"{label}{pt}", concrete, params,
-                             _macs(counts, name) if first else ""])  # fmt: skip
-        total = sum(p.numel() for p in self.parameters())
-        header = ["node", "op", "type", f"shape @ {batch}x{h}x{w}", "params", "MACs"]
-        table = format_table(header, rows, right={4, 5})
-        totals = f"{total:,} parameters"
-        if counts:
-            totals += f", {counts['total']:,} MACs ({counts['total'] / 1e9:.2f} G) at {batch}x{h}x{w}"
-        return f"{table}\n\n{self.spec.name}: {totals}, outputs: {', '.join(self.outputs)}"
+        return summary.table(self, input_size, batch, macs)
 
 
-def _params(module: nn.Module) -> str:
-    return f"{sum(p.numel() for p in module.parameters()):,}"
+class Container(nn.Module):
+    """A namespace module for dotted names (``stage1`` holding ``patch_embed``, ``blocks``, ...)."""
 
 
-def _macs(counts: dict[str, int], name: str) -> str:
-    return f"{counts[name]:,}" if name in counts else ""
+def compile_model(
+    analysis: Analysis,
+    *,
+    outputs: Sequence[str] | None = None,
+    features_only: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+) -> BlockgraphModel:
+    """Build the modules of every node the chosen outputs need, and generate ``forward``.
+
+    Raises:
+        BlockgraphError: an output is unknown; :class:`BudgetError`: a block's tensors are too large to exist.
+    """
+    graph = analysis.graph
+    program = generate(analysis.inference, outputs, features_only)
+    model = empty(analysis, program)
+    modules: dict[str, nn.Module] = {}
+    for qualified in model.shared_modules():
+        shared = graph.shared[qualified]
+        pos = graph.pos(shared.path)
+        with custom_code(shared.spec, qualified, pos, "its build()"), _sized(qualified, shared.spec.op, pos):
+            modules[qualified] = shared.spec.build(BuildContext(qualified, device, dtype))
+    input_size = tuple(analysis.spec.input.size)
+    for name in model.nodes:
+        node = graph.nodes[name]
+        pos = graph.pos(node.path)
+        with custom_code(node.spec, name, pos, "its build()"), _sized(name, node.op, pos):  # type: ignore[arg-type]
+            ctx = BuildContext(name, device, dtype, keep_tokens=program.trimmed.get(name), input_size=input_size)
+            modules[name] = node.spec.build(ctx, *analysis.inference.inputs(name))  # type: ignore[union-attr]
+    check_custom_blocks(analysis.inference, modules)  # their modules against their rules, on the meta device
+    _install(model, modules)
+    return model
 
 
-def _shape(shape: Any) -> str:
-    return "x".join(str(d) for d in shape) if shape else ""
+def rebuild(spec: str, outputs: list[str] | None, features_only: bool) -> BlockgraphModel:
+    """The empty model that unpickling fills (see :meth:`BlockgraphModel.__reduce__`): the spec (JSON text) analysed
+    and the class and ``forward`` for these outputs generated again, as at compile time, without building modules."""
+    analysis = analyze(spec)
+    return empty(analysis, generate(analysis.inference, outputs, features_only))
+
+
+def empty(analysis: Analysis, program: Program) -> BlockgraphModel:
+    """A model of a class of its own, named after the spec, whose ``forward`` is the program's; no module in it."""
+    name = analysis.spec.name
+    class_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part) or "Model"
+    cls = type(class_name, (BlockgraphModel,), {"__module__": __name__, "forward": program.forward(name)})
+    model = cls()
+    model._attach(analysis, program)
+    return model
+
+
+@contextlib.contextmanager
+def _sized(node: str, op: str, pos: Any) -> Iterator[None]:
+    """Turn "this tensor is too large to exist" (even on the meta device) into a BudgetError naming the node."""
+    try:
+        yield
+    except MemoryError as e:
+        raise BudgetError(f"op '{op}': not enough memory to build this block", pos=pos, node=node) from e
+    except RuntimeError as e:  # torch.OutOfMemoryError included
+        text = str(e).lower()
+        if "overflow" in text:
+            what = "a parameter of this block is too large to exist"
+        elif "can't allocate memory" in text or "out of memory" in text:
+            what = "not enough memory for the parameters of this block"
+        else:
+            raise
+        raise BudgetError(
+            f"op '{op}': {what} ({str(e).splitlines()[0][:160]})",
+            pos=pos,
+            node=node,
+            hint="check the widths and sizes set for this block (and the variables they use); budgets "
+            "(max_params) refuse such a model before building it",
+        ) from e
+
+
+def _install(root: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Place modules under their dotted names; a namespace whose children are 0..n-1 becomes a ModuleList."""
+    tree: dict[str, Any] = {}
+    for dotted, module in modules.items():
+        parts = dotted.split(".")
+        here = tree
+        for part in parts[:-1]:
+            here = here.setdefault(part, {})
+            if not isinstance(here, dict):
+                raise BlockgraphError(f"module name '{dotted}' is used both as a block and as a namespace")
+        here[parts[-1]] = module
+
+    def materialize(node: Any) -> nn.Module:
+        if isinstance(node, nn.Module):
+            return node
+        keys = list(node)
+        if keys and all(k.isdigit() for k in keys) and sorted(map(int, keys)) == list(range(len(keys))):
+            return nn.ModuleList(materialize(node[str(i)]) for i in range(len(keys)))
+        container = Container()
+        for key in keys:
+            container.add_module(key, materialize(node[key]))
+        return container
+
+    for key, value in tree.items():
+        root.add_module(key, materialize(value))

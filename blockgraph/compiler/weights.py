@@ -1,14 +1,17 @@
-"""Loading a timm twin's weights through the spec's key-rename rules, strictly."""
+"""Loading weights, strictly: a timm twin's state_dict through the spec's key-rename rules, and weights files."""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from blockgraph.compiler.checkpoint import is_checkpoint, read
 from blockgraph.errors import WeightsError
 
 
@@ -31,15 +34,15 @@ def _twin_rules(model: nn.Module) -> tuple[Any, list[tuple[re.Pattern[str], str]
 
 
 def _rename(
-    rules: list[tuple[re.Pattern[str], str]], state_dict: Mapping[str, Any], known: Mapping[str, Any]
+    rules: list[tuple[re.Pattern[str], str]], state_dict: Mapping[str, Any], known: Callable[[str], bool]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Rename twin keys onto ``known`` keys: (mapped tensors, our key → twin key, twin keys that fit nothing)."""
+    """Rename keys by ``rules`` onto those ``known`` accepts: (mapped tensors, our key → theirs, keys fitting none)."""
     mapped: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
         target = rename_key(key, rules)
-        if target not in known:
+        if not known(target):
             unexpected.append(f"{key} -> {target}" if target != key else key)
             continue
         if target in mapped:
@@ -58,8 +61,8 @@ def _listed(what: str, keys: list[str]) -> str:
     return f"{len(keys)} {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
 
 
-def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Rename a twin's state_dict onto ``model``'s keys.
+def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
+    """Load a timm twin's ``state_dict`` into a compiled model, strictly, renaming keys by the spec's rules.
 
     A twin may store one tensor under several keys (timm registers CoaT's shared CPE/CRPE under every block); such
     aliases map to one key of ours and must hold equal tensors.
@@ -68,27 +71,7 @@ def map_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
         WeightsError: the spec names no twin, aliases disagree, keys are missing or unexpected, or shapes differ.
     """
     twin, rules = _twin_rules(model)
-    spec = model.spec
-    ours = model.state_dict()
-    mapped, source, unexpected = _rename(rules, state_dict, ours)
-    if problems := _fit_problems(ours, mapped, unexpected):
-        raise WeightsError(
-            f"the {twin.timm or 'twin'} state_dict does not fit '{spec.name}': " + "; ".join(problems),
-            hint="fix the spec's `twin.rename` rules (regex → our key) or the architecture",
-        )
-    for key, value in mapped.items():
-        if tuple(value.shape) != tuple(ours[key].shape):
-            raise WeightsError(
-                f"'{source[key]}' has shape {list(value.shape)}, our '{key}' has {list(ours[key].shape)}",
-                hint="the twin and the spec describe different sizes (check the variant and its variables)",
-            )
-    return mapped
-
-
-def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
-    """Load a timm twin's ``state_dict`` into a compiled model (strict), renaming keys by the spec's rules."""
-    mapped = map_state_dict(model, state_dict)
-    model.load_state_dict(mapped, strict=True)
+    _load(model, *_rename(rules, state_dict, model.state_dict().__contains__), f"{twin.timm or 'twin'} state_dict")
     return model
 
 
@@ -96,8 +79,6 @@ def _unwrap(payload: Any, path: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state_dict in a loaded file, and its layout: ``"blockgraph"`` (our checkpoint) or ``"state_dict"`` (a
     plain state_dict, possibly under ``state_dict``/``model`` as training scripts save it, ``module.``-prefixed by
     DDP)."""
-    from blockgraph.compiler.checkpoint import is_checkpoint
-
     if is_checkpoint(payload):
         return dict(payload["state_dict"]), "blockgraph"
     if isinstance(payload, dict):
@@ -116,15 +97,16 @@ def _unwrap(payload: Any, path: str) -> tuple[dict[str, torch.Tensor], str]:
     return dict(payload), "state_dict"
 
 
-def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list[str]:
+def load_weights_file(model: nn.Module, path: str, *, resized_classifier: bool = False) -> list[str]:
     """Load a weights file into ``model``: a blockgraph checkpoint, a state_dict in our key layout, or the timm
     twin's state_dict (renamed through ``twin.rename``).
 
-    ``reference`` is the same spec built on the meta device with its default number of classes and every output
-    and feature: the keys a complete checkpoint holds. Keys that ``model`` does not use (the classifier of a
-    ``features_only`` model) are dropped. A key whose shape depends on ``num_classes`` (its shape in ``model``
-    differs from ``reference``'s) and differs from the file's is *skipped*: it keeps its fresh initialization, as
-    timm does when ``num_classes`` differs from the pretrained head. Everything else must fit exactly.
+    The file may hold a complete model: the tensors of nodes and shared modules that ``model`` did not build (the
+    classifier of a ``features_only`` model), known by their names in the spec's graph, are dropped. With
+    ``resized_classifier`` (the caller chose ``num_classes``), a tensor of a classifier (a node whose block has
+    ``num_classes``) whose shape differs from the file's in ``num_classes`` only is *skipped*: it keeps its fresh
+    initialization, as timm does when ``num_classes`` differs from the pretrained head. Everything else must fit
+    exactly.
 
     Returns:
         The skipped keys (a UserWarning names them too).
@@ -132,34 +114,43 @@ def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list
     Raises:
         WeightsError: the file cannot be read, or its tensors do not fit (missing, unexpected, shapes).
     """
-    import warnings
-
-    from blockgraph.compiler.checkpoint import read
-
     payload = read(path)
     state_dict, layout = _unwrap(payload, path)
-    ours, full = model.state_dict(), reference.state_dict()
-    spec = model.spec
-    if layout == "blockgraph" or set(state_dict) <= set(full):
-        mapped, unexpected = (
-            {k: v for k, v in state_dict.items() if k in full},
-            [k for k in state_dict if k not in full],
-        )
-        source = {k: k for k in mapped}
-        what = "checkpoint" if layout == "blockgraph" else "state_dict"
-        if layout == "blockgraph":
-            import json
+    ours, graph = model.state_dict(), model.inference.graph
+    built = {*model.nodes, *model.shared_modules(), model.spec.input.name}
+    unbuilt = tuple(f"{name}." for name in [*graph.nodes, *graph.shared] if name not in built)
+    heads = [(f"{n}.", node.spec.num_classes) for n, node in graph.nodes.items() if hasattr(node.spec, "num_classes")]
 
-            name = json.loads(payload["spec"]).get("name")
-            what = f"checkpoint of '{name}'"
+    def known(key: str) -> bool:
+        return key in ours or key.startswith(unbuilt)
+
+    if layout == "blockgraph" or all(map(known, state_dict)):  # our keys: no renaming
+        rules = []
+        what = f"checkpoint of '{json.loads(payload['spec']).get('name')}'" if layout == "blockgraph" else "state_dict"
     else:
         twin, rules = _twin_rules(model)
-        mapped, source, unexpected = _rename(rules, state_dict, full)
         what = f"{twin.timm or 'twin'} state_dict"
-    head = {k for k in ours if k in full and tuple(full[k].shape) != tuple(ours[k].shape)}
-    if problems := _fit_problems(ours, mapped, unexpected):
+    mapped, source, unexpected = _rename(rules, state_dict, known)
+    return _load(model, mapped, source, unexpected, f"{what} in {path}", heads if resized_classifier else [])
+
+
+def _load(
+    model: nn.Module,
+    mapped: Mapping[str, torch.Tensor],
+    source: Mapping[str, str],
+    unexpected: list[str],
+    what: str,
+    heads: Sequence[tuple[str, int]] = (),
+) -> list[str]:
+    """Load ``mapped`` (our key → tensor; ``source``: our key → the file's) into ``model``: every key of ours,
+    none ``unexpected``, each of our shapes, except that a tensor under the prefix of one of the ``heads`` (prefix,
+    num_classes) that differs in num_classes only is skipped (fresh initialization, a UserWarning). Returns the
+    skipped keys."""
+    ours, name = model.state_dict(), model.spec.name
+    missing = [k for k in ours if k not in mapped]
+    if problems := [_listed(w, keys) for w, keys in (("missing", missing), ("unexpected", unexpected)) if keys]:
         raise WeightsError(
-            f"the {what} in {path} does not fit '{spec.name}': " + "; ".join(problems),
+            f"the {what} does not fit '{name}': " + "; ".join(problems),
             hint="check that the file holds weights of this model (and variant); a timm twin's keys go through "
             "the spec's `twin.rename` rules",
         )
@@ -167,32 +158,26 @@ def load_weights_file(model: nn.Module, path: str, reference: nn.Module) -> list
     skipped: list[str] = []
     for key, target in ours.items():
         value = mapped[key]
+        width = next((n for prefix, n in heads if key.startswith(prefix)), None)
+        differ = {b for a, b in zip(value.shape, target.shape, strict=False) if a != b}  # our sizes that differ
         if tuple(value.shape) == tuple(target.shape):
             load[key] = value
-        elif key in head:
+        elif value.dim() == target.dim() and differ == {width}:
             skipped.append(key)
         else:
             raise WeightsError(
-                f"the {what} in {path} does not fit '{spec.name}': '{source[key]}' has shape {list(value.shape)}, "
-                f"our '{key}' has {list(target.shape)}",
-                hint="the file holds another size of model (check the variant and its variables); if only the "
+                f"the {what} does not fit '{name}': '{source[key]}' has shape {list(value.shape)}, our '{key}' has "
+                f"{list(target.shape)}",
+                hint="the weights are of another size of model (check the variant and its variables); if only the "
                 "classifier differs, pass num_classes=... (its weights then keep their fresh initialization)",
             )
     result = model.load_state_dict(load, strict=False)
     assert sorted(result.missing_keys) == sorted(skipped) and not result.unexpected_keys, result
     if skipped:
         warnings.warn(
-            f"{spec.name}: {len(skipped)} tensor(s) of the classifier were not loaded from {path} (num_classes "
+            f"{name}: {len(skipped)} tensor(s) of the classifier were not loaded from the {what} (num_classes "
             f"differs) and keep their fresh initialization: {', '.join(skipped)}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return skipped
-
-
-def _fit_problems(ours: Mapping[str, Any], mapped: Mapping[str, Any], unexpected: list[str]) -> list[str]:
-    """What keeps a renamed state_dict from loading strictly: our keys it lacks, and its keys we do not have."""
-    missing = [k for k in ours if k not in mapped]
-    return ([_listed("missing", missing)] if missing else []) + (
-        [_listed("unexpected", unexpected)] if unexpected else []
-    )

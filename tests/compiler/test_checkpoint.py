@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import blockgraph as bg
+from blockgraph.compiler.checkpoint import save
 from tests.conftest import ROOT
 
 
@@ -55,3 +57,14 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
         bg.load(tmp_path / "text.pt")
     with pytest.raises(bg.WeightsError, match="no such checkpoint"):
         bg.load(tmp_path / "missing.pt")
+
+
+def test_the_embedded_spec_keeps_the_declaration_order(tmp_path: Path) -> None:
+    """Features (and outputs) are returned in the order they are declared: the checkpoint keeps it."""
+    data = bg.analyze(ROOT / "specs" / "coat_lite_tiny.yaml", overrides={"depths": [1, 1, 1, 1]}).expanded.standalone()
+    data["features"] = dict(reversed(data["features"].items()))  # stage4 first
+    model = bg.build_model(json.dumps(data), features_only=True)
+    save(model, tmp_path / "model.pt")
+    loaded = bg.load(tmp_path / "model.pt")
+    assert [f["name"] for f in loaded.feature_info] == ["stage4", "stage3", "stage2", "stage1"]
+    assert list(loaded.feature_info) == list(model.feature_info) and loaded.code == model.code
