@@ -8,7 +8,7 @@ tokens in front; CPE and CRPE leave them unchanged / zero, as in the paper.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -17,9 +17,6 @@ from blockgraph.blocks.base import Activation, AttentionFields, BuildContext, Ra
 from blockgraph.graph.infer import InferContext, SharedCall
 from blockgraph.spec.schema import BlockSpec, Name, register, shared_ref, shared_refs
 from blockgraph.types import Constraint, TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 CpeRef = shared_ref("conv_pos_enc")
 CrpeRef = shared_ref("conv_rel_pos_enc")
@@ -47,7 +44,7 @@ class ConvPosEncSpec(BlockSpec):
         ctx.expect(x, layout="tokens", channels=self.dim)
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType | None = None) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType | None = None) -> Any:
         from blockgraph.layers.coat import ConvPosEnc
 
         return ConvPosEnc(**self.fields(), **ctx.dd)
@@ -95,7 +92,7 @@ class ConvRelPosEncSpec(BlockSpec):
         ctx.expect(x, layout="tokens", channels=self.dim)
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType | None = None) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType | None = None) -> Any:
         from blockgraph.layers.coat import ConvRelPosEnc
 
         return ConvRelPosEnc(**self.fields(), **ctx.dd)
@@ -130,7 +127,7 @@ class FactorAttnCrpeSpec(AttentionFields):
         self.check_heads(ctx)
         return apply_crpe(ctx, ctx.shared("crpe"), self.heads, x)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.coat import FactorAttnConvRelPosEnc
 
         return FactorAttnConvRelPosEnc(**self.fields(), **ctx.dd)
@@ -167,7 +164,7 @@ class SerialBlockSpec(TransformerFields):
         self.check_heads(ctx)
         return apply_crpe(ctx, ctx.shared("crpe"), self.heads, ctx.shared("cpe").infer(x))
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.coat import SerialBlock
 
         return SerialBlock(**self.fields(), keep=ctx.keep_tokens, **ctx.dd)
@@ -292,7 +289,7 @@ class CoatParallelBlockSpec(AttentionFields):
         """The shared MLP's ratio (the first of ``mlp_ratios``; the shape rule checks they agree)."""
         return self.mlp_ratios[0] if isinstance(self.mlp_ratios, list) else self.mlp_ratios
 
-    def build(self, ctx: BuildContext, *xs: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, *xs: TensorType) -> Any:
         from blockgraph.layers.coat import ParallelBlock
 
         n = len(self.ports)
@@ -338,7 +335,7 @@ class AggregateHeadSpec(BlockSpec):
                 ctx.fail(f"`pool: token` needs a cls token, but input {k} carries none", field="pool")
         return TensorType.vector(self.num_classes or self.dim)
 
-    def build(self, ctx: BuildContext, *xs: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, *xs: TensorType) -> Any:
         from blockgraph.layers.coat import AggregateHead
 
         return AggregateHead(n=len(xs), extra=xs[0].extra, **self.fields(), **ctx.dd)

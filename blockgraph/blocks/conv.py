@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -11,9 +11,6 @@ from blockgraph.blocks.base import BuildContext
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 ConvAct = Literal["identity", "hardswish", "relu", "silu", "gelu"]
 ConvInit = Literal["default", "fan_out", "fan_out_groups"]
@@ -69,7 +66,7 @@ class ConvBnSpec(BatchNormFields, Conv2dFields):
                 ctx.fail(f"{what} channels {value} are not divisible by groups {self.groups}", field="groups")
         return self.out_type(ctx, x)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.conv import ConvBn
 
         return ConvBn(x.channels, **self.conv_fields(), **ctx.dd)
@@ -103,7 +100,7 @@ class ConcatConvBnSpec(BatchNormFields):
             )
         return TensorType.image(self.dim_out, *xs[0].grid)
 
-    def build(self, ctx: BuildContext, *xs: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, *xs: TensorType) -> Any:
         from blockgraph.layers.conv import ConcatConvBn
 
         return ConcatConvBn(sum(x.channels for x in xs), **self.fields(), **ctx.dd)

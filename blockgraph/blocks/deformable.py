@@ -4,7 +4,7 @@ ICLR 2023): the multi-scale deformable encoder over several feature levels, and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
@@ -14,9 +14,6 @@ from blockgraph.blocks.conv import Conv2dFields
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @register
@@ -34,7 +31,7 @@ class ConvGnSpec(Conv2dFields):
         ctx.divides(self.dim_out, self.groups, field="groups", what="GroupNorm group", of="dim_out")
         return self.out_type(ctx, x)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.deformable import ConvGn
 
         return ConvGn(x.channels, **self.conv_fields(), **ctx.dd)
@@ -91,7 +88,7 @@ class DeformableEncoderSpec(BlockSpec):
         memory = TensorType.multilevel(self.dim, [x.grid for x in xs])
         return {"memory": memory, **{f"l{k}": x for k, x in enumerate(xs)}}
 
-    def build(self, ctx: BuildContext, *xs: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, *xs: TensorType) -> Any:
         from blockgraph.layers.deformable import DeformableEncoder
 
         return DeformableEncoder(**self.fields(), **ctx.dd)

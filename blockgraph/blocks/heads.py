@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -11,9 +11,6 @@ from blockgraph.blocks.base import BuildContext, Rate
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @register
@@ -48,7 +45,7 @@ class ClsHeadSpec(BlockSpec):
     def reads_tokens(self, x: TensorType) -> int | None:
         return 1 if self.pool == "token" else None
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.heads import ClsHead
 
         return ClsHead(extra=x.extra, **self.fields(), **ctx.dd)
@@ -73,7 +70,7 @@ class AvgPoolHeadSpec(BlockSpec):
         ctx.expect(x, layout="image", channels=self.dim)
         return TensorType.vector(self.num_classes or self.dim)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.heads import AvgPoolHead
 
         return AvgPoolHead(**self.fields(), **ctx.dd)

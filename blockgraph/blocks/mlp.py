@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
@@ -11,9 +11,6 @@ from blockgraph.blocks.base import Activation, BuildContext, Rate
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @register
@@ -36,7 +33,7 @@ class MlpSpec(BlockSpec):
         ctx.expect(x, layout=("tokens", "vector"), channels=self.dim)
         return x.with_(channels=self.dim_out or self.dim)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.mlp import Mlp
 
         return Mlp(**self.fields(), **ctx.dd)

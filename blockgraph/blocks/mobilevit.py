@@ -4,7 +4,7 @@ unfold into 2x2-patch sequences, transformer, fold, fuse with the input by conca
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
@@ -14,9 +14,6 @@ from blockgraph.blocks.conv import ConvAct
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -49,7 +46,7 @@ class Mv2BlockSpec(BlockSpec):
         ctx.expect(x, layout="image")
         return TensorType.image(self.dim_out, *ctx.conv2d(x, 3, self.stride, field="stride"))
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.mobilevit import Mv2Block
 
         hidden = make_divisible(x.channels * self.expansion)
@@ -100,7 +97,7 @@ class MobileVitBlockSpec(BlockSpec):
             ctx.positive(size, f"the map {axis}", field="patch")
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.mobilevit import MobileVitBlock
 
         return MobileVitBlock(**self.fields(), **ctx.dd)

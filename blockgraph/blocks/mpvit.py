@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
@@ -14,9 +14,6 @@ from blockgraph.blocks.conv import ConvAct
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @register
@@ -48,7 +45,7 @@ class MultiScalePatchEmbedSpec(BlockSpec):
         grid = ctx.conv2d(x, self.kernel, self.stride, field="stride")
         return {port: TensorType.image(self.dim, *grid) for port in self.output_ports()}
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.mpvit import MultiScalePatchEmbed
 
         return MultiScalePatchEmbed(**self.fields(), **ctx.dd)
@@ -79,7 +76,7 @@ class InvResBlockSpec(BlockSpec):
         ctx.expect(x, layout="image", channels=self.dim)
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.mpvit import InvResBlock
 
         return InvResBlock(**self.fields(), **ctx.dd)

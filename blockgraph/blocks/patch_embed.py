@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import PositiveFloat, PositiveInt
 
@@ -11,9 +11,6 @@ from blockgraph.blocks.base import BuildContext
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @register
@@ -44,7 +41,7 @@ class ConvPatchEmbedSpec(BlockSpec):
             return TensorType.tokens(self.dim, h, w)
         return TensorType.image(self.dim, h, w)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.patch_embed import ConvPatchEmbed
 
         return ConvPatchEmbed(x.channels, **self.fields(), **ctx.dd)

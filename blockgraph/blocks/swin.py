@@ -4,7 +4,7 @@ the -100 attention mask on alternating blocks, and patch merging at the start of
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -13,11 +13,6 @@ from blockgraph.blocks.base import BuildContext, Rate, TransformerFields
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
-
-# --------------------------------------------------------------------------------------------------- the block
 
 
 @register
@@ -61,7 +56,7 @@ class SwinBlockSpec(TransformerFields):
             )
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.swin import SwinBlock
 
         h, w = (ctx.at_input_size(size) for size in x.grid)  # the map at the spec's input: its mask is made now
@@ -70,9 +65,6 @@ class SwinBlockSpec(TransformerFields):
     def params(self, x: TensorType) -> int:
         table = (2 * self.window - 1) ** 2 * self.heads  # the relative position bias
         return count.transformer_block(self.dim, int(self.dim * self.mlp_ratio), self.qkv_bias) + table
-
-
-# --------------------------------------------------------------------------------------------- patch merging
 
 
 @register
@@ -94,7 +86,7 @@ class PatchMergingSpec(BlockSpec):
         h, w = ((size + 1) // 2 for size in x.grid)
         return TensorType.tokens(self.dim_out or 2 * self.dim, h, w)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.swin import PatchMerging
 
         return PatchMerging(**self.fields("dim_out"), dim_out=self.dim_out or 2 * self.dim, **ctx.dd)

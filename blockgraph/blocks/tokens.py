@@ -5,7 +5,7 @@ Token order is row-major (token ``n = y * w + x``); extra tokens (cls) come firs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 
@@ -13,9 +13,6 @@ from blockgraph.blocks.base import BuildContext
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 @register
@@ -36,7 +33,7 @@ class InsertClsTokenSpec(BlockSpec):
             ctx.fail(f"`at: {self.at}` is past the {x.extra} extra token(s) already there", field="at")
         return x.with_(extra=x.extra + 1)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.tokens import InsertClsToken
 
         return InsertClsToken(**self.fields(), **ctx.dd)
@@ -57,7 +54,7 @@ class RemoveClsTokenSpec(BlockSpec):
             ctx.fail("the tokens carry no cls token to remove", field="op", hint="delete this block")
         return x.with_(extra=0)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.tokens import RemoveClsToken
 
         return RemoveClsToken(x.extra)
@@ -79,7 +76,7 @@ class TokensToMapSpec(BlockSpec):
         ctx.expect(x, layout="tokens", extra=None if self.drop_extra else 0)
         return TensorType.image(x.channels, *x.grid)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.tokens import TokensToMap
 
         return TokensToMap(x.extra if self.drop_extra else 0)
@@ -98,7 +95,7 @@ class MapToTokensSpec(BlockSpec):
         ctx.expect(x, layout="image")
         return TensorType.tokens(x.channels, *x.grid)
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.tokens import MapToTokens
 
         return MapToTokens()

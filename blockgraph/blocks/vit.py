@@ -3,7 +3,7 @@ distillation head (Touvron et al., "Training data-efficient image transformers",
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -12,11 +12,6 @@ from blockgraph.blocks.base import BuildContext, Rate, TransformerFields
 from blockgraph.graph.infer import InferContext
 from blockgraph.spec.schema import BlockSpec, register
 from blockgraph.types import Constraint, TensorType
-
-if TYPE_CHECKING:
-    from torch import nn
-
-# ------------------------------------------------------------------------------------------- position embedding
 
 
 @register
@@ -55,16 +50,13 @@ class PosEmbedSpec(BlockSpec):
                 )
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.vit import PosEmbed
 
         return PosEmbed(extra=x.extra, **self.fields(), **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return (x.extra + self.grid[0] * self.grid[1]) * self.dim
-
-
-# ------------------------------------------------------------------------------------------------------- block
 
 
 @register
@@ -82,16 +74,13 @@ class VitBlockSpec(TransformerFields):
         self.check_heads(ctx)
         return x
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.vit import VitBlock
 
         return VitBlock(**self.fields(), keep=ctx.keep_tokens, **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return count.transformer_block(self.dim, int(self.dim * self.mlp_ratio), self.qkv_bias)
-
-
-# --------------------------------------------------------------------------------------------- distilled head
 
 
 @register
@@ -127,7 +116,7 @@ class DistilledHeadSpec(BlockSpec):
     def reads_tokens(self, x: TensorType) -> int:
         return 2  # cls and dist
 
-    def build(self, ctx: BuildContext, x: TensorType) -> nn.Module:
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.vit import DistilledHead
 
         return DistilledHead(**self.fields(), **ctx.dd)

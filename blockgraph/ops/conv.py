@@ -1,16 +1,5 @@
-"""Convolution ops: Conv-BN(-activation), depthwise convolutions of maps viewed from tokens, and depthwise
-convolutions over channel groups merged into one.
-
-- :func:`conv_bn`: in eager inference (:func:`~blockgraph.ops.kernel.eager_inference`) with the BatchNorm in eval
-  mode (an affine map per channel), one convolution whose weight and bias have the BatchNorm folded in, the
-  activation (and a residual add) in place. The folded pair is kept on the convolution and made again whenever any
-  of the six tensors changes (version counter or storage), so an optimizer step, ``load_state_dict`` or ``.to()``
-  is always seen. On the CPU the folded weight is channels-last: oneDNN's convolutions then skip the layout
-  reorders of every input and output, and the maps that follow stay channels-last.
-- :func:`depthwise_conv2d`: its weight viewed channels-last for a map whose channels are innermost, so that oneDNN
-  never copies the map to NCHW (which it did at batch 1, eagerly and compiled).
-- :func:`merge_depthwise`: depthwise convolutions over consecutive channel groups (CoaT's CRPE windows) as one.
-"""
+"""Convolution ops: Conv-BN(-activation) folded for inference, depthwise convolutions over channel groups merged
+into one, and a depthwise convolution of a map viewed from tokens."""
 
 from __future__ import annotations
 
@@ -30,9 +19,14 @@ def conv_bn(
     act: nn.Module | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """``residual + act(bn(conv(x)))`` (``act`` and ``residual`` optional): folded into one convolution in eager
-    inference with ``bn`` in eval mode (see the module docstring), else the layers themselves. A BatchNorm without
-    running statistics (it normalizes by the batch even in eval) or padding other than zeros runs the layers."""
+    """``residual + act(bn(conv(x)))`` (``act`` and ``residual`` optional).
+
+    In eager inference (:func:`~blockgraph.ops.kernel.eager_inference`) with ``bn`` in eval mode (an affine map per
+    channel): one convolution whose weight and bias have the BatchNorm folded in (:func:`folded`), the activation and
+    the add in place. On the CPU the folded weight is channels-last: oneDNN then skips the layout reorders of every
+    input and output, and the maps that follow stay channels-last. Otherwise, and for a BatchNorm without running
+    statistics (it normalizes by the batch even in eval) or padding other than zeros: the layers themselves.
+    """
     fast = eager_inference(x)
     if fast and not bn.training and bn.running_mean is not None and conv.padding_mode == "zeros":
         weight, bias = folded(conv, bn, channels_last=x.device.type == "cpu")
@@ -47,12 +41,15 @@ def conv_bn(
 
 
 def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """``conv``'s weight and bias with the eval-mode ``bn`` folded in (cached on ``conv`` until a tensor changes).
+    """``conv``'s weight and bias with the eval-mode ``bn`` folded in, cached on ``conv`` and made again whenever one
+    of the tensors changes (version counter or storage: an optimizer step, ``load_state_dict``, ``.to()``; a training
+    forward updates the running statistics without a new version, but counts itself in ``num_batches_tracked``).
 
     ``bn(conv(x)) = conv(x) * s + (beta - mean * s)`` with ``s = gamma / sqrt(var + eps)``, so the weight's output
     channel ``o`` scales by ``s[o]`` and the bias is ``(b - mean) * s + beta``.
     """
-    key = (stamp(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps, channels_last)
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    key = (stamp(*tensors), bn.eps, channels_last)
     return remember(conv, "_blockgraph_folded", key, lambda: _fold(conv, bn, channels_last))
 
 

@@ -83,6 +83,9 @@ def test_the_folded_weights_follow_every_change_of_the_layers() -> None:
     check()
     bn.eps = 0.1
     check()
+    bn.train()(conv(x))  # a training forward: new running statistics (their version counters do not move)
+    bn.eval()
+    check()
     assert "_blockgraph_folded" not in conv.state_dict() and "_blockgraph_folded" not in dict(conv.named_buffers())
 
 
