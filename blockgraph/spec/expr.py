@@ -124,7 +124,7 @@ def evaluate(expression: str, scope: Mapping[str, Any], *, base_offset: int = 0)
         parsed = _parse(expression)
     except ExprError as e:
         raise e.shifted(base_offset) from None
-    return _Evaluator(parsed, scope, base_offset).run()
+    return _Evaluator(parsed, scope, base_offset).visit(parsed.tree)
 
 
 def interpolate(text: str, scope: Mapping[str, Any]) -> Any:
@@ -332,10 +332,6 @@ class _Parsed:
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _line_starts(text: str) -> tuple[int, ...]:
-    return (0, *(m.end() for m in _NEWLINE.finditer(text)))
-
-
 @lru_cache(maxsize=2048)
 def _parse(expression: str) -> _Parsed:
     """Parse and check the shape of an expression; errors have offsets relative to ``expression``."""
@@ -350,7 +346,7 @@ def _parse(expression: str) -> _Parsed:
     lead = len(expression) - len(text)
     if not text.strip():
         raise ExprError("empty expression", lead, 1, hint="write an expression inside '${...}', e.g. '${dims[0]}'")
-    starts = _line_starts(text)
+    starts = (0, *(m.end() for m in _NEWLINE.finditer(text)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. invalid escape sequences in string literals
@@ -634,17 +630,10 @@ class _Evaluator:
         self.steps = 0
         self.iterations = 0
 
-    def run(self) -> Any:
-        return self.visit(self.parsed.tree)
-
     # -- errors, budgets -----------------------------------------------------------------------------------------
 
     def error(self, message: str, node: _Node, hint: str | None = None, last: _Node | None = None) -> ExprError:
         offset, length = self.parsed.span(node, last)
-        return ExprError(message, self.base + offset, length, hint)
-
-    def at(self, message: str, offset: int, length: int, hint: str | None = None) -> ExprError:
-        """An error at ``offset`` (an offset in the expression)."""
         return ExprError(message, self.base + offset, length, hint)
 
     def spend(self, steps: int) -> None:
@@ -761,8 +750,8 @@ class _Evaluator:
             where = self.parsed.text[left_start + left_length - lead : right_start - lead].find(symbol)
             if where < 0:
                 raise self.not_allowed(node, f"operator '{symbol}'")
-            start = left_start + left_length + where
-            raise self.at(f"operator '{symbol}' is not allowed in expressions", start, len(symbol), _ALLOWED)
+            start = self.base + left_start + left_length + where
+            raise ExprError(f"operator '{symbol}' is not allowed in expressions", start, len(symbol), _ALLOWED)
         left = self.visit(node.left)
         right = self.visit(node.right)
         return self.check_number(_ARITHMETIC[op](self, node, left, right), node)
