@@ -147,14 +147,10 @@ def interpolate(text: str, scope: Mapping[str, Any]) -> Any:
     pieces = _split(text)
     if len(pieces) == 1 and isinstance(pieces[0], _Embedded):
         return evaluate(pieces[0].source, scope, base_offset=pieces[0].start)
-    parts: list[str] = []
-    for piece in pieces:
-        if isinstance(piece, str):
-            parts.append(piece)
-            continue
-        value = evaluate(piece.source, scope, base_offset=piece.start)
-        parts.append(_to_text(value, piece))
-    return "".join(parts)
+    return "".join(
+        piece if isinstance(piece, str) else _to_text(evaluate(piece.source, scope, base_offset=piece.start), piece)
+        for piece in pieces
+    )
 
 
 def has_expressions(text: str) -> bool:
