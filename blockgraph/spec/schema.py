@@ -197,7 +197,12 @@ class BlockSpec(SpecModel):
 
     @classmethod
     def op_name(cls) -> str:
-        return _literal_op(cls)
+        """The op this class is registered under: the one value of its ``op: Literal[...]``."""
+        annotation = cls.model_fields["op"].annotation
+        values = get_args(annotation) if get_origin(annotation) is Literal else ()
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise TypeError(f"{cls.__name__}.op must be annotated Literal['op_name'] (one string)")
+        return values[0]
 
     def fields(self, *exclude: str) -> dict[str, Any]:
         """The block's parameters by name (not ``op``, ``name``, ``from``, references to shared modules, nor
@@ -216,21 +221,13 @@ class BlockSpec(SpecModel):
         return out
 
 
-def _literal_op(cls: type[BlockSpec]) -> str:
-    annotation = cls.model_fields["op"].annotation
-    values = get_args(annotation) if get_origin(annotation) is Literal else ()
-    if len(values) != 1 or not isinstance(values[0], str):
-        raise TypeError(f"{cls.__name__}.op must be annotated Literal['op_name'] (one string)")
-    return values[0]
-
-
 _REGISTRY: dict[str, type[BlockSpec]] = {}
 _CACHE: dict[str, Any] = {}
 
 
 def register(cls: type[BlockSpec]) -> type[BlockSpec]:
     """Class decorator: make a block type usable from specs under its ``op`` name."""
-    op = _literal_op(cls)
+    op = cls.op_name()
     if not re.fullmatch(r"[a-z][a-z0-9_]*", op):
         raise TypeError(f"op name {op!r} must be snake_case")
     existing = _REGISTRY.get(op)
