@@ -213,12 +213,9 @@ class BlockSpec(SpecModel):
     @classmethod
     def shared_fields(cls) -> dict[str, Shared]:
         """The fields that name shared modules, with the ops each accepts."""
-        out = {}
-        for name, info in cls.model_fields.items():
-            for meta in info.metadata:
-                if isinstance(meta, Shared):
-                    out[name] = meta
-        return out
+        return {
+            name: meta for name, info in cls.model_fields.items() for meta in info.metadata if isinstance(meta, Shared)
+        }
 
 
 _REGISTRY: dict[str, type[BlockSpec]] = {}
