@@ -424,7 +424,6 @@ def parse(expanded: Expanded) -> ParsedSpec:
 
 
 _FIXED: dict[tuple[str, ...], type[BaseModel]] = {
-    (): ModelBase,
     ("input",): InputSpec,
     ("twin",): TwinSpec,
 }
@@ -452,8 +451,7 @@ def _model_at(data: Any, path: Sequence[Any]) -> type[BaseModel] | None:
     if len(shape) == 2 and shape[0] == "stages":
         return model_types()[1]
     if len(shape) == 4 and shape[0] == "stages" and shape[2] == "paths":
-        model_types()
-        return _CACHE["path"]
+        return path_type()
     if len(shape) == 2 and shape[0] in ("outputs", "features"):
         return OutputSpec
     if shape == ():
