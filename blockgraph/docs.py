@@ -19,7 +19,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from blockgraph.spec import expr
 from blockgraph.spec.plugins import registry
@@ -166,12 +165,7 @@ def type_text(annotation: Any, metadata: list[Any] | tuple[Any, ...] = ()) -> st
 def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
-    if info.default_factory is not None:
-        value = info.default_factory()  # type: ignore[call-arg]
-    else:
-        value = info.default
-    if value is PydanticUndefined:
-        return "required"
+    value = info.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json", by_alias=True)
     return f"`{json.dumps(value, ensure_ascii=False)}`"
