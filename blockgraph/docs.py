@@ -152,14 +152,11 @@ def type_text(annotation: Any, metadata: list[Any] | tuple[Any, ...] = ()) -> st
         return f"mapping {type_text(key)} → {type_text(value)}"
     if annotation is str:
         return _string_kind(list(metadata))
-    for kind, name in ((bool, "bool"), (int, "int"), (float, "float")):
-        if annotation is kind:
-            return name + suffix
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
         return f"[{annotation.__name__}](#{annotation.__name__.lower()})"
     if annotation is Any:
         return "any"
-    return getattr(annotation, "__name__", str(annotation)) + suffix
+    return getattr(annotation, "__name__", str(annotation)) + suffix  # int > 0, float, bool, ...
 
 
 def _default(info: FieldInfo) -> str:
