@@ -337,8 +337,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     """
     g = Graph(parsed)
     spec = parsed.model
-    for name, path in [(spec.input.name, ("input",))]:
-        g._add(Node(name, None, path, index=0, meta={}))
+    g._add(Node(spec.input.name, None, ("input",), index=0))
 
     # 1. Shared modules: global ones by their name, stage ones as `stage.name`.
     def add_shared(scope: str | None, table: dict[str, BlockSpec], base: Path) -> None:
