@@ -199,9 +199,8 @@ class Graph:
         self._g.add_edge(src, dst, key=port, port=port, out=out)
         self._order = None
 
-    def _resolve(self, ref: str, scopes: tuple[str, ...] | str | None) -> tuple[str, str | None] | None:
+    def _resolve(self, ref: str, scopes: tuple[str, ...]) -> tuple[str, str | None] | None:
         """A ``from:`` reference → (node, output port); local names are tried in the innermost scope first."""
-        scopes = (scopes,) if isinstance(scopes, str) else (scopes or ())
         candidates = [f"{scope}.{ref}" for scope in scopes] + [ref]
         for name in candidates:
             if name in self.nodes:
@@ -458,7 +457,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     for table, attr in ((spec.output_specs(), "outputs"), (spec.features, "features")):
         for key, out in table.items():
             path = (attr, key)
-            found = g._resolve(out.from_, None)
+            found = g._resolve(out.from_, ())
             if found is None:
                 g._errors.append(g._reference_error(out.from_, path + ("from",), None, ()))
                 continue
