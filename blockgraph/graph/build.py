@@ -415,11 +415,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 else:
                     sources.append(found)
         arity = type(block).arity
-        if refs is None or len(sources) == len(refs):
-            count = len(sources)
-        else:
-            count = arity  # errors already reported
-        if arity is not None and count != arity:
+        complete = refs is None or len(sources) == len(refs)  # else the missing references are reported already
+        if arity is not None and complete and len(sources) != arity:
             hint = f"name {arity} input{'s' if arity != 1 else ''} with `from: [...]`"
             several = next((src for src, out in sources if out is not None), None) if refs is None else None
             if several is not None:
