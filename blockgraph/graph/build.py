@@ -162,19 +162,17 @@ class Graph:
         if not targets:
             return []
         used = self.ancestors(targets)
-        warnings: list[BlockgraphError] = []
-        for name, node in self.nodes.items():
-            if name not in used and not node.is_input:
-                warnings.append(
-                    GraphError(
-                        "this block's output reaches no model output",
-                        pos=self.pos(node.path),
-                        node=name,
-                        hint="use it as a `from:` of another block or name it under `outputs:`/`features:`",
-                        warning=True,
-                    )
-                )
-        return warnings
+        return [
+            GraphError(
+                "this block's output reaches no model output",
+                pos=self.pos(node.path),
+                node=name,
+                hint="use it as a `from:` of another block or name it under `outputs:`/`features:`",
+                warning=True,
+            )
+            for name, node in self.nodes.items()
+            if name not in used and not node.is_input
+        ]
 
     # ----------------------------------------------------------------------------------------------- building
 
