@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -280,27 +281,9 @@ class _Variables(Mapping[str, Any]):
         return name in self.defs
 
 
-class _Bound(Mapping[str, Any]):
-    """Loop bindings layered over an outer scope."""
-
-    def __init__(self, bindings: dict[str, Any], outer: Mapping[str, Any]):
-        self.bindings = bindings
-        self.outer = outer
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self.bindings:
-            return self.bindings[name]
-        return self.outer[name]
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.bindings
-        yield from (k for k in self.outer if k not in self.bindings)
-
-    def __len__(self) -> int:
-        return len(set(self.bindings) | set(self.outer))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.bindings or name in self.outer
+def _bound(bindings: dict[str, Any], outer: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Loop bindings layered over an outer scope (which is only read: its variables evaluate when looked up)."""
+    return ChainMap(bindings, outer)  # type: ignore[arg-type]  (typeshed wants mutable maps; nothing writes)
 
 
 # ---------------------------------------------------------------------------------------------------------- expander
@@ -354,7 +337,7 @@ class _Expander:
         is_blocks = bool(path) and path[-1] == "blocks"
         for item in node.value:
             for bindings, via in self._template(item, scope):
-                inner = _Bound(bindings, scope) if bindings else scope
+                inner = _bound(bindings, scope) if bindings else scope
                 body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if via else item
                 if body.is_map and "if" in body.value:
                     guard = body.value["if"]
@@ -413,7 +396,7 @@ class _Expander:
         for rep in range(depth):
             self._count(depth_node.pos)
             item_path = path + (start + rep,)
-            inner = _Bound({REP: rep}, scope)
+            inner = _bound({REP: rep}, scope)
             # `from:` wires the first repetition; each later one reads the one before it.
             fields = {k: v for k, v in body.value.items() if k != "depth" and (rep == 0 or k != "from")}
             outer, self.collect = self.collect, []
