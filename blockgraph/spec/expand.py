@@ -59,19 +59,17 @@ class SourceMap:
 
     def value(self, path: Path) -> Pos:
         """The position of the value at ``path``, or of its nearest ancestor that has one."""
-        return self._nearest(self.values, tuple(path))
+        path = tuple(path)
+        while path:
+            if path in self.values:
+                return self.values[path]
+            path = path[:-1]
+        return self.values.get((), Pos(self.file))
 
     def key(self, path: Path) -> Pos:
         """The position of the key that names ``path`` (falls back to the value's position)."""
         path = tuple(path)
         return self.keys.get(path) or self.value(path)
-
-    def _nearest(self, table: dict[Path, Pos], path: Path) -> Pos:
-        while path:
-            if path in table:
-                return table[path]
-            path = path[:-1]
-        return table.get((), Pos(self.file))
 
     def resolve(self, loc: tuple[Any, ...]) -> Path:
         """Map a location as pydantic reports it onto a path of this map, skipping what the data has no trace of
