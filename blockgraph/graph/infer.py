@@ -109,11 +109,7 @@ class Inference:
 
     def inputs(self, node: str) -> list[TensorType]:
         """The types a node receives, in ``from`` order (a port's type where an edge reads one)."""
-        out = []
-        for edge in self.graph.in_edges(node):
-            value: Any = self.types[edge.src]
-            out.append(value[edge.out] if edge.out is not None else value)
-        return out
+        return [_port(self.graph, edge, self.types[edge.src]) for edge in self.graph.in_edges(node)]
 
 
 class InferContext:
@@ -291,12 +287,7 @@ def infer(graph: Graph) -> Inference:
             types[node.name] = TensorType.image(spec.input.channels, h, w)
             node.meta["type"] = types[node.name]
             continue
-        inputs = []
-        for edge in graph.in_edges(node.name):
-            value: Any = types[edge.src]
-            if edge.out is not None:
-                value = _port(graph, edge, value)
-            inputs.append(value)
+        inputs = [_port(graph, edge, types[edge.src]) for edge in graph.in_edges(node.name)]
         ctx = InferContext(graph, node, sink)
         with custom_code(node.spec, node.name, ctx.pos(), "its shape rule"):  # type: ignore[arg-type]
             result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
@@ -313,6 +304,9 @@ def infer(graph: Graph) -> Inference:
 
 
 def _port(graph: Graph, edge: Any, value: Any) -> TensorType:
+    """What ``edge`` reads of its source's ``value``: all of it, or the output port it names."""
+    if edge.out is None:
+        return value
     if isinstance(value, Mapping) and edge.out in value:
         return value[edge.out]
     src = graph.nodes[edge.src]
