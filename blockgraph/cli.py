@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -282,12 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # noqa: BLE001 - the one place that turns bugs into a one-line report
-        where = ""
-        tb = e.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if tb is not None:
-            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+        frames = traceback.extract_tb(e.__traceback__)  # the last one raised
+        where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
         print(
             f"internal error: {type(e).__name__}: {e}{where} (this is a bug in blockgraph; please report it, "
             "with the spec; BLOCKGRAPH_DEBUG=1 shows the traceback)",
