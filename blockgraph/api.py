@@ -217,11 +217,7 @@ def _feature_names(
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the reference specs (one file per named model in ``specs/``) matching a glob pattern."""
-    names = []
-    for path in sorted(SPEC_DIR.glob("*.yaml")):
-        if fnmatch.fnmatch(path.stem, pattern):
-            names.append(path.stem)
-    return names
+    return [path.stem for path in sorted(SPEC_DIR.glob("*.yaml")) if fnmatch.fnmatch(path.stem, pattern)]
 
 
 def spec_path(name: str) -> Path:
