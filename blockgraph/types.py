@@ -583,14 +583,11 @@ class Constraint:
             return lambda v: f(v) == value
         return lambda v: f(v) % value == 0
 
+    def __str__(self) -> str:
+        return self.to_python()
+
     def to_python(self, names: Mapping[str, str] | None = None) -> str:
         """A Python boolean expression for the constraint, symbols renamed by ``names``."""
-        return self._text(names or {})
-
-    def __str__(self) -> str:
-        return self._text(None)
-
-    def _text(self, names: Mapping[str, str] | None) -> str:
         e = self.expr
         if self.kind == "divisible":
             return f"{_paren(e, names)} % {self.value} == 0"
