@@ -891,11 +891,10 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
     end = max(bound, 1) if bound is not None else start + period  # scan [1, end)
     if end - 1 > upper + slack or (end - 1) * len(constraints) > budget:
         return _inexact(constraints, upper)
-    accepted = [False] + [True] * (end - 1)
+    accepted = [False] + [True] * (end - 1)  # by size: 0 is never accepted, and "and" keeps it so
     for c in constraints:
         holds = c._predicate
         accepted = [a and holds(v) for v, a in enumerate(accepted)]
-    accepted[0] = False
     if bound is not None:
         finite = frozenset(v for v in range(1, end) if accepted[v])
         return SizeSet(minimum=min(finite, default=None), finite=finite, constraints=constraints, upper=upper)
