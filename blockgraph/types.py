@@ -209,8 +209,7 @@ class Expr:
             coefficients[atom] = coefficients.get(atom, 0) + c
         return _build(coefficients, self.constant + o.constant)
 
-    def __radd__(self, other: int) -> Expr:
-        return self.__add__(other)
+    __radd__ = __add__
 
     def __neg__(self) -> Expr:
         return Expr(tuple((a, -c) for a, c in self.terms), -self.constant)
@@ -246,8 +245,7 @@ class Expr:
             return Expr()
         return Expr(tuple((a, c * k) for a, c in self.terms), self.constant * k)
 
-    def __rmul__(self, other: int) -> Expr:
-        return self.__mul__(other)
+    __rmul__ = __mul__
 
     def __floordiv__(self, other: Expr | int) -> Expr:
         return _floor(self, _divisor(self, other, "//"))
