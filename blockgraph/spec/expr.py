@@ -187,8 +187,6 @@ def _names_used(expression_or_text: str, template: bool) -> frozenset[str]:
     if not template:
         return frozenset(_free_names(_parse(expression_or_text).tree))
     names: set[str] = set()
-    if "${" not in expression_or_text:
-        return frozenset()
     for piece in _split(expression_or_text):
         if isinstance(piece, _Embedded):
             try:
