@@ -490,24 +490,14 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
             out.append(SpecError(f"unknown op '{tag}'", pos=source.value(path + ("op",)), hint=hint))
         elif kind == "union_tag_not_found":
-            out.append(
-                SpecError(
-                    f"this block has no `op:`{where}",
-                    pos=source.value(path),
-                    hint=f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`",
-                )
-            )
+            hint = f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`"
+            out.append(SpecError(f"this block has no `op:`{where}", pos=source.value(path), hint=hint))
         elif kind == "missing":
-            owner = _model_at(data, path)
-            op = f" (op '{_op_at(data, path)}')" if _op_at(data, path) else ""
+            owner, op = _model_at(data, path), _op_at(data, path)
             description = _field_doc(owner, str(key)) if owner else None
-            out.append(
-                SpecError(
-                    f"missing required key '{key}'{op}{where}",
-                    pos=source.value(path),
-                    hint=f"add `{key}: ...`" + (f" ({description})" if description else ""),
-                )
-            )
+            hint = f"add `{key}: ...`" + (f" ({description})" if description else "")
+            of_op = f" (op '{op}')" if op else ""
+            out.append(SpecError(f"missing required key '{key}'{of_op}{where}", pos=source.value(path), hint=hint))
         else:
             value = item.get("input")
             shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
