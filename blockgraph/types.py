@@ -823,14 +823,8 @@ class Acceptance:
             near = (self.sizes[symbol].nearest(v)[1] for v in pool)
             candidates.append(sorted(set(first) | {v for v in near if v is not None}))
         combos = sorted(itertools.product(*candidates), key=lambda vs: (max(vs) - min(vs), max(vs), vs))
-        found: list[tuple[int, ...]] = []
-        for values in combos:
-            env = dict(zip(self.symbols, values, strict=True))
-            if all(c.holds(env) for c in self.coupled):
-                found.append(values)
-                if len(found) == n:
-                    break
-        return found
+        fitting = (vs for vs in combos if all(c.holds(dict(zip(self.symbols, vs, strict=True))) for c in self.coupled))
+        return list(itertools.islice(fitting, n))
 
 
 def solve(constraints: Iterable[Constraint], symbols: Sequence[str] = ("H", "W"), *, upper: int = 65536) -> Acceptance:
