@@ -68,6 +68,11 @@ class Sym:
 
     name: str
 
+    @property
+    def _key(self) -> tuple[Any, ...]:
+        """Sort key of an atom: symbols by name first, then floors (by inner expression, then divisor)."""
+        return (0, self.name)
+
     def __str__(self) -> str:
         return self.name
 
@@ -95,16 +100,9 @@ Atom: TypeAlias = Sym | Floor
 """A non-constant building block of an :class:`Expr`."""
 
 
-def _atom_key(atom: Atom) -> tuple[Any, ...]:
-    """Sort key of an atom: symbols by name first, then floors (by inner expression, then divisor)."""
-    if isinstance(atom, Sym):
-        return (0, atom.name)
-    return atom._key
-
-
 def _build(coefficients: Mapping[Atom, int], constant: int) -> Expr:
     """The canonical :class:`Expr` ``sum(c * atom) + constant`` (zero coefficients dropped, atoms sorted)."""
-    terms = tuple(sorted(((a, c) for a, c in coefficients.items() if c), key=lambda t: _atom_key(t[0])))
+    terms = tuple(sorted(((a, c) for a, c in coefficients.items() if c), key=lambda t: t[0]._key))
     return Expr(terms, constant)
 
 
@@ -142,7 +140,7 @@ class Expr:
 
     @cached_property
     def _key(self) -> tuple[Any, ...]:
-        return (tuple((_atom_key(a), c) for a, c in self.terms), self.constant)
+        return (tuple((a._key, c) for a, c in self.terms), self.constant)
 
     @cached_property
     def _hash(self) -> int:
