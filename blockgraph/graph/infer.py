@@ -14,7 +14,6 @@ from typing import Any, Literal, NoReturn
 
 from blockgraph.errors import BlockgraphError, Pos, ShapeError, raise_all
 from blockgraph.graph.build import Graph, Node
-from blockgraph.spec.expand import Path
 from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import BlockSpec
 from blockgraph.types import Acceptance, Constraint, Expr, TensorType, solve
@@ -120,16 +119,15 @@ class InferContext:
         self.node = node
         self.spec: BlockSpec = node.spec  # type: ignore[assignment]
         self._sink = sink
-        self._path: Path = node.path
         self._label = node.name if owner is None else owner
 
     # -- positions
 
     def pos(self, field_name: str | None = None) -> Pos:
         """The position of one of the block's fields (or of the block)."""
-        path = self._path + ((field_name,) if field_name else ())
+        path = self.node.path + ((field_name,) if field_name else ())
         if field_name and path not in self.graph.source.values:
-            path = self._path + ("op",)
+            path = self.node.path + ("op",)
         return self.graph.pos(path)
 
     # -- failing
