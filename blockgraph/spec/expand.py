@@ -295,11 +295,10 @@ class _Expander:
         self.collect: list[Path] | None = None
         """While a repetition is evaluated: the paths it records (to note the repetition on their positions)."""
 
-    def record(self, path: Path, node: Node, via: Pos | None = None, label: str = "") -> None:
-        pos = node.pos.through(via, label) if via is not None else node.pos
+    def record(self, path: Path, node: Node) -> None:
         if path not in self.source.values and self.collect is not None:
             self.collect.append(path)
-        self.source.values.setdefault(path, pos)
+        self.source.values.setdefault(path, node.pos)
         if node.key_pos is not None:
             self.source.keys.setdefault(path, node.key_pos)
 
