@@ -333,9 +333,9 @@ class _Expander:
         out: list[Any] = []
         is_blocks = bool(path) and path[-1] == "blocks"
         for item in node.value:
-            for bindings, via in self._template(item, scope):
+            for bindings in self._template(item, scope):  # a template's bindings are never empty
                 inner = _bound(bindings, scope) if bindings else scope
-                body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if via else item
+                body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if bindings else item
                 if body.is_map and "if" in body.value:
                     guard = body.value["if"]
                     keep = self.evaluate(guard, inner, (), record=False)
@@ -351,14 +351,13 @@ class _Expander:
                     out.append(self.evaluate(body, inner, path + (len(out),), record=record))
         return out
 
-    def _template(self, item: Node, scope: Mapping[str, Any]) -> list[tuple[dict[str, Any], Pos | None]]:
-        loop = item.get("for") if item.is_map else None
+    def _template(self, item: Node, scope: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The bindings of each repetition of a list item: one empty set for an item without ``for:``."""
+        loop = item.get("for")
         if loop is None:
-            return [({}, None)]
+            return [{}]
         if not loop.is_map or not loop.value:
-            raise SpecError(
-                "`for:` takes a mapping of names to lists, e.g. `for: {i: [0, 1, 2, 3]}`", pos=loop.pos, hint=None
-            )
+            raise SpecError("`for:` takes a mapping of names to lists, e.g. `for: {i: [0, 1, 2, 3]}`", pos=loop.pos)
         columns: dict[str, list[Any]] = {}
         for name, values in loop.value.items():
             if not isinstance(name, str) or not name.isidentifier():
@@ -375,7 +374,7 @@ class _Expander:
                 hint="the lists are zipped; give them the same length",
             )
         n = lengths.pop()
-        return [({k: v[i] for k, v in columns.items()}, loop.pos) for i in range(n)]
+        return [{k: v[i] for k, v in columns.items()} for i in range(n)]
 
     def _repeat(self, body: Node, scope: Mapping[str, Any], path: Path, start: int, record: bool) -> list[Any]:
         depth_node = body.value["depth"]
