@@ -906,25 +906,9 @@ def _min(a: int | None, b: int) -> int:
 
 
 def _minimal_period(bits: list[bool]) -> int:
-    """The smallest period of the cyclic sequence ``bits`` (a divisor of its length)."""
-    p = len(bits)
-    for f in _prime_factors(p):
-        while p % f == 0 and bits[p // f :] == bits[: -(p // f)]:
-            p //= f
-    return p
-
-
-def _prime_factors(n: int) -> list[int]:
-    factors, f = [], 2
-    while f * f <= n:
-        if n % f == 0:
-            factors.append(f)
-            while n % f == 0:
-                n //= f
-        f += 1
-    if n > 1:
-        factors.append(n)
-    return factors
+    """The smallest period of the cyclic sequence ``bits``: the first divisor of its length it repeats with."""
+    n = len(bits)
+    return next(p for p in range(1, n + 1) if n % p == 0 and bits[p:] == bits[: n - p])
 
 
 def _inexact(constraints: tuple[Constraint, ...], upper: int) -> SizeSet:
