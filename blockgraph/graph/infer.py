@@ -71,11 +71,8 @@ class Inference:
         for items in failing.values():
             item = items[0]
             value = item.constraint.expr.evaluate(env)
-            others = (
-                f" (and {len(items) - 1} more block{'s' if len(items) > 2 else ''} from this line)"
-                if len(items) > 1
-                else ""
-            )
+            more = len(items) - 1
+            others = f" (and {more} more block{'s' if more > 1 else ''} from this line)" if more else ""
             errors.append(
                 ShapeError(
                     f"input {height}x{width}: {item.message} ({item.constraint} does not hold: "
