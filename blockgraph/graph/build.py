@@ -463,9 +463,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
         )
     for name in spec.default_outputs or []:
         if name not in g.outputs and name not in g.features:
-            g._errors.append(
-                GraphError(f"default output '{name}' is not declared", pos=g.pos(("default_outputs",)), node=None)
-            )
+            g._errors.append(GraphError(f"default output '{name}' is not declared", pos=g.pos(("default_outputs",))))
     for key, shared in g.shared.items():
         if not shared.users:
             g._errors.append(
