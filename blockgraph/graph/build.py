@@ -319,9 +319,7 @@ def _cycles(g: nx.MultiDiGraph) -> list[list[str]]:
             (only,) = component
             if not g.has_edge(only, only):
                 continue
-        start = min(component)
-        cycle = [u for u, _v, *_ in nx.find_cycle(g.subgraph(component), source=start)]
-        out.append(cycle)
+        out.append([u for u, *_ in nx.find_cycle(g.subgraph(component), source=min(component))])
     return sorted(out)
 
 
