@@ -913,11 +913,10 @@ def _minimal_period(bits: list[bool]) -> int:
 
 def _inexact(constraints: tuple[Constraint, ...], upper: int) -> SizeSet:
     """The fallback set: constraints kept as text, minimum found by a bounded scan."""
-    draft = SizeSet(minimum=None, constraints=constraints, exact=False, upper=upper)
     limit = min(upper, _MAX_EVALUATIONS // len(constraints))
     holds = [c._predicate for c in constraints]
     first = next((v for v in range(1, limit + 1) if all(h(v) for h in holds)), None)
-    return dataclasses.replace(draft, minimum=first)
+    return SizeSet(minimum=first, constraints=constraints, exact=False, upper=upper)
 
 
 # --------------------------------------------------------------------------------------------------------------------
