@@ -106,8 +106,7 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
             continue
         drawn.add(name)
         if node.is_input:
-            c = spec.input.channels
-            root.children.insert(0, Item(name, [name, "input", f"1x{c}x{h}x{w}"], "input"))
+            root.children.insert(0, Item(name, [name, "input", f"1x{spec.input.channels}x{h}x{w}"], "input"))
             continue
         scope = node.scopes[0] if node.scopes else ""
         local = name[len(scope) + 1 :] if scope else name
