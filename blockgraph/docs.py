@@ -75,6 +75,7 @@ def _cell(text: str) -> str:
 
 
 def _constraints(metadata: list[Any]) -> list[str]:
+    """A field's limits in words (``> 0``, ``at least 1``); a maximum length (of a name) is not worth one."""
     out = []
     for m in metadata:
         if isinstance(m, annotated_types.Gt):
@@ -87,8 +88,6 @@ def _constraints(metadata: list[Any]) -> list[str]:
             out.append(f"≤ {m.le}")
         elif isinstance(m, annotated_types.MinLen) and m.min_length > 0:
             out.append(f"at least {m.min_length}")
-        elif isinstance(m, annotated_types.MaxLen):
-            pass  # name lengths: not worth a word
         elif isinstance(m, FieldInfo):
             out.extend(_constraints(m.metadata))
     return out
