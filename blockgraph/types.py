@@ -282,12 +282,6 @@ class Expr:
             missing = sorted(self.symbols - set(env))
             raise ValueError(f"cannot evaluate {self}: no value for symbol {', '.join(map(repr, missing))}") from None
 
-    def _univariate(self, symbol: str) -> Callable[[int], int]:
-        """A fast function ``v -> self(symbol=v)`` for an expression in ``symbol`` only."""
-        if not self.symbols <= {symbol}:
-            raise ValueError(f"{self} depends on more than {symbol!r}")
-        return _compile(self, _identity_leaf)
-
     def substitute(self, mapping: Mapping[str, Expr | int]) -> Expr:
         """The expression with each symbol named in ``mapping`` replaced by its value (others stay), re-normalized."""
         result = Expr.const(self.constant)
@@ -868,7 +862,7 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
         if budget < 0:
             return _inexact(constraints, upper)
         slack = max(slack, p)
-        f, num, q = c.expr._univariate(symbol), slope.numerator, slope.denominator
+        f, num, q = _compile(c.expr, _identity_leaf), slope.numerator, slope.denominator  # v -> e(symbol=v)
         gs = [q * f(v) - num * v for v in range(p)]
         g_min, g_max = min(gs), max(gs)
         target = q * c.value
