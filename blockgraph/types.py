@@ -412,17 +412,11 @@ def _period_slope(e: Expr, symbol: str) -> tuple[int, Fraction]:
 
 
 def _env_leaf(name: str) -> Callable[[Any], int]:
-    def leaf(env: Any) -> int:
-        return int(env[name])
-
-    return leaf
+    return lambda env: int(env[name])
 
 
 def _identity_leaf(name: str) -> Callable[[Any], int]:
-    def leaf(v: Any) -> int:
-        return int(v)
-
-    return leaf
+    return int  # every symbol reads the one value given
 
 
 def _compile(e: Expr, leaf: Callable[[str], Callable[[Any], int]]) -> Callable[[Any], int]:
