@@ -9,7 +9,7 @@ knows about particular ops.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
 from blockgraph.errors import BlockgraphError, Pos, ShapeError, raise_all
@@ -250,10 +250,10 @@ class SharedCall:
 
     user: InferContext
     name: str
-    spec: BlockSpec = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.spec = self.user.graph.shared[self.name].spec
+    @property
+    def spec(self) -> BlockSpec:
+        return self.user.graph.shared[self.name].spec
 
     def infer(self, *inputs: TensorType) -> TensorType:
         shared = self.user.graph.shared[self.name]
