@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockgraph.compiler import budget
-from blockgraph.compiler.budget import DEFAULT_MAX_PARAMS
 from blockgraph.errors import BlockgraphError, Pos, SpecError, WeightsError
 from blockgraph.pipeline import Analysis, SpecLike, analyze
 from blockgraph.spec.schema import ModelBase
@@ -72,7 +71,7 @@ def validate(
     input_size: Sequence[int] | None = None,
     variant: str | None = None,
     overrides: Mapping[str, Any] | None = None,
-    max_params: float | None = DEFAULT_MAX_PARAMS,
+    max_params: float | None = budget.DEFAULT_MAX_PARAMS,
     max_activation_bytes: float | None = None,
     batch: int = 1,
 ) -> Report:
@@ -136,7 +135,7 @@ def build_model(
     outputs: Sequence[str] | None = None,
     device: Any = None,
     dtype: Any = None,
-    max_params: float | None = 2_000_000_000,
+    max_params: float | None = budget.DEFAULT_MAX_PARAMS,
 ) -> nn.Module:
     """Build the ``nn.Module`` a spec describes.
 
@@ -217,11 +216,7 @@ def _feature_names(
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the reference specs (one file per named model in ``specs/``) matching a glob pattern."""
-    names = []
-    for path in sorted(SPEC_DIR.glob("*.yaml")):
-        if fnmatch.fnmatch(path.stem, pattern):
-            names.append(path.stem)
-    return names
+    return [path.stem for path in sorted(SPEC_DIR.glob("*.yaml")) if fnmatch.fnmatch(path.stem, pattern)]
 
 
 def spec_path(name: str) -> Path:

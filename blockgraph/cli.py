@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,24 +104,20 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(data: bytes | str, out: str | None, binary: bool = False) -> None:
-    """Write ``data`` to ``out`` atomically, or to stdout."""
+def _emit(data: bytes | str, out: str | None) -> None:
+    """Write ``data`` to ``out`` atomically, or to stdout (bytes, a binary format, never to a terminal)."""
     if out:
         from blockgraph.files import write_atomic
 
         write_atomic(out, data)
     elif isinstance(data, str):
         sys.stdout.write(data)
+    elif getattr(sys.stdout, "buffer", None) is None or sys.stdout.isatty():
+        raise SpecError("binary output: write it to a file", pos=Pos("<command line>"), hint="add --out FILE")
     else:
-        buffer = getattr(sys.stdout, "buffer", None)
-        if binary and (buffer is None or sys.stdout.isatty()):
-            raise SpecError("binary output: write it to a file", pos=Pos("<command line>"), hint="add --out FILE")
-        if buffer is None:
-            sys.stdout.write(data.decode())
-        else:
-            sys.stdout.flush()
-            buffer.write(data)
-            buffer.flush()
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -134,7 +131,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         hw = (size[-2], size[-1])
         analysis.inference.check(*hw, channels=size[0] if len(size) == 3 else None)
     data = render(analysis.inference, args.format, hw, collapse=args.collapse)
-    _emit(data if args.format == "png" else data.decode(), args.out, binary=args.format == "png")
+    _emit(data if args.format == "png" else data.decode(), args.out)
     return 0
 
 
@@ -282,12 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # noqa: BLE001 - the one place that turns bugs into a one-line report
-        where = ""
-        tb = e.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if tb is not None:
-            where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+        frames = traceback.extract_tb(e.__traceback__)  # the last one raised
+        where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
         print(
             f"internal error: {type(e).__name__}: {e}{where} (this is a bug in blockgraph; please report it, "
             "with the spec; BLOCKGRAPH_DEBUG=1 shows the traceback)",

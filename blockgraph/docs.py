@@ -19,7 +19,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from blockgraph.spec import expr
 from blockgraph.spec.plugins import registry
@@ -76,6 +75,7 @@ def _cell(text: str) -> str:
 
 
 def _constraints(metadata: list[Any]) -> list[str]:
+    """A field's limits in words (``> 0``, ``at least 1``); a maximum length (of a name) is not worth one."""
     out = []
     for m in metadata:
         if isinstance(m, annotated_types.Gt):
@@ -88,8 +88,6 @@ def _constraints(metadata: list[Any]) -> list[str]:
             out.append(f"≤ {m.le}")
         elif isinstance(m, annotated_types.MinLen) and m.min_length > 0:
             out.append(f"at least {m.min_length}")
-        elif isinstance(m, annotated_types.MaxLen):
-            pass  # name lengths: not worth a word
         elif isinstance(m, FieldInfo):
             out.extend(_constraints(m.metadata))
     return out
@@ -153,25 +151,17 @@ def type_text(annotation: Any, metadata: list[Any] | tuple[Any, ...] = ()) -> st
         return f"mapping {type_text(key)} → {type_text(value)}"
     if annotation is str:
         return _string_kind(list(metadata))
-    for kind, name in ((bool, "bool"), (int, "int"), (float, "float")):
-        if annotation is kind:
-            return name + suffix
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
         return f"[{annotation.__name__}](#{annotation.__name__.lower()})"
     if annotation is Any:
         return "any"
-    return getattr(annotation, "__name__", str(annotation)) + suffix
+    return getattr(annotation, "__name__", str(annotation)) + suffix  # int > 0, float, bool, ...
 
 
 def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
-    if info.default_factory is not None:
-        value = info.default_factory()  # type: ignore[call-arg]
-    else:
-        value = info.default
-    if value is PydanticUndefined:
-        return "required"
+    value = info.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json", by_alias=True)
     return f"`{json.dumps(value, ensure_ascii=False)}`"

@@ -68,6 +68,11 @@ class Sym:
 
     name: str
 
+    @property
+    def _key(self) -> tuple[Any, ...]:
+        """Sort key of an atom: symbols by name first, then floors (by inner expression, then divisor)."""
+        return (0, self.name)
+
     def __str__(self) -> str:
         return self.name
 
@@ -95,16 +100,9 @@ Atom: TypeAlias = Sym | Floor
 """A non-constant building block of an :class:`Expr`."""
 
 
-def _atom_key(atom: Atom) -> tuple[Any, ...]:
-    """Sort key of an atom: symbols by name first, then floors (by inner expression, then divisor)."""
-    if isinstance(atom, Sym):
-        return (0, atom.name)
-    return atom._key
-
-
 def _build(coefficients: Mapping[Atom, int], constant: int) -> Expr:
     """The canonical :class:`Expr` ``sum(c * atom) + constant`` (zero coefficients dropped, atoms sorted)."""
-    terms = tuple(sorted(((a, c) for a, c in coefficients.items() if c), key=lambda t: _atom_key(t[0])))
+    terms = tuple(sorted(((a, c) for a, c in coefficients.items() if c), key=lambda t: t[0]._key))
     return Expr(terms, constant)
 
 
@@ -142,7 +140,7 @@ class Expr:
 
     @cached_property
     def _key(self) -> tuple[Any, ...]:
-        return (tuple((_atom_key(a), c) for a, c in self.terms), self.constant)
+        return (tuple((a._key, c) for a, c in self.terms), self.constant)
 
     @cached_property
     def _hash(self) -> int:
@@ -209,8 +207,7 @@ class Expr:
             coefficients[atom] = coefficients.get(atom, 0) + c
         return _build(coefficients, self.constant + o.constant)
 
-    def __radd__(self, other: int) -> Expr:
-        return self.__add__(other)
+    __radd__ = __add__
 
     def __neg__(self) -> Expr:
         return Expr(tuple((a, -c) for a, c in self.terms), -self.constant)
@@ -246,8 +243,7 @@ class Expr:
             return Expr()
         return Expr(tuple((a, c * k) for a, c in self.terms), self.constant * k)
 
-    def __rmul__(self, other: int) -> Expr:
-        return self.__mul__(other)
+    __rmul__ = __mul__
 
     def __floordiv__(self, other: Expr | int) -> Expr:
         return _floor(self, _divisor(self, other, "//"))
@@ -285,12 +281,6 @@ class Expr:
         except KeyError:
             missing = sorted(self.symbols - set(env))
             raise ValueError(f"cannot evaluate {self}: no value for symbol {', '.join(map(repr, missing))}") from None
-
-    def _univariate(self, symbol: str) -> Callable[[int], int]:
-        """A fast function ``v -> self(symbol=v)`` for an expression in ``symbol`` only."""
-        if not self.symbols <= {symbol}:
-            raise ValueError(f"{self} depends on more than {symbol!r}")
-        return _compile(self, _identity_leaf)
 
     def substitute(self, mapping: Mapping[str, Expr | int]) -> Expr:
         """The expression with each symbol named in ``mapping`` replaced by its value (others stay), re-normalized."""
@@ -422,17 +412,11 @@ def _period_slope(e: Expr, symbol: str) -> tuple[int, Fraction]:
 
 
 def _env_leaf(name: str) -> Callable[[Any], int]:
-    def leaf(env: Any) -> int:
-        return int(env[name])
-
-    return leaf
+    return lambda env: int(env[name])
 
 
 def _identity_leaf(name: str) -> Callable[[Any], int]:
-    def leaf(v: Any) -> int:
-        return int(v)
-
-    return leaf
+    return int  # every symbol reads the one value given
 
 
 def _compile(e: Expr, leaf: Callable[[str], Callable[[Any], int]]) -> Callable[[Any], int]:
@@ -583,14 +567,11 @@ class Constraint:
             return lambda v: f(v) == value
         return lambda v: f(v) % value == 0
 
+    def __str__(self) -> str:
+        return self.to_python()
+
     def to_python(self, names: Mapping[str, str] | None = None) -> str:
         """A Python boolean expression for the constraint, symbols renamed by ``names``."""
-        return self._text(names or {})
-
-    def __str__(self) -> str:
-        return self._text(None)
-
-    def _text(self, names: Mapping[str, str] | None) -> str:
         e = self.expr
         if self.kind == "divisible":
             return f"{_paren(e, names)} % {self.value} == 0"
@@ -828,14 +809,8 @@ class Acceptance:
             near = (self.sizes[symbol].nearest(v)[1] for v in pool)
             candidates.append(sorted(set(first) | {v for v in near if v is not None}))
         combos = sorted(itertools.product(*candidates), key=lambda vs: (max(vs) - min(vs), max(vs), vs))
-        found: list[tuple[int, ...]] = []
-        for values in combos:
-            env = dict(zip(self.symbols, values, strict=True))
-            if all(c.holds(env) for c in self.coupled):
-                found.append(values)
-                if len(found) == n:
-                    break
-        return found
+        fitting = (vs for vs in combos if all(c.holds(dict(zip(self.symbols, vs, strict=True))) for c in self.coupled))
+        return list(itertools.islice(fitting, n))
 
 
 def solve(constraints: Iterable[Constraint], symbols: Sequence[str] = ("H", "W"), *, upper: int = 65536) -> Acceptance:
@@ -881,7 +856,7 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
         if budget < 0:
             return _inexact(constraints, upper)
         slack = max(slack, p)
-        f, num, q = c.expr._univariate(symbol), slope.numerator, slope.denominator
+        f, num, q = _compile(c.expr, _identity_leaf), slope.numerator, slope.denominator  # v -> e(symbol=v)
         gs = [q * f(v) - num * v for v in range(p)]
         g_min, g_max = min(gs), max(gs)
         target = q * c.value
@@ -894,11 +869,10 @@ def _solve_one(symbol: str, constraints: tuple[Constraint, ...], upper: int) -> 
     end = max(bound, 1) if bound is not None else start + period  # scan [1, end)
     if end - 1 > upper + slack or (end - 1) * len(constraints) > budget:
         return _inexact(constraints, upper)
-    accepted = [False] + [True] * (end - 1)
+    accepted = [False] + [True] * (end - 1)  # by size: 0 is never accepted, and "and" keeps it so
     for c in constraints:
         holds = c._predicate
         accepted = [a and holds(v) for v, a in enumerate(accepted)]
-    accepted[0] = False
     if bound is not None:
         finite = frozenset(v for v in range(1, end) if accepted[v])
         return SizeSet(minimum=min(finite, default=None), finite=finite, constraints=constraints, upper=upper)
@@ -920,34 +894,17 @@ def _min(a: int | None, b: int) -> int:
 
 
 def _minimal_period(bits: list[bool]) -> int:
-    """The smallest period of the cyclic sequence ``bits`` (a divisor of its length)."""
-    p = len(bits)
-    for f in _prime_factors(p):
-        while p % f == 0 and bits[p // f :] == bits[: -(p // f)]:
-            p //= f
-    return p
-
-
-def _prime_factors(n: int) -> list[int]:
-    factors, f = [], 2
-    while f * f <= n:
-        if n % f == 0:
-            factors.append(f)
-            while n % f == 0:
-                n //= f
-        f += 1
-    if n > 1:
-        factors.append(n)
-    return factors
+    """The smallest period of the cyclic sequence ``bits``: the first divisor of its length it repeats with."""
+    n = len(bits)
+    return next(p for p in range(1, n + 1) if n % p == 0 and bits[p:] == bits[: n - p])
 
 
 def _inexact(constraints: tuple[Constraint, ...], upper: int) -> SizeSet:
     """The fallback set: constraints kept as text, minimum found by a bounded scan."""
-    draft = SizeSet(minimum=None, constraints=constraints, exact=False, upper=upper)
     limit = min(upper, _MAX_EVALUATIONS // len(constraints))
     holds = [c._predicate for c in constraints]
     first = next((v for v in range(1, limit + 1) if all(h(v) for h in holds)), None)
-    return dataclasses.replace(draft, minimum=first)
+    return SizeSet(minimum=first, constraints=constraints, exact=False, upper=upper)
 
 
 # --------------------------------------------------------------------------------------------------------------------

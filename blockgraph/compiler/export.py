@@ -53,9 +53,8 @@ class Exported:
         def shapes(values: dict[str, list[int | str]]) -> str:
             return ", ".join(f"{k} [{', '.join(map(str, v))}]" for k, v in values.items())
 
-        return f"wrote {self.path} (ONNX opset {self.opset}, {self.bytes:,} bytes): {shapes(self.inputs)} -> " + (
-            shapes(self.outputs)
-        )
+        written = f"wrote {self.path} (ONNX opset {self.opset}, {self.bytes:,} bytes)"
+        return f"{written}: {shapes(self.inputs)} -> {shapes(self.outputs)}"
 
 
 def export_onnx(

@@ -162,19 +162,17 @@ class Graph:
         if not targets:
             return []
         used = self.ancestors(targets)
-        warnings: list[BlockgraphError] = []
-        for name, node in self.nodes.items():
-            if name not in used and not node.is_input:
-                warnings.append(
-                    GraphError(
-                        "this block's output reaches no model output",
-                        pos=self.pos(node.path),
-                        node=name,
-                        hint="use it as a `from:` of another block or name it under `outputs:`/`features:`",
-                        warning=True,
-                    )
-                )
-        return warnings
+        return [
+            GraphError(
+                "this block's output reaches no model output",
+                pos=self.pos(node.path),
+                node=name,
+                hint="use it as a `from:` of another block or name it under `outputs:`/`features:`",
+                warning=True,
+            )
+            for name, node in self.nodes.items()
+            if name not in used and not node.is_input
+        ]
 
     # ----------------------------------------------------------------------------------------------- building
 
@@ -199,9 +197,8 @@ class Graph:
         self._g.add_edge(src, dst, key=port, port=port, out=out)
         self._order = None
 
-    def _resolve(self, ref: str, scopes: tuple[str, ...] | str | None) -> tuple[str, str | None] | None:
+    def _resolve(self, ref: str, scopes: tuple[str, ...]) -> tuple[str, str | None] | None:
         """A ``from:`` reference → (node, output port); local names are tried in the innermost scope first."""
-        scopes = (scopes,) if isinstance(scopes, str) else (scopes or ())
         candidates = [f"{scope}.{ref}" for scope in scopes] + [ref]
         for name in candidates:
             if name in self.nodes:
@@ -322,9 +319,7 @@ def _cycles(g: nx.MultiDiGraph) -> list[list[str]]:
             (only,) = component
             if not g.has_edge(only, only):
                 continue
-        start = min(component)
-        cycle = [u for u, _v, *_ in nx.find_cycle(g.subgraph(component), source=start)]
-        out.append(cycle)
+        out.append([u for u, *_ in nx.find_cycle(g.subgraph(component), source=min(component))])
     return sorted(out)
 
 
@@ -337,8 +332,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     """
     g = Graph(parsed)
     spec = parsed.model
-    for name, path in [(spec.input.name, ("input",))]:
-        g._add(Node(name, None, path, index=0, meta={}))
+    g._add(Node(spec.input.name, None, ("input",), index=0))
 
     # 1. Shared modules: global ones by their name, stage ones as `stage.name`.
     def add_shared(scope: str | None, table: dict[str, BlockSpec], base: Path) -> None:
@@ -417,11 +411,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 else:
                     sources.append(found)
         arity = type(block).arity
-        if refs is None or len(sources) == len(refs):
-            count = len(sources)
-        else:
-            count = arity  # errors already reported
-        if arity is not None and count != arity:
+        complete = refs is None or len(sources) == len(refs)  # else the missing references are reported already
+        if arity is not None and complete and len(sources) != arity:
             hint = f"name {arity} input{'s' if arity != 1 else ''} with `from: [...]`"
             several = next((src for src, out in sources if out is not None), None) if refs is None else None
             if several is not None:
@@ -459,7 +450,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     for table, attr in ((spec.output_specs(), "outputs"), (spec.features, "features")):
         for key, out in table.items():
             path = (attr, key)
-            found = g._resolve(out.from_, None)
+            found = g._resolve(out.from_, ())
             if found is None:
                 g._errors.append(g._reference_error(out.from_, path + ("from",), None, ()))
                 continue
@@ -470,9 +461,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
         )
     for name in spec.default_outputs or []:
         if name not in g.outputs and name not in g.features:
-            g._errors.append(
-                GraphError(f"default output '{name}' is not declared", pos=g.pos(("default_outputs",)), node=None)
-            )
+            g._errors.append(GraphError(f"default output '{name}' is not declared", pos=g.pos(("default_outputs",))))
     for key, shared in g.shared.items():
         if not shared.users:
             g._errors.append(

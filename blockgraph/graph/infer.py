@@ -9,12 +9,11 @@ knows about particular ops.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
 from blockgraph.errors import BlockgraphError, Pos, ShapeError, raise_all
 from blockgraph.graph.build import Graph, Node
-from blockgraph.spec.expand import Path
 from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import BlockSpec
 from blockgraph.types import Acceptance, Constraint, Expr, TensorType, solve
@@ -72,11 +71,8 @@ class Inference:
         for items in failing.values():
             item = items[0]
             value = item.constraint.expr.evaluate(env)
-            others = (
-                f" (and {len(items) - 1} more block{'s' if len(items) > 2 else ''} from this line)"
-                if len(items) > 1
-                else ""
-            )
+            more = len(items) - 1
+            others = f" (and {more} more block{'s' if more > 1 else ''} from this line)" if more else ""
             errors.append(
                 ShapeError(
                     f"input {height}x{width}: {item.message} ({item.constraint} does not hold: "
@@ -109,11 +105,7 @@ class Inference:
 
     def inputs(self, node: str) -> list[TensorType]:
         """The types a node receives, in ``from`` order (a port's type where an edge reads one)."""
-        out = []
-        for edge in self.graph.in_edges(node):
-            value: Any = self.types[edge.src]
-            out.append(value[edge.out] if edge.out is not None else value)
-        return out
+        return [_port(self.graph, edge, self.types[edge.src]) for edge in self.graph.in_edges(node)]
 
 
 class InferContext:
@@ -124,16 +116,15 @@ class InferContext:
         self.node = node
         self.spec: BlockSpec = node.spec  # type: ignore[assignment]
         self._sink = sink
-        self._path: Path = node.path
         self._label = node.name if owner is None else owner
 
     # -- positions
 
     def pos(self, field_name: str | None = None) -> Pos:
         """The position of one of the block's fields (or of the block)."""
-        path = self._path + ((field_name,) if field_name else ())
+        path = self.node.path + ((field_name,) if field_name else ())
         if field_name and path not in self.graph.source.values:
-            path = self._path + ("op",)
+            path = self.node.path + ("op",)
         return self.graph.pos(path)
 
     # -- failing
@@ -259,10 +250,10 @@ class SharedCall:
 
     user: InferContext
     name: str
-    spec: BlockSpec = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.spec = self.user.graph.shared[self.name].spec
+    @property
+    def spec(self) -> BlockSpec:
+        return self.user.graph.shared[self.name].spec
 
     def infer(self, *inputs: TensorType) -> TensorType:
         shared = self.user.graph.shared[self.name]
@@ -291,12 +282,7 @@ def infer(graph: Graph) -> Inference:
             types[node.name] = TensorType.image(spec.input.channels, h, w)
             node.meta["type"] = types[node.name]
             continue
-        inputs = []
-        for edge in graph.in_edges(node.name):
-            value: Any = types[edge.src]
-            if edge.out is not None:
-                value = _port(graph, edge, value)
-            inputs.append(value)
+        inputs = [_port(graph, edge, types[edge.src]) for edge in graph.in_edges(node.name)]
         ctx = InferContext(graph, node, sink)
         with custom_code(node.spec, node.name, ctx.pos(), "its shape rule"):  # type: ignore[arg-type]
             result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
@@ -313,6 +299,9 @@ def infer(graph: Graph) -> Inference:
 
 
 def _port(graph: Graph, edge: Any, value: Any) -> TensorType:
+    """What ``edge`` reads of its source's ``value``: all of it, or the output port it names."""
+    if edge.out is None:
+        return value
     if isinstance(value, Mapping) and edge.out in value:
         return value[edge.out]
     src = graph.nodes[edge.src]

@@ -106,8 +106,7 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
             continue
         drawn.add(name)
         if node.is_input:
-            c = spec.input.channels
-            root.children.insert(0, Item(name, [name, "input", f"1x{c}x{h}x{w}"], "input"))
+            root.children.insert(0, Item(name, [name, "input", f"1x{spec.input.channels}x{h}x{w}"], "input"))
             continue
         scope = node.scopes[0] if node.scopes else ""
         local = name[len(scope) + 1 :] if scope else name
@@ -121,13 +120,11 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
         scope, _, local = qualified.rpartition(".")
         cluster(scope).children.insert(0, Item(f"shared:{qualified}", [local, f"{shared.spec.op} (shared)"], "shared"))
 
-    links: list[Link] = []
-    seen: set[Link] = set()
+    links: dict[Link, None] = {}  # an ordered set: each link once, in the order first drawn
 
     def link(item: Link) -> None:
-        if item.src != item.dst and item not in seen:
-            seen.add(item)
-            links.append(item)
+        if item.src != item.dst:
+            links[item] = None
 
     for name in graph.order():
         for edge in graph.in_edges(name):
@@ -140,7 +137,7 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
             stride = f"stride {out.spec.stride}" if out.spec.stride else ""
             root.children.append(Item(f"{kind}:{key}", [key, kind if not stride else f"{kind}, {stride}"], "output"))
             link(Link(target(out.node), f"{kind}:{key}", out.port or ""))
-    return Picture(spec.name, root, links)
+    return Picture(spec.name, root, list(links))
 
 
 # ----------------------------------------------------------------------------------------------------------- Mermaid

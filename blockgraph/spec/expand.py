@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,19 +59,17 @@ class SourceMap:
 
     def value(self, path: Path) -> Pos:
         """The position of the value at ``path``, or of its nearest ancestor that has one."""
-        return self._nearest(self.values, tuple(path))
+        path = tuple(path)
+        while path:
+            if path in self.values:
+                return self.values[path]
+            path = path[:-1]
+        return self.values.get((), Pos(self.file))
 
     def key(self, path: Path) -> Pos:
         """The position of the key that names ``path`` (falls back to the value's position)."""
         path = tuple(path)
         return self.keys.get(path) or self.value(path)
-
-    def _nearest(self, table: dict[Path, Pos], path: Path) -> Pos:
-        while path:
-            if path in table:
-                return table[path]
-            path = path[:-1]
-        return table.get((), Pos(self.file))
 
     def resolve(self, loc: tuple[Any, ...]) -> Path:
         """Map a location as pydantic reports it onto a path of this map, skipping what the data has no trace of
@@ -280,27 +279,9 @@ class _Variables(Mapping[str, Any]):
         return name in self.defs
 
 
-class _Bound(Mapping[str, Any]):
-    """Loop bindings layered over an outer scope."""
-
-    def __init__(self, bindings: dict[str, Any], outer: Mapping[str, Any]):
-        self.bindings = bindings
-        self.outer = outer
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self.bindings:
-            return self.bindings[name]
-        return self.outer[name]
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.bindings
-        yield from (k for k in self.outer if k not in self.bindings)
-
-    def __len__(self) -> int:
-        return len(set(self.bindings) | set(self.outer))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.bindings or name in self.outer
+def _bound(bindings: dict[str, Any], outer: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Loop bindings layered over an outer scope (which is only read: its variables evaluate when looked up)."""
+    return ChainMap(bindings, outer)  # type: ignore[arg-type]  (typeshed wants mutable maps; nothing writes)
 
 
 # ---------------------------------------------------------------------------------------------------------- expander
@@ -314,11 +295,10 @@ class _Expander:
         self.collect: list[Path] | None = None
         """While a repetition is evaluated: the paths it records (to note the repetition on their positions)."""
 
-    def record(self, path: Path, node: Node, via: Pos | None = None, label: str = "") -> None:
-        pos = node.pos.through(via, label) if via is not None else node.pos
+    def record(self, path: Path, node: Node) -> None:
         if path not in self.source.values and self.collect is not None:
             self.collect.append(path)
-        self.source.values.setdefault(path, pos)
+        self.source.values.setdefault(path, node.pos)
         if node.key_pos is not None:
             self.source.keys.setdefault(path, node.key_pos)
 
@@ -353,9 +333,9 @@ class _Expander:
         out: list[Any] = []
         is_blocks = bool(path) and path[-1] == "blocks"
         for item in node.value:
-            for bindings, via in self._template(item, scope):
-                inner = _Bound(bindings, scope) if bindings else scope
-                body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if via else item
+            for bindings in self._template(item, scope):  # a template's bindings are never empty
+                inner = _bound(bindings, scope) if bindings else scope
+                body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if bindings else item
                 if body.is_map and "if" in body.value:
                     guard = body.value["if"]
                     keep = self.evaluate(guard, inner, (), record=False)
@@ -371,14 +351,13 @@ class _Expander:
                     out.append(self.evaluate(body, inner, path + (len(out),), record=record))
         return out
 
-    def _template(self, item: Node, scope: Mapping[str, Any]) -> list[tuple[dict[str, Any], Pos | None]]:
-        loop = item.get("for") if item.is_map else None
+    def _template(self, item: Node, scope: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The bindings of each repetition of a list item: one empty set for an item without ``for:``."""
+        loop = item.get("for")
         if loop is None:
-            return [({}, None)]
+            return [{}]
         if not loop.is_map or not loop.value:
-            raise SpecError(
-                "`for:` takes a mapping of names to lists, e.g. `for: {i: [0, 1, 2, 3]}`", pos=loop.pos, hint=None
-            )
+            raise SpecError("`for:` takes a mapping of names to lists, e.g. `for: {i: [0, 1, 2, 3]}`", pos=loop.pos)
         columns: dict[str, list[Any]] = {}
         for name, values in loop.value.items():
             if not isinstance(name, str) or not name.isidentifier():
@@ -395,7 +374,7 @@ class _Expander:
                 hint="the lists are zipped; give them the same length",
             )
         n = lengths.pop()
-        return [({k: v[i] for k, v in columns.items()}, loop.pos) for i in range(n)]
+        return [{k: v[i] for k, v in columns.items()} for i in range(n)]
 
     def _repeat(self, body: Node, scope: Mapping[str, Any], path: Path, start: int, record: bool) -> list[Any]:
         depth_node = body.value["depth"]
@@ -413,7 +392,7 @@ class _Expander:
         for rep in range(depth):
             self._count(depth_node.pos)
             item_path = path + (start + rep,)
-            inner = _Bound({REP: rep}, scope)
+            inner = _bound({REP: rep}, scope)
             # `from:` wires the first repetition; each later one reads the one before it.
             fields = {k: v for k, v in body.value.items() if k != "depth" and (rep == 0 or k != "from")}
             outer, self.collect = self.collect, []

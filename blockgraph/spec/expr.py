@@ -124,7 +124,7 @@ def evaluate(expression: str, scope: Mapping[str, Any], *, base_offset: int = 0)
         parsed = _parse(expression)
     except ExprError as e:
         raise e.shifted(base_offset) from None
-    return _Evaluator(parsed, scope, base_offset).run()
+    return _Evaluator(parsed, scope, base_offset).visit(parsed.tree)
 
 
 def interpolate(text: str, scope: Mapping[str, Any]) -> Any:
@@ -147,14 +147,10 @@ def interpolate(text: str, scope: Mapping[str, Any]) -> Any:
     pieces = _split(text)
     if len(pieces) == 1 and isinstance(pieces[0], _Embedded):
         return evaluate(pieces[0].source, scope, base_offset=pieces[0].start)
-    parts: list[str] = []
-    for piece in pieces:
-        if isinstance(piece, str):
-            parts.append(piece)
-            continue
-        value = evaluate(piece.source, scope, base_offset=piece.start)
-        parts.append(_to_text(value, piece))
-    return "".join(parts)
+    return "".join(
+        piece if isinstance(piece, str) else _to_text(evaluate(piece.source, scope, base_offset=piece.start), piece)
+        for piece in pieces
+    )
 
 
 def has_expressions(text: str) -> bool:
@@ -191,8 +187,6 @@ def _names_used(expression_or_text: str, template: bool) -> frozenset[str]:
     if not template:
         return frozenset(_free_names(_parse(expression_or_text).tree))
     names: set[str] = set()
-    if "${" not in expression_or_text:
-        return frozenset()
     for piece in _split(expression_or_text):
         if isinstance(piece, _Embedded):
             try:
@@ -332,10 +326,6 @@ class _Parsed:
         return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _line_starts(text: str) -> tuple[int, ...]:
-    return (0, *(m.end() for m in _NEWLINE.finditer(text)))
-
-
 @lru_cache(maxsize=2048)
 def _parse(expression: str) -> _Parsed:
     """Parse and check the shape of an expression; errors have offsets relative to ``expression``."""
@@ -350,7 +340,7 @@ def _parse(expression: str) -> _Parsed:
     lead = len(expression) - len(text)
     if not text.strip():
         raise ExprError("empty expression", lead, 1, hint="write an expression inside '${...}', e.g. '${dims[0]}'")
-    starts = _line_starts(text)
+    starts = (0, *(m.end() for m in _NEWLINE.finditer(text)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. invalid escape sequences in string literals
@@ -634,17 +624,10 @@ class _Evaluator:
         self.steps = 0
         self.iterations = 0
 
-    def run(self) -> Any:
-        return self.visit(self.parsed.tree)
-
     # -- errors, budgets -----------------------------------------------------------------------------------------
 
     def error(self, message: str, node: _Node, hint: str | None = None, last: _Node | None = None) -> ExprError:
         offset, length = self.parsed.span(node, last)
-        return ExprError(message, self.base + offset, length, hint)
-
-    def at(self, message: str, offset: int, length: int, hint: str | None = None) -> ExprError:
-        """An error at ``offset`` (an offset in the expression)."""
         return ExprError(message, self.base + offset, length, hint)
 
     def spend(self, steps: int) -> None:
@@ -761,8 +744,8 @@ class _Evaluator:
             where = self.parsed.text[left_start + left_length - lead : right_start - lead].find(symbol)
             if where < 0:
                 raise self.not_allowed(node, f"operator '{symbol}'")
-            start = left_start + left_length + where
-            raise self.at(f"operator '{symbol}' is not allowed in expressions", start, len(symbol), _ALLOWED)
+            start = self.base + left_start + left_length + where
+            raise ExprError(f"operator '{symbol}' is not allowed in expressions", start, len(symbol), _ALLOWED)
         left = self.visit(node.left)
         right = self.visit(node.right)
         return self.check_number(_ARITHMETIC[op](self, node, left, right), node)

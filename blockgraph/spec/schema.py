@@ -197,7 +197,12 @@ class BlockSpec(SpecModel):
 
     @classmethod
     def op_name(cls) -> str:
-        return _literal_op(cls)
+        """The op this class is registered under: the one value of its ``op: Literal[...]``."""
+        annotation = cls.model_fields["op"].annotation
+        values = get_args(annotation) if get_origin(annotation) is Literal else ()
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise TypeError(f"{cls.__name__}.op must be annotated Literal['op_name'] (one string)")
+        return values[0]
 
     def fields(self, *exclude: str) -> dict[str, Any]:
         """The block's parameters by name (not ``op``, ``name``, ``from``, references to shared modules, nor
@@ -208,20 +213,9 @@ class BlockSpec(SpecModel):
     @classmethod
     def shared_fields(cls) -> dict[str, Shared]:
         """The fields that name shared modules, with the ops each accepts."""
-        out = {}
-        for name, info in cls.model_fields.items():
-            for meta in info.metadata:
-                if isinstance(meta, Shared):
-                    out[name] = meta
-        return out
-
-
-def _literal_op(cls: type[BlockSpec]) -> str:
-    annotation = cls.model_fields["op"].annotation
-    values = get_args(annotation) if get_origin(annotation) is Literal else ()
-    if len(values) != 1 or not isinstance(values[0], str):
-        raise TypeError(f"{cls.__name__}.op must be annotated Literal['op_name'] (one string)")
-    return values[0]
+        return {
+            name: meta for name, info in cls.model_fields.items() for meta in info.metadata if isinstance(meta, Shared)
+        }
 
 
 _REGISTRY: dict[str, type[BlockSpec]] = {}
@@ -230,7 +224,7 @@ _CACHE: dict[str, Any] = {}
 
 def register(cls: type[BlockSpec]) -> type[BlockSpec]:
     """Class decorator: make a block type usable from specs under its ``op`` name."""
-    op = _literal_op(cls)
+    op = cls.op_name()
     if not re.fullmatch(r"[a-z][a-z0-9_]*", op):
         raise TypeError(f"op name {op!r} must be snake_case")
     existing = _REGISTRY.get(op)
@@ -430,7 +424,6 @@ def parse(expanded: Expanded) -> ParsedSpec:
 
 
 _FIXED: dict[tuple[str, ...], type[BaseModel]] = {
-    (): ModelBase,
     ("input",): InputSpec,
     ("twin",): TwinSpec,
 }
@@ -458,8 +451,7 @@ def _model_at(data: Any, path: Sequence[Any]) -> type[BaseModel] | None:
     if len(shape) == 2 and shape[0] == "stages":
         return model_types()[1]
     if len(shape) == 4 and shape[0] == "stages" and shape[2] == "paths":
-        model_types()
-        return _CACHE["path"]
+        return path_type()
     if len(shape) == 2 and shape[0] in ("outputs", "features"):
         return OutputSpec
     if shape == ():
@@ -498,24 +490,14 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
             out.append(SpecError(f"unknown op '{tag}'", pos=source.value(path + ("op",)), hint=hint))
         elif kind == "union_tag_not_found":
-            out.append(
-                SpecError(
-                    f"this block has no `op:`{where}",
-                    pos=source.value(path),
-                    hint=f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`",
-                )
-            )
+            hint = f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`"
+            out.append(SpecError(f"this block has no `op:`{where}", pos=source.value(path), hint=hint))
         elif kind == "missing":
-            owner = _model_at(data, path)
-            op = f" (op '{_op_at(data, path)}')" if _op_at(data, path) else ""
+            owner, op = _model_at(data, path), _op_at(data, path)
             description = _field_doc(owner, str(key)) if owner else None
-            out.append(
-                SpecError(
-                    f"missing required key '{key}'{op}{where}",
-                    pos=source.value(path),
-                    hint=f"add `{key}: ...`" + (f" ({description})" if description else ""),
-                )
-            )
+            hint = f"add `{key}: ...`" + (f" ({description})" if description else "")
+            of_op = f" (op '{op}')" if op else ""
+            out.append(SpecError(f"missing required key '{key}'{of_op}{where}", pos=source.value(path), hint=hint))
         else:
             value = item.get("input")
             shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
