@@ -32,7 +32,7 @@ class Conv2dFields(BlockSpec):
         ctx.expect(x, layout="image")
         return TensorType.image(self.dim_out, *ctx.conv2d(x, self.kernel, self.stride, self.padding, field="kernel"))
 
-    def conv_fields(self) -> dict[str, object]:
+    def conv_fields(self) -> dict[str, Any]:
         """The fields, with ``padding`` resolved, for the module."""
         padding = (self.kernel - 1) // 2 if self.padding is None else self.padding
         return {**self.fields("padding"), "padding": padding}

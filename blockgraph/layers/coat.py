@@ -50,7 +50,7 @@ class ConvRelPosEnc(nn.Module):
         """The windows' convolution of the image tokens' values ``v`` ``[B, H*W, h, Ch]`` (channel = head * Ch + c),
         in the same layout; the attention multiplies it by q (:func:`blockgraph.ops.coat.factor_attention`)."""
         B, L, h, Ch = v.shape
-        weight, bias = merge_depthwise(self.conv_list)
+        weight, bias = merge_depthwise(self.conv_list)  # type: ignore[arg-type]  # a ModuleList of Conv2d
         img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
         conv = depthwise_conv2d(img, weight, bias, weight.shape[-1] // 2)
         return conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch)

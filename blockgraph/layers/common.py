@@ -133,8 +133,9 @@ def linear(
 ) -> Linear:
     """A :class:`Linear` with timm's ViT-family init (see :func:`init_linear`), drawn once: the layer is made
     without PyTorch's default (kaiming uniform) init, which would be overwritten (:func:`uninitialized`)."""
-    layer = uninitialized(Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
-    return init_linear(layer, std)
+    layer: Linear = uninitialized(Linear, fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+    init_linear(layer, std)
+    return layer
 
 
 def init_linear(layer: nn.Linear, std: float = 0.02) -> nn.Linear:

@@ -62,5 +62,5 @@ class ConcatConvBn(ConvBn):
     ):  # fmt: skip
         super().__init__(dim, dim_out, act=act, bn_eps=bn_eps, init=init, device=device, dtype=dtype)
 
-    def forward(self, *xs: Tensor) -> Tensor:
+    def forward(self, *xs: Tensor) -> Tensor:  # type: ignore[override]  # any number of maps, no residual
         return super().forward(torch.cat(xs, dim=1))

@@ -64,6 +64,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads, **dd))
         if self.relative_position_bias_table.device.type != "meta":
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.relative_position_index: Tensor
         self.register_buffer("relative_position_index", relative_position_index(window).to(device), persistent=False)
         self.qkv = linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.proj = linear(dim, dim, **dd)
@@ -116,8 +117,9 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
         self._masks: dict[tuple[int, int, str], Tensor] = {}
-        self.mask_size = tuple(size) if size is not None and self._shift(*size) else None
+        self.mask_size = size if size is not None and self._shift(*size) else None
         mask = shift_mask(*self.mask_size, window, shift, device) if self.mask_size else None
+        self.attn_mask: Tensor
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def _shift(self, h: int, w: int) -> int:

@@ -3,7 +3,7 @@ head (Touvron et al., "Training data-efficient image transformers", ICML 2021), 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ class PosEmbed(nn.Module):
     part is resized to other grids (timm's ``resample_abs_pos_embed``)."""
 
     def __init__(
-        self, dim: int, grid: tuple[int, int], extra: int = 1, resample: str | bool = False, init_std: float = 0.02,
+        self, dim: int, grid: tuple[int, int], extra: int = 1, resample: Literal[False, "bilinear", "bicubic"] = False,
+        init_std: float = 0.02,
         device: Any = None, dtype: Any = None,
     ):  # fmt: skip
         super().__init__()

@@ -54,6 +54,7 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[Te
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels_last: bool) -> tuple[Tensor, Tensor]:
+    assert bn.running_mean is not None and bn.running_var is not None  # (conv_bn folds only such a BatchNorm)
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight

@@ -157,9 +157,9 @@ def _import_file(name: str, path: str) -> ModuleType:
     package, directory = name.rpartition(".")[0], os.path.dirname(path)
     for parent, locations in ((PACKAGE, []), (package, [directory])):
         if parent not in sys.modules:
-            spec = importlib.machinery.ModuleSpec(parent, None, is_package=True)
-            spec.submodule_search_locations = locations
-            sys.modules[parent] = importlib.util.module_from_spec(spec)
+            package_spec = importlib.machinery.ModuleSpec(parent, None, is_package=True)
+            package_spec.submodule_search_locations = locations
+            sys.modules[parent] = importlib.util.module_from_spec(package_spec)
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
