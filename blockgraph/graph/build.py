@@ -18,7 +18,7 @@ import networkx as nx
 
 from blockgraph.errors import BlockgraphError, GraphError, Pos, raise_all
 from blockgraph.spec.expand import Path
-from blockgraph.spec.schema import BlockSpec, ModelBase, OutputSpec, ParsedSpec
+from blockgraph.spec.schema import BlockSpec, CompositeBase, ModelBase, OutputSpec, ParsedSpec
 
 
 @dataclass
@@ -57,6 +57,18 @@ class SharedModule:
     users: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Composite:
+    """A block made of blocks (a use of a ``define:``d block): not a node itself; its blocks are nodes named
+    ``<name>.<local>``, and references to it read its output node (or, with ports, one of its outputs)."""
+
+    name: str
+    spec: CompositeBase
+    path: Path
+    members: list[str] = field(default_factory=list)
+    """The nodes it is made of, its inner composites' included, in declaration order."""
+
+
 @dataclass(frozen=True)
 class Edge:
     src: str
@@ -89,6 +101,11 @@ class Graph:
         self.features: dict[str, Output] = {}
         self.groups: dict[str, list[str]] = {}
         """A repeated block's name (``stage1.blocks``) → its nodes (``stage1.blocks.0`` ...)."""
+        self.composites: dict[str, Composite] = {}
+        """Blocks made of blocks, by name (:class:`Composite`)."""
+        self.aliases: dict[str, tuple[str, str | None]] = {}
+        """Names that stand for a node's output: a composite's name → its output node (``stage1.mlp`` →
+        ``(stage1.mlp.fc2, None)``), its ports and its inputs (``stage1.mlp.x`` → what the composite reads)."""
         self.warnings: list[BlockgraphError] = []
         self._errors: list[BlockgraphError] = []
 
@@ -177,7 +194,7 @@ class Graph:
     # ----------------------------------------------------------------------------------------------- building
 
     def _add(self, node: Node) -> None:
-        if node.name in self.nodes or node.name in self.groups:
+        if node.name in self.nodes or node.name in self.groups or node.name in self.composites:
             other = self.nodes.get(node.name)
             where = f" (first defined at {self.pos(other.path)})" if other else ""
             self._errors.append(
@@ -193,6 +210,36 @@ class Graph:
         self._g.add_node(node.name, node=node)
         self._order = None
 
+    def _add_composite(self, composite: Composite) -> None:
+        name = composite.name
+        if name in self.nodes or name in self.groups or name in self.composites:
+            self._add(Node(name, composite.spec, composite.path, -1))  # reports the duplicate
+            return
+        self.composites[name] = composite
+
+    def _composite_outputs(self, composite: Composite) -> None:
+        """Alias a composite's name (or each of its ports) to the node that gives its value."""
+        spec, name = composite.spec, composite.name
+        wanted = (
+            {f"{name}.{port}": (ref, ("outputs", port)) for port, ref in spec.outputs.items()}
+            if spec.outputs
+            else {name: (spec.output or _entry_name(spec.blocks[-1], ()), ("output",))}
+        )
+        for alias, (ref, where) in wanted.items():
+            found = self._resolve(ref, (name,))
+            inputs = {f"{name}.{i}" for i in spec.inputs}
+            if found is None or f"{name}.{ref}" in inputs:
+                self._errors.append(
+                    GraphError(
+                        f"the output of {_op_label(spec)} names '{ref}', which is not one of its blocks",
+                        pos=self.pos(composite.path + where),
+                        node=name,
+                        hint=f"its blocks: {', '.join(b.name or b.op for b in spec.blocks)}",
+                    )
+                )
+                continue
+            self.aliases[alias] = found
+
     def _connect(self, src: str, dst: str, port: int, out: str | None) -> None:
         self._g.add_edge(src, dst, key=port, port=port, out=out)
         self._order = None
@@ -201,19 +248,41 @@ class Graph:
         """A ``from:`` reference → (node, output port); local names are tried in the innermost scope first."""
         candidates = [f"{scope}.{ref}" for scope in scopes] + [ref]
         for name in candidates:
-            if name in self.nodes:
-                return name, None
-            if name in self.groups and self.groups[name]:
-                return self.groups[name][-1], None
+            if (found := self._exact(name)) is not None:
+                return found
         for name in candidates:
             head, _, port = name.rpartition(".")
             if head in self.groups and port.isdigit():  # a repetition that does not exist, not a port
                 continue
             if head in self.groups and self.groups[head]:
                 head = self.groups[head][-1]
+            if f"{head}.{port}" in self.aliases:  # a port of a composite
+                return self.aliases[f"{head}.{port}"]
             if head in self.nodes and port:
                 return head, port
         return None
+
+    def _exact(self, name: str) -> tuple[str, str | None] | None:
+        """A name that is a node, an alias (a composite, its port or input) or a repeated block (its last)."""
+        if name in self.nodes:
+            return name, None
+        if name in self.aliases:
+            return self.aliases[name]
+        if name in self.groups and self.groups[name]:
+            return self._exact(self.groups[name][-1])
+        return None
+
+    def _sources(self, name: str) -> list[tuple[str, str | None]]:
+        """What reading ``name`` whole gives: its value, or each of its ports in order (a multi-output block)."""
+        composite = self.composites.get(name)
+        if composite is not None and composite.spec.outputs:
+            return [self.aliases[f"{name}.{port}"] for port in composite.spec.outputs if f"{name}.{port}" in self.aliases]
+        found = self._exact(name)
+        if found is None:
+            return []
+        src, out = found
+        ports = self.ports(src) if out is None else None
+        return [(src, p) for p in ports] if ports else [found]
 
     def ports(self, name: str) -> tuple[str, ...] | None:
         """The output ports of a node (None: it has one output)."""
@@ -307,8 +376,32 @@ def _entry_name(block: BlockSpec, scopes: tuple[str, ...]) -> str:
 def _last_name(entries: list[Any]) -> str | None:
     if not entries:
         return None
-    block, _, _, scopes, _ = entries[-1]
+    block, _, _, scopes, _, _ = entries[-1]
     return _entry_name(block, scopes)
+
+
+def _op_label(block: BlockSpec) -> str:
+    """``op 'mlp'``, or ``block 'convnext_block'`` for a use of a defined block."""
+    return f"block '{block.label}'" if isinstance(block, CompositeBase) else f"op '{block.op}'"
+
+
+def _flatten(entries: list[Any]) -> list[Any]:
+    """The entries with each composite's blocks after it (recursively), scoped by and owned by the composite: its
+    first block reads the composite's inputs (``<composite>.<input>``, aliases set when the composite's own inputs
+    are resolved)."""
+    out = []
+    for entry in entries:
+        out.append(entry)
+        block, path, stage, scopes, _, _ = entry
+        if isinstance(block, CompositeBase):
+            name = _entry_name(block, scopes)
+            first = [f"{name}.{i}" for i in block.inputs]
+            inner = [
+                (b, path + ("blocks", j), stage, (name,), first if j == 0 else None, name)
+                for j, b in enumerate(block.blocks)
+            ]
+            out += _flatten(inner)
+    return out
 
 
 def _cycles(g: nx.MultiDiGraph) -> list[list[str]]:
@@ -348,10 +441,11 @@ def build_graph(parsed: ParsedSpec) -> Graph:
 
     # 2. Nodes, in declaration order (names only; edges need every name first). An entry is
     #    (block, spec path, stage, lookup scopes, default inputs: None = the previous entry).
-    entries: list[tuple[BlockSpec, Path, str | None, tuple[str, ...], list[str] | None]] = []
+    #    The last item, the composite an entry belongs to (None: the model), scopes the previous entry.
+    entries: list[tuple[BlockSpec, Path, str | None, tuple[str, ...], list[str] | None, str | None]] = []
     for i, stage in enumerate(spec.stages):
         here = (stage.name,)
-        entries += [(b, ("stages", i, "blocks", j), stage.name, here, None) for j, b in enumerate(stage.blocks)]
+        entries += [(b, ("stages", i, "blocks", j), stage.name, here, None, None) for j, b in enumerate(stage.blocks)]
         before_paths = _last_name(entries) or spec.input.name
         path_ends: list[str] = []
         for k, path in enumerate(stage.paths):
@@ -359,11 +453,11 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             first = len(entries)
             for j, b in enumerate(path.blocks):
                 inputs = [before_paths] if j == 0 else None
-                entries.append((b, ("stages", i, "paths", k, "blocks", j), stage.name, scope, inputs))
+                entries.append((b, ("stages", i, "paths", k, "blocks", j), stage.name, scope, inputs, None))
             if len(entries) > first:
                 path_ends.append(_last_name(entries))
         if stage.merge is not None:
-            entries.append((stage.merge, ("stages", i, "merge"), stage.name, here, path_ends))
+            entries.append((stage.merge, ("stages", i, "merge"), stage.name, here, path_ends, None))
         elif stage.paths:
             g._errors.append(
                 GraphError(
@@ -373,8 +467,9 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                     hint="add `merge: {name: ..., op: ...}` to join the paths (it reads each path's last block)",
                 )
             )
-    entries += [(b, ("blocks", j), None, (), None) for j, b in enumerate(spec.blocks)]
-    for index, (block, path, stage, scopes, _) in enumerate(entries, start=1):
+    entries += [(b, ("blocks", j), None, (), None, None) for j, b in enumerate(spec.blocks)]
+    entries = _flatten(entries)
+    for index, (block, path, stage, scopes, _, owner) in enumerate(entries, start=1):
         name = _entry_name(block, scopes)
         head, _, tail = name.rpartition(".")
         node = Node(name, block, path, index, stage, scopes)
@@ -383,22 +478,28 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 g._add(Node(head, block, path, index, stage, scopes))  # reports the duplicate
                 continue
             g.groups.setdefault(head, []).append(name)
-        g._add(node)
+        if isinstance(block, CompositeBase):
+            g._add_composite(Composite(name, block, path))
+        else:
+            g._add(node)
+    for composite in reversed(list(g.composites.values())):  # inner ones first: an output may be a composite
+        composite.members = [n for n in g.nodes if n.startswith(f"{composite.name}.")]
+        g._composite_outputs(composite)
 
     # 3. Edges: explicit `from:`, else the default (previous entry, the stage's last block for a path's first
     #    block, each path's last block for a merge), and shared references.
-    previous = spec.input.name
-    for block, path, _stage, scopes, defaults in entries:
+    previous: dict[str | None, str] = {None: spec.input.name}
+    for block, path, _stage, scopes, defaults, owner in entries:
         name = _entry_name(block, scopes)
         node = g.nodes.get(name)
-        if node is None or node.spec is not block:  # a duplicate, already reported
-            continue
+        composite = g.composites.get(name)
+        if (node is None or node.spec is not block) and (composite is None or composite.spec is not block):
+            continue  # a duplicate, already reported
         refs = [block.from_] if isinstance(block.from_, str) else block.from_
         if refs is None:  # a multi-output source gives all its ports (in order)
             sources: list[tuple[str, str | None]] = []
-            for src in defaults if defaults is not None else [previous]:
-                ports = g.ports(src) if src in g.nodes else None
-                sources += [(src, p) for p in ports] if ports else [(src, None)]
+            for src in defaults if defaults is not None else [previous[owner]]:
+                sources += g._sources(src)
         else:
             sources = []
             for k, ref in enumerate(refs):
@@ -410,7 +511,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                     g._errors.append(error)
                 else:
                     sources.append(found)
-        arity = type(block).arity
+        previous[owner] = name
+        arity = len(block.inputs) if isinstance(block, CompositeBase) else type(block).arity
         complete = refs is None or len(sources) == len(refs)  # else the missing references are reported already
         if arity is not None and complete and len(sources) != arity:
             hint = f"name {arity} input{'s' if arity != 1 else ''} with `from: [...]`"
@@ -420,13 +522,17 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 hint = f"'{several}' has several outputs ({ports}): read one, e.g. `from: {ports.split(', ')[0]}`"
             g._errors.append(
                 GraphError(
-                    f"op '{block.op}' takes {arity} input{'s' if arity != 1 else ''}, "
+                    f"{_op_label(block)} takes {arity} input{'s' if arity != 1 else ''}, "
                     f"{'`from:`' if refs is not None else 'the previous block'} gives {len(sources)}",
                     pos=g.pos(path + ("from",)),
                     node=name,
                     hint=hint,
                 )
             )
+        if composite is not None:  # its blocks read its inputs by their local names
+            for local, source in zip(block.inputs, sources, strict=False):  # type: ignore[attr-defined]
+                g.aliases[f"{name}.{local}"] = source
+            continue
         for port, (src, out) in enumerate(sources):
             g._connect(src, name, port, out)
         for field_name, marker in type(block).shared_fields().items():
@@ -444,7 +550,6 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             node.shared[field_name] = resolved[0] if isinstance(value, str) else resolved  # type: ignore[assignment]
             for q in resolved:
                 g.shared[q].users.append(name)  # type: ignore[index]
-        previous = name
 
     # 4. Outputs.
     for table, attr in ((spec.output_specs(), "outputs"), (spec.features, "features")):

@@ -37,6 +37,7 @@ from typing import Any
 
 from blockgraph.errors import Pos, SpecError
 from blockgraph.spec import expr
+from blockgraph.spec.define import COMPOSITE_OP, Definition, bind, definitions
 from blockgraph.spec.load import Node, load_file, load_text
 
 Path = tuple[Any, ...]
@@ -45,7 +46,10 @@ MAX_EXPANDED = 10_000
 """Upper bound on the number of entries produced by templates and repeats."""
 REP = "rep"
 IMPORTS = "imports"
-RESERVED = {"extends", "variant", "variants", "variables", IMPORTS}
+DEFINE = "define"
+RESERVED = {"extends", "variant", "variants", "variables", IMPORTS, DEFINE}
+LIBRARY_SUFFIXES = (".yaml", ".yml")
+"""An ``imports:`` entry with one of these suffixes is a library of blocks defined in YAML, not Python."""
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -84,7 +88,7 @@ class SourceMap:
 def names_a_file(entry: str) -> bool:
     """Whether an ``imports:`` entry (or a ``--plugin`` value) names a ``.py`` file rather than a module: it ends
     with ``.py`` or has a path separator."""
-    return entry.endswith(".py") or "/" in entry or os.sep in entry
+    return entry.endswith((".py", *LIBRARY_SUFFIXES)) or "/" in entry or os.sep in entry
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,11 @@ class Import:
     def is_file(self) -> bool:
         return names_a_file(self.name)
 
+    @property
+    def is_library(self) -> bool:
+        """A YAML file of ``define:`` blocks (read by :func:`expand`), not a module of custom blocks."""
+        return self.name.endswith(LIBRARY_SUFFIXES)
+
 
 @dataclass
 class Expanded:
@@ -111,6 +120,8 @@ class Expanded:
     variant: str | None = None
     imports: list[Import] = field(default_factory=list)
     """The modules of custom blocks the spec imports (``imports:``), in order, each once; not loaded here."""
+    defined: dict[str, Pos] = field(default_factory=dict)
+    """The blocks defined in YAML that the spec can use (its ``define:`` and its libraries'), with their positions."""
 
     def standalone(self) -> dict[str, Any]:
         """The data as a spec of its own (no `extends:`, no expressions, no variant to choose, files imported by
@@ -294,6 +305,9 @@ class _Expander:
         self.variables: _Variables | None = None
         self.collect: list[Path] | None = None
         """While a repetition is evaluated: the paths it records (to note the repetition on their positions)."""
+        self.defines: dict[str, Definition] = {}
+        self.using: list[str] = []
+        """The definitions being instantiated, outermost first (a definition may not use itself)."""
 
     def record(self, path: Path, node: Node) -> None:
         if path not in self.source.values and self.collect is not None:
@@ -306,12 +320,52 @@ class _Expander:
         if record:
             self.record(path, node)
         if node.is_map:
-            return {key: self.evaluate(value, scope, path + (key,), record=record) for key, value in node.value.items()}
+            value = {key: self.evaluate(v, scope, path + (key,), record=record) for key, v in node.value.items()}
+            op = value.get("op")
+            return self.instantiate(value, node, path) if isinstance(op, str) and op in self.defines else value
         if node.is_list:
             return self.evaluate_list(node, scope, path, record=record)
         if isinstance(node.value, str) and "${" in node.value:  # an expression, or an escaped `$${`
             return self.scalar(node, scope, path, record)
         return node.value
+
+    def instantiate(self, value: dict[str, Any], use: Node, path: Path) -> dict[str, Any]:
+        """A use of a defined block (``value``: the use, evaluated) as a composite block: the definition's blocks
+        evaluated with the use's parameters (and only those), each position noting the use site."""
+        definition = self.defines[value["op"]]
+        if definition.name in self.using:
+            cycle = " -> ".join([*self.using[self.using.index(definition.name) :], definition.name])
+            raise SpecError(
+                f"defined block '{definition.name}' uses itself: {cycle}",
+                pos=use.get("op").pos if use.get("op") is not None else use.pos,
+                hint="a definition can use other defined blocks, but not itself (repeat blocks with `depth:`)",
+            )
+        given = {k: v for k, v in value.items() if k not in ("op", "name", "from")}
+        params = _Variables(bind(definition, given, use), self)
+        outer = (self.variables, self.collect)
+        self.variables, self.collect = params, []
+        self.using.append(definition.name)
+        try:
+            composite: dict[str, Any] = {"op": COMPOSITE_OP, "name": value.get("name", definition.name)}
+            if "from" in value:
+                composite["from"] = value["from"]
+            composite["define"] = definition.name
+            composite["args"] = {k: params[k] for k in params.defs}
+            composite["inputs"] = list(definition.inputs)
+            composite["blocks"] = self.evaluate(definition.blocks, params, path + ("blocks",))
+            for key in ("output", "outputs"):
+                if (node := getattr(definition, key)) is not None:
+                    composite[key] = self.evaluate(node, params, path + (key,))
+            label = f"in block '{definition.name}' used"
+            for recorded in self.collect:  # every value of the definition's blocks notes the use site
+                self.source.values[recorded] = self.source.values[recorded].with_origin(use.pos, label)
+        finally:
+            collected = self.collect
+            self.variables, self.collect = outer
+            if self.collect is not None:
+                self.collect.extend(collected)
+            self.using.pop()
+        return composite
 
     def scalar(self, node: Node, scope: Mapping[str, Any], path: Path, record: bool) -> Any:
         text = node.value
@@ -452,6 +506,10 @@ def expand(
     chosen = chosen or inherited
 
     expander = _Expander(file)
+    imports = _imports(root.get(IMPORTS))
+    for library in (i for i in imports if i.is_library):
+        expander.defines.update(_library(library))
+    expander.defines.update(definitions(root.get(DEFINE)))
     defs_node = root.get("variables")
     if defs_node is not None and not defs_node.is_map:
         raise SpecError("`variables:` must be a mapping of names to values", pos=defs_node.pos)
@@ -480,4 +538,18 @@ def expand(
     data["variables"] = {name: variables[name] for name in defs}
     if chosen is not None:
         data["variant"] = chosen
-    return Expanded(data, expander.source, chosen, _imports(root.get(IMPORTS)))
+    defined = {name: d.pos for name, d in expander.defines.items()}
+    modules = [i for i in imports if not i.is_library]
+    return Expanded(data, expander.source, chosen, modules, defined)
+
+
+def _library(entry: Import) -> dict[str, Definition]:
+    """The blocks a YAML library defines (its ``define:``, through its own ``extends:``)."""
+    if not os.path.isfile(entry.name):
+        raise SpecError(
+            f"`imports:` names a block library that does not exist: {entry.name}",
+            pos=entry.pos,
+            hint="a .yaml entry is a file of `define:` blocks, relative to the spec that imports it",
+        )
+    root = _resolve_extends(load_file(entry.name), entry.name, [entry.name])
+    return definitions(root.get(DEFINE))

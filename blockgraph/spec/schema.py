@@ -250,6 +250,41 @@ def registered() -> dict[str, type[BlockSpec]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+class CompositeBase(BlockSpec):
+    """A block made of blocks: a use of a block defined in the spec (``define:``), or one written inline.
+
+    Its blocks run as a sub-graph: the first reads the block's inputs, each later one the block before it unless its
+    ``from:`` names others (the sub-graph's blocks and ``inputs``, by their local names). Its value is its
+    ``output`` (default: the last block), or several named ``outputs``. Its blocks' modules nest under its name
+    (``stage1.blocks.0.mlp.fc1``); its shape and parameter count are those of its parts.
+    """
+
+    op: Literal["block"]
+    define: str | None = None
+    """The defined block this is a use of (set when a use is expanded; none for a block written inline)."""
+    args: dict[str, Any] = {}
+    """The use's parameter values, for the record (they are already substituted into ``blocks``)."""
+    inputs: list[Name] = Field(default=["x"], min_length=1)
+    """The local names of the block's inputs, as its blocks read them (``from: x``)."""
+    output: Ref | None = None
+    """The block (local name) whose value is this block's value; default: the last block."""
+    outputs: dict[Name, Ref] = {}
+    """Several named outputs instead of ``output``: ``{port: block}``; others read them as ``from: NAME.port``."""
+
+    arity: ClassVar[int | None] = None
+
+    def output_ports(self) -> tuple[str, ...] | None:
+        return tuple(self.outputs) or None
+
+    @property
+    def label(self) -> str:
+        """What the block is, for people: the defined block's name, or ``block``."""
+        return self.define or self.op
+
+    if TYPE_CHECKING:
+        blocks: list[BlockSpec]
+
+
 # ------------------------------------------------------------------------------------------------- fixed spec models
 
 
@@ -364,8 +399,14 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
     if "model" not in _CACHE:
         if not _REGISTRY:
             raise RuntimeError("no block types are registered (import blockgraph.blocks first)")
-        members = tuple(_REGISTRY[op] for op in sorted(_REGISTRY))
+        composite = create_model(
+            "CompositeSpec",
+            __base__=CompositeBase,
+            blocks=(list["Block"], Field(min_length=1, description="The blocks of the sub-graph.")),  # type: ignore[name-defined]
+        )
+        members = (*(_REGISTRY[op] for op in sorted(_REGISTRY)), composite)
         block = Annotated[Union[members], Field(discriminator="op")]  # noqa: UP007 (a runtime tuple of members)
+        composite.model_rebuild(_types_namespace={"Block": block})
         path = create_model(
             "PathSpec",
             __base__=PathBase,

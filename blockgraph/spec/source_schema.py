@@ -56,6 +56,39 @@ _TOP_LEVEL = {
         "type": "array",
         "items": {"type": "string"},
     },
+    "define": {
+        "description": "Blocks defined in YAML: named, parameterized sub-graphs of ops, used like any op "
+        "(`op: NAME`, with their parameters as keys).",
+        "type": "object",
+        "additionalProperties": {"$ref": "#/definitions/Definition"},
+    },
+}
+_DEFINITION = {
+    "description": "A block defined in YAML: its parameters, inputs, blocks and output.",
+    "type": "object",
+    "properties": {
+        "description": {"description": "What the block is, for people.", "type": "string"},
+        "params": {
+            "description": "Parameters and their defaults (null: required), usable as `${name}` in the blocks.",
+            "type": "object",
+        },
+        "inputs": {
+            "description": "The local names of the inputs (default: [x]).",
+            "type": "array",
+            "items": {"type": "string"},
+        },
+        "blocks": {"description": "The blocks of the sub-graph; the first reads the inputs.", "type": "array"},
+        "output": {"description": "The block whose value is the output (default: the last).", "type": "string"},
+        "outputs": {"description": "Several named outputs: `{port: block}`.", "type": "object"},
+    },
+    "required": ["blocks"],
+    "additionalProperties": False,
+}
+_USE = {
+    "description": "A use of a block defined under `define:` (its parameters are checked when the spec is expanded).",
+    "type": "object",
+    "properties": {"op": {"type": "string"}},
+    "required": ["op"],
 }
 
 
@@ -159,6 +192,13 @@ def source_schema() -> dict[str, Any]:
         definitions[name]["properties"]["depth"] = copy.deepcopy(_DEPTH)
     for name in (*blocks, "StageSpec", "PathSpec", "RenameRule"):
         definitions[name]["properties"].update(copy.deepcopy(_TEMPLATE_KEYS))
+    unions = [d for d in _walk(definitions, {}) if isinstance(d, dict) and isinstance(d.get("discriminator"), dict)]
+    ops = sorted({op for union in unions for op in union["discriminator"]["mapping"]})
+    for union in unions:  # any other op may name a defined block
+        union["anyOf"].append({"$ref": "#/definitions/DefinedBlockUse"})
+    definitions["DefinedBlockUse"] = {**copy.deepcopy(_USE), "not": {"properties": {"op": {"enum": ops}}}}
+    definitions["Definition"] = copy.deepcopy(_DEFINITION)
+    definitions["Definition"]["properties"]["blocks"]["items"] = copy.deepcopy(unions[0]) if unions else {}
     definitions["Expression"] = {
         "description": "An expression: `${dims[i] // 2}` stands for a value of any type; `${...}` inside text "
         "(`stage${i + 1}`) is formatted into it.",
