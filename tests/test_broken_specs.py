@@ -224,8 +224,49 @@ FAMILY_CASES = [
                       "did you mean 'backbone.stage.4'")),
 ]  # fmt: skip
 
+DEFINED = """\
+name: defined
+input: {channels: 3, size: [64, 64]}
+define:
+  mlp_pair:
+    params: {dim: null, ratio: 2}
+    blocks:
+      - {name: fc1, op: mlp, dim: "${dim}", mlp_ratio: "${ratio}"}
+      - {name: fc2, op: mlp, dim: "${dim}", dim_out: "${dim}"}
+stages:
+  - name: s1
+    blocks:
+      - {name: embed, op: conv_patch_embed, dim: 32, patch: 4}
+      - {name: blocks, op: mlp_pair, dim: 32, depth: 2}
+blocks:
+  - {name: head, op: cls_head, from: s1.blocks, dim: 32, num_classes: 10, pool: avg}
+outputs: {logits: head}
+"""
+
+DEFINED_CASES = [
+    Case("defined block: a wrong dim inside", 'dim: "${dim}", dim_out', "dim: 16, dim_out", "16, dim_out",
+         "node 's1.blocks.0.fc2': input has 32 channels but `dim` is 16", "`dim: 32`"),
+    Case("defined block: an unknown parameter", "dim: 32, depth", "dims: 32, depth", "dims",
+         "block 'mlp_pair' has no parameter 'dims'", "did you mean 'dim'"),
+    Case("defined block: a required parameter missing", "dim: 32, depth: 2", "depth: 2", "{name: blocks",
+         "block 'mlp_pair' needs parameter dim", "`dim: ...`"),
+    Case("defined block: an unknown key inside", 'mlp_ratio: "${ratio}"', 'mlp_raito: "${ratio}"', "mlp_raito",
+         "unknown key 'mlp_raito' in block 's1.blocks.0.fc1' \\(mlp\\)", "did you mean 'mlp_ratio'"),
+    Case("defined block: uses itself", "fc2, op: mlp,", "fc2, op: mlp_pair,", "mlp_pair,",
+         "defined block 'mlp_pair' uses itself: mlp_pair -> mlp_pair", "not itself"),
+    Case("defined block: an output that is not one of its blocks", "ratio: 2}", "ratio: 2}\n    output: fc3", "fc3",
+         "the output of block 'mlp_pair' names 'fc3'", "its blocks: fc1, fc2"),
+    Case("defined block: a misspelled use", "op: mlp_pair, dim: 32", "op: mlp_piar, dim: 32", "mlp_piar",
+         "unknown op 'mlp_piar'", "did you mean 'mlp_pair'"),
+    Case("defined block: the name of a registered op", "  mlp_pair:", "  mlp:", "mlp:",
+         "defined block 'mlp' has the name of a registered op", "rename it"),
+    Case("defined block: a spec variable inside", 'mlp_ratio: "${ratio}"', 'mlp_ratio: "${width}"', "width",
+         "undefined variable 'width'", "ratio"),
+]  # fmt: skip
+
 TABLE = (
     [(VALID, c) for c in CASES]
+    + [(DEFINED, c) for c in DEFINED_CASES]
     + [(PARALLEL, c) for c in PARALLEL_CASES]
     + [(MPVIT, c) for c in MPVIT_CASES]
     + FAMILY_CASES

@@ -65,6 +65,8 @@ class Composite:
     name: str
     spec: CompositeBase
     path: Path
+    scope: str = ""
+    """The stage, path or composite it is declared in ("": the model)."""
     members: list[str] = field(default_factory=list)
     """The nodes it is made of, its inner composites' included, in declaration order."""
 
@@ -237,7 +239,9 @@ class Graph:
                         hint=f"its blocks: {', '.join(b.name or b.op for b in spec.blocks)}",
                     )
                 )
-                continue
+                found = self._resolve(_entry_name(spec.blocks[-1], ()), (name,))  # go on with the last block
+                if found is None:
+                    continue
             self.aliases[alias] = found
 
     def _connect(self, src: str, dst: str, port: int, out: str | None) -> None:
@@ -262,6 +266,10 @@ class Graph:
                 return head, port
         return None
 
+    def value_of(self, name: str) -> tuple[str, str | None] | None:
+        """The node (and port) that gives the value of a node, composite or repeated block named ``name``."""
+        return self._exact(name)
+
     def _exact(self, name: str) -> tuple[str, str | None] | None:
         """A name that is a node, an alias (a composite, its port or input) or a repeated block (its last)."""
         if name in self.nodes:
@@ -276,7 +284,9 @@ class Graph:
         """What reading ``name`` whole gives: its value, or each of its ports in order (a multi-output block)."""
         composite = self.composites.get(name)
         if composite is not None and composite.spec.outputs:
-            return [self.aliases[f"{name}.{port}"] for port in composite.spec.outputs if f"{name}.{port}" in self.aliases]
+            return [
+                self.aliases[f"{name}.{port}"] for port in composite.spec.outputs if f"{name}.{port}" in self.aliases
+            ]
         found = self._exact(name)
         if found is None:
             return []
@@ -469,7 +479,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             )
     entries += [(b, ("blocks", j), None, (), None, None) for j, b in enumerate(spec.blocks)]
     entries = _flatten(entries)
-    for index, (block, path, stage, scopes, _, owner) in enumerate(entries, start=1):
+    for index, (block, path, stage, scopes, _, _owner) in enumerate(entries, start=1):
         name = _entry_name(block, scopes)
         head, _, tail = name.rpartition(".")
         node = Node(name, block, path, index, stage, scopes)
@@ -479,7 +489,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 continue
             g.groups.setdefault(head, []).append(name)
         if isinstance(block, CompositeBase):
-            g._add_composite(Composite(name, block, path))
+            g._add_composite(Composite(name, block, path, scopes[0] if scopes else ""))
         else:
             g._add(node)
     for composite in reversed(list(g.composites.values())):  # inner ones first: an output may be a composite

@@ -79,11 +79,21 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
     h, w = input_size or spec.input.size
     env = {"H": h, "W": w}
     group_of = {member: group for group, members in graph.groups.items() for member in members} if collapse else {}
+    if collapse:  # a block made of blocks is drawn as one, repeated or not
+        for composite in reversed(graph.composites.values()):  # outer ones last: they win
+            for member in composite.members:
+                group_of[member] = group_of.get(composite.name, composite.name)
 
     def target(name: str) -> str:
         return group_of.get(name, name)
 
     def shape_lines(name: str) -> list[str]:
+        composite = graph.composites.get(name)
+        if composite is not None:  # its output's shape, or each of its ports'
+            ports = [(p, graph.value_of(f"{name}.{p}")) for p in composite.spec.outputs]
+            if ports:
+                return [f"{p}: {line}" for p, found in ports if found for line in shape_lines(found[0])]
+            name = graph.value_of(name)[0]  # type: ignore[index]
         _, shape = describe_value(inference.types[name], env)
         if isinstance(shape, dict):
             return [f"{port}: {'x'.join(map(str, s))}" for port, s in shape.items()]
@@ -95,6 +105,9 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
     def cluster(scope: str) -> Cluster:
         if scope not in clusters:
             parent, _, local = scope.rpartition(".")
+            composite = graph.composites.get(scope)
+            if composite is not None:  # a box of its own, in the scope it is declared in
+                parent, local = composite.scope, f"{_local(scope, composite.scope)} ({composite.spec.label})"
             clusters[scope] = Cluster(scope, local)
             cluster(parent).children.append(clusters[scope])
         return clusters[scope]
@@ -109,10 +122,16 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
             root.children.insert(0, Item(name, [name, "input", f"1x{spec.input.channels}x{h}x{w}"], "input"))
             continue
         scope = node.scopes[0] if node.scopes else ""
-        local = name[len(scope) + 1 :] if scope else name
-        if name != node.name:  # a group of repetitions: its last one's shape
+        folded = graph.composites.get(name) or graph.composites.get(graph.groups.get(name, [""])[-1])
+        if folded is not None:  # drawn in the scope of the block made of blocks
+            scope = folded.scope
+        local = _local(name, scope)
+        op = folded.spec.label if folded is not None else node.op
+        if name in graph.groups and name != node.name:  # a group of repetitions: its last one's shape
             members = graph.groups[name]
-            lines = [f"{local} ×{len(members)}", node.op, *shape_lines(members[-1])]
+            lines = [f"{local} ×{len(members)}", op, *shape_lines(members[-1])]
+        elif folded is not None:
+            lines = [local, op, *shape_lines(name)]
         else:
             lines = [local, node.op, *shape_lines(name)]
         cluster(scope).children.append(Item(name, lines, "block"))
@@ -138,6 +157,10 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
             root.children.append(Item(f"{kind}:{key}", [key, kind if not stride else f"{kind}, {stride}"], "output"))
             link(Link(target(out.node), f"{kind}:{key}", out.port or ""))
     return Picture(spec.name, root, list(links))
+
+
+def _local(name: str, scope: str) -> str:
+    return name[len(scope) + 1 :] if scope else name
 
 
 # ----------------------------------------------------------------------------------------------------------- Mermaid

@@ -359,6 +359,8 @@ class _Expander:
             label = f"in block '{definition.name}' used"
             for recorded in self.collect:  # every value of the definition's blocks notes the use site
                 self.source.values[recorded] = self.source.values[recorded].with_origin(use.pos, label)
+                if recorded in self.source.keys:
+                    self.source.keys[recorded] = self.source.keys[recorded].with_origin(use.pos, label)
         finally:
             collected = self.collect
             self.variables, self.collect = outer

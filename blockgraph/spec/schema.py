@@ -402,7 +402,7 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
         composite = create_model(
             "CompositeSpec",
             __base__=CompositeBase,
-            blocks=(list["Block"], Field(min_length=1, description="The blocks of the sub-graph.")),  # type: ignore[name-defined]
+            blocks=(list["Block"], Field(min_length=1, description="The blocks of the sub-graph.")),  # type: ignore[name-defined]  # noqa: F821 (resolved by the rebuild below)
         )
         members = (*(_REGISTRY[op] for op in sorted(_REGISTRY)), composite)
         block = Annotated[Union[members], Field(discriminator="op")]  # noqa: UP007 (a runtime tuple of members)
@@ -457,6 +457,16 @@ def parse(expanded: Expanded) -> ParsedSpec:
         SpecError: (or an MultiError of them) one per invalid value, each at its file:line:col.
     """
     model_cls, _ = model_types()
+    clashes = [
+        SpecError(
+            f"defined block '{name}' has the name of a registered op",
+            pos=pos,
+            hint=f"rename it: `op: {name}` means the registered op ({_REGISTRY[name].__module__})",
+        )
+        for name, pos in expanded.defined.items()
+        if name in _REGISTRY
+    ]
+    raise_all(clashes)
     try:
         model = model_cls.model_validate(expanded.data)
     except ValidationError as e:
@@ -526,7 +536,7 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             out.append(SpecError(f"unknown key '{key}'{where}", pos=pos, hint=hint))
         elif kind == "union_tag_invalid":
             tag = item.get("ctx", {}).get("tag")
-            ops = sorted(_REGISTRY)
+            ops = sorted([*_REGISTRY, *expanded.defined])
             close = difflib.get_close_matches(str(tag), ops, n=3)
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
             out.append(SpecError(f"unknown op '{tag}'", pos=source.value(path + ("op",)), hint=hint))
@@ -556,8 +566,9 @@ def _op_at(data: Any, path: Sequence[Any]) -> str | None:
 
 
 def _describe_owner(data: Any, path: Sequence[Any]) -> str:
-    """`` in block 'stage1.blocks.0' (serial_block)`` for a path inside a block, else ``""``."""
-    node, stage, block = data, None, None
+    """`` in block 'stage1.blocks.0' (serial_block)`` for a path inside a block (the innermost, for a block inside
+    a block defined in the spec: ``'stage1.blocks.0.mlp.fc1' (linear)``), else ``""``."""
+    node, names, block = data, [], None
     for i, part in enumerate(path):
         try:
             node = node[part]
@@ -565,14 +576,12 @@ def _describe_owner(data: Any, path: Sequence[Any]) -> str:
             break
         if isinstance(node, dict) and "op" in node and i > 0:
             block = node
-            break
-        if len(path) > 1 and path[0] == "stages" and i == 1 and isinstance(node, dict):
-            stage = node.get("name")
+            names.append(str(node.get("name") or node.get("op")))
+        elif len(path) > 1 and path[0] == "stages" and i == 1 and isinstance(node, dict):
+            names.append(str(node.get("name")))
     if block is None:
         return ""
-    name = block.get("name") or block.get("op")
-    full = f"{stage}.{name}" if stage else name
-    return f" in block '{full}' ({block.get('op')})"
+    return f" in block '{'.'.join(names)}' ({block.get('op')})"
 
 
 def _field_doc(model: type[BaseModel], key: str) -> str | None:
