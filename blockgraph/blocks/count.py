@@ -37,9 +37,16 @@ def mlp(dim: int, hidden: int, dim_out: int | None = None, bias: bool = True) ->
     return linear(dim, hidden, bias) + linear(hidden, dim_out or dim, bias)
 
 
-def attention(dim: int, qkv_bias: bool = True) -> int:
-    """timm's ``Attention`` layout: ``qkv`` (dim → 3 dim) and ``proj`` (dim → dim, with bias)."""
-    return linear(dim, 3 * dim, qkv_bias) + linear(dim, dim)
+def attention(dim: int, qkv_bias: bool = True, *, sr_kernel: int | None = None, head_norm: int | None = None) -> int:
+    """timm's ``Attention`` layout: ``qkv`` (dim → 3 dim) and ``proj`` (dim → dim, with bias); PVT-v2's ``q`` and
+    ``kv`` count as ``qkv``. ``sr_kernel``: keys and values reduced by ``sr`` (a conv dim → dim, with bias) and
+    ``norm``; ``head_norm``: ``q_norm`` and ``k_norm`` over that many channels (a head's)."""
+    total = linear(dim, 3 * dim, qkv_bias) + linear(dim, dim)
+    if sr_kernel is not None:
+        total += conv(dim, dim, sr_kernel) + norm(dim)
+    if head_norm is not None:
+        total += 2 * norm(head_norm)
+    return total
 
 
 def transformer_block(dim: int, hidden: int, qkv_bias: bool = True) -> int:
