@@ -160,7 +160,8 @@ class BlockSpec(SpecModel):
     arity: ClassVar[int | None] = 1
     """How many inputs the block takes (None: any number, at least one)."""
     needs_size: ClassVar[bool] = False
-    """Whether ``forward`` takes the token grid ``(h, w)`` of each input, passed after the inputs."""
+    """Whether ``forward`` takes the token grid ``(h, w)`` of each input, passed after the inputs (see
+    :meth:`takes_size`)."""
     batch_norm: ClassVar[bool] = False
     """Whether the module normalizes with batch statistics (BatchNorm) at its output's grid: in training, a batch of
     one image whose map there is 1x1 leaves one value per channel, which BatchNorm cannot normalize; the compiled
@@ -170,6 +171,12 @@ class BlockSpec(SpecModel):
     its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
     that work whose result nothing reads is not done (ViT's last block computes the cls token alone); the node's
     static type still describes the full output."""
+
+    def takes_size(self, *inputs: TensorType) -> bool:
+        """Whether ``forward`` takes the token grid ``(h, w)`` of each input, for these inputs: the class's
+        :attr:`needs_size` by default; a block whose module needs the grid for some inputs only (an einops pattern
+        whose lengths come from the grid) decides here."""
+        return type(self).needs_size
 
     def output_ports(self) -> tuple[str, ...] | None:
         """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a
