@@ -94,16 +94,16 @@ class EinopsSpec(BlockSpec):
 
 @register
 class RearrangeSpec(EinopsSpec):
-    """Reorder, split and merge axes: ``einops.rearrange`` (``b (h w) c -> b c h w``, ``b c (h p1) (w p2) -> b (h w)
-    (p1 p2 c)``); every axis of the left side appears on the right."""
+    """Reorder, split and merge axes: ``einops.rearrange``. Every axis of the left side appears on the right:
+    ``b (h w) c -> b c h w``, or patches ``b c (h p1) (w p2) -> b (h w) (p1 p2 c)``."""
 
     op: Literal["rearrange"]
 
 
 @register
 class ReduceSpec(EinopsSpec):
-    """Reduce the axes the right side leaves out: ``einops.reduce`` (``b c h w -> b c`` global pooling, ``b c (h 2)
-    (w 2) -> b c h w`` 2x2 pooling)."""
+    """Reduce the axes the right side leaves out: ``einops.reduce``. Global pooling ``b c h w -> b c``, 2x2
+    pooling ``b c (h 2) (w 2) -> b c h w``."""
 
     op: Literal["reduce"]
     reduction: Literal["mean", "max", "min", "sum", "prod"]
@@ -115,8 +115,8 @@ class ReduceSpec(EinopsSpec):
 
 @register
 class RepeatSpec(EinopsSpec):
-    """Add axes, copying the input along them: ``einops.repeat`` (``b c h w -> b (c r) h w`` with ``axes: {r:
-    2}``); a new axis's length is in ``axes`` or written as a number."""
+    """Add axes, copying the input along them: ``einops.repeat``. A new axis's length is in ``axes`` or
+    written as a number: ``b c h w -> b (c r) h w`` with ``axes: {r: 2}``."""
 
     op: Literal["repeat"]
 
