@@ -5,6 +5,7 @@ from blockgraph.blocks import (  # noqa: F401  (registration)
     coat,
     conv,
     deformable,
+    einops,
     heads,
     mlp,
     mobilevit,

@@ -48,7 +48,7 @@ class AttentionSpec(AttentionFields):
     qk_norm: bool = False
     """LayerNorm each head's queries and keys (``q_norm``, ``k_norm``, timm's ``qk_norm``)."""
 
-    def takes_size(self) -> bool:
+    def takes_size(self, *inputs: TensorType) -> bool:
         return self.sr_ratio > 1 or self.kv_pool is not None
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:

@@ -8,7 +8,7 @@ every reference spec (:func:`check_blocks`).
 
 Each block is built alone on the meta device (no memory, no init) and called, in eval mode, on meta tensors of its
 input types at the spec's input size, batch 2, exactly as the generated forward calls it: the inputs, then the
-``(h, w)`` grid of each input when the block ``takes_size()``, then its shared modules (built on meta too) as keyword
+``(h, w)`` grid of each input when the block ``takes_size``, then its shared modules (built on meta too) as keyword
 arguments. So a custom block's module must run on the meta device (no ``.item()``, no shapes that depend on values).
 Only the ``BlockSpec`` API is used (``build``, ``params``, ``output_ports``, ``takes_size``, the shared fields):
 nothing here knows about particular ops.
@@ -135,7 +135,7 @@ def _check_shapes(inference: Inference, name: str, module: nn.Module, shared: An
     env = {"H": h, "W": w}
     types = inference.inputs(name)
     args: list[Any] = [torch.empty(t.shape(env, batch=BATCH), device="meta") for t in types]
-    if node.spec.takes_size():
+    if node.spec.takes_size(*types):  # type: ignore[union-attr]
         args += [(t.grid[0].evaluate(env), t.grid[1].evaluate(env)) for t in types]  # type: ignore[index]
     kwargs = {
         field: shared(q) if isinstance(q, str) else tuple(shared(x) for x in q) for field, q in node.shared.items()

@@ -190,7 +190,7 @@ def _generate(
             continue
         edges = graph.in_edges(name)
         args = [ref(e.src, e.out) for e in edges]
-        if node.spec.takes_size():
+        if node.spec.takes_size(*inference.inputs(name)):
             for t in inference.inputs(name):
                 grid = t.grid
                 key = f"({_py(grid[0])}, {_py(grid[1])})"

@@ -160,8 +160,8 @@ class BlockSpec(SpecModel):
     arity: ClassVar[int | None] = 1
     """How many inputs the block takes (None: any number, at least one)."""
     needs_size: ClassVar[bool] = False
-    """Whether ``forward`` takes the token grid ``(h, w)`` of each input, passed after the inputs; a block whose
-    fields decide it overrides :meth:`takes_size` instead."""
+    """Whether ``forward`` takes the token grid ``(h, w)`` of each input, passed after the inputs (see
+    :meth:`takes_size`)."""
     batch_norm: ClassVar[bool] = False
     """Whether the module normalizes with batch statistics (BatchNorm) at its output's grid: in training, a batch of
     one image whose map there is 1x1 leaves one value per channel, which BatchNorm cannot normalize; the compiled
@@ -172,16 +172,17 @@ class BlockSpec(SpecModel):
     that work whose result nothing reads is not done (ViT's last block computes the cls token alone); the node's
     static type still describes the full output."""
 
+    def takes_size(self, *inputs: TensorType) -> bool:
+        """Whether ``forward`` takes the token grid ``(h, w)`` of each input, for these inputs: the class's
+        :attr:`needs_size` by default; a block whose module needs the grid for some inputs only (an einops pattern
+        whose lengths come from the grid, attention whose keys are reduced on the map) decides here. The compiler asks
+        this, never the class attribute."""
+        return type(self).needs_size
+
     def output_ports(self) -> tuple[str, ...] | None:
         """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a
         block with one output. Others read a port as ``from: node.port``."""
         return None
-
-    def takes_size(self) -> bool:
-        """Whether this block's ``forward`` takes the grid ``(h, w)`` of each input, passed after the inputs: the
-        class's :attr:`needs_size`, unless the block overrides this (attention whose keys are reduced on the map
-        only when ``sr_ratio > 1``). The compiler asks this, never the class attribute."""
-        return self.needs_size
 
     def reads_tokens(self, x: TensorType) -> int | None:
         """How many leading tokens of its one input ``x`` the block reads (a head on the cls token: 1), or None, the

@@ -1,0 +1,39 @@
+"""The modules of the einops ops: einops' own layers, and one that reads lengths from the token grid."""
+
+from __future__ import annotations
+
+import einops
+import torch
+from einops.layers.torch import Rearrange, Reduce
+from torch import nn
+
+__all__ = ["EinopsOnGrid", "Rearrange", "Reduce"]
+
+
+class EinopsOnGrid(nn.Module):
+    """``einops.reduce(x, pattern, reduction, **lengths)`` (``reduction`` may be ``rearrange`` or ``repeat``, as in
+    einops itself) where some lengths are the token grid ``(h, w)`` that ``forward`` receives: ``b (h w) c -> b c h
+    w`` on tokens names ``h``, which einops cannot infer from the token count alone.
+
+    Args:
+        pattern: the einops pattern.
+        reduction: ``rearrange``, ``repeat``, or a reduction (``mean``, ``max``, ...).
+        lengths: constant axis lengths.
+        grid_axes: axes whose length is the grid's: axis → 0 (rows, ``h``) or 1 (columns, ``w``).
+    """
+
+    def __init__(self, pattern: str, reduction: str, lengths: dict[str, int], grid_axes: dict[str, int]):
+        super().__init__()
+        self.pattern = pattern
+        self.reduction = reduction
+        self.lengths = dict(lengths)
+        self.grid_axes = dict(grid_axes)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        grid = {axis: size[i] for axis, i in self.grid_axes.items()}
+        return einops.reduce(x, self.pattern, self.reduction, **self.lengths, **grid)
+
+    def extra_repr(self) -> str:
+        lengths = "".join(f", {axis}={length}" for axis, length in self.lengths.items())
+        grid = "".join(f", {axis}=grid[{i}]" for axis, i in self.grid_axes.items())
+        return f"{self.pattern!r}, {self.reduction!r}{lengths}{grid}"
