@@ -192,13 +192,6 @@ def source_schema() -> dict[str, Any]:
         definitions[name]["properties"]["depth"] = copy.deepcopy(_DEPTH)
     for name in (*blocks, "StageSpec", "PathSpec", "RenameRule"):
         definitions[name]["properties"].update(copy.deepcopy(_TEMPLATE_KEYS))
-    unions = [d for d in _walk(definitions, {}) if isinstance(d, dict) and isinstance(d.get("discriminator"), dict)]
-    ops = sorted({op for union in unions for op in union["discriminator"]["mapping"]})
-    for union in unions:  # any other op may name a defined block
-        union["anyOf"].append({"$ref": "#/definitions/DefinedBlockUse"})
-    definitions["DefinedBlockUse"] = {**copy.deepcopy(_USE), "not": {"properties": {"op": {"enum": ops}}}}
-    definitions["Definition"] = copy.deepcopy(_DEFINITION)
-    definitions["Definition"]["properties"]["blocks"]["items"] = copy.deepcopy(unions[0]) if unions else {}
     definitions["Expression"] = {
         "description": "An expression: `${dims[i] // 2}` stands for a value of any type; `${...}` inside text "
         "(`stage${i + 1}`) is formatted into it.",
@@ -206,6 +199,13 @@ def source_schema() -> dict[str, Any]:
         "pattern": EXPRESSION_PATTERN,
     }
     root = _convert({k: v for k, v in expanded.items() if k not in ("$schema", "title", "required")})
+    unions = [d for d in _walk(root, definitions) if isinstance(d, dict) and isinstance(d.get("discriminator"), dict)]
+    ops = sorted({op for union in unions for op in union["discriminator"]["mapping"]})
+    for union in unions:  # any other op may name a defined block
+        union["anyOf"].append({"$ref": "#/definitions/DefinedBlockUse"})
+    definitions["DefinedBlockUse"] = {**copy.deepcopy(_USE), "not": {"properties": {"op": {"enum": ops}}}}
+    definitions["Definition"] = copy.deepcopy(_DEFINITION)
+    definitions["Definition"]["properties"]["blocks"]["items"] = copy.deepcopy(unions[0]) if unions else {}
     root["properties"].update({k: copy.deepcopy(v) for k, v in _TOP_LEVEL.items()})
     variant = copy.deepcopy(root)
     variant["description"] = "A variant: deep-merged over the spec when chosen (`variant: small`)."
