@@ -1,6 +1,19 @@
 """The block library: importing this package registers every built-in op (without importing torch)."""
 
-from blockgraph.blocks import coat, conv, deformable, heads, mlp, mobilevit, mpvit, patch_embed, swin, tokens, vit  # noqa: F401  (registration)
+from blockgraph.blocks import (  # noqa: F401  (registration)
+    coat,
+    conv,
+    deformable,
+    heads,
+    mlp,
+    mobilevit,
+    mpvit,
+    patch_embed,
+    primitives,
+    swin,
+    tokens,
+    vit,
+)
 from blockgraph.blocks.base import BuildContext
 
 __all__ = ["BuildContext"]
