@@ -9,7 +9,7 @@ input's channels: checked against the input when given, taken from it when not.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -124,8 +124,11 @@ class Conv2dSpec(BlockSpec):
         from blockgraph.layers.primitives import Conv2d
 
         fields = self.fields("dim", "kernel", "stride", "padding", "dilation")
-        sizes = {k: pair(getattr(self, k)) for k in ("kernel", "stride", "dilation")}
-        return Conv2d(dim=x.channels, **fields, **sizes, padding=self.paddings(), **ctx.dd)
+        kernel, stride, dilation = pair(self.kernel), pair(self.stride), pair(self.dilation)
+        ph, pw = self.paddings()
+        assert ph is not None and pw is not None, "the shape rule rejects an uneven `same`"
+        padding = (ph, pw)
+        return Conv2d(x.channels, kernel=kernel, stride=stride, padding=padding, dilation=dilation, **fields, **ctx.dd)
 
     def params(self, x: TensorType) -> int:
         return count.conv(x.channels, self.dim_out, pair(self.kernel), self.groups, self.bias)
@@ -446,7 +449,7 @@ def _at_least_two(ctx: InferContext, xs: tuple[TensorType, ...]) -> None:
 class Elementwise(BlockSpec):
     """The shape rule of an elementwise op of several inputs (not an op itself)."""
 
-    arity = None
+    arity: ClassVar[int | None] = None
 
     def infer(self, ctx: InferContext, *xs: TensorType) -> TensorType:
         _at_least_two(ctx, xs)

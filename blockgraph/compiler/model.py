@@ -155,10 +155,10 @@ class BlockgraphModel(nn.Module):
             node = graph.nodes[name]
             t = self.inference.types[name]
             values = t.values() if isinstance(t, dict) else (t,)
+            if not node.spec.uses_batch_norm():  # type: ignore[union-attr]
+                continue
             vector = any(v.grid is None for v in values)
-            if node.spec.uses_batch_norm() and (
-                vector or any(v.shape({"H": h, "W": w}, 1)[2:] == (1, 1) for v in values)
-            ):
+            if vector or any(v.shape({"H": h, "W": w}, 1)[2:] == (1, 1) for v in values):
                 raise ShapeError(
                     f"in training, a batch of one {h}x{w} image leaves node '{name}' ({node.op}) "
                     f"{'a vector' if vector else 'a 1x1 map'}: its BatchNorm would see one value per channel and "
