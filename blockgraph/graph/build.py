@@ -454,9 +454,6 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             if found is None:
                 g._errors.append(g._reference_error(out.from_, path + ("from",), None, ()))
                 continue
-            if (error := g._port_error(found, out.from_, path + ("from",), key)) is not None:
-                g._errors.append(error)  # a port the node does not have, or none of a node with several
-                continue
             getattr(g, attr)[key] = Output(key, found[0], found[1], out, path)
     if not entries:
         g._errors.append(

@@ -354,15 +354,16 @@ def test_bad_inputs_are_clear_errors(layout, block, pre, error, match) -> None:
 @pytest.mark.parametrize(
     ("outputs", "match", "hint"),
     [("{out: op.c}", r"'op' has no output port 'c'", "ports of 'op': a, b"),
-     ("{out: op}", r"'op' has several outputs; name one of them: op.a, op.b", "e.g. `from: op.a`")],
+     ("{out: op}", r"'op' has several outputs; name one of them: op.a, op.b", "ports of 'op': a, b"),
+     ("{out: x.a}", r"'x' has no output port 'a'", "ports of 'x': none (it has a single output)")],
 )  # fmt: skip
-def test_an_output_must_name_a_port_split_has(outputs: str, match: str, hint: str) -> None:
+def test_an_output_must_name_a_port_its_node_has(outputs: str, match: str, hint: str) -> None:
     text = make_spec("image", "op: split, sizes: [4, 4], names: [a, b]").replace(
         "outputs: {out: op}", f"outputs: {outputs}"
     )
-    with pytest.raises(bg.GraphError, match=match) as e:
+    with pytest.raises(bg.ShapeError, match=match) as e:
         bg.validate(text)
-    assert hint in e.value.hint
+    assert e.value.hint == hint and e.value.node == "out"
 
 
 # ------------------------------------------------------------------------------------- blocks composed of primitives
