@@ -11,6 +11,7 @@ from blockgraph.blocks import (  # noqa: F401  (registration)
     mobilevit,
     mpvit,
     patch_embed,
+    primitives,
     swin,
     tokens,
     vit,

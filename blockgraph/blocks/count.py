@@ -21,6 +21,11 @@ def norm(channels: int, affine: bool = True) -> int:
     return 2 * channels if affine else 0
 
 
+def rms_norm(channels: int, affine: bool = True) -> int:
+    """RMSNorm over ``channels`` (a weight, no bias)."""
+    return channels if affine else 0
+
+
 def conv_bn(fan_in: int, fan_out: int, kernel: int = 1, groups: int = 1) -> int:
     """A conv without bias followed by a BatchNorm (``ConvBn``)."""
     return conv(fan_in, fan_out, kernel, groups, bias=False) + norm(fan_out)

@@ -169,7 +169,8 @@ def _generate(
     lines.append(f"        self._reject({image})")
     single = _batch_stat_code(inference, order)
     if single:
-        lines.append(f"    if self.training and {image}.shape[0] == 1 and ({single}):")
+        always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one
+        lines.append(f"    if self.training and {image}.shape[0] == 1{always}:")
         lines.append(f"        self._reject_single({image})")
     sizes: dict[str, str] = {}
     ports: dict[tuple[str, str], str] = {}
@@ -236,10 +237,12 @@ def _batch_stat_code(inference: Inference, order: list[str]) -> str:
     conditions: list[str] = []
     for name in order:
         node = inference.graph.nodes[name]
-        if node.is_input or not type(node.spec).batch_norm:
+        if node.is_input or not node.spec.uses_batch_norm():  # type: ignore[union-attr]
             continue
         t = inference.types[name]
         for value in t.values() if isinstance(t, dict) else (t,):
+            if value.grid is None:  # a vector: one value per channel in any batch of one
+                return "True"
             h, w = value.grid
             condition = f"({_py(h)} == 1 and {_py(w)} == 1)"
             if condition not in conditions:

@@ -155,13 +155,18 @@ class BlockgraphModel(nn.Module):
             node = graph.nodes[name]
             t = self.inference.types[name]
             values = t.values() if isinstance(t, dict) else (t,)
-            if type(node.spec).batch_norm and any(v.shape({"H": h, "W": w}, 1)[2:] == (1, 1) for v in values):
+            if not node.spec.uses_batch_norm():  # type: ignore[union-attr]
+                continue
+            vector = any(v.grid is None for v in values)
+            if vector or any(v.shape({"H": h, "W": w}, 1)[2:] == (1, 1) for v in values):
                 raise ShapeError(
-                    f"in training, a batch of one {h}x{w} image leaves node '{name}' ({node.op}) a 1x1 map: its "
-                    "BatchNorm would see one value per channel and cannot compute batch statistics",
+                    f"in training, a batch of one {h}x{w} image leaves node '{name}' ({node.op}) "
+                    f"{'a vector' if vector else 'a 1x1 map'}: its BatchNorm would see one value per channel and "
+                    "cannot compute batch statistics",
                     pos=graph.pos(node.path),
                     node=name,
-                    hint="train with a batch of 2 or more or with larger images, or call model.eval()",
+                    hint=f"train with a batch of 2 or more{'' if vector else ' or with larger images'}, or call "
+                    "model.eval()",
                 )
         raise ShapeError(f"input of shape {list(x.shape)} rejected in training", node=self.spec.input.name)
 

@@ -317,6 +317,26 @@ def _port(graph: Graph, edge: Any, value: Any) -> TensorType:
 
 def _check_outputs(graph: Graph, inference: Inference) -> None:
     errors: list[BlockgraphError] = []
+    for out in (*graph.outputs.values(), *graph.features.values()):
+        value = inference.types[out.node]
+        ports = list(value) if isinstance(value, Mapping) else []
+        if out.port is None and ports:
+            message = (
+                f"'{out.node}' has several outputs; name one of them: {', '.join(f'{out.node}.{p}' for p in ports)}"
+            )
+        elif out.port is not None and out.port not in ports:
+            message = f"'{out.node}' has no output port '{out.port}'"
+        else:
+            continue
+        errors.append(
+            ShapeError(
+                message,
+                pos=graph.pos(out.path + ("from",)),
+                node=out.name,
+                hint=f"ports of '{out.node}': {', '.join(ports) or 'none (it has a single output)'}",
+            )
+        )
+    raise_all(errors)
     for out in graph.features.values():
         t = inference.types[out.node]
         if isinstance(t, Mapping):

@@ -164,8 +164,9 @@ class BlockSpec(SpecModel):
     :meth:`takes_size`)."""
     batch_norm: ClassVar[bool] = False
     """Whether the module normalizes with batch statistics (BatchNorm) at its output's grid: in training, a batch of
-    one image whose map there is 1x1 leaves one value per channel, which BatchNorm cannot normalize; the compiled
-    forward rejects that case with a ShapeError naming the node."""
+    one image whose map there is 1x1 (or a vector) leaves one value per channel, which BatchNorm cannot normalize;
+    the compiled forward rejects that case with a ShapeError naming the node. A block whose fields decide it
+    overrides :meth:`uses_batch_norm` instead."""
     trims_tokens: ClassVar[bool] = False
     """Whether ``build`` honours ``ctx.keep_tokens``: a module that returns only the first ``keep_tokens`` tokens of
     its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
@@ -183,6 +184,11 @@ class BlockSpec(SpecModel):
         """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a
         block with one output. Others read a port as ``from: node.port``."""
         return None
+
+    def uses_batch_norm(self) -> bool:
+        """Whether this block's module normalizes with batch statistics at its output (see :attr:`batch_norm`, the
+        default); what the compiler asks."""
+        return self.batch_norm
 
     def reads_tokens(self, x: TensorType) -> int | None:
         """How many leading tokens of its one input ``x`` the block reads (a head on the cls token: 1), or None, the
