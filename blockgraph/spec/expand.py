@@ -509,8 +509,14 @@ def expand(
 
     expander = _Expander(file)
     imports = _imports(root.get(IMPORTS))
-    for library in (i for i in imports if i.is_library):
-        expander.defines.update(_library(library))
+    modules: list[Import] = []
+    for entry in imports:
+        if entry.is_library:
+            defines, modules_there = _library(entry)
+            expander.defines.update(defines)
+            modules += [m for m in modules_there if m.name not in {n.name for n in modules}]
+        elif entry.name not in {n.name for n in modules}:
+            modules.append(entry)
     expander.defines.update(definitions(root.get(DEFINE)))
     defs_node = root.get("variables")
     if defs_node is not None and not defs_node.is_map:
@@ -541,12 +547,15 @@ def expand(
     if chosen is not None:
         data["variant"] = chosen
     defined = {name: d.pos for name, d in expander.defines.items()}
-    modules = [i for i in imports if not i.is_library]
     return Expanded(data, expander.source, chosen, modules, defined)
 
 
-def _library(entry: Import) -> dict[str, Definition]:
-    """The blocks a YAML library defines (its ``define:``, through its own ``extends:``)."""
+def _library(entry: Import, chain: tuple[str, ...] = ()) -> tuple[dict[str, Definition], list[Import]]:
+    """The blocks a YAML library defines (its ``define:``, through its own ``extends:``, over those of the libraries
+    it imports), and the modules of custom blocks it imports."""
+    if entry.name in chain:
+        shown = " -> ".join([*chain, entry.name])
+        raise SpecError(f"`imports:` of block libraries form a cycle: {shown}", pos=entry.pos, hint="remove one")
     if not os.path.isfile(entry.name):
         raise SpecError(
             f"`imports:` names a block library that does not exist: {entry.name}",
@@ -554,4 +563,14 @@ def _library(entry: Import) -> dict[str, Definition]:
             hint="a .yaml entry is a file of `define:` blocks, relative to the spec that imports it",
         )
     root = _resolve_extends(load_file(entry.name), entry.name, [entry.name])
-    return definitions(root.get(DEFINE))
+    defines: dict[str, Definition] = {}
+    modules: list[Import] = []
+    for inner in _imports(root.get(IMPORTS)):
+        if inner.is_library:
+            more, modules_there = _library(inner, (*chain, entry.name))
+            defines.update(more)
+            modules += modules_there
+        else:
+            modules.append(inner)
+    defines.update(definitions(root.get(DEFINE)))
+    return defines, modules

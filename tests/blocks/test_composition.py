@@ -84,3 +84,18 @@ def test_training_a_batch_of_one_on_a_1x1_batchnorm_map_is_a_shape_error() -> No
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # what torch would have said
         model.train().get_submodule("stage4.patch_embed")(torch.randn(1, 216, 2, 2))
+
+
+def test_vit_block_written_in_yaml_equals_the_built_in() -> None:
+    """specs/blocks/vit.yaml's transformer_block, made of primitives, has the built-in vit_block's keys and values
+    (the built-in keeps its fused paths: residual adds in the kernels, the last block's cls token alone)."""
+    library = ROOT / "specs" / "blocks" / "vit.yaml"
+    text = (ROOT / "specs" / "vit.yaml").read_text().replace("op: vit_block", "op: transformer_block")
+    composed = bg.build_model(f"imports: [{library}]\n{text}", variant="small", overrides={"depth": 3}).eval()
+    built_in = bg.build_model(ROOT / "specs" / "vit.yaml", variant="small", overrides={"depth": 3}).eval()
+    assert list(composed.state_dict()) == list(built_in.state_dict())
+    assert composed.trimmed_tokens == {} and built_in.trimmed_tokens == {"blocks.2": 1}
+    composed.load_state_dict(built_in.state_dict())
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(composed(x), built_in(x), rtol=0, atol=1e-6)
