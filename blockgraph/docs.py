@@ -25,6 +25,7 @@ from blockgraph.spec.plugins import registry
 from blockgraph.spec.schema import (
     BlockName,
     BlockSpec,
+    CompositeBase,
     InputSpec,
     Name,
     OutputSpec,
@@ -237,8 +238,47 @@ TEMPLATES = [
 _IMPORTS = (
     "Modules of custom blocks to import first: dotted names (`my_pkg.blocks`) or .py files relative to this file "
     "(`./blocks/convnext.py`); inherited through `extends:`. Their code runs, as a Python config's does; see "
-    "[custom blocks](custom-blocks.md)."
+    "[custom blocks](custom-blocks.md). A `.yaml` file is a library of blocks defined in YAML: its `define:` is read "
+    "(no code runs)."
 )
+
+
+DEFINE_TEXT = [
+    "`define:` names blocks made of other blocks: parameterized sub-graphs, used like any op. A definition has "
+    "`params` (a mapping of names to defaults, `null` for a required one; a default may use the other parameters, "
+    "`hidden: ${dim * 4}`), `inputs` (local names, default `[x]`), `blocks` (wired with `from:` as anywhere else, "
+    "the first reading the inputs), and `output` (a block; default: the last) or `outputs` (`{port: block}`, read "
+    "as `from: NAME.port`). Its expressions see its parameters only, not the spec's variables, so a library of "
+    "definitions means the same in every spec that reads it.",
+    "",
+    "```yaml",
+    "define:",
+    "  convnext_block:",
+    "    params: {dim: null, ls_init: 1.0e-6, drop_path: 0.0}",
+    "    blocks:",
+    '      - {name: conv_dw, op: conv2d, dim_out: "${dim}", kernel: 7, groups: "${dim}"}',
+    "      - {name: tokens, op: rearrange, pattern: b c h w -> b (h w) c}",
+    "      - {name: norm, op: norm, kind: layer, eps: 1.0e-6}",
+    '      - {name: mlp, op: mlp, dim: "${dim}"}',
+    "      - {name: map, op: rearrange, pattern: b (h w) c -> b c h w}",
+    '      - {name: gamma, op: layer_scale, init: "${ls_init}"}',
+    '      - {name: drop_path, op: drop_path, rate: "${drop_path}"}',
+    "      - {name: add, op: add, from: [drop_path, x]}",
+    "stages:",
+    "  - name: stage0",
+    "    blocks:",
+    '      - {name: blocks, op: convnext_block, dim: 96, depth: 3, drop_path: "${0.1 * rep}"}',
+    "```",
+    "",
+    "A use gives the parameters as keys beside `name` and `from`, and takes `depth:`, `for:` and `if:` like any "
+    "block. Its blocks become nodes named under it (`stage0.blocks.1.mlp`), so their modules nest in the model and "
+    "the state_dict (`stage0.blocks.1.mlp.fc1.weight`); its shape and parameter count are those of its parts, "
+    "known statically; `summary` lists the parts and `graph` draws each use as a box (`--collapse`: one node). An "
+    "error inside a definition points at its line, with the use site in its trail. Definitions may use other "
+    "definitions (not themselves), and live in library files: `imports: [blocks/common.yaml]` reads the "
+    "`define:` of a YAML file (and of the libraries it imports), and `extends:` inherits the parent's; the "
+    "spec's own definitions win. A definition may not take the name of a registered op.",
+]
 
 
 def spec_language() -> str:
@@ -257,7 +297,8 @@ def spec_language() -> str:
         "complete and check specs with the JSON Schema `docs/blockgraph.schema.json` (see the README).",
         "",
         "Contents: [templates and expressions](#templates-and-expressions) · [the model](#the-model) · "
-        "[stages](#stages) · [paths](#paths) · [every block](#fields-of-every-block) · [ops](#ops) · "
+        "[stages](#stages) · [paths](#paths) · [blocks defined in a spec](#blocks-defined-in-a-spec) · "
+        "[every block](#fields-of-every-block) · [ops](#ops) · "
         "[input, outputs, twin](#input-outputs-and-twin)",
         "",
         "Types: `int > 0` and the like are constraints checked on validation; a `name` is an identifier "
@@ -288,10 +329,14 @@ def spec_language() -> str:
     top = [(*variables, False) if row[0] == "variables" else row for row in fields(model)]
     extends = ("extends", "string (a path)", "—", "A parent spec to deep-merge this file over.", False)
     variants = ("variants", "mapping name → a partial model", "`{}`", "Named variants (see the templates).", False)
-    imports = ("imports", "list of module names or .py files", "`[]`", _IMPORTS, False)
-    out += _table([*top, extends, imports, variants])
+    imports = ("imports", "list of module names, .py or .yaml files", "`[]`", _IMPORTS, False)
+    define = ("define", "mapping name → a definition", "`{}`", "Blocks defined in YAML (see below).", False)
+    out += _table([*top, extends, imports, define, variants])
     out += ["", "## Stages", "", _text(inspect.getdoc(stage)), "", *_table(list(fields(stage))), ""]
     out += ["## Paths", "", _text(inspect.getdoc(path)), "", *_table(list(fields(path))), ""]
+    out += ["## Blocks defined in a spec", "", *DEFINE_TEXT, ""]
+    out += ["### Inline blocks (`op: block`)", "", _text(inspect.getdoc(CompositeBase)), ""]
+    out += [*_table(list(fields(CompositeBase, skip=("op", *_COMMON)))), ""]
     out += [
         "## Fields of every block",
         "",

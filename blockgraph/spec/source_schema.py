@@ -52,7 +52,8 @@ _TOP_LEVEL = {
     },
     "imports": {
         "description": "Modules of custom blocks to import (their code runs): dotted module names (`my_pkg.blocks`) "
-        "or .py files relative to this file (`./blocks/convnext.py`); inherited through `extends:`.",
+        "or .py files relative to this file (`./blocks/convnext.py`); inherited through `extends:`. A .yaml file is a "
+        "library of blocks defined in YAML (its `define:` is read).",
         "type": "array",
         "items": {"type": "string"},
     },

@@ -142,3 +142,19 @@ def test_malformed_definitions_are_refused(define: str, message: str) -> None:
     spec = f"name: x\n{define}\nblocks:\n  - {{op: a}}\n  - {{op: b}}\n"
     with pytest.raises(bg.SpecError, match=message):
         bg.validate(spec)
+
+
+@pytest.mark.parametrize(
+    ("document", "section"),
+    [("docs/spec-language.md", "## Blocks defined in a spec"), ("README.md", "## Blocks in YAML")],
+)
+def test_the_examples_of_the_docs_build(document: str, section: str) -> None:
+    from tests.conftest import ROOT
+
+    text = (ROOT / document).read_text()
+    part = text[text.index(section) :]
+    start = part.index("```yaml\n") + len("```yaml\n")
+    example = part[start : part.index("```", start)]
+    model = bg.build_model(f"name: doc\ninput: {{channels: 96, size: [32, 32]}}\n{example}")
+    assert model(torch.randn(1, 96, 32, 32)).shape == (1, 96, 32, 32)
+    assert "stage0.blocks.2.mlp.fc1.weight" in model.state_dict()
