@@ -264,9 +264,32 @@ DEFINED_CASES = [
          "undefined variable 'width'", "ratio"),
 ]  # fmt: skip
 
+PATCHES = """\
+name: patches
+input: {channels: 3, size: [64, 64]}
+define:
+  patchify:
+    params: {p: 4}
+    blocks:
+      - {name: split, op: rearrange, pattern: b c (h p1) (w p2) -> b (h w) (p1 p2 c), axes: {p1: "${p}", p2: "${p}"}}
+blocks:
+  - {name: patches, op: patchify, p: 4}
+  - {name: head, op: cls_head, dim: 48, num_classes: 10, pool: avg}
+outputs: {logits: head}
+"""
+
+PATCHES_CASES = [
+    Case("defined block: an einops axis that does not divide", "size: [64, 64]", "size: [66, 64]",
+         "b c (h p1)", "node 'patches.split': input 66x64: axis 'h' of \\(h p1\\): H is not divisible by p1=4",
+         "nearest: H = 64 or 68"),
+    Case("defined block: an einops axis not in the pattern", 'p2: "${p}"}', 'p3: "${p}"}', "b c (h p1)",
+         "p3", "axes"),
+]  # fmt: skip
+
 TABLE = (
     [(VALID, c) for c in CASES]
     + [(DEFINED, c) for c in DEFINED_CASES]
+    + [(PATCHES, c) for c in PATCHES_CASES]
     + [(PARALLEL, c) for c in PARALLEL_CASES]
     + [(MPVIT, c) for c in MPVIT_CASES]
     + FAMILY_CASES
