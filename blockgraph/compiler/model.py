@@ -184,6 +184,15 @@ class BlockgraphModel(nn.Module):
         spec's), counted on the meta device (see :func:`blockgraph.compiler.summary.count_macs`)."""
         return summary.count_macs(self, input_size, batch)
 
+    def output_types(self) -> dict[str, TensorType]:
+        """The static type of each output ``forward`` returns, by name (``output`` for the last block of a spec that
+        declares no outputs)."""
+        types = self.inference.types
+        return {
+            key: types[node] if port is None else types[node][port]  # type: ignore[index,misc]
+            for key, node, port in self._program.chosen
+        }
+
     def node_types(self) -> dict[str, TensorType | dict[str, TensorType]]:
         return {n: self.inference.types[n] for n in self.nodes}
 

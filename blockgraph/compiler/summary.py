@@ -65,7 +65,7 @@ def describe(
     shared = [{"name": name, "op": graph.shared[name].spec.op, "users": list(graph.shared[name].users),
                "params": _params(model, name), "macs": counts.get(name)}
               for name in model.shared_modules()]  # fmt: skip
-    outputs = {key: list(model.analysis.output(key).shape(env, batch=batch)) for key in model.outputs}
+    outputs = {key: list(t.shape(env, batch=batch)) for key, t in model.output_types().items()}
     return {"name": model.spec.name, "params": sum(p.numel() for p in model.parameters()), "macs": counts.get("total"),
             "input": [batch, model.spec.input.channels, h, w], "outputs": outputs,
             "accepts": model.inference.acceptance.describe(), "nodes": nodes, "shared": shared}  # fmt: skip

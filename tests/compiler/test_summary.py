@@ -25,3 +25,17 @@ def test_macs_count_the_model_itself_and_leave_it_as_it_was() -> None:
     assert macs["layers0.patch_embed"] == 56 * 56 * 96 * 3 * 4 * 4  # conv 4x4/4, 3 -> 96 channels
     assert macs["head"] == 768 * 1000
     assert macs["total"] == sum(macs[n] for n in model.nodes) > 0
+
+
+def test_a_spec_without_outputs_is_summarized_by_its_last_block() -> None:
+    spec = "name: noout\ninput: {channels: 3, size: [32, 32]}\nblocks:\n  - {op: conv_patch_embed, dim: 8, patch: 4}\n"
+    model = bg.build_model(spec)
+    assert model.outputs == ["output"]
+    assert model.summary(macs=False).rstrip().endswith("outputs: output")
+    assert summary_outputs(model) == {"output": [1, 64, 8]}
+
+
+def summary_outputs(model: torch.nn.Module) -> dict[str, list[int]]:
+    from blockgraph.compiler.summary import describe
+
+    return describe(model, macs=False)["outputs"]
