@@ -405,9 +405,9 @@ def _flatten(entries: list[Any]) -> list[Any]:
         block, path, stage, scopes, _, _ = entry
         if isinstance(block, CompositeBase):
             name = _entry_name(block, scopes)
-            first = [f"{name}.{i}" for i in block.inputs]
+            first = [f"{name}.{i}" for i in block.inputs]  # its blocks see its names, then the enclosing ones
             inner = [
-                (b, path + ("blocks", j), stage, (name,), first if j == 0 else None, name)
+                (b, path + ("blocks", j), stage, (name, *scopes), first if j == 0 else None, name)
                 for j, b in enumerate(block.blocks)
             ]
             out += _flatten(inner)
@@ -441,6 +441,17 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     def add_shared(scope: str | None, table: dict[str, BlockSpec], base: Path) -> None:
         for key, block in table.items():
             qualified = f"{scope}.{key}" if scope else key
+            if isinstance(block, CompositeBase):
+                g._errors.append(
+                    GraphError(
+                        f"shared module '{qualified}' is {_op_label(block)}, made of blocks: it cannot be shared",
+                        pos=g.pos(base + (key, "op")),
+                        node=qualified,
+                        hint="use it in a `blocks:` list; its own blocks may name shared modules (of the stage or "
+                        "the model) in their fields",
+                    )
+                )
+                continue
             g.shared[qualified] = SharedModule(qualified, block, base + (key,))
 
     add_shared(None, spec.shared, ("shared",))

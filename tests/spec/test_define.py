@@ -158,3 +158,36 @@ def test_the_examples_of_the_docs_build(document: str, section: str) -> None:
     model = bg.build_model(f"name: doc\ninput: {{channels: 96, size: [32, 32]}}\n{example}")
     assert model(torch.randn(1, 96, 32, 32)).shape == (1, 96, 32, 32)
     assert "stage0.blocks.2.mlp.fc1.weight" in model.state_dict()
+
+
+def test_blocks_inside_a_definition_use_the_shared_modules_of_the_stage() -> None:
+    spec = """
+name: coat_like
+input: {channels: 3, size: [64, 64]}
+define:
+  serial:
+    params: {dim: null}
+    blocks:
+      - {name: cls, op: insert_cls_token, dim: "${dim}"}
+      - {name: block, op: serial_block, dim: "${dim}", heads: 2, cpe: cpe, crpe: crpe}
+      - {name: no_cls, op: remove_cls_token}
+stages:
+  - name: s1
+    shared:
+      cpe: {op: conv_pos_enc, dim: 16}
+      crpe: {op: conv_rel_pos_enc, dim: 16, heads: 2, windows: {3: 2}}
+    blocks:
+      - {name: embed, op: conv_patch_embed, dim: 16, patch: 4}
+      - {name: blocks, op: serial, dim: 16, depth: 2}
+outputs: {x: s1.blocks}
+"""
+    model = bg.build_model(spec)
+    graph = model.inference.graph
+    assert graph.shared["s1.cpe"].users == ["s1.blocks.0.block", "s1.blocks.1.block"]
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256, 16)
+    shared = spec.replace(
+        "      cpe: {op: conv_pos_enc, dim: 16}",
+        "      cpe: {op: conv_pos_enc, dim: 16}\n      s: {op: serial, dim: 16}",
+    )
+    with pytest.raises(bg.GraphError, match="shared module 's1.s' is block 'serial', made of blocks: it cannot be"):
+        bg.validate(shared)
