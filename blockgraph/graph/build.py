@@ -512,9 +512,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     previous: dict[str | None, str] = {None: spec.input.name}
     for block, path, _stage, scopes, defaults, owner in entries:
         name = _entry_name(block, scopes)
-        node = g.nodes.get(name)
-        composite = g.composites.get(name)
-        if (node is None or node.spec is not block) and (composite is None or composite.spec is not block):
+        found_node, composite = g.nodes.get(name), g.composites.get(name)
+        if (found_node is None or found_node.spec is not block) and (composite is None or composite.spec is not block):
             continue  # a duplicate, already reported
         refs = [block.from_] if isinstance(block.from_, str) else block.from_
         if refs is None:  # a multi-output source gives all its ports (in order)
@@ -568,7 +567,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             ]
             if any(q is None for q in resolved):
                 continue
-            node.shared[field_name] = resolved[0] if isinstance(value, str) else resolved  # type: ignore[assignment]
+            found_node.shared[field_name] = resolved[0] if isinstance(value, str) else resolved  # type: ignore[assignment]
             for q in resolved:
                 g.shared[q].users.append(name)  # type: ignore[index]
 

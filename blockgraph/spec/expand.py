@@ -335,9 +335,10 @@ class _Expander:
         definition = self.defines[value["op"]]
         if definition.name in self.using:
             cycle = " -> ".join([*self.using[self.using.index(definition.name) :], definition.name])
+            op = use.get("op")
             raise SpecError(
                 f"defined block '{definition.name}' uses itself: {cycle}",
-                pos=use.get("op").pos if use.get("op") is not None else use.pos,
+                pos=op.pos if op is not None else use.pos,
                 hint="a definition can use other defined blocks, but not itself (repeat blocks with `depth:`)",
             )
         given = {k: v for k, v in value.items() if k not in ("op", "name", "from")}

@@ -416,7 +416,7 @@ def model_types() -> tuple[type[ModelBase], type[StageBase]]:
         composite = create_model(
             "CompositeSpec",
             __base__=CompositeBase,
-            blocks=(list["Block"], Field(min_length=1, description="The blocks of the sub-graph.")),  # type: ignore[name-defined]  # noqa: F821 (resolved by the rebuild below)
+            blocks=(list["Block"], Field(min_length=1, description="The blocks of the sub-graph.")),  # type: ignore[name-defined,maybe-unrecognized-str-typeform]  # noqa: F821 (resolved below)
         )
         members = (*(_REGISTRY[op] for op in sorted(_REGISTRY)), composite)
         block = Annotated[Union[members], Field(discriminator="op")]  # noqa: UP007 (a runtime tuple of members)
@@ -471,7 +471,7 @@ def parse(expanded: Expanded) -> ParsedSpec:
         SpecError: (or an MultiError of them) one per invalid value, each at its file:line:col.
     """
     model_cls, _ = model_types()
-    clashes = [
+    clashes: list[BlockgraphError] = [
         SpecError(
             f"defined block '{name}' has the name of a registered op",
             pos=pos,
