@@ -278,6 +278,12 @@ DEFINE_TEXT = [
     "definitions (not themselves), and live in library files: `imports: [blocks/common.yaml]` reads the "
     "`define:` of a YAML file (and of the libraries it imports), and `extends:` inherits the parent's; the "
     "spec's own definitions win. A definition may not take the name of a registered op.",
+    "",
+    "Declared under `shared:` (`shared: {mixer: {op: my_block, dim: 64}}`), a defined block has one set of weights "
+    "(`mixer.*` in the state_dict), applied wherever a block says `{op: use, module: mixer}`: weight tying, as a "
+    "head shared by the levels of a feature pyramid. Every use must give it inputs of the same layout and channels "
+    "(the sizes may differ); its parameters count once. Blocks inside a definition may also name the shared modules "
+    "of the enclosing stage or model in their fields (CoaT's CPE/CRPE).",
 ]
 
 
@@ -362,7 +368,7 @@ def spec_language() -> str:
         if shared:
             uses = ", ".join(f"`{f}` ({' or '.join(f'`{o}`' for o in m.ops)})" for f, m in shared.items())
             facts.append(f"Shared modules: {uses}.")
-        if cls.__module__.split(".")[:2] != ["blockgraph", "blocks"]:
+        if cls.__module__.split(".")[0] != "blockgraph":
             facts.append(f"Registered by `{cls.__module__}`.")
         out += [" ".join(facts), ""]
         rows = list(fields(cls, skip=("op", *_COMMON)))

@@ -108,6 +108,8 @@ def trimmed_tokens(inference: Inference, order: list[str], chosen: list[tuple[st
         t = inference.types[name]
         if node.is_input or name in returned or not type(node.spec).trims_tokens or not isinstance(t, TensorType):
             continue
+        if node.module is not None:  # a part of a `use`: its module serves other uses, which may read every token
+            continue
         readers = [e.dst for e in graph.out_edges(name) if e.dst in needed]
         wants = [_reads(inference, reader, t) for reader in readers]
         if readers and None not in wants and max(wants) <= t.extra:  # type: ignore[type-var]
@@ -202,7 +204,7 @@ def _generate(
         for field, q in node.shared.items():
             value = accessor(q) if isinstance(q, str) else "(" + ", ".join(accessor(x) for x in q) + ",)"
             args.append(f"{field}={value}")
-        call = f"{accessor(name)}({', '.join(args)})"
+        call = f"{accessor(node.module_name)}({', '.join(args)})"
         t = inference.types[name]
         if isinstance(t, TensorType):
             var[name] = names(name)

@@ -231,11 +231,13 @@ def compile_model(
     input_size = tuple(analysis.spec.input.size)
     for name in model.nodes:
         node = graph.nodes[name]
+        if node.module_name in modules:  # a part of a `use` whose shared module an earlier use built
+            continue
         pos = graph.pos(node.path)
         with custom_code(node.spec, name, pos, "its build()"), _sized(name, node.op, pos):  # type: ignore[arg-type]
             ctx = BuildContext(name, device, dtype, keep_tokens=program.trimmed.get(name), input_size=input_size)
-            modules[name] = node.spec.build(ctx, *analysis.inference.inputs(name))  # type: ignore[union-attr]
-    check_custom_blocks(analysis.inference, modules)  # their modules against their rules, on the meta device
+            modules[node.module_name] = node.spec.build(ctx, *analysis.inference.inputs(name))  # type: ignore[union-attr]
+    check_custom_blocks(analysis.inference, [*model.shared_modules(), *model.nodes])  # on the meta device
     _install(model, modules)
     return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,10 +35,12 @@ def count_macs(model: BlockgraphModel, input_size: tuple[int, int] | None = None
         for m, training in modes.items():
             m.training = training
     counts = counter.get_flop_counts()
-    root = type(model).__name__
-    out = {
-        name: sum(counts.get(f"{root}.{name}", {}).values()) // 2 for name in [*model.shared_modules(), *model.nodes]
-    }
+    root, graph = type(model).__name__, model.inference.graph
+    out = {name: sum(counts.get(f"{root}.{name}", {}).values()) // 2 for name in model.shared_modules()}
+    calls = Counter(graph.nodes[name].module_name for name in model.nodes)  # the parts of `use`s share modules
+    for name in model.nodes:
+        module = graph.nodes[name].module_name
+        out[name] = sum(counts.get(f"{root}.{module}", {}).values()) // 2 // calls[module]
     out["total"] = counter.get_total_flops() // 2
     return out
 
@@ -54,12 +57,15 @@ def describe(
     h, w = input_size or model.spec.input.size
     env = {"H": h, "W": w}
     counts = count_macs(model, (h, w), batch) if macs else {}
-    nodes = []
+    nodes, built = [], set()
     for name in model.nodes:
         text, shape = describe_value(types[name], env, batch=batch)
+        module = graph.nodes[name].module_name  # the parts of `use`s of one shared block: counted at the first
+        params = 0 if module in built else _params(model, module)
+        built.add(module)
         inputs = [e.src if e.out is None else f"{e.src}.{e.out}" for e in graph.in_edges(name)]
         nodes.append({"name": name, "op": graph.nodes[name].op, "inputs": inputs, "shape": shape, "type": text,
-                      "params": _params(model, name), "macs": counts.get(name)})  # fmt: skip
+                      "params": params, "macs": counts.get(name)})  # fmt: skip
         if name in model.trimmed_tokens:  # computes its first tokens only (all its readers read): their count
             nodes[-1]["computed_tokens"] = model.trimmed_tokens[name]
     shared = [{"name": name, "op": graph.shared[name].spec.op, "users": list(graph.shared[name].users),

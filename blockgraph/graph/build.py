@@ -18,7 +18,7 @@ import networkx as nx
 
 from blockgraph.errors import BlockgraphError, GraphError, Pos, raise_all
 from blockgraph.spec.expand import Path
-from blockgraph.spec.schema import BlockSpec, CompositeBase, ModelBase, OutputSpec, ParsedSpec
+from blockgraph.spec.schema import BlockSpec, CompositeBase, ModelBase, OutputSpec, ParsedSpec, UseSpec
 
 
 @dataclass
@@ -37,6 +37,14 @@ class Node:
     shared: dict[str, str | list[str]] = field(default_factory=dict)
     """Field name → qualified name(s) of the shared module(s) it uses (``{"cpe": "stage1.cpe"}``)."""
     meta: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+    """Where its module lives when it is another's: a part of a ``use`` of a shared block calls the module of that
+    part of the shared declaration (``mixer.mlp``); None: its own, under its name."""
+
+    @property
+    def module_name(self) -> str:
+        """The dotted name of the module this node calls."""
+        return self.module or self.name
 
     @property
     def op(self) -> str:
@@ -105,6 +113,8 @@ class Graph:
         """A repeated block's name (``stage1.blocks``) → its nodes (``stage1.blocks.0`` ...)."""
         self.composites: dict[str, Composite] = {}
         """Blocks made of blocks, by name (:class:`Composite`)."""
+        self.shared_blocks: dict[str, SharedModule] = {}
+        """Blocks made of blocks declared under ``shared:``, applied by ``use`` nodes (their ``users``)."""
         self.aliases: dict[str, tuple[str, str | None]] = {}
         """Names that stand for a node's output: a composite's name → its output node (``stage1.mlp`` →
         ``(stage1.mlp.fc2, None)``), its ports and its inputs (``stage1.mlp.x`` → what the composite reads)."""
@@ -211,6 +221,27 @@ class Graph:
         self.nodes[node.name] = node
         self._g.add_node(node.name, node=node)
         self._order = None
+
+    def _shared_block(self, use: BlockSpec, path: Path, scopes: tuple[str, ...]) -> SharedModule | None:
+        """The shared block a ``use`` applies (innermost scope first), or None after reporting why not."""
+        ref: str = use.module  # type: ignore[attr-defined]
+        found = next((q for q in [f"{s}.{ref}" for s in scopes] + [ref] if q in self.shared_blocks), None)
+        if found is not None:
+            return self.shared_blocks[found]
+        other = next((q for q in [f"{s}.{ref}" for s in scopes] + [ref] if q in self.shared), None)
+        visible = [q for q in self.shared_blocks if not q.count(".") or any(q.startswith(f"{s}.") for s in scopes)]
+        self._errors.append(
+            GraphError(
+                f"`use` names '{ref}', which is {'a shared ' + self.shared[other].spec.op if other else 'no shared block'}"
+                + (": `use` applies shared blocks made of blocks (defined in the spec)" if other else ""),
+                pos=self.pos(path + ("module",)),
+                node=_entry_name(use, scopes),
+                hint=f"shared blocks here: {', '.join(visible)}"
+                if visible
+                else "declare one under `shared:`, e.g. `shared: {mixer: {op: my_block, ...}}`",
+            )
+        )
+        return None
 
     def _add_composite(self, composite: Composite) -> None:
         name = composite.name
@@ -395,14 +426,24 @@ def _op_label(block: BlockSpec) -> str:
     return f"block '{block.label}'" if isinstance(block, CompositeBase) else f"op '{block.op}'"
 
 
-def _flatten(entries: list[Any]) -> list[Any]:
+def _flatten(g: Graph, entries: list[Any], modules: dict[int, str]) -> list[Any]:
     """The entries with each composite's blocks after it (recursively), scoped by and owned by the composite: its
     first block reads the composite's inputs (``<composite>.<input>``, aliases set when the composite's own inputs
-    are resolved)."""
+    are resolved). A ``use`` of a shared block becomes a composite whose blocks' modules are the shared
+    declaration's: ``modules`` maps ``id(entry)`` to that module's name."""
     out = []
     for entry in entries:
+        block, path, stage, scopes, defaults, owner = entry
+        prefix = modules.get(id(entry))
+        if isinstance(block, UseSpec):
+            shared = g._shared_block(block, path, scopes)
+            if shared is None:
+                continue
+            shared.users.append(_entry_name(block, scopes))
+            update = {"name": block.name or block.op, "from_": block.from_}
+            entry = (shared.spec.model_copy(update=update), shared.path, stage, scopes, defaults, owner)
+            block, path, prefix = entry[0], entry[1], shared.name
         out.append(entry)
-        block, path, stage, scopes, _, _ = entry
         if isinstance(block, CompositeBase):
             name = _entry_name(block, scopes)
             first = [f"{name}.{i}" for i in block.inputs]  # its blocks see its names, then the enclosing ones
@@ -410,7 +451,11 @@ def _flatten(entries: list[Any]) -> list[Any]:
                 (b, path + ("blocks", j), stage, (name, *scopes), first if j == 0 else None, name)
                 for j, b in enumerate(block.blocks)
             ]
-            out += _flatten(inner)
+            if prefix is not None:  # the parts of a use call the parts of the shared declaration
+                modules.update({id(e): f"{prefix}.{_entry_name(e[0], ())}" for e in inner})
+            out += _flatten(g, inner, modules)
+        elif prefix is not None:
+            modules[id(out[-1])] = prefix
     return out
 
 
@@ -441,18 +486,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     def add_shared(scope: str | None, table: dict[str, BlockSpec], base: Path) -> None:
         for key, block in table.items():
             qualified = f"{scope}.{key}" if scope else key
-            if isinstance(block, CompositeBase):
-                g._errors.append(
-                    GraphError(
-                        f"shared module '{qualified}' is {_op_label(block)}, made of blocks: it cannot be shared",
-                        pos=g.pos(base + (key, "op")),
-                        node=qualified,
-                        hint="use it in a `blocks:` list; its own blocks may name shared modules (of the stage or "
-                        "the model) in their fields",
-                    )
-                )
-                continue
-            g.shared[qualified] = SharedModule(qualified, block, base + (key,))
+            table_here = g.shared_blocks if isinstance(block, CompositeBase) else g.shared  # applied by `use`
+            table_here[qualified] = SharedModule(qualified, block, base + (key,))
 
     add_shared(None, spec.shared, ("shared",))
     for i, stage in enumerate(spec.stages):
@@ -489,11 +524,13 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 )
             )
     entries += [(b, ("blocks", j), None, (), None, None) for j, b in enumerate(spec.blocks)]
-    entries = _flatten(entries)
-    for index, (block, path, stage, scopes, _, _owner) in enumerate(entries, start=1):
+    modules: dict[int, str] = {}
+    entries = _flatten(g, entries, modules)
+    for index, entry in enumerate(entries, start=1):
+        block, path, stage, scopes, _, _owner = entry
         name = _entry_name(block, scopes)
         head, _, tail = name.rpartition(".")
-        node = Node(name, block, path, index, stage, scopes)
+        node = Node(name, block, path, index, stage, scopes, module=modules.get(id(entry)))
         if tail.isdigit():
             if head in g.nodes:  # a plain block already has the repeated block's name
                 g._add(Node(head, block, path, index, stage, scopes))  # reports the duplicate
@@ -587,7 +624,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     for name in spec.default_outputs or []:
         if name not in g.outputs and name not in g.features:
             g._errors.append(GraphError(f"default output '{name}' is not declared", pos=g.pos(("default_outputs",))))
-    for key, shared in g.shared.items():
+    for key, shared in {**g.shared, **g.shared_blocks}.items():
         if not shared.users:
             g._errors.append(
                 GraphError("shared module is used by no block", pos=g.pos(shared.path), node=key, warning=True)

@@ -34,7 +34,13 @@ def params(inference: Inference) -> Params:
     """Every node's and shared module's parameter count from its block's rule."""
     graph = inference.graph
     shared = {name: block_params(inference, name) for name in graph.shared}
-    nodes = {node.name: block_params(inference, node.name) for node in graph if not node.is_input}
+    nodes, built = {}, set()
+    for node in graph:
+        if node.is_input:
+            continue
+        # the parts of several `use`s of one shared block: one module, counted at its first use
+        nodes[node.name] = 0 if node.module_name in built else block_params(inference, node.name)
+        built.add(node.module_name)
     return Params(nodes, shared)
 
 

@@ -294,8 +294,37 @@ def infer(graph: Graph) -> Inference:
         node.meta["type"] = result
     acceptance = solve([c.constraint for c in sink], SYMBOLS)
     inference = Inference(graph, types, sink, acceptance)
+    _check_tied(graph, inference)
     _check_outputs(graph, inference)
     return inference
+
+
+def _check_tied(graph: Graph, inference: Inference) -> None:
+    """The parts of every ``use`` of one shared block call one module: they must receive inputs of the same layout,
+    channels and extra tokens (the module was built for those); the sizes may differ (a head shared by the levels of
+    a feature pyramid)."""
+
+    def kind(t: TensorType) -> tuple[Any, ...]:
+        return (t.layout, t.channels, t.extra, len(t.levels))
+
+    first: dict[str, str] = {}
+    errors: list[BlockgraphError] = []
+    for node in graph:
+        if node.module is None:
+            continue
+        other = first.setdefault(node.module, node.name)
+        got, expected = inference.inputs(node.name), inference.inputs(other)
+        if other != node.name and list(map(kind, got)) != list(map(kind, expected)):
+            errors.append(
+                ShapeError(
+                    f"the shared block's part '{node.module}' gets {', '.join(map(str, got))} here but "
+                    f"{', '.join(map(str, expected))} in '{other}': one module cannot take both",
+                    pos=graph.pos(node.path),
+                    node=node.name,
+                    hint="every `use` of a shared block must give it inputs of the same channels and layout",
+                )
+            )
+    raise_all(errors)
 
 
 def _port(graph: Graph, edge: Any, value: Any) -> TensorType:

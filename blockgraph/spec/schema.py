@@ -299,6 +299,22 @@ class CompositeBase(BlockSpec):
         blocks: list[BlockSpec]
 
 
+@register
+class UseSpec(BlockSpec):
+    """A shared block made of blocks (a defined block declared under ``shared:``), applied here: its blocks run on
+    this node's inputs with the weights of the shared declaration, one set for every ``use`` of it (weight tying, as
+    in recurrent or Siamese networks). Its parts are nodes named under this one (``a.mlp``); their modules live under
+    the shared name (``mixer.mlp.fc1.weight``, once in the state_dict). Every use must give the parts the same input
+    types."""
+
+    op: Literal["use"]
+    module: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")]
+    """The shared block to apply: a name under ``shared:`` (of the path, the stage, or the model, looked up in that
+    order) whose op is a block defined in the spec."""
+
+    arity: ClassVar[int | None] = None
+
+
 # ------------------------------------------------------------------------------------------------- fixed spec models
 
 

@@ -185,9 +185,78 @@ outputs: {x: s1.blocks}
     graph = model.inference.graph
     assert graph.shared["s1.cpe"].users == ["s1.blocks.0.block", "s1.blocks.1.block"]
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256, 16)
-    shared = spec.replace(
-        "      cpe: {op: conv_pos_enc, dim: 16}",
-        "      cpe: {op: conv_pos_enc, dim: 16}\n      s: {op: serial, dim: 16}",
-    )
-    with pytest.raises(bg.GraphError, match="shared module 's1.s' is block 'serial', made of blocks: it cannot be"):
-        bg.validate(shared)
+
+
+TIED = """
+name: tied
+input: {channels: 3, size: [32, 32]}
+define:
+  pair:
+    params: {dim: null}
+    blocks:
+      - {name: fc1, op: mlp, dim: "${dim}", mlp_ratio: 2}
+      - {name: fc2, op: mlp, dim: "${dim}"}
+  project:
+    params: {dim_out: null}
+    blocks: [{name: fc, op: linear, dim_out: "${dim_out}"}]
+shared:
+  mixer: {op: pair, dim: 16}
+  cpe: {op: conv_pos_enc, dim: 16}
+  proj: {op: project, dim_out: 8}
+blocks:
+  - {name: pe, op: conv_patch_embed, dim: 16, patch: 4}
+  - {name: a, op: use, module: mixer}
+  - {name: b, op: use, module: mixer}
+  - {name: head, op: cls_head, dim: 16, num_classes: 3, pool: avg}
+outputs: {logits: head}
+"""
+
+
+def test_a_defined_block_declared_shared_is_applied_with_one_set_of_weights() -> None:
+    torch.manual_seed(0)
+    spec = TIED.replace("  cpe: {op: conv_pos_enc, dim: 16}\n  proj: {op: project, dim_out: 8}\n", "")
+    model = bg.build_model(spec).eval()
+    keys = list(model.state_dict())
+    assert [k for k in keys if k.startswith("mixer.")] == [
+        f"mixer.{part}.{layer}.{p}" for part in ("fc1", "fc2") for layer in ("fc1", "fc2") for p in ("weight", "bias")
+    ]
+    assert not any(k.startswith(("a.", "b.")) for k in keys)
+    assert bg.validate(spec).params == sum(p.numel() for p in model.parameters()) == 4_099
+    assert "self.mixer.fc1(a_fc2)" in model.code  # b's first part calls the shared module
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        m = model.get_submodule
+        twice = m("mixer.fc2")(m("mixer.fc1")(m("mixer.fc2")(m("mixer.fc1")(m("pe")(x)))))
+        torch.testing.assert_close(model(x), m("head")(twice), rtol=0, atol=0)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), model(x), rtol=0, atol=0)
+    rows = {n["name"]: n for n in _summary_rows(model)}
+    assert rows["a.fc1"]["params"] == 1_072 and rows["b.fc1"]["params"] == 0  # counted once, at the first use
+    assert rows["a.fc1"]["macs"] == rows["b.fc1"]["macs"] == 64 * 16 * 32 * 2  # each call's own work
+    model.train()
+    model(x).sum().backward()  # both uses add to the one gradient
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _summary_rows(model: torch.nn.Module) -> list[dict]:
+    from blockgraph.compiler.summary import describe
+
+    return describe(model)["nodes"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (("module: mixer}\n  - {name: b", "module: mixr}\n  - {name: b"), bg.GraphError,
+         "`use` names 'mixr', which is no shared block"),
+        (("{name: b, op: use, module: mixer}", "{name: b, op: use, module: cpe}"), bg.GraphError,
+         "`use` names 'cpe', which is a shared conv_pos_enc"),
+        (("{name: b, op: use, module: mixer}",
+          "{name: c, op: use, module: proj}\n  - {name: m, op: mlp, dim: 8, dim_out: 4}\n"
+          "  - {name: d, op: use, module: proj}\n  - {name: back, op: mlp, dim: 8, dim_out: 16}"), bg.ShapeError,
+         r"part 'proj.fc' gets tokens\[\(H//4\)\*\(W//4\), 4\] here but tokens\[\(H//4\)\*\(W//4\), 16\] in 'c.fc'"),
+    ],
+)  # fmt: skip
+def test_uses_of_a_shared_block_are_checked(edit: tuple[str, str], error: type, message: str) -> None:
+    assert edit[0] in TIED
+    with pytest.raises(error, match=message):
+        bg.validate(TIED.replace(*edit))
