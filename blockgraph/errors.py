@@ -7,8 +7,11 @@ raise these errors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import copy
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -163,14 +166,99 @@ class MultiError(BlockgraphError):
 
 
 _GROUPS: dict[type, type] = {}
+_QUOTED = re.compile(r"'[^']*'")
+_COPY_LABEL = "in repetition "
+
+
+def merge_copies(errors: Sequence[BlockgraphError]) -> list[BlockgraphError]:
+    """The errors with those that differ only by the copy of a repeated block (``depth:``, ``for:``, a block
+    defined in the spec and used several times) merged into one naming every copy: same type, same place in the
+    spec, same message and hint but for the copies' indices. The first copy's error stands for all, its node named
+    ``stage1.blocks.0..7`` (``and`` between groups), its trail without the repetition it came from."""
+    groups: dict[tuple[Any, ...], list[BlockgraphError]] = {}
+    for error in errors:
+        pos = error.pos
+        place = (pos.file, pos.line, pos.column) if pos is not None and pos.line else id(error)
+        key = (
+            type(error),
+            error.kind,
+            place,
+            _indexless(error.message),
+            _indexless(error.hint or ""),
+        )
+        groups.setdefault(key, []).append(error)
+    out: list[BlockgraphError] = []
+    for copies in groups.values():
+        first = copies[0]
+        nodes = list(dict.fromkeys(e.node for e in copies if e.node))
+        if len(copies) == 1 or len(nodes) < 2:
+            out.append(first)
+            continue
+        named = copy_names(nodes)
+        merged = copy.copy(first)
+        merged.message = first.message.replace(f"'{first.node}'", f"'{named}'")
+        merged.node = named
+        merged.pos = _without_repetition(first.pos) if first.pos is not None else None
+        merged.args = (merged.message,)
+        out.append(merged)
+    return out
+
+
+def _indexless(text: str) -> str:
+    """``text`` with the numbers inside quoted names blanked (``'stage1.blocks.3'`` → ``'stage#.blocks.#'``)."""
+    return _QUOTED.sub(lambda m: re.sub(r"\d+", "#", m.group()), text)
+
+
+def copy_names(names: Sequence[str]) -> str:
+    """Node names that differ in one index, compressed: ``s1.blocks.0``, ``s1.blocks.1``, ``s2.blocks.0`` →
+    ``s1.blocks.0..1 and s2.blocks.0``; names without an index are listed as they are."""
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        at = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+        key = (tuple(parts[:at]), tuple(parts[at + 1 :])) if at >= 0 else (tuple(parts), ("",))
+        groups.setdefault(key, []).append(int(parts[at]) if at >= 0 else -1)
+    shown = []
+    for (head, tail), indices in groups.items():
+        if indices == [-1] * len(indices):
+            shown.append(".".join(head))
+            continue
+        runs = _runs(sorted(set(indices)))
+        index = ",".join(f"{a}..{b}" if b > a else str(a) for a, b in runs)
+        index = index if len(runs) == 1 else "{" + index + "}"
+        shown.append(".".join([*head, index, *tail]))
+    return " and ".join(shown)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for v in values:
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
+
+
+def _without_repetition(pos: Pos) -> Pos:
+    """``pos`` with the hops of its trail that name a repetition removed (the merged error stands for them all)."""
+    hops = [(label, origin) for label, origin in pos.trail() if not label.startswith(_COPY_LABEL)]
+    out = Pos(pos.file, pos.line, pos.column)
+    for label, origin in reversed(hops):
+        out = Pos(
+            out.file, out.line, out.column, Pos(origin.file, origin.line, origin.column, out.via, out.via_label), label
+        )
+    return out
 
 
 def raise_all(errors: list[BlockgraphError]) -> None:
-    """Raise the one error, or a :class:`MultiError` of several; do nothing for an empty list.
+    """Raise the one error, or a :class:`MultiError` of several; do nothing for an empty list. Errors that differ
+    only by the copy of a repeated block are merged first (:func:`merge_copies`).
 
     When every error has the same type (all ``ShapeError``, say), the group is an instance of that type too, so
     ``except ShapeError`` catches it.
     """
+    errors = merge_copies(errors)
     if len(errors) == 1:
         raise errors[0]
     if errors:

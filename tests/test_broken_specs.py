@@ -251,7 +251,7 @@ DEFINED_CASES = [
     Case("defined block: a required parameter missing", "dim: 32, depth: 2", "depth: 2", "{name: blocks",
          "block 'mlp_pair' needs parameter dim", "`dim: ...`"),
     Case("defined block: an unknown key inside", 'mlp_ratio: "${ratio}"', 'mlp_raito: "${ratio}"', "mlp_raito",
-         "unknown key 'mlp_raito' in block 's1.blocks.0.fc1' \\(mlp\\)", "did you mean 'mlp_ratio'"),
+         "unknown key 'mlp_raito' in block 's1.blocks.0..1.fc1' \\(mlp\\)", "did you mean 'mlp_ratio'"),
     Case("defined block: uses itself", "fc2, op: mlp,", "fc2, op: mlp_pair,", "mlp_pair,",
          "defined block 'mlp_pair' uses itself: mlp_pair -> mlp_pair", "not itself"),
     Case("defined block: an output that is not one of its blocks", "ratio: 2}", "ratio: 2}\n    output: fc3", "fc3",

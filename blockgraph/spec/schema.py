@@ -557,19 +557,23 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             continue
         seen.add((kind, path if kind != "extra_forbidden" else loc))
         where = _describe_owner(data, path)
+        owner_name = _owner(data, path)[0]
         if kind == "extra_forbidden":
             owner = _model_at(data, path[:-1] if path and path[-1] == key else path)
             keys = _keys_of(owner) if owner else []
             close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f"did you mean '{close[0]}'?" if close else (f"allowed keys: {', '.join(keys)}" if keys else None)
             pos = source.key(path) if path and path[-1] == key else source.value(path)
-            out.append(SpecError(f"unknown key '{key}'{where}", pos=pos, hint=hint))
+            out.append(SpecError(f"unknown key '{key}'{where}", pos=pos, node=owner_name, hint=hint))
         elif kind == "union_tag_invalid":
             tag = item.get("ctx", {}).get("tag")
             ops = sorted([*_REGISTRY, *expanded.defined])
             close = difflib.get_close_matches(str(tag), ops, n=3)
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
-            out.append(SpecError(f"unknown op '{tag}'", pos=source.value(path + ("op",)), hint=hint))
+            inside = f" in block '{owner_name}'" if owner_name else ""
+            out.append(
+                SpecError(f"unknown op '{tag}'{inside}", pos=source.value(path + ("op",)), node=owner_name, hint=hint)
+            )
         elif kind == "union_tag_not_found":
             hint = f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`"
             out.append(SpecError(f"this block has no `op:`{where}", pos=source.value(path), hint=hint))
@@ -578,14 +582,23 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             description = _field_doc(owner, str(key)) if owner else None
             hint = f"add `{key}: ...`" + (f" ({description})" if description else "")
             of_op = f" (op '{op}')" if op else ""
-            out.append(SpecError(f"missing required key '{key}'{of_op}{where}", pos=source.value(path), hint=hint))
+            out.append(
+                SpecError(
+                    f"missing required key '{key}'{of_op}{where}", pos=source.value(path), node=owner_name, hint=hint
+                )
+            )
         else:
             value = item.get("input")
             shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
             message = item["msg"][0].lower() + item["msg"][1:]
             field = f"'{key}'" if isinstance(key, str) else f"item {key}"
             out.append(
-                SpecError(f"{field}{where}: {message} (got {shown})", pos=source.value(path), hint=_type_hint(kind))
+                SpecError(
+                    f"{field}{where}: {message} (got {shown})",
+                    pos=source.value(path),
+                    node=owner_name,
+                    hint=_type_hint(kind),
+                )
             )
     return out or [SpecError(str(error), pos=Pos(source.file))]
 
@@ -598,6 +611,12 @@ def _op_at(data: Any, path: Sequence[Any]) -> str | None:
 def _describe_owner(data: Any, path: Sequence[Any]) -> str:
     """`` in block 'stage1.blocks.0' (serial_block)`` for a path inside a block (the innermost, for a block inside
     a block defined in the spec: ``'stage1.blocks.0.mlp.fc1' (linear)``), else ``""``."""
+    name, op = _owner(data, path)
+    return f" in block '{name}' ({op})" if name is not None else ""
+
+
+def _owner(data: Any, path: Sequence[Any]) -> tuple[str | None, str | None]:
+    """The full name and op of the innermost block a path is inside, or ``(None, None)``."""
     node, names, block = data, [], None
     for i, part in enumerate(path):
         try:
@@ -610,8 +629,8 @@ def _describe_owner(data: Any, path: Sequence[Any]) -> str:
         elif len(path) > 1 and path[0] == "stages" and i == 1 and isinstance(node, dict):
             names.append(str(node.get("name")))
     if block is None:
-        return ""
-    return f" in block '{'.'.join(names)}' ({block.get('op')})"
+        return None, None
+    return ".".join(names), block.get("op")
 
 
 def _field_doc(model: type[BaseModel], key: str) -> str | None:

@@ -1,0 +1,74 @@
+"""One error per mistake: errors that differ only by the copy of a repeated block are reported once, naming the
+copies."""
+
+from __future__ import annotations
+
+import pytest
+
+import blockgraph as bg
+from blockgraph.errors import GraphError, Pos, SpecError, copy_names, merge_copies
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    ("names", "shown"),
+    [
+        (["s1.blocks.0", "s1.blocks.1", "s1.blocks.2"], "s1.blocks.0..2"),
+        (["s1.blocks.0.fc2", "s1.blocks.1.fc2"], "s1.blocks.0..1.fc2"),
+        (["s1.b.0", "s1.b.2", "s1.b.3", "s2.b.0"], "s1.b.{0,2..3} and s2.b.0"),
+        (["stage1.head", "stage2.head"], "stage1.head and stage2.head"),
+    ],
+)
+def test_copy_names(names: list[str], shown: str) -> None:
+    assert copy_names(names) == shown
+
+
+def test_only_copies_at_one_place_merge() -> None:
+    here, there = Pos("x.yaml", 3, 5), Pos("x.yaml", 9, 5)
+    errors = [
+        GraphError("unknown reference 'fc0'", pos=here, node=f"s.blocks.{i}.fc2", hint="did you mean 'fc1'?")
+        for i in range(8)
+    ]
+    errors.append(GraphError("unknown reference 'fc0'", pos=there, node="s.other"))  # another place: its own
+    errors.append(SpecError("unknown reference 'fc0'", pos=here, node="s.blocks.9.fc2"))  # another kind: its own
+    merged = merge_copies(errors)
+    assert [e.node for e in merged] == ["s.blocks.0..7.fc2", "s.other", "s.blocks.9.fc2"]
+    assert merged[0].hint == "did you mean 'fc1'?" and merged[0].pos == here
+
+
+def test_a_misspelled_op_in_a_repeated_block_is_one_error(run_cli, tmp_path) -> None:
+    text = (ROOT / "specs" / "swin.yaml").read_text().replace("op: swin_block", "op: swin_blok")
+    (tmp_path / "swin.yaml").write_text(text)
+    code, _, err = run_cli("validate", tmp_path / "swin.yaml", "--variant", "tiny")
+    assert code == 2
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    assert (
+        "in block 'layers0.blocks.0..1 and layers1.blocks.0..1 and layers2.blocks.0..5 and layers3.blocks.0..1'"
+        in lines[0]
+    )
+    assert "unknown op 'swin_blok'" in lines[0] and "in repetition" not in err
+
+
+def test_a_mistake_in_a_defined_block_used_many_times_is_one_error() -> None:
+    spec = """
+name: d
+input: {channels: 3, size: [32, 32]}
+define:
+  pair: {params: {dim: null}, blocks: [{name: fc1, op: mlp, dim: "${dim}"}, {name: fc2, op: mlp, dim: 12}]}
+blocks:
+  - {name: pe, op: conv_patch_embed, dim: 16, patch: 4}
+  - {name: blocks, op: pair, dim: 16, depth: 4}
+"""
+    with pytest.raises(bg.ShapeError) as info:  # shapes are checked in dataflow order: the first copy stops it
+        bg.validate(spec)
+    assert [e.node for e in info.value.errors] == ["blocks.0.fc2"]
+    assert "in block 'pair' used at" in str(info.value)
+    typo = spec.replace("op: mlp, dim: 12", "op: mlp, dimm: 16")
+    with pytest.raises(bg.SpecError) as info:  # every copy parsed: one error per mistake, naming them
+        bg.validate(typo)
+    assert [e.message.split(" in block")[0] for e in info.value.errors] == [
+        "missing required key 'dim' (op 'mlp')", "unknown key 'dimm'"
+    ]  # fmt: skip
+    assert [e.node for e in info.value.errors] == ["blocks.0..3.fc2"] * 2
+    assert "in block 'pair' used at" in str(info.value) and "repetition" not in str(info.value)
