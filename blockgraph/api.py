@@ -5,24 +5,21 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockgraph.compiler import budget
 from blockgraph.errors import BlockgraphError, Pos, SpecError, WeightsError
 from blockgraph.pipeline import Analysis, SpecLike, analyze
+from blockgraph.spec.references import list_models, spec_path
 from blockgraph.spec.schema import ModelBase
 from blockgraph.types import describe_value
 
 if TYPE_CHECKING:
     from torch import nn
 
-SPEC_DIR = Path(os.environ.get("BLOCKGRAPH_SPECS", Path(__file__).resolve().parent.parent / "specs"))
-"""Where the reference specs live (``create_model`` / ``list_models``); ``BLOCKGRAPH_SPECS`` overrides it."""
 
 __all__ = [
     "Analysis",
@@ -212,26 +209,6 @@ def _feature_names(
         if not indices:
             raise SpecError("out_indices is empty", pos=where, hint=f"select at least one of: {listed}")
     return [names[i] for i in sorted(indices)]
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    """Names of the reference specs (one file per named model in ``specs/``) matching a glob pattern."""
-    return [path.stem for path in sorted(SPEC_DIR.glob("*.yaml")) if fnmatch.fnmatch(path.stem, pattern)]
-
-
-def spec_path(name: str) -> Path:
-    """The file of a reference spec by name."""
-    path = SPEC_DIR / f"{name}.yaml"
-    if not path.is_file():
-        import difflib
-
-        close = difflib.get_close_matches(name, list_models(), n=3)
-        raise SpecError(
-            f"no reference spec named '{name}'",
-            pos=Pos(str(SPEC_DIR)),
-            hint=f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "see blockgraph.list_models()",
-        )
-    return path
 
 
 def create_model(

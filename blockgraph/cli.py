@@ -198,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def spec_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("spec", help="a spec file (YAML)")
+        q.add_argument("spec", help="a spec file (YAML), or a reference spec's name (`blockgraph list`)")
         q.add_argument("--variant", help="variant of a family spec (e.g. small)")
         q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
@@ -222,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--features-only", action="store_true", help="the model that returns the feature maps")
     m.set_defaults(func=cmd_build, max_params=None, device="meta", out=None, emit_python=False)  # no budget: meta
     g = sub.add_parser("graph", help="draw the dataflow: mermaid or dot text, svg/png through Graphviz (no torch)")
-    g.add_argument("spec", help="a spec file (YAML)")
+    g.add_argument("spec", help="a spec file (YAML), or a reference spec's name (`blockgraph list`)")
     g.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default="mermaid")
     g.add_argument("--variant", help="variant of a family spec (e.g. small)")
     g.add_argument("--input", help="input size CxHxW or HxW for the shapes shown (default: the spec's)")
@@ -263,8 +263,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_PACKAGES = {"torch": "torch", "einops": "einops", "networkx": "networkx", "pydantic": "pydantic", "yaml": "pyyaml"}
+"""Runtime dependencies by module name → the distribution to install."""
+
+
+def _unrecognized(p: argparse.ArgumentParser, command: str, extra: list[str]) -> int:
+    """The subcommand's usage, the arguments it does not know, and the nearest option: exit 2."""
+    import difflib
+
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = [o for action in sub._actions for o in action.option_strings]
+    sub.print_usage(sys.stderr)
+    print(f"blockgraph {command}: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+    first = next((x for x in extra if x.startswith("-")), extra[0])
+    close = difflib.get_close_matches(first.split("=")[0], options, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"options: {', '.join(o for o in options if o.startswith('--'))}"
+    print(f"hint: {hint}", file=sys.stderr)
+    return EXIT_INVALID
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        return _unrecognized(p, args.command, extra)
     try:
         if args.plugin:
             from blockgraph.spec.plugins import load_command_line
@@ -273,6 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except BlockgraphError as e:
         print(e.format(), file=sys.stderr)
+        return EXIT_INVALID
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _PACKAGES:
+            raise
+        package = _PACKAGES[(e.name or "").split(".")[0]]
+        print(
+            f"error: this command needs the package '{package}', which is not installed\n"
+            f"hint: install it with `pip install {package}` (torch: the build for your machine, see pytorch.org), or "
+            "set up the environment with `make venv`",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blockgraph.blocks  # noqa: F401  (registers the built-in ops; torch-free)
+from blockgraph.errors import Pos, SpecError
 from blockgraph.graph.build import Graph, build_graph
 from blockgraph.graph.infer import Inference, infer
 from blockgraph.spec.expand import Expanded, expand
 from blockgraph.spec.plugins import load_imports
+from blockgraph.spec.references import SPEC_DIR, nearest_hint
 from blockgraph.spec.schema import ModelBase, ParsedSpec, parse
 from blockgraph.types import TensorType
 
@@ -45,8 +48,27 @@ class Analysis:
         return value if isinstance(value, TensorType) else value[out.port]  # (a node of several outputs: a port)
 
 
-def _looks_like_path(text: str) -> bool:
-    return "\n" not in text and (text.endswith((".yaml", ".yml")) or os.path.exists(text))
+_NAME_OR_PATH = re.compile(r"[\w./\\~-]+")
+"""A one-line string of these characters is a file's path or a reference spec's name, never YAML text."""
+
+
+def spec_file(text: str) -> Path | None:
+    """The file a one-line spec argument names: a path that exists, or a reference spec's name
+    (``coat_lite_small``); None for YAML text.
+
+    Raises:
+        SpecError: it looks like a path or a name, but no file or reference spec has it (nearest names in the hint).
+    """
+    if "\n" in text:
+        return None
+    if os.path.exists(text):
+        return Path(text)
+    if _NAME_OR_PATH.fullmatch(text):
+        reference = SPEC_DIR / f"{text}.yaml"
+        if "/" not in text and reference.is_file():
+            return reference
+        raise SpecError(f"no such file or reference spec: '{text}'", pos=Pos(text), hint=nearest_hint(text))
+    return None
 
 
 def analyze(
@@ -77,10 +99,10 @@ def analyze(
         expanded = expand(
             Path(os.devnull), text=_dump(spec), file=f"<{spec.name}>", variant=variant, overrides=overrides
         )
-    elif isinstance(spec, str) and not _looks_like_path(spec):
+    elif isinstance(spec, str) and (path := spec_file(spec)) is None:
         expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides)
     else:
-        expanded = expand(spec, variant=variant, overrides=overrides)
+        expanded = expand(path if isinstance(spec, str) else spec, variant=variant, overrides=overrides)
     load_imports(expanded, allow_imports=allow_imports)
     parsed = parse(expanded)
     graph = build_graph(parsed)

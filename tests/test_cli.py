@@ -266,3 +266,32 @@ def test_build_emit_python_prints_the_generated_forward(run_cli) -> None:
     compile(out, "<emitted>", "exec")  # valid Python
     code, out, _ = run_cli("build", ROOT / "specs" / "coat_lite_tiny.yaml", "--emit-python", "--features-only")
     assert out.splitlines()[-1] == "    return [stage1_to_map, stage2_to_map, stage3_to_map, stage4_to_map]"
+
+
+def test_a_reference_name_is_a_spec_and_a_near_miss_says_which(run_cli, tmp_path) -> None:
+    code, out, _ = run_cli("validate", "coat_lite_small")
+    assert code == 0 and out.startswith("coat_lite_small: valid")
+    code, _, err = run_cli("validate", "coat_lite_smal")
+    assert code == 2
+    assert err.startswith("coat_lite_smal: error: no such file or reference spec: 'coat_lite_smal'")
+    assert "did you mean 'coat_lite_small'" in err
+    code, _, err = run_cli("build", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "no such file or reference spec" in err
+    (tmp_path / "mine.yaml").write_text("name: mine\nextends: coat_lite.yaml\nvariant: tiny\n")  # found in specs/
+    code, out, _ = run_cli("validate", tmp_path / "mine.yaml")
+    assert code == 0 and out.startswith("mine: valid")
+
+
+def test_a_mistyped_flag_gets_the_commands_usage_and_the_nearest_option(run_cli) -> None:
+    code, _, err = run_cli("validate", "coat_lite_small", "--vairant", "tiny")
+    assert code == 2
+    assert err.startswith("usage: blockgraph validate")
+    assert "unrecognized arguments: --vairant tiny" in err and "hint: did you mean --variant?" in err
+
+
+def test_a_missing_runtime_dependency_is_named_not_a_bug() -> None:
+    code = "import sys; sys.modules['torch'] = None; from blockgraph.cli import main; sys.exit(main(['build', 'vit_tiny_patch16_224']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "needs the package 'torch'" in done.stderr and "pip install torch" in done.stderr
+    assert "bug" not in done.stderr

@@ -6,7 +6,8 @@ that data back to the place in a file that produced it, so later stages can poin
 Language (on top of YAML):
 
 * ``extends: parent.yaml``: deep-merge this file over the parent (mappings merge key by key, anything else is
-  replaced; ``key: null`` deletes an inherited key); paths are relative to the file that says it. A file that declares ``variants:`` replaces the parent's
+  replaced; ``key: null`` deletes an inherited key); paths are relative to the file that says it, then to the
+  reference specs' directory (``extends: coat_lite.yaml`` works from anywhere). A file that declares ``variants:`` replaces the parent's
   variants instead of merging them.
 * ``variants: {small: {...}}`` with ``variant: small`` (in the spec, or chosen by the caller): deep-merge the
   variant's mapping over the spec.
@@ -39,6 +40,7 @@ from blockgraph.errors import Pos, SpecError
 from blockgraph.spec import expr
 from blockgraph.spec.define import COMPOSITE_OP, Definition, bind, definitions
 from blockgraph.spec.load import Node, load_file, load_text
+from blockgraph.spec.references import SPEC_DIR
 
 Path = tuple[Any, ...]
 MAX_EXTENDS = 32
@@ -197,11 +199,14 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
         raise SpecError(f"`extends:` forms a cycle: {shown}", pos=parent.pos, hint="remove one of the `extends:` lines")
     if len(chain) >= MAX_EXTENDS:
         raise SpecError(f"`extends:` chain is deeper than {MAX_EXTENDS}: {shown}", pos=parent.pos)
+    if not os.path.isfile(target) and not os.path.isabs(parent.value):  # then among the reference specs
+        reference = os.path.join(SPEC_DIR, parent.value)
+        target = reference if os.path.isfile(reference) else target
     if not os.path.isfile(target):
         raise SpecError(
             f"`extends:` names a file that does not exist: {target}",
             pos=parent.pos,
-            hint=f"the path is relative to {here or '.'}; chain: {shown}",
+            hint=f"the path is relative to {here or '.'}, then to the reference specs ({SPEC_DIR}); chain: {shown}",
         )
     base = _resolve_extends(load_file(target), target, [*chain, target])
     child = Node({k: v for k, v in root.value.items() if k != "extends"}, root.pos, root.key_pos)
