@@ -132,3 +132,20 @@ def test_field_descriptions_are_read_only_when_something_shows_them() -> None:
         "assert schema.registered()['mlp'].model_fields['mlp_ratio'].description.startswith('Hidden width')\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_every_yaml_block_of_the_readme_parses_and_is_its_files_text() -> None:
+    """An excerpt of a spec is that spec's text, verbatim (the examples that are not excerpts, `define:` blocks,
+    are built by tests/spec/test_define.py)."""
+    import re
+
+    import yaml
+
+    files = [p.read_text() for p in (ROOT / "specs").rglob("*.yaml")]
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    for block in blocks:
+        yaml.safe_load(block)
+        if block.startswith(("# yaml-language-server", "define:")):
+            continue
+        assert any(block in text for text in files), f"README excerpt is not any spec's text:\n{block}"
