@@ -176,7 +176,7 @@ def merge_copies(errors: Sequence[BlockgraphError]) -> list[BlockgraphError]:
     spec, same message and hint but for the copies' indices. The first copy's error stands for all, its node named
     ``stage1.blocks.0..7`` (``and`` between groups), its trail without the repetition it came from."""
     groups: dict[tuple[Any, ...], list[BlockgraphError]] = {}
-    for error in errors:
+    for error in (e for group in errors for e in group.errors):  # a MultiError among them: its errors
         pos = error.pos
         place = (pos.file, pos.line, pos.column) if pos is not None and pos.line else id(error)
         key = (

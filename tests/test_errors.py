@@ -72,3 +72,10 @@ blocks:
     ]  # fmt: skip
     assert [e.node for e in info.value.errors] == ["blocks.0..3.fc2"] * 2
     assert "in block 'pair' used at" in str(info.value) and "repetition" not in str(info.value)
+
+
+def test_groups_of_errors_are_merged_error_by_error() -> None:
+    here = Pos("x.yaml", 3, 5)
+    group = bg.errors.MultiError([GraphError("bad", pos=here, node=f"s.b.{i}") for i in range(2)])
+    merged = merge_copies([group, GraphError("bad", pos=here, node="s.b.2")])
+    assert [e.node for e in merged] == ["s.b.0..2"]
