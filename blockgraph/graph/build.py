@@ -417,7 +417,7 @@ def _entry_name(block: BlockSpec, scopes: tuple[str, ...]) -> str:
 def _last_name(entries: list[Any]) -> str | None:
     if not entries:
         return None
-    block, _, _, scopes, _, _ = entries[-1]
+    block, _, _, scopes, *_ = entries[-1]
     return _entry_name(block, scopes)
 
 
@@ -426,36 +426,31 @@ def _op_label(block: BlockSpec) -> str:
     return f"block '{block.label}'" if isinstance(block, CompositeBase) else f"op '{block.op}'"
 
 
-def _flatten(g: Graph, entries: list[Any], modules: dict[int, str]) -> list[Any]:
+def _flatten(g: Graph, entries: list[Any]) -> list[Any]:
     """The entries with each composite's blocks after it (recursively), scoped by and owned by the composite: its
     first block reads the composite's inputs (``<composite>.<input>``, aliases set when the composite's own inputs
-    are resolved). A ``use`` of a shared block becomes a composite whose blocks' modules are the shared
-    declaration's: ``modules`` maps ``id(entry)`` to that module's name."""
+    are resolved). Each entry gains a last item: the name of the module it calls when that is not its own (a ``use``
+    of a shared block becomes a composite whose blocks call the shared declaration's modules), else None."""
     out = []
-    for entry in entries:
-        block, path, stage, scopes, defaults, owner = entry
-        prefix = modules.get(id(entry))
+    for block, path, stage, scopes, defaults, owner, *given in entries:
+        module = given[0] if given else None
         if isinstance(block, UseSpec):
             shared = g._shared_block(block, path, scopes)
             if shared is None:
                 continue
             shared.users.append(_entry_name(block, scopes))
-            update = {"name": block.name or block.op, "from_": block.from_}
-            entry = (shared.spec.model_copy(update=update), shared.path, stage, scopes, defaults, owner)
-            block, path, prefix = entry[0], entry[1], shared.name
-        out.append(entry)
+            block = shared.spec.model_copy(update={"name": block.name or block.op, "from_": block.from_})
+            path, module = shared.path, shared.name
+        out.append((block, path, stage, scopes, defaults, owner, module))
         if isinstance(block, CompositeBase):
             name = _entry_name(block, scopes)
             first = [f"{name}.{i}" for i in block.inputs]  # its blocks see its names, then the enclosing ones
             inner = [
-                (b, path + ("blocks", j), stage, (name, *scopes), first if j == 0 else None, name)
+                (b, path + ("blocks", j), stage, (name, *scopes), first if j == 0 else None, name,
+                 None if module is None else f"{module}.{_entry_name(b, ())}")  # the parts of a use: the shared's
                 for j, b in enumerate(block.blocks)
-            ]
-            if prefix is not None:  # the parts of a use call the parts of the shared declaration
-                modules.update({id(e): f"{prefix}.{_entry_name(e[0], ())}" for e in inner})
-            out += _flatten(g, inner, modules)
-        elif prefix is not None:
-            modules[id(out[-1])] = prefix
+            ]  # fmt: skip
+            out += _flatten(g, inner)
     return out
 
 
@@ -524,13 +519,12 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 )
             )
     entries += [(b, ("blocks", j), None, (), None, None) for j, b in enumerate(spec.blocks)]
-    modules: dict[int, str] = {}
-    entries = _flatten(g, entries, modules)
+    entries = _flatten(g, entries)
     for index, entry in enumerate(entries, start=1):
-        block, path, stage, scopes, _, _owner = entry
+        block, path, stage, scopes, _, _owner, module = entry
         name = _entry_name(block, scopes)
         head, _, tail = name.rpartition(".")
-        node = Node(name, block, path, index, stage, scopes, module=modules.get(id(entry)))
+        node = Node(name, block, path, index, stage, scopes, module=module)
         if tail.isdigit():
             if head in g.nodes:  # a plain block already has the repeated block's name
                 g._add(Node(head, block, path, index, stage, scopes))  # reports the duplicate
@@ -547,7 +541,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     # 3. Edges: explicit `from:`, else the default (previous entry, the stage's last block for a path's first
     #    block, each path's last block for a merge), and shared references.
     previous: dict[str | None, str] = {None: spec.input.name}
-    for block, path, _stage, scopes, defaults, owner in entries:
+    for block, path, _stage, scopes, defaults, owner, _module in entries:
         name = _entry_name(block, scopes)
         found_node, composite = g.nodes.get(name), g.composites.get(name)
         if (found_node is None or found_node.spec is not block) and (composite is None or composite.spec is not block):

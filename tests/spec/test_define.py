@@ -260,3 +260,27 @@ def test_uses_of_a_shared_block_are_checked(edit: tuple[str, str], error: type, 
     assert edit[0] in TIED
     with pytest.raises(error, match=message):
         bg.validate(TIED.replace(*edit))
+
+
+def test_shared_blocks_nest_and_a_use_inside_one_calls_its_own_shared_block() -> None:
+    spec = """
+name: nested_tied
+input: {channels: 3, size: [32, 32]}
+define:
+  leaf: {params: {dim: null}, blocks: [{name: fc, op: linear, dim_out: "${dim}"}]}
+  outer: {params: {dim: null}, blocks: [{name: l, op: leaf, dim: "${dim}"}, {name: u, op: use, module: inner}]}
+shared:
+  inner: {op: leaf, dim: 16}
+  big: {op: outer, dim: 16}
+blocks:
+  - {name: pe, op: conv_patch_embed, dim: 16, patch: 4}
+  - {name: a, op: use, module: big}
+  - {name: b, op: use, module: big}
+"""
+    model = bg.build_model(spec)
+    assert sorted(k for k in model.state_dict() if not k.startswith("pe.")) == [
+        "big.l.fc.bias", "big.l.fc.weight", "inner.fc.bias", "inner.fc.weight"
+    ]  # fmt: skip
+    calls = [line.split("=")[1].split("(")[0].strip() for line in model.code.splitlines() if " = self." in line]
+    assert calls == ["self.pe", "self.big.l.fc", "self.inner.fc", "self.big.l.fc", "self.inner.fc"]
+    assert bg.validate(spec).params == sum(p.numel() for p in model.parameters())
