@@ -202,11 +202,11 @@ MOBILEVIT = (ROOT / "specs" / "mobilevit.yaml").read_text()
 DEFORMABLE = (ROOT / "specs" / "deformable_encoder.yaml").read_text()
 
 FAMILY_CASES = [
-    (SWIN, Case("swin shift as large as the window", "shift: ${window // 2 if", "shift: ${window if",
-                "${window if", "shift 7 must be smaller than the window 7", "`shift: 3`")),
+    (SWIN, Case("swin shift as large as the window", "shift: ${pick(window, i) // 2 if", "shift: ${pick(window, i) if",
+                "${pick(window, i) if", "shift 7 must be smaller than the window 7", "`shift: 3`")),
     (SWIN, Case("swin heads that do not divide the width", "heads: [3, 6, 12, 24]", "heads: [3, 5, 12, 24]",
                 "${heads[i]}", "dim 192 is not divisible by heads 5", "head counts that divide 192")),
-    (SWIN, Case("swin input its windows do not divide", "size: [224, 224]", "size: [256, 256]", "${window}\n",
+    (SWIN, Case("swin input its windows do not divide", "size: [224, 224]", "size: [256, 256]", "${pick(window, i)}\n",
                 "the map height \\(H//4\\) is not divisible by the window 7", "H in {224k")),
     (MOBILEVIT, Case("mobilevit transformer width not divisible by heads", "tdims: [144, 192, 240]",
                      "tdims: [144, 190, 240]", "4\n        patch", "transformer_dim 190 is not divisible by heads 4",

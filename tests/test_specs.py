@@ -199,3 +199,28 @@ def test_accepted_sizes_are_exactly_those_torch_can_run(path: Path) -> None:
         except RuntimeError:
             ran = False
         assert ran == accepted, (h, w, accepted)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "node", "field", "expected"),
+    [
+        ("coat_lite_tiny", {"heads": [8, 8, 4, 8], "windows": [{3: 2, 5: 3, 7: 3}] * 2 + [{3: 2, 5: 2}] + [{3: 8}]},
+         "stage3.blocks.0", "heads", [8, 8, 4, 8]),
+        ("coat_lite_tiny", {"mlp_ratios": 4}, "stage1.blocks.0", "mlp_ratio", [4, 4, 4, 4]),
+        ("mpvit_tiny", {"mlp_ratio": [2, 2, 4, 4], "heads": [8, 8, 8, 4], "windows": [{3: 2, 5: 3, 7: 3}] * 3 + [{3: 4}]},
+         "stage1.path0.layers.0", "mlp_ratio", [2, 2, 4, 4]),
+        ("swin_tiny_patch4_window7_224", {"window": [7, 7, 14, 7], "mlp_ratio": [4, 4, 3, 4]},
+         "layers2.blocks.1", "window", [7, 7, 14, 7]),
+    ],
+)  # fmt: skip
+def test_families_take_per_stage_values_or_one_for_all(name, overrides, node, field, expected) -> None:
+    """Heads, CRPE windows, windows and MLP ratios: a scalar for every stage (the default), or a list, one per stage."""
+    analysis = bg.analyze(bg.api.spec_path(name), overrides=overrides)
+    nodes = analysis.graph.nodes
+    stage, _, rest = node.partition(".")
+    got = [getattr(nodes[f"{stage[:-1]}{s}.{rest}"].spec, field) for s in _stage_numbers(name)]
+    assert got == expected
+
+
+def _stage_numbers(name: str) -> list[int]:
+    return [0, 1, 2, 3] if name.startswith("swin") else [1, 2, 3, 4]

@@ -523,6 +523,17 @@ def _int(*args: Any) -> int:
     return int(*args)
 
 
+def _pick(value: Any, index: Any) -> Any:
+    """``value[index]`` for a list (one value per stage, say), ``value`` itself otherwise (the same for all)."""
+    if not isinstance(value, list):
+        return value
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise _CallError(f"pick(): the index must be a whole number, got {index!r}")
+    if not -len(value) <= index < len(value):
+        raise _CallError(f"pick(): index {index} is out of range for a list of {len(value)} values ({value!r})")
+    return value[index]
+
+
 def _round(*args: Any) -> Any:
     if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], int) and args[1] < -400:
         args = (args[0], -400)  # the same result (0), without computing 10**-ndigits
@@ -543,6 +554,7 @@ _FUNCTIONS: Final[dict[str, _Function]] = {
     "len": _Function(len),
     "max": _Function(max, frozenset({"default"}), heavy=True),
     "min": _Function(min, frozenset({"default"}), heavy=True),
+    "pick": _Function(_pick),
     "range": _Function(_range),
     "round": _Function(_round),
     "sorted": _Function(sorted, frozenset({"reverse"}), heavy=True),

@@ -363,7 +363,7 @@ def test_errors(text: str, fragment: str, offset: int, length: int | None) -> No
         ("depht", "did you mean 'depths'?"),
         ("qqqq", "defined variables: depths, dims, flag, heads, i, name, nested, nothing, pairs, ratio, ... (1 more)"),
         ("lenn(dims)", "did you mean 'len'?"),
-        ("zip(dims)", "allowed functions: abs, bool, float, int, len, max, min, range, round, sorted, str, sum"),
+        ("zip(dims)", "allowed functions: abs, bool, float, int, len, max, min, pick, range, round, sorted, str, sum"),
         ("windows[4]", "keys: 3, 5, 7"),
         ("nested['stag']", "did you mean 'stage'?"),
         ("dims.copy()", "the functions abs, bool"),
