@@ -86,3 +86,17 @@ def test_loader_refuses_aliases_that_disagree() -> None:
     sd["serial_blocks1.1.cpe.proj.weight"] = sd["serial_blocks1.1.cpe.proj.weight"] + 1  # no longer the shared cpe1
     with pytest.raises(bg.WeightsError, match="both map to 'stage1.cpe.proj.weight' but hold different values"):
         bg.load_timm_state_dict(bg.create_model("coat_lite_tiny"), sd)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 96), (200, 312)])
+def test_mobilevit_matches_timm_where_the_map_does_not_divide_into_patches(size: tuple[int, int]) -> None:
+    """timm's MobileViT block resizes such a map (bilinear) to a multiple of the patch and back; so does ours."""
+    torch.manual_seed(0)
+    twin = create_timm("mobilevit_xs").eval()
+    ours = bg.create_model("mobilevit_xs").eval()
+    randomize_batchnorm(twin, torch.Generator().manual_seed(3))
+    bg.load_timm_state_dict(ours, twin.state_dict())
+    assert ours.inference.acceptance.contains({"H": size[0], "W": size[1]})
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), twin(x), rtol=0, atol=1e-5)

@@ -62,7 +62,8 @@ class MobileVitBlockSpec(BlockSpec):
     each a sequence over the patches → ``layers`` pre-norm transformer layers → LayerNorm → fold → 1x1 back (BN,
     act) → concatenate with the block's input → 3x3 fusion (BN, act). No residual around the block.
 
-    The map must divide into patches (checked statically)."""
+    A map that does not divide into patches is resized (bilinear) up to the next multiple of the patch for the
+    transformer, and the result back, as timm does (``interpolate: false``: such a map is refused statically)."""
 
     op: Literal["mobilevit_block"]
     dim: PositiveInt
@@ -83,17 +84,22 @@ class MobileVitBlockSpec(BlockSpec):
     """LayerNorm epsilon."""
     drop_path: Rate = 0.0
     """Stochastic-depth rate of the residual branches (0: off)."""
+    interpolate: bool = True
+    """Resize a map that does not divide into patches up to the next multiple of the patch, and back (timm); false:
+    the map must divide into patches."""
     batch_norm = True
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)
         ctx.divides(self.transformer_dim, self.heads, field="heads", what="head", of="transformer_dim")
         for axis, size in zip(("height", "width"), x.grid, strict=True):
-            ctx.require(
-                Constraint.divisible(size, self.patch),
-                f"the map {axis} ({size}) is not divisible by the patch {self.patch}",
-                field="patch",
-            )
+            if not self.interpolate:
+                ctx.require(
+                    Constraint.divisible(size, self.patch),
+                    f"the map {axis} ({size}) is not divisible by the patch {self.patch}",
+                    field="patch",
+                    hint="or set `interpolate: true` to resize the map to a multiple of the patch (timm)",
+                )
             ctx.positive(size, f"the map {axis}", field="patch")
         return x
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blockgraph.layers.common import DropPath, init_elsewhere, residual_branch
@@ -43,11 +44,12 @@ class MobileVitBlock(nn.Module):
     def __init__(
         self, dim: int, transformer_dim: int, layers: int = 2, heads: int = 4, patch: int = 2,
         mlp_ratio: float = 2.0, act: str = "silu", norm_eps: float = 1e-5, drop_path: float = 0.0,
-        device: Any = None, dtype: Any = None,
+        interpolate: bool = True, device: Any = None, dtype: Any = None,
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.patch = patch
+        self.interpolate = interpolate
         self.conv_kxk = ConvBn(dim, dim, 3, 1, 1, act=act, init="fan_out_groups", **dd)
         self.conv_1x1 = conv2d(dim, transformer_dim, 1, bias=False, init="fan_out_groups", **dd)
         with init_elsewhere():  # the Linear layers are drawn below, as timm's ByobNet does
@@ -68,11 +70,16 @@ class MobileVitBlock(nn.Module):
         x = self.conv_1x1(self.conv_kxk(x))
         B, C, H, W = x.shape
         p = self.patch
-        nh, nw = H // p, W // p
+        nh, nw = -(-H // p), -(-W // p)
+        resized = self.interpolate and (nh * p != H or nw * p != W)
+        if resized:  # timm: up to the next multiple of the patch, and back after the transformer
+            x = F.interpolate(x, size=(nh * p, nw * p), mode="bilinear", align_corners=False)
         # [B, C, H, W] -> [B*C*nh, nw, p, p] -> [B*p*p, nh*nw, C]: sequence position = patch index, batch = b*p*p + pos
         x = x.reshape(B * C * nh, p, nw, p).transpose(1, 2)
         x = x.reshape(B, C, nh * nw, p * p).transpose(1, 3).reshape(B * p * p, nh * nw, C)
         x = self.norm(self.transformer(x))
         x = x.contiguous().view(B, p * p, nh * nw, C).transpose(1, 3).reshape(B * C * nh, nw, p, p)
-        x = x.transpose(1, 2).reshape(B, C, nh * p, nw * p)  # [B, C, H, W]
+        x = x.transpose(1, 2).reshape(B, C, nh * p, nw * p)  # [B, C, nh*p, nw*p]
+        if resized:
+            x = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)  # [B, C, H, W]
         return self.conv_fusion(torch.cat((shortcut, self.conv_proj(x)), dim=1))

@@ -67,11 +67,19 @@ def test_swin_rejects_a_size_its_windows_do_not_divide(run_cli) -> None:
     assert len([line for line in err.splitlines() if "error:" in line]) == 4  # one per stage, not per block
 
 
-def test_mobilevit_rejects_a_size_its_patches_do_not_divide(run_cli) -> None:
-    code, _, err = run_cli("validate", ROOT / "specs" / "mobilevit_s.yaml", "--input", "3x288x256")
-    assert code == 2
-    assert "not divisible by the patch 2" in err and "node 'stage4.mvit'" in err
-    assert "H in {64k, 64k+57..64k+63}" in err
+def test_mobilevit_takes_any_size_or_with_interpolate_false_refuses_one_its_patches_do_not_divide(run_cli) -> None:
+    code, out, _ = run_cli("validate", ROOT / "specs" / "mobilevit_s.yaml", "--input", "3x288x256")
+    assert code == 0 and "accepts: H >= 1; W >= 1" in out  # resized to a multiple of the patch, as timm
+    text = (
+        (ROOT / "specs" / "mobilevit.yaml")
+        .read_text()
+        .replace("op: mobilevit_block", "op: mobilevit_block\n        interpolate: false")
+    )
+    spec = f"{text}\nvariant: s\n"
+    with pytest.raises(bg.ShapeError) as info:
+        bg.validate(spec, input_size=(3, 288, 256))
+    assert "not divisible by the patch 2" in str(info.value) and "stage4.mvit" in str(info.value)
+    assert "H in {64k, 64k+57..64k+63}" in str(info.value) and "interpolate: true" in str(info.value)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (448, 672)])
