@@ -283,7 +283,7 @@ class Graph:
         """A ``from:`` reference → (node, output port); local names are tried in the innermost scope first."""
         candidates = [f"{scope}.{ref}" for scope in scopes] + [ref]
         for name in candidates:
-            if (found := self._exact(name)) is not None:
+            if (found := self.value_of(name)) is not None:
                 return found
         for name in candidates:
             head, _, port = name.rpartition(".")
@@ -298,17 +298,14 @@ class Graph:
         return None
 
     def value_of(self, name: str) -> tuple[str, str | None] | None:
-        """The node (and port) that gives the value of a node, composite or repeated block named ``name``."""
-        return self._exact(name)
-
-    def _exact(self, name: str) -> tuple[str, str | None] | None:
-        """A name that is a node, an alias (a composite, its port or input) or a repeated block (its last)."""
+        """The node (and port) that gives the value of a node, an alias (a composite, its port or input) or a
+        repeated block (its last) named ``name``; None for another name."""
         if name in self.nodes:
             return name, None
         if name in self.aliases:
             return self.aliases[name]
         if name in self.groups and self.groups[name]:
-            return self._exact(self.groups[name][-1])
+            return self.value_of(self.groups[name][-1])
         return None
 
     def _sources(self, name: str) -> list[tuple[str, str | None]]:
@@ -318,7 +315,7 @@ class Graph:
             return [
                 self.aliases[f"{name}.{port}"] for port in composite.spec.outputs if f"{name}.{port}" in self.aliases
             ]
-        found = self._exact(name)
+        found = self.value_of(name)
         if found is None:
             return []
         src, out = found
@@ -490,9 +487,9 @@ def build_graph(parsed: ParsedSpec) -> Graph:
         for k, path in enumerate(stage.paths):
             add_shared(f"{stage.name}.{path.name}", path.shared, ("stages", i, "paths", k, "shared"))
 
-    # 2. Nodes, in declaration order (names only; edges need every name first). An entry is
-    #    (block, spec path, stage, lookup scopes, default inputs: None = the previous entry).
-    #    The last item, the composite an entry belongs to (None: the model), scopes the previous entry.
+    # 2. Nodes, in declaration order (names only; edges need every name first). An entry is (block, spec path,
+    #    stage, lookup scopes, default inputs: None = the previous entry, the composite it belongs to: None = the
+    #    model); _flatten adds the blocks of composites and a last item, the module a node calls if not its own.
     entries: list[tuple[BlockSpec, Path, str | None, tuple[str, ...], list[str] | None, str | None]] = []
     for i, stage in enumerate(spec.stages):
         here = (stage.name,)
@@ -520,8 +517,9 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             )
     entries += [(b, ("blocks", j), None, (), None, None) for j, b in enumerate(spec.blocks)]
     entries = _flatten(g, entries)
+    parent: dict[str, str | None] = {}  # a composite → the composite it is declared in
     for index, entry in enumerate(entries, start=1):
-        block, path, stage, scopes, _, _owner, module = entry
+        block, path, stage, scopes, _, owner, module = entry
         name = _entry_name(block, scopes)
         head, _, tail = name.rpartition(".")
         node = Node(name, block, path, index, stage, scopes, module=module)
@@ -532,10 +530,13 @@ def build_graph(parsed: ParsedSpec) -> Graph:
             g.groups.setdefault(head, []).append(name)
         if isinstance(block, CompositeBase):
             g._add_composite(Composite(name, block, path, scopes[0] if scopes else ""))
-        else:
-            g._add(node)
+            parent[name] = owner
+            continue
+        g._add(node)
+        while owner in g.composites and g.nodes.get(name) is node:  # every enclosing composite counts it
+            g.composites[owner].members.append(name)  # type: ignore[index]
+            owner = parent.get(owner)  # type: ignore[arg-type]
     for composite in reversed(list(g.composites.values())):  # inner ones first: an output may be a composite
-        composite.members = [n for n in g.nodes if n.startswith(f"{composite.name}.")]
         g._composite_outputs(composite)
 
     # 3. Edges: explicit `from:`, else the default (previous entry, the stage's last block for a path's first

@@ -514,15 +514,8 @@ def expand(
     chosen = chosen or inherited
 
     expander = _Expander(file)
-    imports = _imports(root.get(IMPORTS))
-    modules: list[Import] = []
-    for entry in imports:
-        if entry.is_library:
-            defines, modules_there = _library(entry)
-            expander.defines.update(defines)
-            modules += [m for m in modules_there if m.name not in {n.name for n in modules}]
-        elif entry.name not in {n.name for n in modules}:
-            modules.append(entry)
+    defines, modules = _imported(_imports(root.get(IMPORTS)), ())
+    expander.defines.update(defines)
     expander.defines.update(definitions(root.get(DEFINE)))
     defs_node = root.get("variables")
     if defs_node is not None and not defs_node.is_map:
@@ -556,7 +549,23 @@ def expand(
     return Expanded(data, expander.source, chosen, modules, defined)
 
 
-def _library(entry: Import, chain: tuple[str, ...] = ()) -> tuple[dict[str, Definition], list[Import]]:
+def _imported(entries: list[Import], chain: tuple[str, ...]) -> tuple[dict[str, Definition], list[Import]]:
+    """What ``imports:`` entries bring: the blocks defined by its YAML libraries (and by the libraries those import,
+    later ones winning), and the modules of custom blocks, each once, in order."""
+    defines: dict[str, Definition] = {}
+    modules: dict[str, Import] = {}
+    for entry in entries:
+        if entry.is_library:
+            more, modules_there = _library(entry, chain)
+            defines.update(more)
+            for module in modules_there:
+                modules.setdefault(module.name, module)
+        else:
+            modules.setdefault(entry.name, entry)
+    return defines, list(modules.values())
+
+
+def _library(entry: Import, chain: tuple[str, ...]) -> tuple[dict[str, Definition], list[Import]]:
     """The blocks a YAML library defines (its ``define:``, through its own ``extends:``, over those of the libraries
     it imports), and the modules of custom blocks it imports."""
     if entry.name in chain:
@@ -569,14 +578,6 @@ def _library(entry: Import, chain: tuple[str, ...] = ()) -> tuple[dict[str, Defi
             hint="a .yaml entry is a file of `define:` blocks, relative to the spec that imports it",
         )
     root = _resolve_extends(load_file(entry.name), entry.name, [entry.name])
-    defines: dict[str, Definition] = {}
-    modules: list[Import] = []
-    for inner in _imports(root.get(IMPORTS)):
-        if inner.is_library:
-            more, modules_there = _library(inner, (*chain, entry.name))
-            defines.update(more)
-            modules += modules_there
-        else:
-            modules.append(inner)
+    defines, modules = _imported(_imports(root.get(IMPORTS)), (*chain, entry.name))
     defines.update(definitions(root.get(DEFINE)))
     return defines, modules

@@ -104,6 +104,11 @@ def test_definitions_come_from_a_library_by_imports_or_extends(tmp_path: Path) -
     (tmp_path / "missing.yaml").write_text("imports: [lib/nothing.yaml]\n" + body)
     with pytest.raises(bg.SpecError, match="block library that does not exist"):
         bg.validate(tmp_path / "missing.yaml")
+    (tmp_path / "lib" / "a.yaml").write_text("imports: [b.yaml]\n")  # libraries that import each other
+    (tmp_path / "lib" / "b.yaml").write_text("imports: [a.yaml]\n")
+    (tmp_path / "cycle.yaml").write_text("imports: [lib/a.yaml]\n" + body)
+    with pytest.raises(bg.SpecError, match=r"libraries form a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        bg.validate(tmp_path / "cycle.yaml")
 
 
 def test_a_use_may_also_be_a_merge_and_nest_deeper() -> None:
