@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.spec.patch import PATH_KEY
 
 EXIT_INVALID = 2
 EXIT_INTERNAL = 3
@@ -34,15 +35,20 @@ def _input_size(text: str) -> tuple[int, ...]:
     return size
 
 
+_SET_HELP = "override a variable, or the value at a dotted path (stages.stage4.blocks.blocks.depth=2)"
+
+
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     import yaml
 
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.isidentifier():
+        if not sep or not (name.isidentifier() or PATH_KEY.fullmatch(name)):
             raise SpecError(
-                f"--set {pair!r} must be NAME=VALUE", pos=Pos("<command line>"), hint="--set depths=[1,1,1,1]"
+                f"--set {pair!r} must be NAME=VALUE or PATH=VALUE",
+                pos=Pos("<command line>"),
+                hint="--set depths=[1,1,1,1], --set stages.stage4.blocks.blocks.depth=2",
             )
         try:
             out[name] = yaml.safe_load(value)
@@ -201,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("spec", help="a spec file (YAML), or a reference spec's name (`blockgraph list`)")
         q.add_argument("--variant", help="variant of a family spec (e.g. small)")
         q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
-        q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
+        q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
         q.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
@@ -226,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=("mermaid", "dot", "svg", "png"), default="mermaid")
     g.add_argument("--variant", help="variant of a family spec (e.g. small)")
     g.add_argument("--input", help="input size CxHxW or HxW for the shapes shown (default: the spec's)")
-    g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a variable")
+    g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
     g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
     g.add_argument("--out", help="write to this file (atomically) instead of stdout")
     g.set_defaults(func=cmd_graph)

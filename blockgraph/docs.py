@@ -218,13 +218,22 @@ def _summary(cls: type[BaseModel]) -> str:
 
 
 TEMPLATES = [
-    ("`extends: parent.yaml`", "Deep-merge this file over the parent (a path relative to this file): mappings merge "
-     "key by key, anything else is replaced; `key: null` deletes an inherited key. A file that declares `variants:` "
-     "replaces the parent's variants."),
+    ("`extends: parent.yaml`", "Deep-merge this file over the parent (a path relative to this file, then a "
+     "reference spec's name): mappings merge key by key, lists of named items (stages, paths, blocks) merge by "
+     "name (below), anything else is replaced; `key: null` deletes an inherited key. A file that declares "
+     "`variants:` replaces the parent's variants."),
+    ("`- {name: stage4, ...}`", "In a list of named items merged over an inherited one (by `extends:`, a variant "
+     "or `--set`): the item merges into the inherited item of that name, after templates expand (`stage${i + 1}` "
+     "matches `stage4`); a new name is appended. Directives: `$delete: true` removes the item, `$replace: true` "
+     "replaces it instead of merging, `$before: NAME` / `$after: NAME` place it; an item `- $replace: true` of "
+     "its own makes the list replace the inherited one."),
+    ("`stages.stage4.blocks.blocks.depth: 2`", "A dotted key (at the top level of a spec or a variant, or as "
+     "`--set PATH=VALUE`): a path of mapping keys and, in lists of named items, item names; `null` deletes the "
+     "key or item."),
     ("`variants: {small: {...}}`, `variant: small`", "Named variants; the chosen one (by `variant:` or the caller) "
      "is deep-merged over the spec: parent < chosen variant < this file."),
     ("`variables: {dims: [64, 128], heads: 8}`", "Values usable as `${dims[1] // heads}` anywhere below; a "
-     "variable may use other variables; `--set NAME=VALUE` (or `overrides=`) replaces one."),
+     "variable may use other variables; `--set NAME=VALUE` (or `overrides={NAME: VALUE}`) replaces one."),
     ("`${...}`", "An expression. A scalar that is exactly one `${...}` takes the expression's type (a number, a "
      "list, a mapping); otherwise the values are formatted into the text (`stage${i + 1}`)."),
     ("`- for: {i: [0, 1, 2, 3]}`", "On a list item (a stage, a path, a block, a rename rule): repeat the item once "

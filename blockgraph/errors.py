@@ -178,7 +178,8 @@ def merge_copies(errors: Sequence[BlockgraphError]) -> list[BlockgraphError]:
     groups: dict[tuple[Any, ...], list[BlockgraphError]] = {}
     for error in (e for group in errors for e in group.errors):  # a MultiError among them: its errors
         pos = error.pos
-        place = (pos.file, pos.line, pos.column) if pos is not None and pos.line else id(error)
+        known = pos is not None and (pos.line or pos.file != Pos.file)  # a line, or a place of its own (`--set`)
+        place = (pos.file, pos.line, pos.column) if known else id(error)
         key = (
             type(error),
             error.kind,

@@ -149,3 +149,21 @@ def test_every_yaml_block_of_the_readme_parses_and_is_its_files_text() -> None:
         if block.startswith(("# yaml-language-server", "define:")):
             continue
         assert any(block in text for text in files), f"README excerpt is not any spec's text:\n{block}"
+
+
+def test_the_readme_validate_examples_print_what_they_show(run_cli) -> None:
+    """Each `$ python cli.py validate ...` of the README whose spec exists (not `broken.yaml`) prints its lines."""
+    import shlex
+
+    shown = re.findall(
+        r"```console\n\$ python cli.py (validate [^\n]*)\n(.*?)```", (ROOT / "README.md").read_text(), re.S
+    )
+    checked = 0
+    for command, output in shown:
+        argv = shlex.split(command)
+        if argv[1].endswith(".yaml") and not (ROOT / argv[1]).is_file():
+            continue
+        code, out, _ = run_cli(*(str(ROOT / a) if a.endswith(".yaml") else a for a in argv))
+        assert code == 0 and out.replace(str(ROOT) + "/", "") == output, command
+        checked += 1
+    assert checked >= 2

@@ -40,7 +40,8 @@ from blockgraph.errors import Pos, SpecError
 from blockgraph.spec import expr
 from blockgraph.spec.define import COMPOSITE_OP, Definition, bind, definitions
 from blockgraph.spec.load import Node, load_file, load_text
-from blockgraph.spec.references import SPEC_DIR
+from blockgraph.spec.patch import PATCHES, Entry, apply, directives, merge, merge_spec, path_patch
+from blockgraph.spec.references import SPEC_DIR, nearest_hint
 
 Path = tuple[Any, ...]
 MAX_EXTENDS = 32
@@ -135,28 +136,6 @@ class Expanded:
 # ----------------------------------------------------------------------------------------------------- extends / merge
 
 
-def _merge(base: Node, over: Node) -> Node:
-    """Deep-merge ``over`` onto ``base``: mappings key by key, anything else replaced by ``over``."""
-    if not (base.is_map and over.is_map):
-        return over
-    out = dict(base.value)
-    for key, value in over.value.items():
-        if value.value is None:  # `key: null` deletes what the parent (or base) set
-            out.pop(key, None)
-            continue
-        out[key] = _merge(out[key], value) if key in out else value
-    return Node(out, over.pos, over.key_pos or base.key_pos)
-
-
-def _merge_spec(base: Node, over: Node) -> Node:
-    """:func:`_merge` of two whole specs, except that ``imports:`` lists add up (``base``'s first)."""
-    merged = _merge(base, over)
-    inherited, own = base.get(IMPORTS), over.get(IMPORTS)
-    if inherited is not None and own is not None and inherited.is_list and own.is_list:
-        merged.value[IMPORTS] = Node([*inherited.value, *own.value], own.pos, own.key_pos)
-    return merged
-
-
 def _imports(node: Node | None) -> list[Import]:
     """The entries of ``imports:``, files resolved against the directory of the file that lists them, each once."""
     if node is None:
@@ -189,7 +168,7 @@ def _imports(node: Node | None) -> list[Import]:
 def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
     parent = root.get("extends")
     if parent is None:
-        return root
+        return merge_spec(Node({}, root.pos), root) if any("." in str(k) for k in root.value) else root
     if not isinstance(parent.value, str) or not parent.value:
         raise SpecError("`extends:` takes a file name (a path relative to this file)", pos=parent.pos)
     here = os.path.dirname(file) if os.path.exists(file) else os.getcwd()
@@ -199,14 +178,17 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
         raise SpecError(f"`extends:` forms a cycle: {shown}", pos=parent.pos, hint="remove one of the `extends:` lines")
     if len(chain) >= MAX_EXTENDS:
         raise SpecError(f"`extends:` chain is deeper than {MAX_EXTENDS}: {shown}", pos=parent.pos)
-    if not os.path.isfile(target) and not os.path.isabs(parent.value):  # then among the reference specs
-        reference = os.path.join(SPEC_DIR, parent.value)
-        target = reference if os.path.isfile(reference) else target
+    if not os.path.isfile(target) and not os.path.isabs(parent.value):  # then among the reference specs, by name
+        for name in (parent.value, f"{parent.value}.yaml"):
+            if os.path.isfile(reference := os.path.join(SPEC_DIR, name)):
+                target = reference
+                break
     if not os.path.isfile(target):
         raise SpecError(
             f"`extends:` names a file that does not exist: {target}",
             pos=parent.pos,
-            hint=f"the path is relative to {here or '.'}, then to the reference specs ({SPEC_DIR}); chain: {shown}",
+            hint=f"the path is relative to {here or '.'}, then to the reference specs ({SPEC_DIR}), where a name "
+            f"may leave out .yaml; {nearest_hint(parent.value)}; chain: {shown}",
         )
     base = _resolve_extends(load_file(target), target, [*chain, target])
     child = Node({k: v for k, v in root.value.items() if k != "extends"}, root.pos, root.key_pos)
@@ -218,7 +200,7 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
         child.meta["variant"] = chosen.value
     if "variants" in child.value and base.is_map:  # a family of its own: the parent's sizes do not carry over
         base = Node({k: v for k, v in base.value.items() if k != "variants"}, base.pos, base.key_pos)
-    merged = _merge_spec(base, child)
+    merged = merge_spec(base, child)
     merged.meta.update(child.meta)
     return merged
 
@@ -245,7 +227,7 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
     variant = variants.value[name]
     if not variant.is_map:
         raise SpecError(f"variant '{name}' must be a mapping of overrides", pos=variant.pos)
-    merged = _merge_spec(Node(body, root.pos), variant)
+    merged = merge_spec(Node(body, root.pos), variant)
     if chosen is not None and "name" not in variant.value and "name" in body:
         base_name = body["name"]
         merged.value["name"] = Node(f"{base_name.value}_{name}", base_name.pos, base_name.key_pos)
@@ -312,6 +294,8 @@ class _Expander:
         """While a repetition is evaluated: the paths it records (to note the repetition on their positions)."""
         self.defines: dict[str, Definition] = {}
         self.using: list[str] = []
+        self.names: dict[Path, str] = {}
+        """The names of the list items evaluated so far, by path (for messages)."""
         """The definitions being instantiated, outermost first (a definition may not use itself)."""
 
     def record(self, path: Path, node: Node) -> None:
@@ -394,7 +378,44 @@ class _Expander:
     def evaluate_list(self, node: Node, scope: Mapping[str, Any], path: Path, *, record: bool) -> list[Any]:
         out: list[Any] = []
         is_blocks = bool(path) and path[-1] == "blocks"
-        for item in node.value:
+        for entry in self._entries(node, scope, path):
+            inner = _bound(entry.bindings, scope) if entry.bindings else scope
+            if isinstance(entry.name, str):
+                self.names[path + (len(out),)] = entry.name
+            if is_blocks and entry.body.is_map and "depth" in entry.body.value:
+                out.extend(self._repeat(entry.body, inner, path, len(out), record))
+            else:
+                self._count(entry.body.pos)
+                out.append(self.evaluate(entry.body, inner, path + (len(out),), record=record))
+        return out
+
+    def _entries(self, node: Node, scope: Mapping[str, Any], path: Path) -> list[Entry]:
+        """The concrete items of a list: templates repeated, guards applied, then the lists patching it merged in
+        by name (:mod:`blockgraph.spec.patch`)."""
+        entries = self._concrete(node.value, scope)
+        for patch in node.meta.get(PATCHES, ()):
+            what = self._shown(path)
+
+            def value_of(value: Node, entry: Entry) -> Any:
+                return self.evaluate(value, _bound(entry.bindings, scope), (), record=False)
+
+            entries = apply(entries, self._concrete(patch.value, scope), what, patch.pos, value_of)
+        for entry in entries:
+            if given := directives(entry.body):
+                key = next(iter(given))
+                raise SpecError(
+                    f"`{key}` on an item of a list that patches no inherited list",
+                    pos=given[key].key_pos or given[key].pos,
+                    hint="directives apply to a list of named items merged over an inherited one (by `extends:`, "
+                    "a variant or --set); remove it",
+                )
+        return entries
+
+    def _concrete(self, items: list[Node], scope: Mapping[str, Any]) -> list[Entry]:
+        """Each item once per binding of its ``for:`` (an item without one once), unless its ``if:`` is false,
+        with its name evaluated."""
+        out = []
+        for item in items:
             for bindings in self._template(item, scope):  # a template's bindings are never empty
                 inner = _bound(bindings, scope) if bindings else scope
                 body = Node({k: v for k, v in item.value.items() if k != "for"}, item.pos) if bindings else item
@@ -405,12 +426,14 @@ class _Expander:
                         raise SpecError(f"`if:` needs true or false, got {keep!r}", pos=guard.pos)
                     if not keep:
                         continue
-                    body = Node({k: v for k, v in body.value.items() if k != "if"}, body.pos)
-                if is_blocks and body.is_map and "depth" in body.value:
-                    out.extend(self._repeat(body, inner, path, len(out), record))
-                else:
-                    self._count(body.pos)
-                    out.append(self.evaluate(body, inner, path + (len(out),), record=record))
+                    body = Node({k: v for k, v in body.value.items() if k != "if"}, body.pos, meta=body.meta)
+                entry = Entry(body, bindings)
+                if body.is_map and "name" in body.value:
+                    try:
+                        entry.name = self.evaluate(body.value["name"], inner, (), record=False)
+                    except SpecError:  # a name made per repetition (`${rep}`): none to patch; evaluated below
+                        entry.name = None
+                out.append(entry)
         return out
 
     def _template(self, item: Node, scope: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -473,6 +496,11 @@ class _Expander:
             entries.append(value)
         return entries
 
+    def _shown(self, path: Path) -> str:
+        """A list's path as messages show it, items by name: ```stages.stage2.blocks```."""
+        parts = [self.names.get(path[: i + 1], f"[{p}]") if isinstance(p, int) else str(p) for i, p in enumerate(path)]
+        return f"`{'.'.join(parts)}`" if parts else "the list"
+
     def _count(self, pos: Pos) -> None:
         self.produced += 1
         if self.produced > MAX_EXPANDED:
@@ -512,6 +540,12 @@ def expand(
     inherited = root.meta.get("variant")  # chosen by an `extends:`-ing file for its parent
     root, chosen = _apply_variant(root, variant)
     chosen = chosen or inherited
+    overrides = dict(overrides or {})
+    own = root.get("variables")
+    for name in [n for n in overrides if not (own is not None and own.is_map and n in own.value)]:
+        if "." in name or (name in root.value and name not in RESERVED):  # a path into the spec, not a variable
+            pos = Pos(f"<override {name}>")
+            root = merge(root, path_patch(root, name, Node.from_plain(overrides.pop(name), pos), pos))
 
     expander = _Expander(file)
     defines, modules = _imported(_imports(root.get(IMPORTS)), ())
@@ -528,13 +562,15 @@ def expand(
                 pos=node.key_pos or node.pos,
                 hint=f"use a Python-style identifier (letters, digits, '_'), not '{REP}' (reserved)",
             )
-    for name, value in (overrides or {}).items():
+    for name, value in overrides.items():
         if name not in defs:
             close = difflib.get_close_matches(str(name), list(defs), n=1)
             raise SpecError(
                 f"override of unknown variable '{name}'",
                 pos=Pos("<overrides>"),
-                hint=(f"did you mean '{close[0]}'? " if close else "") + f"variables: {', '.join(defs) or 'none'}",
+                hint=(f"did you mean '{close[0]}'? " if close else "")
+                + f"variables: {', '.join(defs) or 'none'}; or a dotted path into the spec "
+                "(`stages.stage4.blocks.blocks.depth`)",
             )
         defs[name] = Node.from_plain(value, Pos(f"<override {name}>"))
     variables = _Variables(defs, expander)

@@ -35,6 +35,37 @@ _TEMPLATE_KEYS = {
         "anyOf": [{"type": "boolean"}, EXPRESSION],
     },
 }
+_DIRECTIVES = {
+    "$delete": {"description": "Remove the inherited item of this name (patching a list by name).", "const": True},
+    "$replace": {
+        "description": "Replace the inherited item of this name instead of merging into it; as an item of its own "
+        "(`- $replace: true`), make the whole list replace the inherited one.",
+        "const": True,
+    },
+    "$before": {"description": "Put this item before the item of this name.", "type": "string"},
+    "$after": {"description": "Put this item after the item of this name.", "type": "string"},
+}
+_PATCH = {
+    "description": "A patch of the inherited item of this name (in a spec that extends another, or a variant): its "
+    "keys merge into that item's.",
+    "type": "object",
+    "properties": {"name": {"type": "string"}, **_DIRECTIVES},
+    "required": ["name"],
+    "not": {"required": ["op"]},
+}
+_REPLACE_ALL = {
+    "description": "`- $replace: true`: this list replaces the inherited one (instead of merging into it by name).",
+    "type": "object",
+    "properties": {"$replace": {"const": True}},
+    "required": ["$replace"],
+    "additionalProperties": False,
+}
+_PATH_KEYS = {
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+$": {
+        "description": "A dotted path into the spec (mapping keys and, in lists of named items, item names): "
+        "`stages.stage4.blocks.blocks.depth: 2`."
+    }
+}
 _DEPTH = {
     "description": "Repeat this block N times as `name.0` ... `name.N-1` (`${rep}` is the repetition index); "
     "`from:` wires the first, each next one reads the one before.",
@@ -193,6 +224,11 @@ def source_schema() -> dict[str, Any]:
         definitions[name]["properties"]["depth"] = copy.deepcopy(_DEPTH)
     for name in (*blocks, "StageSpec", "PathSpec", "RenameRule"):
         definitions[name]["properties"].update(copy.deepcopy(_TEMPLATE_KEYS))
+    for name in (*blocks, "StageSpec", "PathSpec"):  # patching inherited lists by name
+        definitions[name]["properties"].update(copy.deepcopy(_DIRECTIVES))
+    for name in ("StageSpec", "PathSpec"):  # `- $replace: true` is the one item without a name
+        definitions[name]["required"].remove("name")
+        definitions[name].update({"if": {"not": {"required": ["$replace"]}}, "then": {"required": ["name"]}})
     definitions["Expression"] = {
         "description": "An expression: `${dims[i] // 2}` stands for a value of any type; `${...}` inside text "
         "(`stage${i + 1}`) is formatted into it.",
@@ -202,12 +238,15 @@ def source_schema() -> dict[str, Any]:
     root = _convert({k: v for k, v in expanded.items() if k not in ("$schema", "title", "required")})
     unions = [d for d in _walk(root, definitions) if isinstance(d, dict) and isinstance(d.get("discriminator"), dict)]
     ops = sorted({op for union in unions for op in union["discriminator"]["mapping"]})
-    for union in unions:  # any other op may name a defined block
-        union["anyOf"].append({"$ref": "#/definitions/DefinedBlockUse"})
+    for union in unions:  # any other op may name a defined block; an item may patch an inherited one
+        union["anyOf"].extend({"$ref": f"#/definitions/{name}"} for name in ("DefinedBlockUse", "Patch", "ReplaceList"))
+    definitions["Patch"] = copy.deepcopy(_PATCH)
+    definitions["ReplaceList"] = copy.deepcopy(_REPLACE_ALL)
     definitions["DefinedBlockUse"] = {**copy.deepcopy(_USE), "not": {"properties": {"op": {"enum": ops}}}}
     definitions["Definition"] = copy.deepcopy(_DEFINITION)
     definitions["Definition"]["properties"]["blocks"]["items"] = copy.deepcopy(unions[0]) if unions else {}
     root["properties"].update({k: copy.deepcopy(v) for k, v in _TOP_LEVEL.items()})
+    root["patternProperties"] = copy.deepcopy(_PATH_KEYS)
     variant = copy.deepcopy(root)
     variant["description"] = "A variant: deep-merged over the spec when chosen (`variant: small`)."
     variant.pop("title", None)

@@ -415,7 +415,7 @@ def test_override_replaces_a_variable_everywhere() -> None:
 def test_unknown_override(name: str, hint: str) -> None:
     error = fails(VARIABLES, f"override of unknown variable '{name}'", overrides={name: 1})
     assert error.file == "<overrides>"
-    assert error.hint == hint
+    assert error.hint == hint + "; or a dotted path into the spec (`stages.stage4.blocks.blocks.depth`)"
 
 
 # ------------------------------------------------------------------------------------------------------------ sourcemap
