@@ -15,7 +15,7 @@ from blockgraph.errors import BlockgraphError, Pos, SpecError, WeightsError
 from blockgraph.pipeline import Analysis, SpecLike, analyze
 from blockgraph.spec.references import list_models, spec_path
 from blockgraph.spec.schema import ModelBase
-from blockgraph.types import describe_value
+from blockgraph.types import describe_value, sizes_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,7 +55,7 @@ class Report:
     def format(self) -> str:
         c, h, w = self.input
         lines = [f"{self.name}: valid ({len(self.nodes)} nodes)"]
-        lines.append(f"accepts: {'; '.join(self.accepted)}")
+        lines.append(f"accepts: {sizes_text(self.accepted)}")
         lines.append(f"checked at input {c}x{h}x{w}: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
         lines.append(f"parameters: {self.params:,}; activations: {self.activation_bytes / 2**20:,.1f} MiB per input")
         lines += [w.format() for w in self.warnings]

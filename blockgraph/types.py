@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -749,6 +750,23 @@ def _describe_finite(symbol: str, values: Sequence[int], limit: int = 8) -> str:
     return f"{symbol} in {{{', '.join(items)}{more}}}"
 
 
+_LOWER_BOUND = re.compile(r"(\w+) >= (\d+)")
+
+
+def sizes_text(lines: Sequence[str]) -> str:
+    """Accepted sizes (:meth:`Acceptance.describe`'s lines) as one line: ``any H, W >= 32`` when every size from a
+    bound up is accepted, ``any H >= 4, W >= 8``, ``any size``; else the constraints joined by ``; ``."""
+    bounds = [_LOWER_BOUND.fullmatch(line) for line in lines]
+    if not lines:
+        return "any size"
+    if not all(bounds):
+        return "; ".join(lines)
+    values = {m.group(2) for m in bounds if m is not None}
+    if len(values) == 1:
+        return f"any {', '.join(m.group(1) for m in bounds if m is not None)} >= {values.pop()}"
+    return "any " + ", ".join(lines)
+
+
 @dataclass(frozen=True)
 class Acceptance:
     """The input sizes a model accepts: a :class:`SizeSet` per symbol, plus constraints coupling several symbols.
@@ -790,6 +808,10 @@ class Acceptance:
         """
         lines = [self.sizes[s].describe(s) for s in self.symbols if not self.sizes[s].unconstrained]
         return lines + [str(c) for c in self.coupled]
+
+    def text(self) -> str:
+        """:meth:`describe` as one line (:func:`sizes_text`): ``any H, W >= 32``."""
+        return sizes_text(self.describe())
 
     def examples(self, n: int = 3) -> list[tuple[int, ...]]:
         """Up to ``n`` small accepted size tuples, in the order of ``symbols``, for hints.

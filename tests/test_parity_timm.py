@@ -100,3 +100,18 @@ def test_mobilevit_matches_timm_where_the_map_does_not_divide_into_patches(size:
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), twin(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (252, 332), (228, 452), (480, 640)])
+def test_swin_with_pad_matches_timm_built_with_strict_img_size_false(size: tuple[int, int]) -> None:
+    """`pad: true`: maps that do not divide into windows are padded after the shift and cropped back, odd maps
+    padded before merging, and the axes that shift are those of the size the model is built for (224), as in timm's
+    Swin built with strict_img_size=False (at 480x640 the 15x20 last stage does not shift, in either)."""
+    torch.manual_seed(0)
+    twin = create_timm("swin_tiny_patch4_window7_224", strict_img_size=False).eval()
+    ours = bg.create_model("swin_tiny_patch4_window7_224", overrides={"pad": True}).eval()
+    bg.load_timm_state_dict(ours, twin.state_dict())
+    assert ours.inference.acceptance.contains({"H": size[0], "W": size[1]})
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), twin(x), rtol=0, atol=1e-5)

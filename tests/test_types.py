@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockgraph.types import Constraint, Expr, Floor, SizeSet, TensorType, as_expr, ceil_div, solve
+from blockgraph.types import Constraint, Expr, Floor, SizeSet, TensorType, as_expr, ceil_div, sizes_text, solve
 
 H, W = Expr.sym("H"), Expr.sym("W")
 
@@ -356,6 +356,20 @@ def test_constraint_holds() -> None:
 )
 def test_describe(constraints: list[Constraint], text: str) -> None:
     assert solve(constraints).describe() == [text]
+
+
+@pytest.mark.parametrize(
+    ("lines", "text"),
+    [
+        (["H >= 32", "W >= 32"], "any H, W >= 32"),
+        (["H >= 4", "W >= 8"], "any H >= 4, W >= 8"),
+        (["H >= 4"], "any H >= 4"),
+        ([], "any size"),
+        (["H % 32 == 0", "W >= 32"], "H % 32 == 0; W >= 32"),
+    ],
+)
+def test_sizes_text(lines: list[str], text: str) -> None:
+    assert sizes_text(lines) == text
 
 
 def test_describe_residues_runs() -> None:

@@ -86,8 +86,7 @@ class Inference:
 
     def accepted_hint(self, height: int, width: int, extra: str | None = None) -> str:
         parts = [extra] if extra else []
-        described = "; ".join(self.acceptance.describe())
-        parts.append(f"this model accepts {described}")
+        parts.append(f"this model accepts {self.acceptance.text()}")
         suggestions = []
         for symbol, value in zip(SYMBOLS, (height, width), strict=True):
             size_set = self.acceptance.sizes.get(symbol)

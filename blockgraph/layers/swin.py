@@ -21,20 +21,21 @@ def relative_position_index(window: int) -> Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-def shift_mask(h: int, w: int, window: int, shift: int, device: Any = None) -> Tensor:
+def shift_mask(h: int, w: int, window: int, shift: int | tuple[int, int], device: Any = None) -> Tensor:
     """The -100 mask ``[nW, w*w, w*w]`` between tokens that came from different regions before the cyclic shift.
 
-    Along each axis of size n the regions are ``[0, n - window)``, ``[n - window, n - shift)``, ``[n - shift, n)``
-    (timm's slices); a token's label is row region * 3 + column region. Written as comparisons, not as slice
-    assignments, so that under torch.compile it is one small kernel (the nine assignments made inductor generate
-    megabytes of C++ for Swin-T).
+    Along an axis of size n shifted by s > 0 the regions are ``[0, n - window)``, ``[n - window, n - s)``,
+    ``[n - s, n)`` (timm's slices); an axis that is not shifted is one region. A token's label is row region * 3 +
+    column region. Written as comparisons, not as slice assignments, so that under torch.compile it is one small
+    kernel (the nine assignments made inductor generate megabytes of C++ for Swin-T).
     """
+    shifts = (shift, shift) if isinstance(shift, int) else shift
 
-    def regions(n: int) -> Tensor:
+    def regions(n: int, s: int) -> Tensor:
         i = torch.arange(n, device=device)
-        return (i >= n - window).long() + (i >= n - shift).long()
+        return ((i >= n - window).long() + (i >= n - s).long()) if s else torch.zeros_like(i)
 
-    labels = regions(h)[:, None] * 3 + regions(w)[None, :]  # [h, w]
+    labels = regions(h, shifts[0])[:, None] * 3 + regions(w, shifts[1])[None, :]  # [h, w]
     windows = labels.view(h // window, window, w // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
     diff = windows[:, None, :] - windows[:, :, None]  # [nW, w*w, w*w]
     return diff.ne(0).to(torch.float32) * -100.0
@@ -97,55 +98,76 @@ class WindowAttention(nn.Module):
 class SwinBlock(nn.Module):
     """``norm1``, ``attn``, ``norm2``, ``mlp`` (timm's names), on row-major tokens of an ``h x w`` map.
 
-    With ``size`` (the map the model is built for) a shifted block keeps that map's shift mask as the buffer
-    ``attn_mask`` (not in the state_dict), as timm does: under torch.compile it is then an input of the graph, not a
-    computation traced into it (inductor fused that index arithmetic into the softmax, per head and image). Other
-    sizes make and cache theirs on first use.
+    An axis is shifted when the map is longer than one window along it (timm). With ``pad``, a map that does not
+    divide into windows is zero-padded at the bottom and right after the shift, the shift mask made over the padded
+    map, and the result cropped back (timm's Swin built with ``strict_img_size=False``, whose padding tokens take
+    part in the attention as zeros: only the shift is masked); which axes shift is then fixed by ``size``, the map
+    the model is built for, as timm fixes it at construction.
+
+    With ``size`` a shifted block keeps that map's shift mask as the buffer ``attn_mask`` (not in the state_dict),
+    as timm does: under torch.compile it is then an input of the graph, not a computation traced into it (inductor
+    fused that index arithmetic into the softmax, per head and image). Other sizes make and cache theirs on first
+    use.
     """
 
     def __init__(
         self, dim: int, heads: int, window: int = 7, shift: int = 0, mlp_ratio: float = 4.0, qkv_bias: bool = True,
         drop_path: float = 0.0, proj_drop: float = 0.0, attn_drop: float = 0.0, norm_eps: float = 1e-5,
-        act: str = "gelu", size: tuple[int, int] | None = None, device: Any = None, dtype: Any = None,
+        act: str = "gelu", pad: bool = False, size: tuple[int, int] | None = None, device: Any = None,
+        dtype: Any = None,
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.window, self.shift = window, shift
+        self.window, self.shift, self.pad = window, shift, pad
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.attn = WindowAttention(dim, heads, window, qkv_bias, attn_drop, proj_drop, **dd)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
-        self._masks: dict[tuple[int, int, str], Tensor] = {}
-        self.mask_size = size if size is not None and self._shift(*size) else None
-        mask = shift_mask(*self.mask_size, window, shift, device) if self.mask_size else None
+        self._masks: dict[tuple[Any, ...], Tensor] = {}
+        self.built_shifts = self._axis_shifts(*size) if pad and size is not None else None
+        shifts = self._shifts(*size) if size is not None else (0, 0)
+        self.mask_key = (*map(self._padded, size), shifts) if size is not None and any(shifts) else None
+        mask = shift_mask(*self.mask_key[:2], window, shifts, device) if self.mask_key else None
         self.attn_mask: Tensor
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def _shift(self, h: int, w: int) -> int:
-        """The shift on an ``h x w`` map: none when the map is one window (timm)."""
-        return self.shift if min(h, w) > self.window else 0
+    def _padded(self, n: int) -> int:
+        return n + (-n) % self.window
 
-    def _mask(self, h: int, w: int, shift: int, device: Any) -> Tensor:
-        """The shift mask for this map size: the buffer's, or computed once per size and device."""
-        if (h, w) == self.mask_size and self.attn_mask.device == device:
+    def _axis_shifts(self, h: int, w: int) -> tuple[int, int]:
+        """The shift along each axis of an ``h x w`` map: none along an axis of at most one window (timm)."""
+        return (self.shift if h > self.window else 0, self.shift if w > self.window else 0)
+
+    def _shifts(self, h: int, w: int) -> tuple[int, int]:
+        return self.built_shifts if self.built_shifts is not None else self._axis_shifts(h, w)
+
+    def _mask(self, hp: int, wp: int, shifts: tuple[int, int], device: Any) -> Tensor:
+        """The shift mask for this (padded) map size and shift: the buffer's, or computed once per size and
+        device."""
+        if (hp, wp, shifts) == self.mask_key and self.attn_mask.device == device:
             return self.attn_mask
-        return memo(self._masks, (h, w, str(device)), lambda: shift_mask(h, w, self.window, shift, device))
+        return memo(self._masks, (hp, wp, shifts, str(device)), lambda: shift_mask(hp, wp, self.window, shifts, device))
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         B, L, C = x.shape
         h, w = size
         win = self.window
-        shift = self._shift(h, w)
+        shifts = self._shifts(h, w)
         y = self.norm1(x).view(B, h, w, C)
-        if shift:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        y = y.view(B, h // win, win, w // win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, C)
-        mask = self._mask(h, w, shift, x.device) if shift else None
-        y = self.attn(y, mask, (h, w, shift))  # [B*nW, win*win, C]
-        y = y.view(B, h // win, w // win, win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, C)
-        if shift:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        if any(shifts):
+            y = torch.roll(y, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
+        hp, wp = (self._padded(h), self._padded(w)) if self.pad else (h, w)
+        if (hp, wp) != (h, w):
+            y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
+        y = y.view(B, hp // win, win, wp // win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, C)
+        mask = self._mask(hp, wp, shifts, x.device) if any(shifts) else None
+        y = self.attn(y, mask, (hp, wp, shifts))  # [B*nW, win*win, C]
+        y = y.view(B, hp // win, wp // win, win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp, wp, C)
+        if (hp, wp) != (h, w):
+            y = y[:, :h, :w]
+        if any(shifts):
+            y = torch.roll(y, shifts=shifts, dims=(1, 2))
         x = x + self.drop_path(y.reshape(B, L, C))
         return self.mlp(self.norm2(x), residual=x)
 

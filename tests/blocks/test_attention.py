@@ -113,7 +113,7 @@ ERRORS = [  # our fields, a cls token, the error at 32x48
     (
         {"qkv": "split", "sr_ratio": 32},
         False,
-        r"input 32x48: the map \(H//2\) is smaller than the kernel window 32.*accepts H >= 64",
+        r"input 32x48: the map \(H//2\) is smaller than the kernel window 32.*accepts any H, W >= 64",
     ),
 ]
 

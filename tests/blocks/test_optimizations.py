@@ -95,7 +95,7 @@ def test_swin_block_keeps_the_mask_of_its_build_size_as_a_buffer() -> None:
     plain.load_state_dict(block.state_dict())
     assert "attn_mask" not in block.state_dict()
     assert torch.equal(block.attn_mask, shift_mask(14, 21, 7, 3))
-    assert block._mask(14, 21, 3, block.attn_mask.device) is block.attn_mask
+    assert block._mask(14, 21, (3, 3), block.attn_mask.device) is block.attn_mask
     assert plain.attn_mask is None and SwinBlock(32, 4, 7, shift=3, size=(7, 7)).attn_mask is None  # one window
     for h, w in [(14, 21), (21, 14)]:
         x = torch.randn(2, h * w, 32)

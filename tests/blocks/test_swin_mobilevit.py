@@ -67,9 +67,25 @@ def test_swin_rejects_a_size_its_windows_do_not_divide(run_cli) -> None:
     assert len([line for line in err.splitlines() if "error:" in line]) == 4  # one per stage, not per block
 
 
+def test_swin_with_pad_takes_any_size_and_merging_without_pad_refuses_odd_maps(run_cli) -> None:
+    code, out, _ = run_cli("validate", "swin_tiny_patch4_window7_224", "--set", "pad=true", "--input", "3x252x332")
+    assert code == 0 and "accepts: any H, W >= 4" in out and "layers3 1x768x8x11" in out
+    code, _, err = run_cli("validate", "swin_tiny_patch4_window7_224", "--input", "3x252x332")
+    assert code == 2 and "hint: `pad: true` pads the map to a multiple of the window" in err
+    spec = (
+        "name: m\ninput: {size: [36, 36]}\nblocks:\n"
+        "  - {name: embed, op: conv_patch_embed, dim: 8, patch: 4}\n"
+        "  - {name: merge, op: patch_merging, dim: 8, pad: false}\n"
+    )
+    with pytest.raises(bg.ShapeError, match=r"the map height \(H//4\) is odd") as info:
+        bg.validate(spec)
+    assert "`pad: true` pads an odd map" in (info.value.hint or "")
+    assert bg.validate(spec.replace("pad: false", "pad: true")).name == "m"
+
+
 def test_mobilevit_takes_any_size_or_with_interpolate_false_refuses_one_its_patches_do_not_divide(run_cli) -> None:
     code, out, _ = run_cli("validate", ROOT / "specs" / "mobilevit_s.yaml", "--input", "3x288x256")
-    assert code == 0 and "accepts: H >= 1; W >= 1" in out  # resized to a multiple of the patch, as timm
+    assert code == 0 and "accepts: any H, W >= 1" in out  # resized to a multiple of the patch, as timm
     text = (
         (ROOT / "specs" / "mobilevit.yaml")
         .read_text()
@@ -82,20 +98,21 @@ def test_mobilevit_takes_any_size_or_with_interpolate_false_refuses_one_its_patc
     assert "H in {64k, 64k+57..64k+63}" in str(info.value) and "interpolate: true" in str(info.value)
 
 
-@pytest.mark.parametrize("size", [(224, 224), (448, 672)])
-def test_swin_shift_mask_matches_its_definition(size: tuple[int, int]) -> None:
-    """-100 between tokens of a window that came from different regions of the unshifted map, else 0."""
+@pytest.mark.parametrize(("size", "shifts"), [((224, 224), (3, 3)), ((448, 672), (3, 3)), ((224, 28), (3, 0))])
+def test_swin_shift_mask_matches_its_definition(size: tuple[int, int], shifts: tuple[int, int]) -> None:
+    """-100 between tokens of a window that came from different regions of the unshifted map, else 0 (an axis
+    that is not shifted is one region)."""
     from blockgraph.layers.swin import shift_mask
 
     h, w = size[0] // 4, size[1] // 4
-    window, shift = 7, 3
-    mask = shift_mask(h, w, window, shift)
+    window = 7
+    mask = shift_mask(h, w, window, shifts)
     region = torch.zeros(h, w, dtype=torch.long)
     for i in range(h):
         for j in range(w):  # the region of pixel (i, j) of the shifted map, from first principles
-            ri = 0 if i < h - window else (1 if i < h - shift else 2)
-            rj = 0 if j < w - window else (1 if j < w - shift else 2)
-            region[i, j] = 3 * ri + rj
+            ri = 0 if i < h - window else (1 if i < h - shifts[0] else 2)
+            rj = 0 if j < w - window else (1 if j < w - shifts[1] else 2)
+            region[i, j] = (3 * ri if shifts[0] else 0) + (rj if shifts[1] else 0)
     k = 0
     for wi in range(h // window):
         for wj in range(w // window):
