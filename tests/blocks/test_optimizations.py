@@ -104,7 +104,7 @@ def test_swin_block_keeps_the_mask_of_its_build_size_as_a_buffer() -> None:
         torch.testing.assert_close(block.train()(x, (h, w)), plain.train()(x, (h, w)), rtol=0, atol=0)
         block.eval()
         plain.eval()
-    assert list(block._masks) == [(21, 14, "cpu")]
+    assert list(block._masks) == [(21, 14, (3, 3), "cpu")]
 
 
 # ------------------------------------------------------------------------------------------------------------ CoaT
