@@ -51,10 +51,15 @@ class Report:
     """The bytes of every node's output for one forward of one input at ``input`` (float32)."""
     warnings: list[BlockgraphError] = field(default_factory=list)
     analysis: Analysis | None = field(default=None, repr=False)
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Each model input's shape at ``input`` (batch 1): ``{"image": "1x3x224x224", "mask": "1x224x224 bool,
+    optional"}``."""
 
     def format(self) -> str:
         c, h, w = self.input
         lines = [f"{self.name}: valid ({len(self.nodes)} nodes)"]
+        if len(self.inputs) > 1:
+            lines.append("inputs: " + ", ".join(f"{k} {v}" for k, v in self.inputs.items()))
         lines.append(f"accepts: {sizes_text(self.accepted)}")
         lines.append(f"checked at input {c}x{h}x{w}: " + ", ".join(f"{k} {v}" for k, v in self.outputs.items()))
         lines.append(f"parameters: {self.params:,}; activations: {self.activation_bytes / 2**20:,.1f} MiB per input")
@@ -107,6 +112,12 @@ def validate(
         price.activation_bytes // batch,
         list(graph.warnings),
         analysis,
+        {
+            name: f"1x{h}x{w} bool" + (", optional" if given.optional else "")
+            if given.kind == "mask"
+            else f"1x{given.channels}x{h}x{w}"
+            for name, given in model.input_specs().items()
+        },
     )
 
 

@@ -74,7 +74,8 @@ def _validate(args: argparse.Namespace) -> Any:
 def cmd_validate(args: argparse.Namespace) -> int:
     report = _validate(args)
     if args.json:
-        print(json.dumps({"name": report.name, "input": list(report.input), "accepts": report.accepted,
+        print(json.dumps({"name": report.name, "input": list(report.input), "inputs": report.inputs,
+                          "accepts": report.accepted,
                           "outputs": report.outputs, "params": report.params,
                           "activation_bytes": report.activation_bytes, "nodes": report.nodes}, indent=2))  # fmt: skip
     else:

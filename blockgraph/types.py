@@ -933,7 +933,7 @@ def _inexact(constraints: tuple[Constraint, ...], upper: int) -> SizeSet:
 # Tensor types
 # --------------------------------------------------------------------------------------------------------------------
 
-Layout: TypeAlias = Literal["image", "tokens", "vector", "levels"]
+Layout: TypeAlias = Literal["image", "tokens", "vector", "levels", "mask"]
 
 
 @dataclass(frozen=True)
@@ -947,6 +947,8 @@ class TensorType:
         ``vector``: ``[B, C]``.
         ``levels``: ``[B, sum(h_l*w_l), C]``, the tokens of several maps concatenated in level order (a deformable
         encoder's memory); ``levels`` holds each map's grid.
+        ``mask``: ``[B, h, w]`` booleans, True where the image is padding (a detection batch's padding mask); its
+        one channel is nominal.
 
     ``grid`` is ``(h, w)`` for image and tokens (ints are turned into constant expressions), ``None`` otherwise.
     """
@@ -958,8 +960,8 @@ class TensorType:
     levels: tuple[tuple[Expr, Expr], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.layout not in ("image", "tokens", "vector", "levels"):
-            raise ValueError(f"layout must be 'image', 'tokens', 'vector' or 'levels', got {self.layout!r}")
+        if self.layout not in ("image", "tokens", "vector", "levels", "mask"):
+            raise ValueError(f"layout must be 'image', 'tokens', 'vector', 'levels' or 'mask', got {self.layout!r}")
         if self.channels < 1:
             raise ValueError(f"a tensor type needs at least one channel, got {self.channels}")
         if self.layout == "levels":
@@ -982,6 +984,11 @@ class TensorType:
     def image(cls, channels: int, h: Expr | int, w: Expr | int) -> TensorType:
         """``[B, channels, h, w]``."""
         return cls("image", channels, (as_expr(h), as_expr(w)))
+
+    @classmethod
+    def mask(cls, h: Expr | int, w: Expr | int) -> TensorType:
+        """``[B, h, w]`` booleans (True = padding)."""
+        return cls("mask", 1, (as_expr(h), as_expr(w)))
 
     @classmethod
     def tokens(cls, channels: int, h: Expr | int, w: Expr | int, extra: int = 0) -> TensorType:
@@ -1027,6 +1034,8 @@ class TensorType:
         h, w = (g.evaluate(env) for g in self.grid)
         if self.layout == "image":
             return (batch, self.channels, h, w)
+        if self.layout == "mask":
+            return (batch, h, w)
         return (batch, self.extra + h * w, self.channels)
 
     def _dims(self) -> list[str]:
@@ -1037,6 +1046,8 @@ class TensorType:
         h, w = self.grid
         if self.layout == "image":
             return [str(self.channels), str(h), str(w)]
+        if self.layout == "mask":
+            return [str(h), str(w)]
         count = f"{_factor(h)}*{_factor(w)}"
         return [f"{self.extra} + {count}" if self.extra else count, str(self.channels)]
 

@@ -47,6 +47,11 @@ class DeformableEncoderSpec(BlockSpec):
     layers from pixel-centre reference points, and split the memory back into maps.
 
     Outputs: ``memory`` (all levels' tokens) and ``l0`` ... (each level's map, the input's size).
+
+    A padding mask of the image (a model input of ``kind: mask``) may follow the levels in ``from:``: it is resized
+    to each level (nearest, as DETR does), the padded tokens are left out of every attention's values, and the
+    position embedding and reference points are those of the valid region. An optional mask left out (None) means
+    no padding.
     """
 
     op: Literal["deformable_encoder"]
@@ -73,11 +78,20 @@ class DeformableEncoderSpec(BlockSpec):
     pos_offset: float = 0.0
     """DINO 0.0; Deformable-DETR -0.5."""
     arity = None
+    takes_masks = True
 
     def output_ports(self) -> tuple[str, ...]:
         return ("memory", *(f"l{k}" for k in range(self.levels)))
 
-    def infer(self, ctx: InferContext, *xs: TensorType) -> dict[str, TensorType]:
+    def infer(self, ctx: InferContext, *inputs: TensorType) -> dict[str, TensorType]:
+        masks = [k for k, x in enumerate(inputs) if x.layout == "mask"]
+        if masks and masks != [len(inputs) - 1]:
+            ctx.fail(
+                "a padding mask must come last in `from:`, and only one",
+                field="from",
+                hint="`from: [level0, level1, ..., mask]`",
+            )
+        xs = inputs[:-1] if masks else inputs
         if len(xs) != self.levels:
             ctx.fail(f"{len(xs)} inputs for `levels: {self.levels}`", field="from", hint=f"set `levels: {len(xs)}`")
         ctx.divides(self.dim, self.heads, field="heads", what="head")

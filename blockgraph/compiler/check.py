@@ -134,7 +134,10 @@ def _check_shapes(inference: Inference, name: str, module: nn.Module, shared: An
     h, w = graph.spec.input.size
     env = {"H": h, "W": w}
     types = inference.inputs(name)
-    args: list[Any] = [torch.empty(t.shape(env, batch=BATCH), device="meta") for t in types]
+    args: list[Any] = [
+        torch.empty(t.shape(env, batch=BATCH), device="meta", dtype=torch.bool if t.layout == "mask" else None)
+        for t in types
+    ]
     if node.spec.takes_size(*types):  # type: ignore[union-attr]
         args += [(t.grid[0].evaluate(env), t.grid[1].evaluate(env)) for t in types]  # type: ignore[index]
     kwargs = {

@@ -41,7 +41,9 @@ class Program:
         """The function :attr:`code` defines; tracebacks show its lines (it is registered in ``linecache``)."""
         filename = f"<blockgraph {name} #{next(_counter)}>"
         linecache.cache[filename] = (len(self.code), None, self.code.splitlines(keepends=True), filename)
-        namespace: dict[str, Any] = {}
+        import torch  # the code compares dtypes (torch.bool); only a built model's class needs it
+
+        namespace: dict[str, Any] = {"torch": torch}
         exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
         return namespace["forward"]
 
@@ -162,13 +164,23 @@ def _generate(
     var: dict[str, str] = {}
     image = names(spec.input.name)
     var[spec.input.name] = image
+    masks = [m for m in spec.input_specs().values() if m.kind == "mask"]
+    params = [image]
+    for mask in masks:
+        var[mask.name] = names(mask.name)
+        params.append(f"{var[mask.name]}=None" if mask.optional else var[mask.name])
     lines = [
-        f"def forward(self, {image}):",
+        f"def forward(self, {', '.join(params)}):",
         f"    H, W = {image}.shape[-2], {image}.shape[-1]",
     ]
     checks = _acceptance_code(inference, image)
     lines.append(f"    if {checks}:")
     lines.append(f"        self._reject({image})")
+    for mask in masks:  # [B, H, W] booleans, B and (H, W) the image's
+        m = var[mask.name]
+        bad = f"{m}.shape != ({image}.shape[0], H, W) or {m}.dtype != torch.bool"
+        lines.append(f"    if {f'{m} is not None and ({bad})' if mask.optional else bad}:")
+        lines.append(f"        self._reject_mask({mask.name!r}, {m}, {image})")
     single = _batch_stat_code(inference, order)
     if single:
         always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one
@@ -182,7 +194,7 @@ def _generate(
     for i, name in enumerate(order):
         for e in graph.in_edges(name):
             last_read[e.src, e.out] = i
-    kept = {(n, p) for _, n, p in chosen} | {(spec.input.name, None)}
+    kept = {(n, p) for _, n, p in chosen} | {(name, None) for name in spec.input_specs()}
 
     def ref(node: str, port: str | None) -> str:
         return var[node] if port is None else ports[node, port]

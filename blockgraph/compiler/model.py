@@ -147,6 +147,17 @@ class BlockgraphModel(nn.Module):
         self.inference.check(shape[2], shape[3], channels=shape[1])
         raise ShapeError(f"input of shape {list(shape)} rejected", node=spec.input.name)  # pragma: no cover
 
+    def _reject_mask(self, name: str, mask: Any, x: Any) -> None:
+        """Raise a :class:`ShapeError` explaining why ``forward`` cannot take ``mask`` with the image ``x``."""
+        expected = [x.shape[0], x.shape[-2], x.shape[-1]]
+        got = f"{getattr(mask, 'dtype', type(mask).__name__)} of shape {list(getattr(mask, 'shape', []))}"
+        raise ShapeError(
+            f"'{self.spec.name}' takes the padding mask '{name}' as booleans of shape {expected} (the image's batch "
+            f"and size), got {got}",
+            node=name,
+            hint="True where the image is padding; e.g. torch.zeros(B, H, W, dtype=torch.bool) for none",
+        )
+
     def _reject_single(self, x: Any) -> None:
         """Raise the :class:`ShapeError` of a training batch of one image whose map is 1x1 at a BatchNorm."""
         graph = self.inference.graph

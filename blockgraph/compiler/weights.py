@@ -117,7 +117,7 @@ def load_weights_file(model: nn.Module, path: str, *, resized_classifier: bool =
     payload = read(path)
     state_dict, layout = _unwrap(payload, path)
     ours, graph = model.state_dict(), model.inference.graph
-    built = {*model.nodes, *model.shared_modules(), model.spec.input.name}
+    built = {*model.nodes, *model.shared_modules(), *model.spec.input_specs()}
     unbuilt = tuple(f"{name}." for name in [*graph.nodes, *graph.shared] if name not in built)
     heads = [(f"{n}.", node.spec.num_classes) for n, node in graph.nodes.items() if hasattr(node.spec, "num_classes")]
 

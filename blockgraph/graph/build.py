@@ -472,7 +472,8 @@ def build_graph(parsed: ParsedSpec) -> Graph:
     """
     g = Graph(parsed)
     spec = parsed.model
-    g._add(Node(spec.input.name, None, ("input",), index=0))
+    for name in spec.input_specs():
+        g._add(Node(name, None, ("inputs", name) if spec.inputs else ("input",), index=0))
 
     # 1. Shared modules: global ones by their name, stage ones as `stage.name`.
     def add_shared(scope: str | None, table: dict[str, BlockSpec], base: Path) -> None:

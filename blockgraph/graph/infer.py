@@ -276,13 +276,21 @@ def infer(graph: Graph) -> Inference:
     types: dict[str, TensorType] = {}
     sink: list[NodeConstraint] = []
     h, w = Expr.sym("H"), Expr.sym("W")
+    declared = spec.input_specs()
     for node in graph:
         if node.is_input:
-            types[node.name] = TensorType.image(spec.input.channels, h, w)
+            given = declared[node.name]
+            types[node.name] = TensorType.mask(h, w) if given.kind == "mask" else TensorType.image(given.channels, h, w)
             node.meta["type"] = types[node.name]
             continue
         inputs = [_port(graph, edge, types[edge.src]) for edge in graph.in_edges(node.name)]
         ctx = InferContext(graph, node, sink)
+        if any(t.layout == "mask" for t in inputs) and not type(node.spec).takes_masks:
+            ctx.fail(
+                f"op '{node.op}' does not take a padding mask",
+                field="from",
+                hint="a mask input goes to a block that reads one (`deformable_encoder`: `from: [..., mask]`)",
+            )
         with custom_code(node.spec, node.name, ctx.pos(), "its shape rule"):  # type: ignore[arg-type]
             result = node.spec.infer(ctx, *inputs)  # type: ignore[union-attr]
             ports = node.spec.output_ports()  # type: ignore[union-attr]

@@ -119,7 +119,11 @@ def picture(inference: Inference, input_size: tuple[int, int] | None = None, *, 
             continue
         drawn.add(name)
         if node.is_input:
-            root.children.insert(0, Item(name, [name, "input", f"1x{spec.input.channels}x{h}x{w}"], "input"))
+            given = spec.input_specs()[name]
+            shape = f"1x{h}x{w} bool" if given.kind == "mask" else f"1x{given.channels}x{h}x{w}"
+            drawn_inputs = sum(getattr(c, "kind", None) == "input" for c in root.children)
+            label = "mask input" if given.kind == "mask" else "input"
+            root.children.insert(drawn_inputs, Item(name, [name, label, shape], "input"))
             continue
         scope = node.scopes[0] if node.scopes else ""
         folded = graph.composites.get(name) or graph.composites.get(graph.groups.get(name, [""])[-1])

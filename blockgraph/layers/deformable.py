@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blockgraph.layers.common import Linear, activation, memo
@@ -35,18 +36,19 @@ class ConvGn(nn.Module):
 
 def sine_position_embedding(
     mask: Tensor, features: int = 128, temperature: tuple[float, float] = (20.0, 20.0), offset: float = 0.0,
-    scale: float = 2 * math.pi, eps: float = 1e-6,
+    scale: float = 2 * math.pi, eps: float = 1e-6, dtype: torch.dtype = torch.float32,
 ) -> Tensor:  # fmt: skip
     """The normalized sine position embedding of a padding mask ``[B, H, W]`` (True = padding) → ``[B, 2F, H, W]``:
     y channels first, then x, each interleaving sin/cos of one frequency. ``temperature`` is (y, x): DINO's
     ``PositionEmbeddingSineHW`` uses (20, 20) and ``offset`` 0; Deformable-DETR's ``PositionEmbeddingSine`` uses
-    (10000, 10000) and ``offset`` -0.5."""
+    (10000, 10000) and ``offset`` -0.5. Computed in ``dtype`` (float32 in the references; float64 for a model in
+    float64)."""
     not_mask = ~mask
-    y = not_mask.cumsum(1, dtype=torch.float32)  # [B, H, W]
-    x = not_mask.cumsum(2, dtype=torch.float32)
+    y = not_mask.cumsum(1, dtype=dtype)  # [B, H, W]
+    x = not_mask.cumsum(2, dtype=dtype)
     y = (y + offset) / (y[:, -1:, :] + eps) * scale
     x = (x + offset) / (x[:, :, -1:] + eps) * scale
-    index = torch.arange(features, dtype=torch.float32, device=mask.device)
+    index = torch.arange(features, dtype=dtype, device=mask.device)
     out = []
     for embed, t in ((y, temperature[0]), (x, temperature[1])):
         pos = embed[..., None] / t ** (2 * (index // 2) / features)  # [B, H, W, F]
@@ -168,7 +170,7 @@ class DeformableEncoder(nn.Module):
     ):  # fmt: skip
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.dim = dim
+        self.dim, self.levels = dim, levels
         self.temperature = tuple(pos_temperature)
         self.offset = pos_offset
         self.level_embed = nn.Parameter(torch.empty(levels, dim, **dd))
@@ -191,7 +193,13 @@ class DeformableEncoder(nn.Module):
             layer.self_attn.reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    def forward(self, *srcs: Tensor, masks: list[Tensor] | None = None) -> tuple[Tensor, ...]:
+    def forward(self, *inputs: Tensor | None, masks: list[Tensor] | None = None) -> tuple[Tensor, ...]:
+        """``levels`` maps ``[B, C, h, w]``, optionally followed by the image's padding mask ``[B, H, W]`` (None: no
+        padding), resized to each level as DETR does; or per-level ``masks``."""
+        srcs: list[Tensor] = list(inputs[: self.levels])  # type: ignore[arg-type]
+        if len(inputs) > self.levels and inputs[self.levels] is not None:
+            image_mask = inputs[self.levels][None].float()  # type: ignore[index]
+            masks = [F.interpolate(image_mask, size=s.shape[-2:]).to(torch.bool)[0] for s in srcs]
         sizes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         x = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)  # [B, S, C]
         if masks is None:  # no padding: everything but the tokens depends on the sizes alone, made once per size
@@ -213,11 +221,12 @@ class DeformableEncoder(nn.Module):
         start index of maps of these sizes with these padding masks (``None``: no padding, and B is 1)."""
         masks = [torch.zeros(1, h, w, dtype=torch.bool, device=device) if m is None else m for m, (h, w) in
                  zip(masks, sizes, strict=True)]  # fmt: skip
-        pos = [sine_position_embedding(m, self.dim // 2, self.temperature, self.offset).to(dtype) for m in masks]
-        pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1)  # [B, S, C]
+        exact = torch.promote_types(dtype, torch.float32)  # float64 in a float64 model, else float32 (not bf16)
+        pos = [sine_position_embedding(m, self.dim // 2, self.temperature, self.offset, dtype=exact) for m in masks]
+        pos = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1).to(dtype)  # [B, S, C]
         spatial_shapes = torch.as_tensor(sizes, dtype=torch.long, device=device)  # [L, 2] (h, w)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)  # [B, L, 2] (w, h)
+        valid_ratios = torch.stack([_valid_ratio(m, exact) for m in masks], 1)  # [B, L, 2] (w, h)
         return pos, _reference_points(sizes, valid_ratios, device), spatial_shapes, level_start_index
 
     def _level_ids(self, sizes, device) -> Tensor:
@@ -238,12 +247,12 @@ class DeformableEncoder(nn.Module):
         return (x, *maps)
 
 
-def _valid_ratio(mask: Tensor) -> Tensor:
-    """(valid width / W, valid height / H) of a padding mask ``[B, H, W]``, float32 (Deformable-DETR's order)."""
+def _valid_ratio(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(valid width / W, valid height / H) of a padding mask ``[B, H, W]`` (Deformable-DETR's order)."""
     _, H, W = mask.shape
     valid_h = torch.sum(~mask[:, :, 0], 1)
     valid_w = torch.sum(~mask[:, 0, :], 1)
-    return torch.stack([valid_w.float() / W, valid_h.float() / H], -1)
+    return torch.stack([valid_w.to(dtype) / W, valid_h.to(dtype) / H], -1)
 
 
 def _reference_points(sizes, valid_ratios: Tensor, device) -> Tensor:
@@ -251,8 +260,8 @@ def _reference_points(sizes, valid_ratios: Tensor, device) -> Tensor:
     points = []
     for level, (h, w) in enumerate(sizes):
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=device),
+            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=device),
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)

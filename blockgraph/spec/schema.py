@@ -17,7 +17,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from blockgraph.errors import BlockgraphError, Pos, SpecError, raise_all
 from blockgraph.spec.expand import Expanded, SourceMap
@@ -167,6 +176,10 @@ class BlockSpec(SpecModel):
     one image whose map there is 1x1 (or a vector) leaves one value per channel, which BatchNorm cannot normalize;
     the compiled forward rejects that case with a ShapeError naming the node. A block whose fields decide it
     overrides :meth:`uses_batch_norm` instead."""
+    takes_masks: ClassVar[bool] = False
+    """Whether the block reads a padding mask (a model input of ``kind: mask``, type ``mask[H, W]``) among its
+    inputs, which may then be None at run time (an optional mask the caller left out); other blocks are refused
+    one statically."""
     trims_tokens: ClassVar[bool] = False
     """Whether ``build`` honours ``ctx.keep_tokens``: a module that returns only the first ``keep_tokens`` tokens of
     its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
@@ -319,14 +332,26 @@ class UseSpec(BlockSpec):
 
 
 class InputSpec(SpecModel):
-    """A model input: an image batch ``[B, channels, H, W]``."""
+    """A model input: an image batch ``[B, channels, H, W]``, or a padding mask ``[B, H, W]`` (booleans, True where
+    the image is padding, at the image's size: a detection batch's images padded to one size)."""
 
     name: Name = "image"
     """The input's name: the generated ``forward``'s argument, and a reference blocks can read (``from: image``)."""
+    kind: Literal["image", "mask"] = "image"
+    """`image`, or `mask`: a padding mask of the image (only blocks that take one may read it)."""
     channels: PositiveInt = 3
     """Channels of the image."""
     size: tuple[PositiveInt, PositiveInt] = (224, 224)
-    """The default (H, W): what `build` reports shapes for, and what `validate` checks when given no size."""
+    """The default (H, W): what `build` reports shapes for, and what `validate` checks when given no size (an
+    image's; a mask has the image's size)."""
+    optional: bool = False
+    """A mask the caller may leave out (`forward(image)`, or `mask=None`): then nothing is padding."""
+
+    @model_validator(mode="after")
+    def _optional_mask(self) -> InputSpec:
+        if self.optional and self.kind != "mask":
+            raise ValueError("only a mask input can be optional (`kind: mask`)")
+        return self
 
 
 class OutputSpec(SpecModel):
@@ -398,7 +423,10 @@ class ModelBase(SpecModel):
     variant: str | None = None
     """The variant (of ``variants:``) this spec builds; the caller's choice (``--variant``) wins."""
     input: InputSpec = InputSpec()
-    """The model input."""
+    """The model input (the image), when it is the only one."""
+    inputs: dict[Name, InputSpec] = {}
+    """Several named inputs, in the order `forward` takes them: one image and padding masks
+    (`{image: {channels: 3, size: [800, 1333]}, mask: {kind: mask, optional: true}}`); instead of `input`."""
     variables: dict[str, Any] = {}
     """The variables as resolved (kept for the record)."""
     outputs: dict[Name, OutputSpec | Ref] = {}
@@ -410,6 +438,38 @@ class ModelBase(SpecModel):
     default_outputs: list[Name] | None = None
     """Which of ``outputs`` (or ``features``) ``forward`` returns when the caller names none; default: every
     output, or, with no outputs, every feature."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _the_image_of_inputs(cls, data: Any) -> Any:
+        """With ``inputs:``, ``input`` is its image (named after its key)."""
+        if not (isinstance(data, dict) and isinstance(data.get("inputs"), dict) and data["inputs"]):
+            return data
+        if "input" in data:
+            raise ValueError("give `input:` (one image) or `inputs:` (several inputs), not both")
+        entries = data["inputs"]
+        images = [k for k, v in entries.items() if not (isinstance(v, dict) and v.get("kind") == "mask")]
+        if len(images) != 1:
+            raise ValueError(
+                f"`inputs:` needs exactly one image (an entry without `kind: mask`), got {len(images)}"
+                + (f": {', '.join(map(str, images))}" if images else "")
+            )
+        image = entries[images[0]]
+        return {**data, "input": {**image, "name": images[0]} if isinstance(image, dict) else image}
+
+    @field_validator("inputs")
+    @classmethod
+    def _named_by_their_keys(cls, value: dict[str, InputSpec]) -> dict[str, InputSpec]:
+        for key, spec in value.items():
+            if "name" in spec.model_fields_set and spec.name != key:
+                raise ValueError(f"input '{key}' is named by its key; remove `name: {spec.name}`")
+        return {key: spec.model_copy(update={"name": key}) for key, spec in value.items()}
+
+    def input_specs(self) -> dict[str, InputSpec]:
+        """Every input by name, in the order ``forward`` takes them (the image first)."""
+        if not self.inputs:
+            return {self.input.name: self.input}
+        return {self.input.name: self.input, **{k: v for k, v in self.inputs.items() if k != self.input.name}}
 
     def output_specs(self) -> dict[str, OutputSpec]:
         """``outputs`` with the short form (a bare reference) expanded."""
