@@ -222,6 +222,12 @@ def _feature_names(
     return [names[i] for i in sorted(indices)]
 
 
+_BUILD_KEYWORDS = ("variant", "overrides", "outputs", "device", "dtype", "max_params")
+_TIMM_KEYWORDS = ("in_chans", "drop_rate", "drop_path_rate", "global_pool", "pretrained_cfg", "pretrained_cfg_overlay",
+                  "feature_cls", "scriptable", "exportable", "no_jit", "cache_dir", "drop_block_rate", "bn_momentum",
+                  "bn_eps")  # fmt: skip
+
+
 def create_model(
     name: str,
     pretrained: bool = False,
@@ -247,14 +253,27 @@ def create_model(
         pretrained: load weights (from ``checkpoint_path``: there are no bundled weights).
         num_classes: the classifier's width.
         features_only, out_indices: return feature maps (see :func:`build_model`).
-        checkpoint_path: the weights file.
-        **kwargs: passed to :func:`build_model` (``variant``, ``overrides``, ``device``, ``dtype``, ...).
+        checkpoint_path: the weights file (``""``, timm's default, is none).
+        **kwargs: :func:`build_model`'s ``variant``, ``overrides``, ``outputs``, ``device``, ``dtype``,
+            ``max_params``; and timm's keywords: ``in_chans`` (the image's channels), ``drop_path_rate`` (the spec's
+            ``drop_path`` variable), ``drop_rate`` and ``global_pool`` (the head's dropout and pooling). A keyword
+            given as ``None`` is ignored, as timm does; ``scriptable``, ``exportable``, ``no_jit``, ``cache_dir``
+            and ``feature_cls`` (``None``/``getter``) change nothing here.
 
     Raises:
-        SpecError: no reference spec has this name.
+        SpecError: no reference spec has this name, or a keyword this spec cannot honour.
+        TypeError: an unknown keyword (the message names the accepted ones).
         WeightsError: ``pretrained`` without ``checkpoint_path``, or weights that do not fit.
     """
     path = spec_path(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    checkpoint_path = checkpoint_path or None
+    unknown = sorted(set(kwargs) - {*_BUILD_KEYWORDS, *_TIMM_KEYWORDS})
+    if unknown:
+        accepted = ", ".join(["num_classes", "features_only", "out_indices", "checkpoint_path", *_BUILD_KEYWORDS,
+                              *_TIMM_KEYWORDS])  # fmt: skip
+        raise TypeError(f"create_model() got unexpected keyword(s) {', '.join(unknown)}; it takes: {accepted}")
+    kwargs = _timm_keywords(name, path, kwargs)
     if pretrained and checkpoint_path is None:
         twin = analyze(path, variant=kwargs.get("variant")).spec.twin
         timm_name = twin.timm if twin is not None and twin.timm else None
@@ -277,6 +296,61 @@ def create_model(
         resized = num_classes is not None or "num_classes" in (kwargs.get("overrides") or {})
         load_weights_file(model, os.fspath(checkpoint_path), resized_classifier=resized)
     return model
+
+
+def _timm_keywords(name: str, path: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``create_model`` keywords turned into overrides of the spec (``build_model``'s keywords kept)."""
+    overrides = dict(kwargs.pop("overrides", None) or {})
+    knobs = {"in_chans", "drop_path_rate", "drop_rate", "global_pool"} & set(kwargs)
+    analysis = analyze(path, variant=kwargs.get("variant")) if knobs else None  # only when a knob must be found
+    model = analysis.spec if analysis is not None else None
+
+    def refuse(keyword: str, value: Any, why: str) -> None:
+        raise SpecError(f"create_model({name!r}, {keyword}={value!r}): {why}", pos=Pos(str(path)))
+
+    if (chans := kwargs.pop("in_chans", None)) is not None and model is not None:
+        overrides[f"inputs.{model.input.name}.channels" if model.inputs else "input.channels"] = chans
+    if (rate := kwargs.pop("drop_path_rate", None)) is not None and model is not None:
+        if "drop_path" not in model.variables:
+            refuse("drop_path_rate", rate, "the spec has no `drop_path` variable to set")
+        overrides["drop_path"] = rate
+    head = _head_node(analysis) if analysis is not None else None
+    for keyword, field_name in (("drop_rate", "drop"), ("global_pool", "pool")):
+        if (value := kwargs.pop(keyword, None)) is None:
+            continue
+        if head is None or field_name not in type(head.spec).model_fields:
+            if keyword == "drop_rate" and value == 0:  # train.py's default: nothing to do
+                continue
+            refuse(keyword, value, f"its head has no `{field_name}` to set")
+        overrides[_dotted(analysis, head) + f".{field_name}"] = value  # type: ignore[arg-type]
+    for keyword in ("pretrained_cfg", "pretrained_cfg_overlay"):
+        if kwargs.pop(keyword, None):
+            refuse(keyword, "...", "blockgraph takes no pretrained configuration (a spec's data preprocessing is "
+                   "its own)")  # fmt: skip
+    if kwargs.pop("feature_cls", "getter") not in ("getter", "hook"):
+        refuse("feature_cls", "...", "features come from the graph (`features_only=True`)")
+    for keyword in ("drop_block_rate", "bn_momentum", "bn_eps"):
+        if (value := kwargs.pop(keyword, None)) is not None:
+            refuse(keyword, value, "no block of a blockgraph spec reads it (set the fields of the spec's blocks)")
+    for keyword in ("scriptable", "exportable", "no_jit", "cache_dir"):
+        kwargs.pop(keyword, None)
+    return {**kwargs, "overrides": overrides} if overrides else kwargs
+
+
+def _head_node(analysis: Analysis) -> Any:
+    """The graph node of the classifier head (the ``logits`` output's), or None."""
+    out = analysis.graph.outputs.get("logits")
+    return analysis.graph.nodes[out.node] if out is not None else None
+
+
+def _dotted(analysis: Analysis, node: Any) -> str:
+    """A node's place in the expanded spec as a dotted path of keys and item names (``blocks.head``)."""
+    data: Any = analysis.expanded.data
+    parts = []
+    for key in node.path:
+        data = data[key]
+        parts.append(data["name"] if isinstance(key, int) else key)
+    return ".".join(parts)
 
 
 def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:

@@ -228,3 +228,26 @@ def test_a_selected_feature_model_round_trips_through_a_checkpoint(tmp_path: Pat
     # MACs are counted on the same selection (the head is not built, so not counted).
     macs = loaded.macs((64, 64))
     assert macs["total"] == sum(macs[n] for n in loaded.nodes) and "head" not in macs
+
+
+def test_create_model_takes_timms_keywords() -> None:
+    """timm's train.py passes these (None for the ones it does not set, checkpoint_path=''): None is ignored, the
+    others become overrides of the spec; an unknown keyword names the accepted ones."""
+    model = bg.create_model(
+        "coat_lite_tiny", pretrained=False, in_chans=1, num_classes=None, drop_rate=0.1, drop_path_rate=0.1,
+        drop_block_rate=None, global_pool=None, bn_momentum=None, bn_eps=None, scriptable=False, checkpoint_path="",
+        device="meta",
+    )  # fmt: skip
+    assert model.spec.input.channels == 1 and model.get_submodule("head").drop.p == 0.1
+    assert model.spec.variables["drop_path"] == 0.1
+    assert model(torch.empty(2, 1, 64, 64, device="meta")).shape == (2, 1000)
+    assert bg.create_model("vit_tiny_patch16_224", global_pool="avg", device="meta").get_submodule("head").pool == "avg"
+    assert bg.create_model("convnext_atto", drop_rate=0.0, device="meta").num_classes == 1000  # train.py's default
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) foo; it takes: num_classes, .*in_chans"):
+        bg.create_model("convnext_atto", foo=1)
+    for keyword, value, message in [("drop_rate", 0.2, "its head has no `drop`"),
+                                    ("bn_eps", 1e-3, "no block of a blockgraph spec reads it"),
+                                    ("drop_path_rate", 0.1, "no `drop_path` variable")]:  # fmt: skip
+        name = "deformable_encoder" if keyword == "drop_path_rate" else "convnext_atto"
+        with pytest.raises(bg.SpecError, match=message):
+            bg.create_model(name, **{keyword: value})

@@ -328,6 +328,8 @@ class AggregateHeadSpec(BlockSpec):
     """Dropout before the classifier (training only)."""
     arity = None
 
+    classifiers = ("fc",)
+
     def infer(self, ctx: InferContext, *xs: TensorType) -> TensorType:
         for k, x in enumerate(xs):
             ctx.expect(x, layout="tokens", channels=self.dim, what=f"input {k}")

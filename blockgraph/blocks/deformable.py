@@ -80,6 +80,8 @@ class DeformableEncoderSpec(BlockSpec):
     arity = None
     takes_masks = True
 
+    no_weight_decay = ("level_embed",)
+
     def output_ports(self) -> tuple[str, ...]:
         return ("memory", *(f"l{k}" for k in range(self.levels)))
 

@@ -32,6 +32,8 @@ class ClsHeadSpec(BlockSpec):
     drop: Rate = 0.0
     """Dropout before the classifier (training only)."""
 
+    classifiers = ("fc",)
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
         if self.pool == "token" and x.extra == 0:
@@ -65,6 +67,8 @@ class AvgPoolHeadSpec(BlockSpec):
     """Classes; 0 gives the pooled features (no classifier)."""
     drop: Rate = 0.0
     """Dropout before the classifier (training only)."""
+
+    classifiers = ("fc",)
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="image", channels=self.dim)

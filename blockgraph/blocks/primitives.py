@@ -161,6 +161,31 @@ class LinearSpec(BlockSpec):
         return count.linear(x.channels, self.dim_out, self.bias)
 
 
+@register
+class ClassifierSpec(BlockSpec):
+    """A model's classifier on a vector of features: ``nn.Linear(C, num_classes)``, or, with ``num_classes: 0``,
+    the identity (the features themselves, timm's convention). The model's ``get_classifier()`` returns it and
+    ``reset_classifier(n)`` replaces it; ``forward_head(x, pre_logits=True)`` stops before it."""
+
+    op: Literal["classifier"]
+    num_classes: NonNegativeInt
+    """Classes (output channels); 0: no classifier, the features pass through."""
+    bias: bool = True
+    """Learn a bias."""
+
+    def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
+        ctx.expect(x, layout="vector")
+        return x.with_(channels=self.num_classes or x.channels)
+
+    def build(self, ctx: BuildContext, x: TensorType) -> Any:
+        from blockgraph.layers.heads import classifier
+
+        return classifier(x.channels, self.num_classes, bias=self.bias, **ctx.dd)
+
+    def params(self, x: TensorType) -> int:
+        return count.linear(x.channels, self.num_classes, self.bias) if self.num_classes else 0
+
+
 NormKind = Literal["layer", "batch", "group", "rms"]
 _NORM_LAYOUTS: dict[str, tuple[str, ...]] = {
     "layer": CHANNELS,

@@ -41,6 +41,8 @@ class SwinBlockSpec(TransformerFields):
     fixed by the map at the size the model is built for (timm fixes it at construction)."""
     needs_size = True
 
+    no_weight_decay = (r"attn\.relative_position_bias_table",)
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim, extra=0)
         self.check_heads(ctx)

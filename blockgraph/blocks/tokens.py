@@ -27,6 +27,8 @@ class InsertClsTokenSpec(BlockSpec):
     init_std: NonNegativeFloat = 0.02
     """Init: trunc_normal(std) (timm ViT: 1e-6 for cls, CoaT: 0.02)."""
 
+    no_weight_decay = ("token",)
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
         if self.at > x.extra:

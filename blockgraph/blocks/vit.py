@@ -34,6 +34,8 @@ class PosEmbedSpec(BlockSpec):
     """Init: trunc_normal(std)."""
     needs_size = True
 
+    no_weight_decay = ("weight",)
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)
         if not self.resample:
@@ -102,6 +104,8 @@ class DistilledHeadSpec(BlockSpec):
     """Dropout before the classifier (training only)."""
     train_both: bool = True
     """In training, return (cls logits, dist logits) for the distillation loss; in eval, their average."""
+
+    classifiers = ("fc", "fc_dist")
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         ctx.expect(x, layout="tokens", channels=self.dim)

@@ -5,6 +5,7 @@ and torch-free: unpickling regenerates it without building any module (:func:`bl
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import linecache
 import re
@@ -43,20 +44,49 @@ class Program:
         linecache.cache[filename] = (len(self.code), None, self.code.splitlines(keepends=True), filename)
         import torch  # the code compares dtypes (torch.bool); only a built model's class needs it
 
-        namespace: dict[str, Any] = {"torch": torch}
+        from blockgraph.layers.common import checkpointed
+
+        namespace: dict[str, Any] = {"torch": torch, "checkpointed": checkpointed}
         exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
         return namespace["forward"]
 
 
-def generate(inference: Inference, outputs: Sequence[str] | None = None, features_only: bool = False) -> Program:
+def generate(
+    inference: Inference, outputs: Sequence[str] | None = None, features_only: bool = False, checkpoint: bool = False
+) -> Program:
     """The forward computing ``outputs`` (see :func:`select_outputs`, which raises a BlockgraphError for an unknown
-    one): only the nodes they need, each value released after its last reader."""
+    one): only the nodes they need, each value released after its last reader. With ``checkpoint``, each node's
+    call goes through activation checkpointing while gradients are recorded (``set_grad_checkpointing``)."""
     chosen, returns = select_outputs(inference, outputs, features_only)
+    return _program(inference, chosen, returns, list(outputs) if outputs else None, features_only, checkpoint)
+
+
+def features_forward(
+    inference: Inference, values: list[tuple[str, str | None]], name: str, built_trimmed: dict[str, int]
+) -> Callable[..., Any]:
+    """The function computing ``values`` (``(node, port)``: what enters the head, for ``forward_features``): a
+    tensor for one value, a list for several. ``built_trimmed``: the nodes whose modules the model built to compute
+    their first tokens only; those this function needs whole are called with ``full=True``."""
+    chosen = [(f"{node}.{port}" if port else node, node, port) for node, port in values]
+    program = _program(inference, chosen, "tensor" if len(chosen) == 1 else "list", None, False, False)
+    whole = {n for n in built_trimmed if program.trimmed.get(n) != built_trimmed[n]}
+    code = _generate(inference, program.order, chosen, program.returns, program.trimmed, whole=whole)
+    return dataclasses.replace(program, code=code).forward(f"{name}.forward_features")
+
+
+def _program(
+    inference: Inference,
+    chosen: list[tuple[str, str, str | None]],
+    returns: str,
+    asked: list[str] | None,
+    features_only: bool,
+    checkpoint: bool,
+) -> Program:
     needed = inference.graph.ancestors([node for _, node, _ in chosen])
     order = [name for name in inference.graph.order() if name in needed]
     trimmed = trimmed_tokens(inference, order, chosen)
-    code = _generate(inference, order, chosen, returns, trimmed)
-    return Program(list(outputs) if outputs else None, features_only, chosen, returns, order, trimmed, code)
+    code = _generate(inference, order, chosen, returns, trimmed, checkpoint)
+    return Program(asked, features_only, chosen, returns, order, trimmed, code)
 
 
 def select_outputs(
@@ -157,6 +187,8 @@ def _generate(
     chosen: list[tuple[str, str, str | None]],
     returns: str,
     trimmed: dict[str, int],
+    checkpoint: bool = False,
+    whole: set[str] | frozenset[str] = frozenset(),
 ) -> str:
     graph = inference.graph
     spec = graph.spec
@@ -216,7 +248,10 @@ def _generate(
         for field, q in node.shared.items():
             value = accessor(q) if isinstance(q, str) else "(" + ", ".join(accessor(x) for x in q) + ",)"
             args.append(f"{field}={value}")
-        call = f"{accessor(node.module_name)}({', '.join(args)})"
+        if name in whole:  # its module was built to compute its first tokens only: all of them, here
+            args.append("full=True")
+        module = accessor(node.module_name)
+        call = f"checkpointed({', '.join([module, *args])})" if checkpoint else f"{module}({', '.join(args)})"
         t = inference.types[name]
         if isinstance(t, TensorType):
             var[name] = names(name)

@@ -11,13 +11,14 @@ import contextlib
 import copy
 import json
 import re
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
 from blockgraph.blocks.base import BuildContext
-from blockgraph.compiler import summary
+from blockgraph.compiler import summary, timm_api
 from blockgraph.compiler.check import check_custom_blocks
 from blockgraph.compiler.codegen import Program, generate
 from blockgraph.errors import BlockgraphError, BudgetError, ShapeError
@@ -87,7 +88,12 @@ class BlockgraphModel(nn.Module):
     outputs: list[str]
     trimmed_tokens: dict[str, int]
 
-    _DERIVED = frozenset("spec code trimmed_tokens outputs returns nodes feature_info _analysis _program".split())
+    grad_checkpointing: bool = False
+    """Whether ``forward`` recomputes each block's activations in the backward pass (``set_grad_checkpointing``)."""
+
+    _DERIVED = frozenset(
+        "spec code trimmed_tokens outputs returns nodes feature_info _analysis _program _head _api forward".split()
+    )
     """What :meth:`_attach` derives from the spec data: not pickled. (``spec_data`` is: read back from JSON text it
     means the same, but its form may differ, ``{3: 2}`` read as ``{"3": 2}``.)"""
 
@@ -106,6 +112,78 @@ class BlockgraphModel(nn.Module):
         selected = [names.index(n) for n in self.outputs] if program.returns == "list" else range(len(names))
         self.feature_info = FeatureInfo(info, selected)
         self._analysis, self._program = analysis, program
+        self._head = timm_api.find_head(analysis.inference)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if state.get("grad_checkpointing"):
+            self.set_grad_checkpointing(True)
+
+    # ------------------------------------------------------------------ the timm model API (compiler/timm_api.py)
+
+    @property
+    def num_classes(self) -> int:
+        """The classifier's width (0: the model returns its pre-logits features)."""
+        return timm_api._need_head(self).num_classes
+
+    @property
+    def in_chans(self) -> int:
+        """Channels of the input image."""
+        return self.spec.input.channels
+
+    @property
+    def num_features(self) -> int:
+        """Channels of what ``forward_features`` returns (of its first value, for a head with several inputs)."""
+        return timm_api._need_head(self).num_features
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Channels of the pre-logits features (``forward_head(x, pre_logits=True)``)."""
+        return timm_api._need_head(self).hidden
+
+    def forward_features(self, x: Any) -> Any:
+        """The model up to its classifier head: the value the head reads (a list, for a head with several)."""
+        return timm_api.features_program(self)(self, x)
+
+    def forward_head(self, x: Any, pre_logits: bool = False) -> Any:
+        """The head on ``forward_features``' output: the logits, or with ``pre_logits`` what the classifier reads."""
+        return timm_api.forward_head(self, x, pre_logits)
+
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        """The classifier (``nn.Linear``, or ``nn.Identity`` for 0 classes; a pair for a distilled head)."""
+        return timm_api.classifier_modules(self)
+
+    def reset_classifier(self, num_classes: int, global_pool: Any = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: none); ``global_pool`` changes a cls head's pooling."""
+        timm_api.reset_classifier(self, num_classes, global_pool)
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's data config: the spec's ``data:`` (interpolation, crop, mean, std), its input size, and from the
+        graph the pooled map's size, the first convolution and the classifier."""
+        return timm_api.pretrained_cfg(self)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """The same as ``pretrained_cfg`` (timm's older name)."""
+        return self.pretrained_cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay: what the blocks declare (tokens, position embeddings, tables)."""
+        return timm_api.no_weight_decay(self)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping (stem, then the blocks in execution order, the head last), for layer decay."""
+        return timm_api.group_matcher(self, coarse)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (training only)."""
+        if enable:
+            program = generate(self.inference, self._program.asked, self._program.features_only, checkpoint=True)
+            self.forward = types.MethodType(program.forward(self.spec.name), self)
+        else:
+            self.__dict__.pop("forward", None)
+        self.grad_checkpointing = enable
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as the spec (JSON text) and the outputs asked for, from which :func:`rebuild` makes the empty

@@ -108,9 +108,12 @@ class SerialBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
 
-    def forward(self, x: Tensor, size: tuple[int, int], cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> Tensor:
+    def forward(
+        self, x: Tensor, size: tuple[int, int], cpe: ConvPosEnc, crpe: ConvRelPosEnc, full: bool = False
+    ) -> Tensor:
+        keep = None if full else self.keep  # full: every token, for a reader other than the trimmed model's
         x = cpe(x, size)
-        x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=leading(x, self.keep), queries=self.keep)
+        x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=leading(x, keep), queries=keep)
         return self.mlp(self.norm2(x), residual=x)
 
 
@@ -170,7 +173,7 @@ class ParallelBlock(nn.Module):
 
 class AggregateHead(nn.Module):
     """``norms[k]`` per scale → pool (cls tokens, or token means) → ``aggregate`` (Conv1d(n, 1, 1)) → ``drop`` →
-    ``fc``."""
+    ``fc`` (skipped with ``pre_logits``)."""
 
     def __init__(
         self, dim: int, n: int, num_classes: int, pool: str = "token", extra: int = 1, norm_eps: float = 1e-6,
@@ -185,10 +188,10 @@ class AggregateHead(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc = classifier(dim, num_classes, **dd)
 
-    def forward(self, *xs: Tensor) -> Tensor:
+    def forward(self, *xs: Tensor, pre_logits: bool = False) -> Tensor:
         if self.pool == "token":
             pooled = [norm(x)[:, 0] for norm, x in zip(self.norms, xs, strict=True)]
         else:
             pooled = [norm(x)[:, self.extra :].mean(dim=1) for norm, x in zip(self.norms, xs, strict=True)]
-        x = self.aggregate(torch.stack(pooled, dim=1)).squeeze(1)  # [B, n, C] -> [B, C]
-        return self.fc(self.drop(x))
+        x = self.drop(self.aggregate(torch.stack(pooled, dim=1)).squeeze(1))  # [B, n, C] -> [B, C]
+        return x if pre_logits else self.fc(x)

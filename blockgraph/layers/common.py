@@ -154,3 +154,14 @@ def init_linear(layer: nn.Linear, std: float = 0.02) -> nn.Linear:
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
     return layer
+
+
+def checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` under activation checkpointing (``torch.utils.checkpoint``, non-reentrant) while gradients
+    are recorded: its activations are recomputed in the backward pass instead of kept (``set_grad_checkpointing``
+    makes the generated forward call each block so)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return module(*args, **kwargs)
+    return checkpoint(module, *args, use_reentrant=False, **kwargs)

@@ -9,13 +9,14 @@ from torch import Tensor, nn
 from blockgraph.layers.common import linear
 
 
-def classifier(dim: int, num_classes: int, **dd: Any) -> nn.Module:
+def classifier(dim: int, num_classes: int, bias: bool = True, **dd: Any) -> nn.Module:
     """``Linear(dim, num_classes)``, or the identity for ``num_classes == 0`` (the pooled features)."""
-    return linear(dim, num_classes, **dd) if num_classes else nn.Identity()
+    return linear(dim, num_classes, bias=bias, **dd) if num_classes else nn.Identity()
 
 
 class ClsHead(nn.Module):
-    """``norm`` → pool (the cls token, or the mean of the image tokens) → ``drop`` → ``fc``."""
+    """``norm`` → pool (the cls token, or the mean of the image tokens) → ``drop`` → ``fc`` (skipped with
+    ``pre_logits``)."""
 
     def __init__(
         self, dim: int, num_classes: int, pool: str = "token", extra: int = 1, norm: bool = True,
@@ -29,19 +30,22 @@ class ClsHead(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fc = classifier(dim, num_classes, **dd)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.pool == "token":  # the norm is per token: the cls token's alone
-            return self.fc(self.drop(self.norm(x[:, 0])))
-        return self.fc(self.drop(self.norm(x)[:, self.extra :].mean(dim=1)))
+            x = self.drop(self.norm(x[:, 0]))
+        else:
+            x = self.drop(self.norm(x)[:, self.extra :].mean(dim=1))
+        return x if pre_logits else self.fc(x)
 
 
 class AvgPoolHead(nn.Module):
-    """mean over H, W → ``drop`` → ``fc``."""
+    """mean over H, W → ``drop`` → ``fc`` (skipped with ``pre_logits``)."""
 
     def __init__(self, dim: int, num_classes: int, drop: float = 0.0, device: Any = None, dtype: Any = None):
         super().__init__()
         self.drop = nn.Dropout(drop)
         self.fc = classifier(dim, num_classes, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.drop(x.mean(dim=(2, 3))))
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.drop(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.fc(x)

@@ -87,8 +87,9 @@ class VitBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         self.mlp = Mlp(dim, mlp_ratio, act=act, drop=proj_drop, drop_path=drop_path, **dd)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.attn(self.norm1(x), residual=leading(x, self.keep), queries=self.keep)
+    def forward(self, x: Tensor, full: bool = False) -> Tensor:
+        keep = None if full else self.keep  # full: every token, for a reader other than the trimmed model's
+        x = self.attn(self.norm1(x), residual=leading(x, keep), queries=keep)
         return self.mlp(self.norm2(x), residual=x)
 
 
@@ -108,9 +109,11 @@ class DistilledHead(nn.Module):
         self.fc = classifier(dim, num_classes, **dd)
         self.fc_dist = classifier(dim, num_classes, **dd)
 
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        x = self.norm(x[:, :2])
-        cls, dist = self.fc(self.drop(x[:, 0])), self.fc_dist(self.drop(x[:, 1]))
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        x = self.drop(self.norm(x[:, :2]))
+        if pre_logits:  # timm's: the mean of the two tokens
+            return (x[:, 0] + x[:, 1]) / 2
+        cls, dist = self.fc(x[:, 0]), self.fc_dist(x[:, 1])
         if self.training and self.train_both:
             return cls, dist
         return (cls + dist) / 2

@@ -176,6 +176,15 @@ class BlockSpec(SpecModel):
     one image whose map there is 1x1 (or a vector) leaves one value per channel, which BatchNorm cannot normalize;
     the compiled forward rejects that case with a ShapeError naming the node. A block whose fields decide it
     overrides :meth:`uses_batch_norm` instead."""
+    classifiers: ClassVar[tuple[str, ...]] = ()
+    """For a classifier head: the attribute names of its module's final classifier(s) (``nn.Linear``, or
+    ``nn.Identity`` for 0 classes), whose width is its ``num_classes`` field; its module's forward takes
+    ``pre_logits`` (stop before them). The model's ``get_classifier``, ``reset_classifier`` and ``forward_head``
+    use them (a ``classifier`` op is a classifier of its own)."""
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
+    """Regular expressions over the names of the module's parameters (``token``, ``attn\\.relative_position_bias_table``)
+    that an optimizer should not decay: the model's ``no_weight_decay()`` gathers them (timm's convention: tokens,
+    position embeddings, relative-position tables, level embeddings)."""
     takes_masks: ClassVar[bool] = False
     """Whether the block reads a padding mask (a model input of ``kind: mask``, type ``mask[H, W]``) among its
     inputs, which may then be None at run time (an optional mask the caller left out); other blocks are refused
@@ -184,7 +193,8 @@ class BlockSpec(SpecModel):
     """Whether ``build`` honours ``ctx.keep_tokens``: a module that returns only the first ``keep_tokens`` tokens of
     its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
     that work whose result nothing reads is not done (ViT's last block computes the cls token alone); the node's
-    static type still describes the full output."""
+    static type still describes the full output. Such a module's forward takes ``full=True`` to compute every
+    token all the same (``forward_features`` returns them)."""
 
     def takes_size(self, *inputs: TensorType) -> bool:
         """Whether ``forward`` takes the token grid ``(h, w)`` of each input, for these inputs: the class's
@@ -354,6 +364,28 @@ class InputSpec(SpecModel):
         return self
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataSpec(SpecModel):
+    """How the model's images are prepared (timm's data config): what ``pretrained_cfg`` reports and
+    ``timm.data.resolve_data_config(model=...)`` reads. The input size is the input's."""
+
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    """Resampling when an image is resized."""
+    crop_pct: Annotated[float, Field(gt=0, le=1)] = 0.875
+    """The center crop's share of the resized image (eval)."""
+    crop_mode: Literal["center", "squash", "border"] = "center"
+    """How an image is cropped to the input size (eval)."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    """Per-channel mean subtracted from the [0, 1] image."""
+    std: tuple[Annotated[float, Field(gt=0)], ...] = IMAGENET_STD
+    """Per-channel standard deviation the image is divided by."""
+    test_input_size: tuple[PositiveInt, PositiveInt] | None = None
+    """A larger (H, W) for evaluation, if the model is tested at one."""
+
+
 class OutputSpec(SpecModel):
     """A named model output."""
 
@@ -435,6 +467,8 @@ class ModelBase(SpecModel):
     """Named feature maps, with strides (``stage1: {from: stage1.to_map, stride: 4}``), for dense prediction."""
     twin: TwinSpec | None = None
     """The model with the same weights, and how its state_dict keys map onto ours (for loading its weights)."""
+    data: DataSpec = DataSpec()
+    """How images are prepared for the model (``pretrained_cfg``: interpolation, crop, mean, std)."""
     default_outputs: list[Name] | None = None
     """Which of ``outputs`` (or ``features``) ``forward`` returns when the caller names none; default: every
     output, or, with no outputs, every feature."""
