@@ -43,10 +43,11 @@ class Program:
         filename = f"<blockgraph {name} #{next(_counter)}>"
         linecache.cache[filename] = (len(self.code), None, self.code.splitlines(keepends=True), filename)
         import torch  # the code compares dtypes (torch.bool); only a built model's class needs it
+        from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
         from blockgraph.layers.common import checkpointed
 
-        namespace: dict[str, Any] = {"torch": torch, "checkpointed": checkpointed}
+        namespace: dict[str, Any] = {"torch": torch, "checkpointed": checkpointed, "is_fx_tracing": is_fx_tracing}
         exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
         return namespace["forward"]
 
@@ -192,7 +193,7 @@ def _generate(
 ) -> str:
     graph = inference.graph
     spec = graph.spec
-    names = _Names({"self", "H", "W", "torch"})
+    names = _Names({"self", "H", "W", "torch", "checkpointed", "is_fx_tracing"})
     var: dict[str, str] = {}
     image = names(spec.input.name)
     var[spec.input.name] = image
@@ -206,17 +207,20 @@ def _generate(
         f"    H, W = {image}.shape[-2], {image}.shape[-1]",
     ]
     checks = _acceptance_code(inference, image)
-    lines.append(f"    if {checks}:")
+    # A symbolic trace (torch.fx) has no sizes to check: the checks are skipped while tracing.
+    lines.append(f"    if not is_fx_tracing() and ({checks}):")
     lines.append(f"        self._reject({image})")
     for mask in masks:  # [B, H, W] booleans, B and (H, W) the image's
         m = var[mask.name]
         bad = f"{m}.shape != ({image}.shape[0], H, W) or {m}.dtype != torch.bool"
-        lines.append(f"    if {f'{m} is not None and ({bad})' if mask.optional else bad}:")
+        lines.append(
+            f"    if not is_fx_tracing() and {f'{m} is not None and ({bad})' if mask.optional else f'({bad})'}:"
+        )
         lines.append(f"        self._reject_mask({mask.name!r}, {m}, {image})")
     single = _batch_stat_code(inference, order)
     if single:
         always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one
-        lines.append(f"    if self.training and {image}.shape[0] == 1{always}:")
+        lines.append(f"    if self.training and not is_fx_tracing() and {image}.shape[0] == 1{always}:")
         lines.append(f"        self._reject_single({image})")
     sizes: dict[str, str] = {}
     ports: dict[tuple[str, str], str] = {}

@@ -88,6 +88,8 @@ class BlockgraphModel(nn.Module):
     outputs: list[str]
     trimmed_tokens: dict[str, int]
 
+    _pruned: list[int] | None = None
+    """The intermediates kept by ``prune_intermediate_layers`` (None: not pruned)."""
     grad_checkpointing: bool = False
     """Whether ``forward`` recomputes each block's activations in the backward pass (``set_grad_checkpointing``)."""
 
@@ -106,9 +108,11 @@ class BlockgraphModel(nn.Module):
         self.outputs = [name for name, _, _ in program.chosen]
         self.returns = program.returns
         self.nodes = [n for n in program.order if not graph.nodes[n].is_input]
-        names = list(graph.features)
-        info = [{"name": key, "module": graph.features[key].node, "num_chs": analysis.output(key).channels,
-                 "reduction": analysis.output(key).stride(), "index": i} for i, key in enumerate(names)]  # fmt: skip
+        taps = timm_api.intermediates(analysis.inference)  # the declared features, else (ViT) its blocks
+        names = [name for name, _, _ in taps]
+        types = [timm_api._port(analysis.inference.types[node], port) for _, node, port in taps]
+        info = [{"name": name, "module": node, "num_chs": t.channels, "reduction": t.stride(), "index": i}
+                for i, ((name, node, _), t) in enumerate(zip(taps, types, strict=True))]  # fmt: skip
         selected = [names.index(n) for n in self.outputs] if program.returns == "list" else range(len(names))
         self.feature_info = FeatureInfo(info, selected)
         self._analysis, self._program = analysis, program
@@ -116,6 +120,8 @@ class BlockgraphModel(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if state.get("_pruned") is not None:
+            timm_api._prune(self, state["_pruned"], remove=False)  # its modules are already the pruned ones
         if state.get("grad_checkpointing"):
             self.set_grad_checkpointing(True)
 
@@ -167,6 +173,26 @@ class BlockgraphModel(nn.Module):
     def default_cfg(self) -> dict[str, Any]:
         """The same as ``pretrained_cfg`` (timm's older name)."""
         return self.pretrained_cfg
+
+    def forward_intermediates(
+        self,
+        x: Any,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Any:
+        """timm's: the feature maps at ``indices`` (of ``features:``, or of the longest repeated block for a spec
+        without: ViT's blocks), and unless ``intermediates_only`` the final features."""
+        return timm_api.forward_intermediates(self, x, indices, norm, stop_early, output_fmt, intermediates_only)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's: drop the blocks after the last intermediate at ``indices`` and the head; ``forward`` then returns
+        that intermediate. Returns the kept indices."""
+        return timm_api.prune_intermediate_layers(self, indices, prune_norm, prune_head)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that take no weight decay: what the blocks declare (tokens, position embeddings, tables)."""
@@ -326,9 +352,30 @@ def compile_model(
         with custom_code(node.spec, name, pos, "its build()"), _sized(name, node.op, pos):  # type: ignore[arg-type]
             ctx = BuildContext(name, device, dtype, keep_tokens=program.trimmed.get(name), input_size=input_size)
             modules[node.module_name] = node.spec.build(ctx, *analysis.inference.inputs(name))  # type: ignore[union-attr]
-    check_custom_blocks(analysis.inference, [*model.shared_modules(), *model.nodes])  # on the meta device
+    taps = _taps(analysis, model.nodes)
+    for name in taps:  # parameterless nodes the features need beyond the outputs (tokens_to_map): intermediates
+        node = graph.nodes[name]
+        with custom_code(node.spec, name, graph.pos(node.path), "its build()"):  # type: ignore[arg-type]
+            ctx = BuildContext(name, device, dtype, input_size=input_size)
+            modules[node.module_name] = node.spec.build(ctx, *analysis.inference.inputs(name))  # type: ignore[union-attr]
+    check_custom_blocks(analysis.inference, [*model.shared_modules(), *model.nodes, *taps])  # on the meta device
     _install(model, modules)
     return model
+
+
+def _taps(analysis: Analysis, built: list[str]) -> list[str]:
+    """The nodes the declared features need that the chosen outputs do not, when none of them has parameters or
+    shared modules (a tokens-to-map reshape): built too, so that ``forward_intermediates`` reaches the features of
+    a classifier. Features that need weights of their own are left to ``features_only``."""
+    graph = analysis.graph
+    wanted = timm_api.intermediates(analysis.inference)
+    needed = graph.ancestors([node for _, node, _ in wanted]) - set(built)
+    missing = [n for n in graph.order() if n in needed and not graph.nodes[n].is_input]
+    for name in missing:
+        node = graph.nodes[name]
+        if node.shared or node.spec.params(*analysis.inference.inputs(name)):  # type: ignore[union-attr]
+            return []
+    return missing
 
 
 def rebuild(spec: str, outputs: list[str] | None, features_only: bool) -> BlockgraphModel:

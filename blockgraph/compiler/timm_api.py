@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +161,8 @@ def _regex(modules: list[str]) -> str:
 def classifier_modules(model: Any) -> nn.Module | tuple[nn.Module, ...]:
     """``get_classifier()``: the classifier module, or the pair of a distilled head."""
     head = _need_head(model)
+    if not head.region:  # pruned
+        return nn.Identity()
     module = model.get_submodule(model.inference.graph.nodes[head.logits].module_name)
     if not head.classifiers:
         return module
@@ -175,6 +178,8 @@ def reset_classifier(model: Any, num_classes: int, global_pool: Any = None) -> N
     from blockgraph.pipeline import analyze
 
     head = _need_head(model)
+    if not head.region:
+        raise BlockgraphError("reset_classifier: the head of this model was pruned (prune_intermediate_layers)")
     graph = model.inference.graph
     node = graph.nodes[head.logits]
     if global_pool is not None and global_pool != getattr(node.spec, "pool", global_pool):
@@ -216,9 +221,57 @@ def reset_classifier(model: Any, num_classes: int, global_pool: Any = None) -> N
     model._attach(analysis, program)
 
 
+def prune_intermediate_layers(model: Any, indices: Any, prune_norm: bool, prune_head: bool) -> list[int]:
+    """timm's: drop what the intermediates at ``indices`` do not need (the blocks after the last, the head); the
+    model's forward then returns the last kept intermediate (as timm's, through an identity head). Returns the
+    kept indices."""
+    available = intermediates(model.inference)
+    take = take_indices(len(available), indices)
+    last = max(take)
+    if last == len(available) - 1 and not prune_head:
+        return take
+    _prune(model, take)
+    return take
+
+
+def _prune(model: Any, take: list[int], *, remove: bool = True) -> None:
+    """Make ``model`` the trunk up to its intermediate ``max(take)`` (``remove``: delete the other modules)."""
+    from blockgraph.compiler.codegen import features_forward
+
+    graph = model.inference.graph
+    available = intermediates(model.inference)
+    _, node, port = available[max(take)]
+    needed = graph.ancestors([n for _, n, _ in available[: max(take) + 1]])
+    if remove:
+        for name in reversed(
+            [n for n in graph.order() if n not in needed and _has_module(model, _module_of(graph, n))]
+        ):
+            parent, _, leaf = _module_of(graph, name).rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            delattr(owner, leaf) if not leaf.isdigit() else owner.__delitem__(int(leaf))
+        users = {
+            q for n in needed for qs in graph.nodes[n].shared.values() for q in ([qs] if isinstance(qs, str) else qs)
+        }
+        for shared in [q for q in model.shared_modules() if q not in users and _has_module(model, q)]:
+            parent, _, leaf = shared.rpartition(".")
+            delattr(model.get_submodule(parent) if parent else model, leaf)
+    value = _port(model.inference.types[node], port)
+    model.nodes = [n for n in model.nodes if n in needed]
+    model._head = Head("", (), ((node, port),), (), 0, value.channels, value.channels)
+    model._pruned = list(take)
+    forward = features_forward(model.inference, [(node, port)], model.spec.name, model.trimmed_tokens)
+    model.forward = types.MethodType(forward, model)
+
+
+def _module_of(graph: Any, name: str) -> str:
+    return graph.nodes[name].module_name
+
+
 def forward_head(model: Any, x: Any, pre_logits: bool = False) -> Any:
     """Run the head on what ``forward_features`` returned (a tensor, or a list for a head with several inputs)."""
     head = _need_head(model)
+    if not head.region:  # pruned: an identity head
+        return x
     graph = model.inference.graph
     given = list(x) if len(head.features) > 1 else [x]
     values = dict(zip(head.features, given, strict=True))
@@ -256,12 +309,115 @@ def features_program(model: Any) -> Any:
     from blockgraph.compiler.codegen import features_forward
 
     cache = model.__dict__.setdefault("_api", {})
-    key = id(model._analysis)
+    key = ("features", id(model._analysis))
     if key not in cache:
-        cache.clear()
         features = list(_need_head(model).features)
         cache[key] = features_forward(model.inference, features, model.spec.name, model.trimmed_tokens)
     return cache[key]
+
+
+def intermediates(inference: Inference) -> list[tuple[str, str, str | None]]:
+    """The intermediate values ``forward_intermediates`` can take, as ``(name, node, port)``: the declared feature
+    maps, or, for a spec that declares none (ViT), the outputs of its longest repeated block (``blocks.0`` ...)."""
+    graph = inference.graph
+    if graph.features:
+        return [(name, out.node, out.port) for name, out in graph.features.items()]
+    groups = []
+    for names in graph.groups.values():  # a repetition may be a block made of blocks: the value it gives
+        values = [graph.value_of(name) for name in names]
+        if all(v is not None and _gridded(_port(inference.types[v[0]], v[1])) for v in values):
+            groups.append([(name, *v) for name, v in zip(names, values, strict=True)])  # type: ignore[misc]
+    return max(groups, key=len, default=[])
+
+
+def _gridded(value: Any) -> bool:
+    return isinstance(value, TensorType) and value.grid is not None and value.layout in ("image", "tokens")
+
+
+def take_indices(count: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """timm's ``feature_take_indices``: all (None), the last n (an int), or these (negative ones from the end)."""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise BlockgraphError(f"indices={indices}: the last n must be between 1 and {count}")
+        return list(range(count - indices, count))
+    out = []
+    for i in indices:
+        if not -count <= i < count:
+            raise BlockgraphError(f"index {i} is out of range for {count} intermediates")
+        out.append(i % count)
+    return out
+
+
+def forward_intermediates(
+    model: Any, x: Any, indices: Any, norm: bool, stop_early: bool, output_fmt: str, intermediates_only: bool
+) -> Any:
+    """timm's ``forward_intermediates``: the intermediates at ``indices`` (NCHW maps; a token sequence is given
+    as the map of its grid tokens, extra tokens dropped; ``NLC``: tokens), and unless ``intermediates_only`` the
+    final features (``forward_features``' value; with ``stop_early``, the last intermediate taken)."""
+    from blockgraph.compiler.codegen import features_forward
+
+    if output_fmt not in ("NCHW", "NLC"):
+        raise BlockgraphError(f"output_fmt={output_fmt!r}: NCHW or NLC")
+    if norm:
+        raise BlockgraphError(
+            "forward_intermediates(norm=True): the final norm is part of this model's head block",
+            hint="take the intermediates unnormalized (norm=False)",
+        )
+    available = intermediates(model.inference)
+    take = take_indices(len(available), indices)
+    chosen = [available[i] for i in take]
+    final = not intermediates_only and not stop_early
+    if getattr(model, "_pruned", None) is not None and max(take) > max(model._pruned):
+        raise BlockgraphError(f"indices {take}: this model keeps the intermediates up to {max(model._pruned)} (pruned)")
+    values = [(node, port) for _, node, port in chosen] + (list(_need_head(model).features) if final else [])
+    cache = model.__dict__.setdefault("_api", {})
+    key = (id(model._analysis), tuple(values))
+    if key not in cache:
+        graph = model.inference.graph
+        for name in graph.ancestors([node for node, _ in values]):
+            node = graph.nodes[name]
+            if not node.is_input and not _has_module(model, node.module_name):
+                raise BlockgraphError(
+                    f"forward_intermediates: node '{name}' was not built with this model (the outputs do not need "
+                    "it and it has weights of its own)",
+                    node=name,
+                    hint="build the model with features_only=True for its feature maps",
+                )
+        values_once = list(dict.fromkeys(values))
+        cache[key] = features_forward(model.inference, values_once, model.spec.name, model.trimmed_tokens)
+    outputs = cache[key](model, x)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    by_value = dict(zip(dict.fromkeys(values), outputs, strict=True))
+    env = {"H": x.shape[-2], "W": x.shape[-1]}
+    types = model.inference.types
+    taken = [_formatted(by_value[n, p], _port(types[n], p), env, output_fmt) for _, n, p in chosen]
+    if intermediates_only:
+        return taken
+    if stop_early:
+        return by_value[values[-1]], taken
+    features = [by_value[v] for v in _need_head(model).features]
+    return (features[0] if len(features) == 1 else features), taken
+
+
+def _has_module(model: Any, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _formatted(value: Any, t: TensorType, env: dict[str, int], output_fmt: str) -> Any:
+    """An intermediate as ``NCHW`` (a token sequence as the map of its grid tokens) or ``NLC``."""
+    if t.layout == "tokens":
+        grid = value[:, t.extra :]  # [B, h*w, C]
+        if output_fmt == "NLC":
+            return grid
+        h, w = (g.evaluate(env) for g in t.grid)  # type: ignore[union-attr]
+        return grid.transpose(1, 2).reshape(value.shape[0], t.channels, h, w)
+    return value.flatten(2).transpose(1, 2) if output_fmt == "NLC" else value
 
 
 def pretrained_cfg(model: Any) -> dict[str, Any]:

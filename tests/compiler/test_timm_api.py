@@ -224,3 +224,55 @@ def test_timms_training_tools_run_two_steps() -> None:
         assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters())
     ema_logits = ema.module.eval()(x)
     assert ema_logits.shape == (2, 10) and torch.isfinite(ema_logits).all()
+
+
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_forward_intermediates_are_the_twins(name: str) -> None:
+    """The declared feature maps (ViT: its blocks' tokens as maps), equal to the twin's forward_intermediates with
+    the same weights; the final features are forward_features'."""
+    ours, twin = _pair(name)
+    x = _image(name)
+    with torch.no_grad():
+        got = ours.forward_intermediates(x, intermediates_only=True)
+        expected = twin.forward_intermediates(x, intermediates_only=True)
+        assert len(got) == len(expected) == len(ours.feature_info or got)
+        for a, b in zip(got, expected, strict=True):  # float32 rounding grows with the map's scale (CoaT: 6e3)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
+        final, last_two = ours.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(last_two[1], got[-1], rtol=0, atol=0)
+        features = ours.forward_features(x)
+        for a, b in zip(
+            final if isinstance(final, list) else [final],
+            features if isinstance(features, list) else [features],
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        tokens = ours.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)[0]
+        assert tokens.shape == (2, got[0].shape[2] * got[0].shape[3], got[0].shape[1])
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "coat_lite_tiny", "vit_tiny_patch16_224"])
+def test_prune_intermediate_layers(name: str) -> None:
+    """Pruned to intermediate 1: the later blocks and the head are gone, forward returns that intermediate (an
+    identity head), forward_intermediates still takes indices up to it, and the model pickles as pruned."""
+    model = bg.create_model(name).eval()
+    x = _image(name)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+    before = sum(p.numel() for p in model.parameters())
+    assert model.prune_intermediate_layers([1]) == [1]
+    assert sum(p.numel() for p in model.parameters()) < before and isinstance(model.get_classifier(), nn.Identity)
+    with torch.no_grad():
+        out = model(x)
+        kept = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        clone = pickle.loads(pickle.dumps(model))
+        again = clone(x)
+    if out.ndim == 3:  # ViT: its block's tokens, the cls token first; the intermediate is the map of the others
+        out = out[:, 1:].transpose(1, 2).reshape(expected.shape)
+    for got in (out, kept[1]):  # the same computation (the fused eval kernels pick per call: not bit for bit)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(again, model(x), rtol=0, atol=1e-5)
+    assert model.num_classes == 0 and model.num_features == expected.shape[1]
+    with pytest.raises(bg.BlockgraphError, match="pruned"):
+        model.forward_intermediates(x, indices=[2])
