@@ -134,6 +134,32 @@ def load_weights_file(model: nn.Module, path: str, *, resized_classifier: bool =
     return _load(model, mapped, source, unexpected, f"{what} in {path}", heads if resized_classifier else [])
 
 
+def adapt_input_conv(channels: int, weight: torch.Tensor) -> torch.Tensor:
+    """A first convolution's weight ``[O, I, kh, kw]`` (I = 3, RGB) for ``channels`` input channels, as timm's
+    ``adapt_input_conv``: one channel takes the sum over the three (a grey image's response to equal R, G, B);
+    more take the RGB filters repeated and scaled by ``3 / channels`` (the same response to a constant image).
+
+    Raises:
+        WeightsError: the file's conv does not have 3 input channels (no rule to adapt it).
+    """
+    out, given, kh, kw = weight.shape
+    if channels == 1 and given > 3 and given % 3 == 0:  # several RGB groups: sum within each
+        return weight.float().reshape(out, given // 3, 3, kh, kw).sum(2).to(weight.dtype)
+    if channels == 1:
+        return weight.float().sum(1, keepdim=True).to(weight.dtype)
+    if given != 3:
+        raise WeightsError(f"cannot adapt a first convolution of {given} input channels to {channels}")
+    repeat = -(-channels // 3)
+    return (weight.float().repeat(1, repeat, 1, 1)[:, :channels] * (3 / channels)).to(weight.dtype)
+
+
+def _first_conv_weight(model: nn.Module) -> str | None:
+    from blockgraph.compiler.timm_api import _first_conv
+
+    name = _first_conv(model)
+    return f"{name}.weight" if name is not None else None
+
+
 def _load(
     model: nn.Module,
     mapped: Mapping[str, torch.Tensor],
@@ -156,8 +182,11 @@ def _load(
         )
     load: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
+    first = _first_conv_weight(model)
     for key, target in ours.items():
         value = mapped[key]
+        if key == first and value.dim() == 4 and value.shape[1] != target.shape[1]:
+            value = adapt_input_conv(target.shape[1], value)  # in_chans other than the file's, as timm adapts it
         width = next((n for prefix, n in heads if key.startswith(prefix)), None)
         differ = {b for a, b in zip(value.shape, target.shape, strict=False) if a != b}  # our sizes that differ
         if tuple(value.shape) == tuple(target.shape):

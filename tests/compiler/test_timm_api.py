@@ -276,3 +276,26 @@ def test_prune_intermediate_layers(name: str) -> None:
     assert model.num_classes == 0 and model.num_features == expected.shape[1]
     with pytest.raises(bg.BlockgraphError, match="pruned"):
         model.forward_intermediates(x, indices=[2])
+
+
+@pytest.mark.parametrize(("name", "chans"), [("convnext_atto", 1), ("coat_lite_tiny", 4)])
+def test_in_chans_adapts_the_first_conv_of_pretrained_weights(name: str, chans: int, tmp_path) -> None:
+    """create_model(in_chans=..., checkpoint_path=twin weights): the first convolution is adapted as timm's
+    pretrained loader adapts it (summed over RGB for one channel, repeated and scaled by 3/n for more); the model
+    then equals timm's model built with the same in_chans from the same file."""
+    torch.manual_seed(0)
+    twin = create_timm(bg.analyze(name).spec.twin.timm)
+    path = tmp_path / "twin.pth"
+    torch.save(twin.state_dict(), path)
+    ours = bg.create_model(name, pretrained=True, in_chans=chans, checkpoint_path=path).eval()
+    adapted = (
+        import_timm()
+        .create_model(  # timm's own loader adapts the file's first conv
+            bg.analyze(name).spec.twin.timm, pretrained=True, in_chans=chans, pretrained_cfg_overlay={"file": str(path)}
+        )
+        .eval()
+    )
+    x = torch.randn(2, chans, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), adapted(x), rtol=0, atol=1e-5)
+    assert ours.pretrained_cfg["input_size"][0] == chans
