@@ -273,6 +273,9 @@ def create_model(
         accepted = ", ".join(["num_classes", "features_only", "out_indices", "checkpoint_path", *_BUILD_KEYWORDS,
                               *_TIMM_KEYWORDS])  # fmt: skip
         raise TypeError(f"create_model() got unexpected keyword(s) {', '.join(unknown)}; it takes: {accepted}")
+    unpooled = kwargs.get("global_pool") == ""  # timm's pass-through head: made after the build
+    if unpooled:
+        del kwargs["global_pool"]
     kwargs = _timm_keywords(name, path, kwargs)
     if pretrained and checkpoint_path is None:
         twin = analyze(path, variant=kwargs.get("variant")).spec.twin
@@ -295,6 +298,8 @@ def create_model(
 
         resized = num_classes is not None or "num_classes" in (kwargs.get("overrides") or {})
         load_weights_file(model, os.fspath(checkpoint_path), resized_classifier=resized)
+    if unpooled:  # after the weights: the file's head is the pooled one
+        model.reset_classifier(num_classes or 0, "")
     return model
 
 

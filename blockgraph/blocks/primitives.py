@@ -164,7 +164,7 @@ class LinearSpec(BlockSpec):
 @register
 class ClassifierSpec(BlockSpec):
     """A model's classifier on a vector of features: ``nn.Linear(C, num_classes)``, or, with ``num_classes: 0``,
-    the identity (the features themselves, timm's convention). The model's ``get_classifier()`` returns it and
+    the identity (the features themselves, timm's convention; then on any layout). The model's ``get_classifier()`` returns it and
     ``reset_classifier(n)`` replaces it; ``forward_head(x, pre_logits=True)`` stops before it."""
 
     op: Literal["classifier"]
@@ -174,7 +174,8 @@ class ClassifierSpec(BlockSpec):
     """Learn a bias."""
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
-        ctx.expect(x, layout="vector")
+        if self.num_classes:  # 0 classes: the identity, on any layout (the unpooled features)
+            ctx.expect(x, layout="vector")
         return x.with_(channels=self.num_classes or x.channels)
 
     def build(self, ctx: BuildContext, x: TensorType) -> Any:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from blockgraph.blocks.base import BuildContext
 from blockgraph.errors import BlockgraphError
 from blockgraph.types import TensorType
 
@@ -58,17 +59,21 @@ def find_head(inference: Inference) -> Head | None:
     if out is None or out.port is not None:
         return None
     logits = graph.nodes[out.node]
-    if not _vector(inference.types[logits.name]):
-        return None
     spec = logits.spec
+    unpooled = logits.op == "classifier" and spec.num_classes == 0  # type: ignore[union-attr]
+    if not (_vector(inference.types[logits.name]) or unpooled):
+        return None
     if logits.op == "classifier":
         classifiers: tuple[str, ...] = ()
     elif spec is not None and type(spec).classifiers:
         classifiers = type(spec).classifiers
     else:
         return None
+    outer = [c for c in graph.composites.values() if graph.value_of(c.name) == (logits.name, None)]
     region = {logits.name}
-    stack = [logits.name]
+    if outer:  # a head made of blocks (norm_head), whose value is the logits: its parts
+        region |= set(max(outer, key=lambda c: len(c.members)).members)
+    stack = list(region)
     while stack:  # back through vectors that only the head reads (a pool, a norm, an MLP)
         for edge in graph.in_edges(stack.pop()):
             source = graph.nodes[edge.src]
@@ -180,6 +185,9 @@ def reset_classifier(model: Any, num_classes: int, global_pool: Any = None) -> N
     head = _need_head(model)
     if not head.region:
         raise BlockgraphError("reset_classifier: the head of this model was pruned (prune_intermediate_layers)")
+    if global_pool == "":
+        _unpool(model, head, num_classes)
+        return
     graph = model.inference.graph
     node = graph.nodes[head.logits]
     if global_pool is not None and global_pool != getattr(node.spec, "pool", global_pool):
@@ -219,6 +227,58 @@ def reset_classifier(model: Any, num_classes: int, global_pool: Any = None) -> N
         if program.trimmed.get(name) != keep:
             model.get_submodule(graph.nodes[name].module_name).keep = program.trimmed.get(name)
     model._attach(analysis, program)
+
+
+def _unpool(model: Any, head: Head, num_classes: int) -> None:
+    """``reset_classifier(0, "")``: no classifier and no global pooling, timm's pass-through: the head's global
+    pool is taken out of the spec the model carries and the parts after it work on the map (a norm over the map's
+    channels); a head block that pools inside (avg_pool_head) becomes a classifier of 0 classes (the identity).
+    Modules keep their weights."""
+    from blockgraph.compiler.codegen import generate
+    from blockgraph.pipeline import analyze
+
+    if num_classes:
+        raise BlockgraphError(
+            f"reset_classifier({num_classes}, ''): a classifier without pooling is not written here",
+            hint="reset_classifier(0, '') for the unpooled features",
+        )
+    graph = model.inference.graph
+    data = copy.deepcopy(model.spec_data)
+    pools = [n for n in head.region if graph.nodes[n].op == "pool" and graph.nodes[n].spec.global_]  # type: ignore[union-attr]
+    if pools:
+        for name in head.region:  # (before the pool's entry goes: the paths are the spec's as it is)
+            if graph.nodes[name].op == "classifier":
+                entry_at(data, graph.nodes[name].path)["num_classes"] = 0
+        pool = graph.nodes[pools[0]]
+        siblings, index = entry_at(data, pool.path[:-1]), pool.path[-1]
+        removed = siblings.pop(index)
+        if index < len(siblings) and "from" in removed and "from" not in siblings[index]:
+            siblings[index]["from"] = removed["from"]  # the next part read the pool: it reads the pool's input
+    else:  # a head block that pools within: no classifier (the identity on the map)
+        node = graph.nodes[head.logits]
+        old = entry_at(data, node.path)
+        replacement = {"name": old["name"], "op": "classifier", "num_classes": 0}
+        replacement |= {"from": old["from"]} if "from" in old else {}
+        entry_at(data, node.path[:-1])[node.path[-1]] = replacement
+    analysis = analyze(json.dumps(data))
+    program = generate(analysis.inference, model._program.asked, model._program.features_only)
+    reference = next(iter(model.parameters()), None)
+    dd = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+    new_graph = analysis.graph
+    for name in head.region:  # the head's modules, rebuilt for the map, with their weights
+        parent, _, leaf = graph.nodes[name].module_name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old_module = getattr(owner, leaf, None)
+        if name not in new_graph.nodes:
+            delattr(owner, leaf)
+            continue
+        node = new_graph.nodes[name]
+        built = node.spec.build(BuildContext(name, **dd), *analysis.inference.inputs(name))  # type: ignore[union-attr]
+        if old_module is not None and any(True for _ in built.parameters()):  # (a classifier of 0 has none)
+            built.load_state_dict(old_module.state_dict())
+        setattr(owner, leaf, built)
+    model._attach(analysis, program)
+    model.forward = types.MethodType(program.forward(model.spec.name), model)
 
 
 def prune_intermediate_layers(model: Any, indices: Any, prune_norm: bool, prune_head: bool) -> list[int]:
@@ -261,6 +321,13 @@ def _prune(model: Any, take: list[int], *, remove: bool = True) -> None:
     model._pruned = list(take)
     forward = features_forward(model.inference, [(node, port)], model.spec.name, model.trimmed_tokens)
     model.forward = types.MethodType(forward, model)
+
+
+def entry_at(data: Any, path: tuple[Any, ...]) -> Any:
+    """The value at ``path`` (keys and list indices) of plain spec data."""
+    for key in path:
+        data = data[key]
+    return data
 
 
 def _module_of(graph: Any, name: str) -> str:
@@ -422,7 +489,9 @@ def _formatted(value: Any, t: TensorType, env: dict[str, int], output_fmt: str) 
 
 def pretrained_cfg(model: Any) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` (what ``timm.data.resolve_data_config(model=...)`` reads): the spec's ``data:``
-    section, its input size, and from the graph the pooled map's size, the first convolution and the classifier."""
+    section, its input size, and from the graph the pooled map's size, the first convolution and the classifier.
+    ``fixed_input_size``: the model does not take an image of half the size (ViT's position table, Swin's
+    windows), so timm's tools keep the default size."""
     spec, head = model.spec, model._head
     channels, (h, w) = spec.input.channels, spec.input.size
     data = spec.data
@@ -438,8 +507,7 @@ def pretrained_cfg(model: Any) -> dict[str, Any]:
         "pool_size": None,
         "first_conv": _first_conv(model),
         "classifier": None,
-        "fixed_input_size": all(model.inference.acceptance[s].finite and model.inference.acceptance[s].start is None
-                                for s in ("H", "W") if s in model.inference.acceptance.sizes),
+        "fixed_input_size": not model.inference.acceptance.contains({"H": h // 2, "W": w // 2}),
     }  # fmt: skip
     if data.test_input_size is not None:
         cfg["test_input_size"] = (channels, *data.test_input_size)

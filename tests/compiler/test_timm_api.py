@@ -299,3 +299,22 @@ def test_in_chans_adapts_the_first_conv_of_pretrained_weights(name: str, chans: 
     with torch.no_grad():
         torch.testing.assert_close(ours(x), adapted(x), rtol=0, atol=1e-5)
     assert ours.pretrained_cfg["input_size"][0] == chans
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "poolformer_s12", "pvt_v2_b0", "mobilevit_xxs"])
+def test_no_classifier_and_no_pooling_as_the_twins(name: str) -> None:
+    """reset_classifier(0, '') and create_model(num_classes=0, global_pool=''): timm's pass-through head, a map of
+    pool_size (the head's parts after the pool work on the map: ConvNeXt's norm over its channels), equal to the
+    twin's with the same weights; the model pickles as such. (timm's InceptionNeXt cannot disable its pooling.)"""
+    ours, twin = _pair(name)
+    x = _image(name)
+    pool = ours.pretrained_cfg["pool_size"]
+    ours.reset_classifier(0, "")
+    twin.reset_classifier(0, "")
+    with torch.no_grad():
+        got, expected = ours(x), twin(x)
+        assert got.shape[-2:] == pool and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * max(1.0, expected.abs().max().item()))
+        torch.testing.assert_close(pickle.loads(pickle.dumps(ours))(x), got, rtol=0, atol=1e-5)
+    fresh = bg.create_model(name, num_classes=0, global_pool="").eval()
+    assert fresh(x).shape == got.shape and fresh.num_classes == 0 and fresh.num_features == ours.num_features
