@@ -24,22 +24,12 @@ import torch
 from torch import nn
 
 import blockgraph as bg
+from tests.support.specs import ONE_TWIN_PER_FAMILY
 from tests.support.timm_oracle import create_timm, import_timm
 
 pytestmark = pytest.mark.timm
 
-FAMILIES = [
-    "coat_lite_tiny",
-    "coat_tiny",
-    "vit_tiny_patch16_224",
-    "deit_base_distilled_patch16_224",
-    "swin_tiny_patch4_window7_224",
-    "mobilevit_xxs",
-    "convnext_atto",
-    "poolformer_s12",
-    "pvt_v2_b0",
-    "inception_next_tiny",
-]
+FAMILIES = ONE_TWIN_PER_FAMILY
 NON_STD_FILTERS = ["vit_*", "swin_*", "coat_*", "deit*"]  # upstream's list, restricted to our families
 TARGET_FWD_SIZE = MAX_FWD_SIZE = 384
 TARGET_BWD_SIZE = 128
@@ -68,6 +58,17 @@ def _get_input_size(model: nn.Module, target: int | None = None) -> tuple[int, .
 
 def _std(name: str) -> bool:
     return not any(fnmatch.fnmatch(name, f) for f in NON_STD_FILTERS)
+
+
+def _check_cfg_names(cfg: dict[str, Any], state_dict: dict[str, Any]) -> None:
+    """The classifier and first conv the default_cfg names are parameters of the model (both upstream cases)."""
+    if cfg.get("num_classes", None):
+        classifier = cfg["classifier"]
+        for c in classifier if isinstance(classifier, tuple | list) else (classifier,):
+            assert c + ".weight" in state_dict, f"{c} not in model params"
+    first_conv = cfg["first_conv"]
+    for fc in (first_conv,) if isinstance(first_conv, str) else first_conv:
+        assert fc + ".weight" in state_dict, f"{fc} not in model params"
 
 
 def case_forward(create: Factory, name: str) -> None:
@@ -123,13 +124,7 @@ def case_default_cfgs(create: Factory, name: str) -> None:
         outputs = model.forward(input_tensor)
         assert len(outputs.shape) == 4
         assert outputs.shape[-1] == pool_size[-1] and outputs.shape[-2] == pool_size[-2]
-    if cfg.get("num_classes", None):
-        classifier = cfg["classifier"]
-        for c in classifier if isinstance(classifier, tuple | list) else (classifier,):
-            assert c + ".weight" in state_dict, f"{c} not in model params"
-    first_conv = cfg["first_conv"]
-    for fc in (first_conv,) if isinstance(first_conv, str) else first_conv:
-        assert fc + ".weight" in state_dict, f"{fc} not in model params"
+    _check_cfg_names(cfg, state_dict)
 
 
 def case_default_cfgs_non_std(create: Factory, name: str) -> None:
@@ -158,13 +153,7 @@ def case_default_cfgs_non_std(create: Factory, name: str) -> None:
         outputs = outputs[0]
     assert len(outputs.shape) == 2
     assert outputs.shape[1] == model.num_features
-    if cfg.get("num_classes", None):
-        classifier = cfg["classifier"]
-        for c in classifier if isinstance(classifier, tuple | list) else (classifier,):
-            assert c + ".weight" in state_dict, f"{c} not in model params"
-    first_conv = cfg["first_conv"]
-    for fc in (first_conv,) if isinstance(first_conv, str) else first_conv:
-        assert fc + ".weight" in state_dict, f"{fc} not in model params"
+    _check_cfg_names(cfg, state_dict)
 
 
 def case_forward_features(create: Factory, name: str) -> None:

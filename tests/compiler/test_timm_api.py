@@ -12,23 +12,13 @@ import torch
 from torch import nn
 
 import blockgraph as bg
+from tests.support.specs import ONE_TWIN_PER_FAMILY
 from tests.support.timm_oracle import create_timm, import_timm
 from tests.support.weights import randomize_batchnorm
 
 pytestmark = pytest.mark.timm
 
-ONE_PER_FAMILY = [
-    "coat_lite_tiny",
-    "coat_tiny",
-    "vit_tiny_patch16_224",
-    "deit_base_distilled_patch16_224",
-    "swin_tiny_patch4_window7_224",
-    "mobilevit_xxs",
-    "convnext_atto",
-    "poolformer_s12",
-    "pvt_v2_b0",
-    "inception_next_tiny",
-]
+ONE_PER_FAMILY = ONE_TWIN_PER_FAMILY
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,3 +15,18 @@ def shrunk(path: Path) -> dict[str, Any]:
         if "depth" in name or name.endswith("layers"):
             overrides[name] = [1] * len(value) if isinstance(value, list) else 1
     return overrides
+
+
+ONE_TWIN_PER_FAMILY = [
+    "coat_lite_tiny",
+    "coat_tiny",
+    "vit_tiny_patch16_224",
+    "deit_base_distilled_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mobilevit_xxs",
+    "convnext_atto",
+    "poolformer_s12",
+    "pvt_v2_b0",
+    "inception_next_tiny",
+]
+"""One reference spec with a timm twin per family, small where the family has a small size."""
