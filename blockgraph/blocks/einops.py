@@ -9,7 +9,8 @@ right side must again be a layout blockgraph carries: an image, tokens (whose gr
 or a vector.
 
 The pattern is parsed by einops' own parser (``einops.parsing``, which imports no torch), so a pattern that
-validates here is one einops accepts. The module is einops' own layer (``Rearrange``, ``Reduce``; ``repeat`` is
+validates here is one einops accepts. The module is einops' own layer (``Rearrange``, ``Reduce``, subclassed
+only so that torch.fx records it as one call; ``repeat`` is
 ``Reduce(..., "repeat")``, as ``einops.repeat`` is); when a length the pattern needs at run time is the token grid
 (``b (h w) c -> b c h w`` on tokens), the block :meth:`~EinopsSpec.takes_size` and its module passes the grid to
 ``einops.reduce``.

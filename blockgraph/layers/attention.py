@@ -61,7 +61,8 @@ class Attention(nn.Module):
             q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, heads, N, d]
             if self.reduces:
                 x = self._reduce(x, size)  # [B, M, C]
-            k, v = (t.transpose(1, 2) for t in self.kv(x).view(B, -1, 2, self.heads, C // self.heads).unbind(2))
+            k, v = self.kv(x).view(B, -1, 2, self.heads, C // self.heads).unbind(2)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
             # k, v: [B, heads, M, d]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -16,6 +16,9 @@ from blockgraph.layers.heads import classifier
 from blockgraph.layers.mlp import Mlp
 from blockgraph.ops.coat import conv_pos_enc, factor_attention
 from blockgraph.ops.conv import depthwise_conv2d, merge_depthwise
+from blockgraph.ops.kernel import symbolic_tracing
+
+torch.fx.wrap("depthwise_conv2d")  # torch.fx records the call: its kernel choice reads strides, which a trace lacks
 
 
 class ConvPosEnc(nn.Module):
@@ -85,7 +88,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
         token is a key and a value), and only they are returned."""
         q, k, v = qkv_heads(self.qkv, x, self.heads, queries)  # [B, Nq, h, Ch], [B, N, h, Ch] x2
         extra = x.shape[1] - size[0] * size[1]  # the CRPE adds nothing at extra (cls) tokens
-        conv_v = crpe(v[:, extra:], size) if q.shape[1] > extra else None
+        image_queries = queries is None if symbolic_tracing() else q.shape[1] > extra  # (a trace: no sizes)
+        conv_v = crpe(v[:, extra:], size) if image_queries else None
         y = factor_attention(q, k, v, self.scale, conv_v)  # [B, Nq, C]
         return residual_branch(self.proj, y, residual, self.proj_drop, self.drop_path)
 

@@ -66,7 +66,8 @@ def qkv_heads(qkv: nn.Linear, x: Tensor, heads: int, queries: int | None = None)
     value."""
     B, N, C = x.shape
     if queries is None:
-        return qkv(x).view(B, N, 3, heads, -1).unbind(2)
+        q, k, v = qkv(x).view(B, N, 3, heads, -1).unbind(2)
+        return q, k, v
     w, b = qkv.weight, qkv.bias
     q = linear_op(x[:, :queries], w[:C], None if b is None else b[:C]).view(B, queries, heads, -1)
     k, v = linear_op(x, w[C:], None if b is None else b[C:]).view(B, N, 2, heads, -1).unbind(2)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import einops
 import torch
-from einops.layers.torch import Rearrange, Reduce
+from einops.layers import torch as einops_layers
 from torch import nn
 
+from blockgraph.ops.kernel import symbolic_tracing
+
 __all__ = ["EinopsOnGrid", "Rearrange", "Reduce"]
+
+
+def einops_reduce(x: torch.Tensor, pattern: str, reduction: str, lengths: dict[str, int], grid: dict[str, Any]) -> Any:
+    """``einops.reduce`` with the axis lengths: one call that ``torch.fx`` records as it is (einops takes no
+    proxies), the grid's sizes as its arguments."""
+    return einops.reduce(x, pattern, reduction, **lengths, **grid)
+
+
+torch.fx.wrap("einops_reduce")
 
 
 class EinopsOnGrid(nn.Module):
@@ -31,9 +44,27 @@ class EinopsOnGrid(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         grid = {axis: size[i] for axis, i in self.grid_axes.items()}
-        return einops.reduce(x, self.pattern, self.reduction, **self.lengths, **grid)
+        return einops_reduce(x, self.pattern, self.reduction, self.lengths, grid)
 
     def extra_repr(self) -> str:
         lengths = "".join(f", {axis}={length}" for axis, length in self.lengths.items())
         grid = "".join(f", {axis}=grid[{i}]" for axis, i in self.grid_axes.items())
         return f"{self.pattern!r}, {self.reduction!r}{lengths}{grid}"
+
+
+class Rearrange(einops_layers.Rearrange):
+    """einops' ``Rearrange`` layer, which ``torch.fx`` records as one call (einops' layers take no proxies)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if symbolic_tracing():
+            return einops_reduce(input, self.pattern, "rearrange", self.axes_lengths, {})
+        return super().forward(input)
+
+
+class Reduce(einops_layers.Reduce):
+    """einops' ``Reduce`` layer, which ``torch.fx`` records as one call (einops' layers take no proxies)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if symbolic_tracing():
+            return einops_reduce(input, self.pattern, self.reduction, self.axes_lengths, {})
+        return super().forward(input)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from blockgraph.layers.common import DropPath, init_elsewhere, residual_branch
 from blockgraph.layers.conv import ConvBn, conv2d
 from blockgraph.layers.vit import VitBlock
+from blockgraph.ops.kernel import symbolic_tracing
 
 
 class Mv2Block(nn.Module):
@@ -71,7 +72,7 @@ class MobileVitBlock(nn.Module):
         B, C, H, W = x.shape
         p = self.patch
         nh, nw = -(-H // p), -(-W // p)
-        resized = self.interpolate and (nh * p != H or nw * p != W)
+        resized = self.interpolate and not symbolic_tracing() and (nh * p != H or nw * p != W)  # a trace: as built
         if resized:  # timm: up to the next multiple of the patch, and back after the transformer
             x = F.interpolate(x, size=(nh * p, nw * p), mode="bilinear", align_corners=False)
         # [B, C, H, W] -> [B*C*nh, nw, p, p] -> [B*p*p, nh*nw, C]: sequence position = patch index, batch = b*p*p + pos

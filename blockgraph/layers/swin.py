@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from blockgraph.layers.common import DropPath, linear, memo, qkv_heads
 from blockgraph.layers.mlp import Mlp
+from blockgraph.ops.kernel import symbolic_tracing
 
 
 def relative_position_index(window: int) -> Tensor:
@@ -76,7 +77,7 @@ class WindowAttention(nn.Module):
         """The logits' bias: ``[1, heads, N, N]``, or ``[nW, heads, N, N]`` with the shift ``mask`` ``[nW, N, N]``
         added. ``key`` names the mask (the map size) for the cache; ``None`` computes it afresh."""
         table = self.relative_position_bias_table
-        if key is not None and not (torch.is_grad_enabled() and table.requires_grad):
+        if key is not None and not symbolic_tracing() and not (torch.is_grad_enabled() and table.requires_grad):
             stamp = (key, table._version, table.data_ptr(), table.dtype, str(table.device))
             return memo(self._bias_cache, stamp, lambda: self.attention_bias(mask))
         N = self.window * self.window
@@ -90,7 +91,8 @@ class WindowAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv_heads(self.qkv, x, self.heads))  # [Bw, h, N, d]
         bias = self.attention_bias(mask, key)  # [windows or 1, h, N, N]
         attn = (q * self.scale) @ k.transpose(-2, -1)  # [Bw, h, N, N], fresh: the bias is added in place
-        attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias)  # per window, not repeated for every image
+        # per window, not repeated for every image; the sum is read back (a graph that drops unread results keeps it)
+        attn = attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias).view(Bw, self.heads, N, N)
         x = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training) @ v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(Bw, N, C)))  # [Bw, N, h*d]
 
@@ -140,12 +142,16 @@ class SwinBlock(nn.Module):
         return (self.shift if h > self.window else 0, self.shift if w > self.window else 0)
 
     def _shifts(self, h: int, w: int) -> tuple[int, int]:
-        return self.built_shifts if self.built_shifts is not None else self._axis_shifts(h, w)
+        if self.built_shifts is not None:
+            return self.built_shifts
+        if symbolic_tracing():  # the sizes are symbols: the shifts (and mask) of the size the model is built for
+            return self.mask_key[2] if self.mask_key is not None else (0, 0)
+        return self._axis_shifts(h, w)
 
     def _mask(self, hp: int, wp: int, shifts: tuple[int, int], device: Any) -> Tensor:
         """The shift mask for this (padded) map size and shift: the buffer's, or computed once per size and
         device."""
-        if (hp, wp, shifts) == self.mask_key and self.attn_mask.device == device:
+        if symbolic_tracing() or ((hp, wp, shifts) == self.mask_key and self.attn_mask.device == device):
             return self.attn_mask
         return memo(self._masks, (hp, wp, shifts, str(device)), lambda: shift_mask(hp, wp, self.window, shifts, device))
 
@@ -186,7 +192,7 @@ class PatchMerging(nn.Module):
         B, _, C = x.shape
         h, w = size
         x = x.view(B, h, w, C)
-        if h % 2 or w % 2:
+        if not symbolic_tracing() and (h % 2 or w % 2):  # (a trace: an even map, as Swin's windows make it)
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         x = x.reshape(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # [B, h/2, w/2, 4C]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from blockgraph.layers.common import DropPath, leading, linear, qkv_heads, residual_branch
 from blockgraph.layers.heads import classifier
 from blockgraph.layers.mlp import Mlp
+from blockgraph.ops.kernel import symbolic_tracing
 
 
 class PosEmbed(nn.Module):
@@ -32,7 +33,7 @@ class PosEmbed(nn.Module):
             nn.init.trunc_normal_(self.weight, std=init_std)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        if tuple(size) == self.grid or self.resample is None:
+        if symbolic_tracing() or tuple(size) == self.grid or self.resample is None:  # a trace: the built grid
             return x + self.weight
         prefix, grid = self.weight[:, : self.extra], self.weight[:, self.extra :]
         C = grid.shape[-1]

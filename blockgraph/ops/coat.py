@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from blockgraph.ops.conv import depthwise_conv2d
-from blockgraph.ops.kernel import eager_inference
+from blockgraph.ops.kernel import eager_inference, symbolic_tracing
+
+torch.fx.wrap("depthwise_conv2d")  # torch.fx records the call: its kernel choice reads strides, which a trace lacks
 
 
 def conv_pos_enc(x: Tensor, size: tuple[int, int], weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -29,7 +31,7 @@ def conv_pos_enc(x: Tensor, size: tuple[int, int], weight: Tensor, bias: Tensor 
         torch.add(y, feat, out=out[:, extra:].transpose(1, 2).view(B, C, H, W))
         return out
     out = (y + feat).flatten(2).transpose(1, 2)  # [B, H*W, C]
-    return torch.cat((x[:, :extra], out), dim=1) if extra else out
+    return torch.cat((x[:, :extra], out), dim=1) if symbolic_tracing() or extra else out
 
 
 def factor_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, conv_v: Tensor | None = None) -> Tensor:
@@ -57,5 +59,5 @@ def factor_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, conv_v: Tens
     out = (scale * factor).transpose(1, 2)  # [B, Nq, h, Ch]
     if conv_v is not None:
         term = q[:, extra:] * conv_v
-        out = torch.cat((out[:, :extra], out[:, extra:] + term), dim=1) if extra else out + term
+        out = torch.cat((out[:, :extra], out[:, extra:] + term), dim=1) if symbolic_tracing() or extra else out + term
     return out.reshape(B, Nq, h * Ch)

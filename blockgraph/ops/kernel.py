@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from blockgraph.ops.ms_deform_attn import exporting
 
@@ -27,9 +28,16 @@ def eager_inference(x: Tensor) -> bool:
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
+        or symbolic_tracing()
         or exporting()
         or x.device.type == "meta"
     )
+
+
+def symbolic_tracing() -> bool:
+    """Whether ``torch.fx`` is tracing symbolically: values are proxies, which no Python branch may read; the
+    ops take their plain reference paths, and blocks the decisions of the size the model is built for."""
+    return is_fx_symbolic_tracing()
 
 
 def in_place(act: nn.Module, y: Tensor) -> Tensor:

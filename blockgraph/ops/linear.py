@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blockgraph.ops.kernel import eager_inference, in_place
+from blockgraph.ops.kernel import eager_inference, in_place, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -51,8 +51,8 @@ def linear(
 ) -> Tensor:
     """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
     kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight)."""
-    onednn = _ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     fast = eager_inference(x)
+    onednn = _ONEDNN and not symbolic_tracing() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     y = None
     if onednn and fast:
         if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
