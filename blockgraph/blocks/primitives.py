@@ -173,6 +173,8 @@ class ClassifierSpec(BlockSpec):
     bias: bool = True
     """Learn a bias."""
 
+    is_classifier = True
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         if self.num_classes:  # 0 classes: the identity, on any layout (the unpooled features)
             ctx.expect(x, layout="vector")
@@ -339,6 +341,9 @@ class PoolSpec(BlockSpec):
     positions inside the map (PoolFormer)."""
     global_: bool = Field(default=False, alias="global")
     """Pool over all positions: a map or tokens become a vector ``[B, C]``."""
+
+    def pools_globally(self) -> bool:
+        return self.global_
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         if self.kind == "max" and not self.count_include_pad:

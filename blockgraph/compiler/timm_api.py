@@ -60,10 +60,10 @@ def find_head(inference: Inference) -> Head | None:
         return None
     logits = graph.nodes[out.node]
     spec = logits.spec
-    unpooled = logits.op == "classifier" and spec.num_classes == 0  # type: ignore[union-attr]
+    unpooled = type(spec).is_classifier and spec.num_classes == 0  # type: ignore[union-attr]
     if not (_vector(inference.types[logits.name]) or unpooled):
         return None
-    if logits.op == "classifier":
+    if type(spec).is_classifier:
         classifiers: tuple[str, ...] = ()
     elif spec is not None and type(spec).classifiers:
         classifiers = type(spec).classifiers
@@ -244,10 +244,10 @@ def _unpool(model: Any, head: Head, num_classes: int) -> None:
         )
     graph = model.inference.graph
     data = copy.deepcopy(model.spec_data)
-    pools = [n for n in head.region if graph.nodes[n].op == "pool" and graph.nodes[n].spec.global_]  # type: ignore[union-attr]
+    pools = [n for n in head.region if graph.nodes[n].spec.pools_globally()]  # type: ignore[union-attr]
     if pools:
         for name in head.region:  # (before the pool's entry goes: the paths are the spec's as it is)
-            if graph.nodes[name].op == "classifier":
+            if type(graph.nodes[name].spec).is_classifier:
                 entry_at(data, graph.nodes[name].path)["num_classes"] = 0
         pool = graph.nodes[pools[0]]
         siblings, index = entry_at(data, pool.path[:-1]), pool.path[-1]

@@ -185,6 +185,9 @@ class BlockSpec(SpecModel):
     """Regular expressions over the names of the module's parameters (``token``, ``attn\\.relative_position_bias_table``)
     that an optimizer should not decay: the model's ``no_weight_decay()`` gathers them (timm's convention: tokens,
     position embeddings, relative-position tables, level embeddings)."""
+    is_classifier: ClassVar[bool] = False
+    """Whether the block *is* a model's classifier (its module is the ``nn.Linear``, or the identity for 0 classes:
+    the ``classifier`` op), rather than a head block holding :attr:`classifiers`."""
     takes_masks: ClassVar[bool] = False
     """Whether the block reads a padding mask (a model input of ``kind: mask``, type ``mask[H, W]``) among its
     inputs, which may then be None at run time (an optional mask the caller left out); other blocks are refused
@@ -207,6 +210,11 @@ class BlockSpec(SpecModel):
         """Names of the outputs of a multi-output block (``forward`` returns a tuple in this order); None for a
         block with one output. Others read a port as ``from: node.port``."""
         return None
+
+    def pools_globally(self) -> bool:
+        """Whether the block pools a map or tokens into one vector (a global pool): ``reset_classifier(0, "")``
+        takes it out of a head."""
+        return False
 
     def uses_batch_norm(self) -> bool:
         """Whether this block's module normalizes with batch statistics at its output (see :attr:`batch_norm`, the
