@@ -323,11 +323,12 @@ def _timm_keywords(name: str, path: Any, kwargs: dict[str, Any]) -> dict[str, An
     for keyword, field_name in (("drop_rate", "drop"), ("global_pool", "pool")):
         if (value := kwargs.pop(keyword, None)) is None:
             continue
-        if head is None or field_name not in type(head.spec).model_fields:
+        place = _head_knob(analysis, head, field_name, keyword) if head is not None else None
+        if place is None:
             if keyword == "drop_rate" and value == 0:  # train.py's default: nothing to do
                 continue
             refuse(keyword, value, f"its head has no `{field_name}` to set")
-        overrides[_dotted(analysis, head) + f".{field_name}"] = value  # type: ignore[arg-type]
+        overrides[place] = value
     for keyword in ("pretrained_cfg", "pretrained_cfg_overlay"):
         if kwargs.pop(keyword, None):
             refuse(keyword, "...", "blockgraph takes no pretrained configuration (a spec's data preprocessing is "
@@ -348,11 +349,29 @@ def _head_node(analysis: Analysis) -> Any:
     return analysis.graph.nodes[out.node] if out is not None else None
 
 
-def _dotted(analysis: Analysis, node: Any) -> str:
-    """A node's place in the expanded spec as a dotted path of keys and item names (``blocks.head``)."""
+def _head_knob(analysis: Any, head: Any, field_name: str, keyword: str) -> str | None:
+    """The dotted path of the head's ``field_name`` (``drop``, ``pool``): a field of the head block, a parameter of
+    the head made of blocks (norm_head's ``drop``), or, for ``drop_rate``, the rate of a dropout that only the
+    classifier reads (PVT-v2's ``head_drop``); None if the head has none."""
+    graph = analysis.graph
+    if field_name in type(head.spec).model_fields:
+        return _dotted(analysis, head.path) + f".{field_name}"
+    for composite in graph.composites.values():
+        if graph.value_of(composite.name) == (head.name, None) and field_name in composite.spec.args:
+            return _dotted(analysis, composite.path) + f".{field_name}"
+    edges = graph.in_edges(head.name)
+    source = graph.nodes[edges[0].src] if len(edges) == 1 else None
+    rate = type(source.spec).dropout_rate_field if source is not None and source.spec is not None else None
+    if keyword == "drop_rate" and rate is not None:
+        return _dotted(analysis, source.path) + f".{rate}"  # type: ignore[union-attr]
+    return None
+
+
+def _dotted(analysis: Analysis, path: tuple[Any, ...]) -> str:
+    """A place in the expanded spec as a dotted path of keys and item names (``blocks.head``)."""
     data: Any = analysis.expanded.data
     parts = []
-    for key in node.path:
+    for key in path:
         data = data[key]
         parts.append(data["name"] if isinstance(key, int) else key)
     return ".".join(parts)

@@ -245,9 +245,11 @@ def test_create_model_takes_timms_keywords() -> None:
     assert bg.create_model("convnext_atto", drop_rate=0.0, device="meta").num_classes == 1000  # train.py's default
     with pytest.raises(TypeError, match=r"unexpected keyword\(s\) foo; it takes: num_classes, .*in_chans"):
         bg.create_model("convnext_atto", foo=1)
+    assert bg.create_model("pvt_v2_b0", drop_rate=0.3, device="meta").get_submodule("head_drop").p == 0.3
+    assert bg.create_model("convnext_atto", drop_rate=0.2, device="meta").get_submodule("head.drop").p == 0.2
     for keyword, value, message in [("drop_rate", 0.2, "its head has no `drop`"),
                                     ("bn_eps", 1e-3, "no block of a blockgraph spec reads it"),
                                     ("drop_path_rate", 0.1, "no `drop_path` variable")]:  # fmt: skip
-        name = "deformable_encoder" if keyword == "drop_path_rate" else "convnext_atto"
+        name = "deformable_encoder" if keyword in ("drop_path_rate", "drop_rate") else "convnext_atto"
         with pytest.raises(bg.SpecError, match=message):
             bg.create_model(name, **{keyword: value})

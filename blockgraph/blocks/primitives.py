@@ -284,6 +284,8 @@ class DropoutSpec(BlockSpec):
     rate: Rate = 0.0
     """Probability of zeroing an element (training only)."""
 
+    dropout_rate_field = "rate"
+
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         return x
 

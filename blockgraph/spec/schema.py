@@ -185,6 +185,9 @@ class BlockSpec(SpecModel):
     """Regular expressions over the names of the module's parameters (``token``, ``attn\\.relative_position_bias_table``)
     that an optimizer should not decay: the model's ``no_weight_decay()`` gathers them (timm's convention: tokens,
     position embeddings, relative-position tables, level embeddings)."""
+    dropout_rate_field: ClassVar[str | None] = None
+    """For a dropout block: the field holding its rate (what ``create_model(drop_rate=...)`` sets in front of a
+    classifier)."""
     is_classifier: ClassVar[bool] = False
     """Whether the block *is* a model's classifier (its module is the ``nn.Linear``, or the identity for 0 classes:
     the ``classifier`` op), rather than a head block holding :attr:`classifiers`."""
