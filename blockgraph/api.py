@@ -330,11 +330,11 @@ def _timm_keywords(name: str, path: Any, kwargs: dict[str, Any]) -> dict[str, An
             refuse(keyword, value, f"its head has no `{field_name}` to set")
         overrides[place] = value
     for keyword in ("pretrained_cfg", "pretrained_cfg_overlay"):
-        if kwargs.pop(keyword, None):
-            refuse(keyword, "...", "blockgraph takes no pretrained configuration (a spec's data preprocessing is "
+        if value := kwargs.pop(keyword, None):
+            refuse(keyword, value, "blockgraph takes no pretrained configuration (a spec's data preprocessing is "
                    "its own)")  # fmt: skip
-    if kwargs.pop("feature_cls", "getter") not in ("getter", "hook"):
-        refuse("feature_cls", "...", "features come from the graph (`features_only=True`)")
+    if (feature_cls := kwargs.pop("feature_cls", "getter")) not in ("getter", "hook"):
+        refuse("feature_cls", feature_cls, "features come from the graph (`features_only=True`)")
     for keyword in ("drop_block_rate", "bn_momentum", "bn_eps"):
         if (value := kwargs.pop(keyword, None)) is not None:
             refuse(keyword, value, "no block of a blockgraph spec reads it (set the fields of the spec's blocks)")

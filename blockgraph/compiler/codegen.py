@@ -5,7 +5,6 @@ and torch-free: unpickling regenerates it without building any module (:func:`bl
 
 from __future__ import annotations
 
-import dataclasses
 import keyword
 import linecache
 import re
@@ -69,10 +68,9 @@ def features_forward(
     tensor for one value, a list for several. ``built_trimmed``: the nodes whose modules the model built to compute
     their first tokens only; those this function needs whole are called with ``full=True``."""
     chosen = [(f"{node}.{port}" if port else node, node, port) for node, port in values]
-    program = _program(inference, chosen, "tensor" if len(chosen) == 1 else "list", None, False, False)
-    whole = {n for n in built_trimmed if program.trimmed.get(n) != built_trimmed[n]}
-    code = _generate(inference, program.order, chosen, program.returns, program.trimmed, whole=whole)
-    return dataclasses.replace(program, code=code).forward(f"{name}.forward_features")
+    returns = "tensor" if len(chosen) == 1 else "list"
+    program = _program(inference, chosen, returns, None, False, False, built_trimmed)
+    return program.forward(f"{name}.forward_features")
 
 
 def _program(
@@ -82,11 +80,15 @@ def _program(
     asked: list[str] | None,
     features_only: bool,
     checkpoint: bool,
+    built_trimmed: dict[str, int] | None = None,
 ) -> Program:
+    """The program for ``chosen``; ``built_trimmed``: how the model's modules were built (their trimmed tokens),
+    when they were built for another program: a node this one needs whole is called with ``full=True``."""
     needed = inference.graph.ancestors([node for _, node, _ in chosen])
     order = [name for name in inference.graph.order() if name in needed]
     trimmed = trimmed_tokens(inference, order, chosen)
-    code = _generate(inference, order, chosen, returns, trimmed, checkpoint)
+    whole = {n for n, keep in (built_trimmed or {}).items() if trimmed.get(n) != keep}
+    code = _generate(inference, order, chosen, returns, trimmed, checkpoint, whole)
     return Program(asked, features_only, chosen, returns, order, trimmed, code)
 
 

@@ -204,6 +204,11 @@ class BlockgraphModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them (training only)."""
+        if enable and self._pruned is not None:
+            raise BlockgraphError(
+                "set_grad_checkpointing: this model was pruned (prune_intermediate_layers)",
+                hint="build the model with features_only=True (its forward is the trunk) and checkpoint that",
+            )
         if enable:
             program = generate(self.inference, self._program.asked, self._program.features_only, checkpoint=True)
             self.forward = types.MethodType(program.forward(self.spec.name), self)

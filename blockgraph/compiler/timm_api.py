@@ -308,7 +308,10 @@ def _prune(model: Any, take: list[int], *, remove: bool = True) -> None:
         ):
             parent, _, leaf = _module_of(graph, name).rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            delattr(owner, leaf) if not leaf.isdigit() else owner.__delitem__(int(leaf))
+            if leaf.isdigit():  # a repetition in a ModuleList (removed from the end: the indices before stay)
+                del owner[int(leaf)]
+            else:
+                delattr(owner, leaf)
         users = {
             q for n in needed for qs in graph.nodes[n].shared.values() for q in ([qs] if isinstance(qs, str) else qs)
         }
@@ -319,6 +322,7 @@ def _prune(model: Any, take: list[int], *, remove: bool = True) -> None:
     model.nodes = [n for n in model.nodes if n in needed]
     model._head = Head("", (), ((node, port),), (), 0, value.channels, value.channels)
     model._pruned = list(take)
+    model.grad_checkpointing = False  # the forward below is the trunk's, without checkpoints
     forward = features_forward(model.inference, [(node, port)], model.spec.name, model.trimmed_tokens)
     model.forward = types.MethodType(forward, model)
 

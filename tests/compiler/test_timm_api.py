@@ -266,6 +266,8 @@ def test_prune_intermediate_layers(name: str) -> None:
     assert model.num_classes == 0 and model.num_features == expected.shape[1]
     with pytest.raises(bg.BlockgraphError, match="pruned"):
         model.forward_intermediates(x, indices=[2])
+    with pytest.raises(bg.BlockgraphError, match="was pruned"):
+        model.set_grad_checkpointing(True)
 
 
 @pytest.mark.parametrize(("name", "chans"), [("convnext_atto", 1), ("coat_lite_tiny", 4)])
