@@ -30,6 +30,9 @@ blocks:
 outputs: {logits: head}
 """
 
+_STAGE_TO_HEAD = VALID[VALID.index("name: s1") : VALID.index(", dim: 32, num_classes")]
+"""From the stage's name to the head's reference to it (a case renaming the stage edits both)."""
+_SHARED_TO_USE = VALID[VALID.index("cpe: {op") : VALID.index("cpe: cpe") + len("cpe: cpe")]
 
 @dataclass
 class Case:
@@ -102,6 +105,26 @@ CASES = [
          "*a, *a], c: &c [*b, *b, *b, *b, *b, *b, *b, *b], d: &d [*c, *c, *c, *c, *c, *c, *c, *c], e: &e [*d, *d, *d, "
          "*d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}", "[*e", "the spec expands to more than 200,000 values",
          "aliases of aliases grows exponentially"),
+    Case("a keyword as a block name", "{name: cls, op", "{name: class, op", "class, op",
+         "the name 's1.class' cannot be a module: 'class' is a Python keyword", "rename it"),
+    Case("an nn.Module attribute as a block name", "{name: cls, op", "{name: forward, op", "forward, op",
+         r"the name 's1.forward' cannot be a module: 'forward' is an attribute of every torch module", "rename it"),
+    Case("a model attribute as a top-level name", "  - {name: head, op: cls_head, from: s1.block",
+         "  - {name: spec, op: cls_head, from: s1.block, dim: 32, num_classes: 10}\n  - {name: head, op: cls_head, "
+         "from: s1.block", "spec, op", r"'spec' is an attribute of the compiled model \(model.spec\)", "rename it"),
+    Case("a keyword as a stage name", _STAGE_TO_HEAD, _STAGE_TO_HEAD.replace("s1", "'None'", 1).replace("s1", "None"),
+         "'None'",
+         "the name 'None' cannot be a module: 'None' is a Python keyword", "rename it"),
+    Case("an nn.Module attribute as a shared name", _SHARED_TO_USE, _SHARED_TO_USE.replace("cpe: {", "to: {")
+         .replace("cpe: cpe", "cpe: to"), "{op: conv_pos_enc",
+         r"the name 's1.to' cannot be a module: 'to' is an attribute of every torch module", "rename it"),
+    Case("a dunder as a block name", "{name: cls, op", "{name: __class__, op", "__class__, op",
+         "'__class__' is a Python special name", "rename it"),
+    Case("a numbered name that is not a repetition", "{name: cls, op", "{name: cls.1, op", "cls.1, op",
+         r"numbered modules count from s1.cls.0 without gaps; found s1.cls.1", "depth:"),
+    Case("a block and a stage of one name", "  - {name: head, op: cls_head, from: s1.block",
+         "  - {name: s1, op: cls_head, from: s1.block, dim: 32, num_classes: 10}\n  - {name: head, op: cls_head, "
+         "from: s1.block", "s1, op", "'s1' names a module and also the namespace of 's1.cpe'", "rename one"),
     Case("over the parameter budget", "", "", "{name: block", "would have 15,658 parameters, over the limit of "
          "10,000; the largest node has 12,704", "next largest: s1.embed", args=("--max-params", "1e4")),
     Case("over the activation budget", "", "", "{name: cls", "would hold 0.8 MiB of activations for a batch of 8 at "

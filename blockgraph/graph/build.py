@@ -17,6 +17,7 @@ from typing import Any
 import networkx as nx
 
 from blockgraph.errors import BlockgraphError, GraphError, Pos, raise_all
+from blockgraph.graph.names import module_name_errors
 from blockgraph.spec.expand import Path
 from blockgraph.spec.schema import BlockSpec, CompositeBase, ModelBase, OutputSpec, ParsedSpec, UseSpec
 
@@ -406,6 +407,32 @@ class Graph:
         return qualified
 
 
+def _module_names(g: Graph) -> list[tuple[str, Pos, str | None]]:
+    """Each module the compiler installs (a node's own, a shared one), with where its name is written."""
+    names: list[tuple[str, Pos, str | None]] = []
+    for shared in g.shared.values():
+        names.append((shared.name, g.pos(shared.path), shared.name))
+    for node in g.nodes.values():
+        if node.is_input or node.module is not None:
+            continue
+        named = node.spec is not None and node.spec.name is not None
+        names.append((node.name, g.pos(node.path + ("name",) if named else node.path), node.name))
+    return names
+
+
+def _namespaces(g: Graph) -> dict[str, tuple[Pos, str | None]]:
+    """Where the namespaces of module names are named: stages, their paths, blocks made of blocks."""
+    spaces: dict[str, tuple[Pos, str | None]] = {}
+    for i, stage in enumerate(g.spec.stages):
+        spaces[stage.name] = (g.pos(("stages", i, "name")), stage.name)
+        for k, path in enumerate(stage.paths):
+            name = f"{stage.name}.{path.name}"
+            spaces[name] = (g.pos(("stages", i, "paths", k, "name")), name)
+    for name, composite in g.composites.items():
+        spaces[name] = (g.pos(composite.path + ("name",)), name)
+    return spaces
+
+
 def _entry_name(block: BlockSpec, scopes: tuple[str, ...]) -> str:
     local = block.name or block.op
     return f"{scopes[0]}.{local}" if scopes else local
@@ -626,6 +653,7 @@ def build_graph(parsed: ParsedSpec) -> Graph:
                 GraphError("shared module is used by no block", pos=g.pos(shared.path), node=key, warning=True)
             )
 
+    g._errors += module_name_errors(_module_names(g), _namespaces(g))
     problems = g.lint()
     g.warnings = [p for p in problems if p.kind == "warning"]
     raise_all([p for p in problems if p.kind != "warning"])
