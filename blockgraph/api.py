@@ -175,6 +175,7 @@ def build_model(
         raise SpecError("variant, overrides and num_classes apply to a spec, not to its analysis")
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
+    device = _device(device)
     if max_params is not None and str(device) != "meta":  # refuse a huge model before allocating it
         budget.check(analysis.inference, tuple(analysis.spec.input.size), max_params=max_params)
     return compile_model(analysis, outputs=outputs, features_only=features_only, device=device, dtype=dtype)
@@ -220,6 +221,39 @@ def _feature_names(
         if not indices:
             raise SpecError("out_indices is empty", pos=where, hint=f"select at least one of: {listed}")
     return [names[i] for i in sorted(indices)]
+
+
+def _device(device: Any) -> Any:
+    """``device`` as a ``torch.device`` (None stays None), refused clearly when torch does not know it or this
+    machine does not have it (no CUDA build, no GPU)."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise SpecError(
+            f"unknown device {str(device)[:40]!r}",
+            pos=Pos("<arguments>"),
+            hint="e.g. cpu, cuda, cuda:1, mps or meta (--device)",
+        ) from e
+    module = getattr(torch, parsed.type, None)
+    available = getattr(module, "is_available", None)
+    if callable(available) and not available():
+        raise SpecError(
+            f"device {str(device)[:40]!r} is not available on this machine",
+            pos=Pos("<arguments>"),
+            hint=f"torch {torch.__version__} sees no {parsed.type} device here; build on cpu (or meta)",
+        )
+    if parsed.index is not None and callable(getattr(module, "device_count", None)):
+        if parsed.index >= module.device_count():
+            raise SpecError(
+                f"device {str(device)[:40]!r} does not exist: this machine has {module.device_count()}",
+                pos=Pos("<arguments>"),
+                hint=f"use {parsed.type}:0 ... {parsed.type}:{module.device_count() - 1}",
+            )
+    return parsed
 
 
 _BUILD_KEYWORDS = ("variant", "overrides", "outputs", "device", "dtype", "max_params")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -24,15 +25,53 @@ EXIT_INTERNAL = 3
 
 
 def _input_size(text: str) -> tuple[int, ...]:
-    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)(?:\s*x\s*(\d+))?\s*", text)
+    from blockgraph.spec.schema import MAX_SIZE
+
+    match = re.fullmatch(r"\s*(\d{1,20})\s*x\s*(\d{1,20})(?:\s*x\s*(\d{1,20}))?\s*", text)
     if not match:
         raise SpecError(
-            f"--input {text!r} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
+            f"--input {_excerpt(text)} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
         )
     size = tuple(int(g) for g in match.groups() if g is not None)
-    if any(s == 0 or s > 1_000_000 for s in size):
-        raise SpecError(f"--input {text!r}: sizes must be between 1 and 1000000", pos=Pos("<command line>"))
+    if any(s == 0 or s > MAX_SIZE for s in size):
+        raise SpecError(
+            f"--input {text!r}: sizes must be between 1 and {MAX_SIZE:,}",
+            pos=Pos("<command line>"),
+            hint="e.g. --input 3x480x640",
+        )
     return size
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    """``text`` quoted, elided past ``limit`` characters (a flag's value may be anything)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f" (... {len(text):,} characters)"
+
+
+_NUMBERS = (("max_params", "--max-params", False), ("max_activation_bytes", "--max-activation-bytes", False),
+            ("batch", "--batch", True), ("opset", "--opset", True))  # fmt: skip
+"""The numeric flags: attribute, flag, whole number."""
+
+
+def _read_numbers(args: argparse.Namespace) -> None:
+    """Turn the numeric flags given as text into numbers, each checked (see :func:`_number`)."""
+    for attr, flag, whole in _NUMBERS:
+        if isinstance(getattr(args, attr, None), str):
+            setattr(args, attr, _number(flag, getattr(args, attr), whole))
+
+
+def _number(flag: str, text: str | None, whole: bool = False) -> Any:
+    """The value of a numeric flag (None when not given): a finite number, or a whole one (``1e9`` reads as one);
+    the range is checked where the value is used (budgets, batch)."""
+    if text is None:
+        return None
+    try:
+        value = float(text) if len(text) <= 40 else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or (whole and value != int(value)):
+        kind = "a whole number" if whole else "a finite number"
+        raise SpecError(f"{flag} {_excerpt(text)} is not {kind}", pos=Pos("<command line>"), hint=f"e.g. {flag} 8")
+    return int(value) if whole else value
 
 
 _SET_HELP = "override a variable, or the value at a dotted path (stages.stage4.blocks.blocks.depth=2)"
@@ -52,8 +91,13 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
             )
         try:
             out[name] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise SpecError(f"--set {name}: cannot read {value!r} ({e})", pos=Pos("<command line>")) from e
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer past Python's digit limit
+            first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise SpecError(
+                f"--set {name}: cannot read {_excerpt(value)} ({first})",
+                pos=Pos("<command line>"),
+                hint="the value is YAML: a number, [a, list], {a: mapping} or text",
+            ) from e
     return out
 
 
@@ -210,9 +254,9 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
         q.add_argument("--json", action="store_true", help="print one JSON object")
-        q.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
-        q.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
-        q.add_argument("--batch", type=int, default=1, help="batch size for the activation estimate (and summary)")
+        q.add_argument("--max-params", default="2e9", help="refuse models with more parameters (default 2e9)")
+        q.add_argument("--max-activation-bytes", default=None, help="refuse a forward needing more")
+        q.add_argument("--batch", default="1", help="batch size for the activation estimate (and summary)")
 
     v = sub.add_parser("validate", help="check a spec statically (no torch)")
     spec_args(v)
@@ -241,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     spec_args(e)
     e.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write (atomically)")
     e.add_argument("--dynamic-size", action="store_true", help="H and W dynamic too (over the accepted sizes)")
-    e.add_argument("--opset", type=int, default=None, help="ONNX opset, 18 or newer (default: the exporter's)")
+    e.add_argument("--opset", default=None, help="ONNX opset, 18 or newer (default: the exporter's)")
     e.add_argument("--weights", metavar="CKPT", help="load these weights (build --out, or a state_dict)")
     e.add_argument("--features-only", action="store_true", help="export the feature maps")
     e.set_defaults(func=cmd_export, batch=None)  # --batch N fixes the batch; without it, a dynamic batch axis
@@ -289,17 +333,25 @@ def _unrecognized(p: argparse.ArgumentParser, command: str, extra: list[str]) ->
     return EXIT_INVALID
 
 
+def _run(args: argparse.Namespace) -> int:
+    _read_numbers(args)
+    if args.plugin:
+        from blockgraph.spec.plugins import load_command_line
+
+        load_command_line(args.plugin)
+    return args.func(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra:
         return _unrecognized(p, args.command, extra)
-    try:
-        if args.plugin:
-            from blockgraph.spec.plugins import load_command_line
+    from blockgraph.spec.plugins import watching_interrupts
 
-            load_command_line(args.plugin)
-        return args.func(args)
+    try:
+        with watching_interrupts():
+            return _run(args)
     except BlockgraphError as e:
         print(e.format(), file=sys.stderr)
         return EXIT_INVALID

@@ -4,12 +4,14 @@ custom block without a ``params`` rule is built alone on the meta device to be c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from blockgraph.errors import BudgetError, Pos
 from blockgraph.graph import cost
 from blockgraph.graph.infer import Inference
+from blockgraph.spec.schema import MAX_SIZE
 
 DEFAULT_MAX_PARAMS = 2_000_000_000
 
@@ -64,6 +66,7 @@ def check(
         BudgetError: the parameter count or the activation bytes exceed their limit.
     """
     graph = inference.graph
+    check_limits(max_params=max_params, max_activation_bytes=max_activation_bytes, batch=batch)
     result = estimate(inference, input_size, batch)
     if max_params is not None and result.params > max_params:
         node, count = result.largest[0]
@@ -88,6 +91,34 @@ def check(
             hint="use a smaller input or batch, or raise --max-activation-bytes",
         )
     return result
+
+
+def check_limits(
+    *, max_params: float | None = None, max_activation_bytes: float | None = None, batch: int = 1
+) -> None:
+    """Refuse budgets that are not numbers above zero (``nan`` would turn a limit off: every comparison with it is
+    false) and a batch that is not a whole number from 1 to :data:`~blockgraph.spec.schema.MAX_SIZE`.
+
+    Raises:
+        BudgetError: naming the argument (and its command-line flag).
+    """
+    where = Pos("<arguments>")
+    for name, value in (("max_params", max_params), ("max_activation_bytes", max_activation_bytes)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise BudgetError(
+                f"{name} must be a number above zero, got {str(value)[:40]!r}",
+                pos=where,
+                hint=f"e.g. {flag} 1e9 ({name}=1e9); None (no {flag}) for no limit",
+            )
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_SIZE:
+        raise BudgetError(
+            f"batch must be a whole number from 1 to {MAX_SIZE:,}, got {str(batch)[:40]!r}",
+            pos=where,
+            hint="e.g. --batch 8 (batch=8)",
+        )
 
 
 def _pos(graph: Any, name: str) -> Pos:

@@ -219,11 +219,19 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
             pos=where,
             hint="remove `variant:`, or declare `variants: {NAME: {variables: {...}}}` in this spec or its parent",
         )
-    if not isinstance(name, str) or name not in variants.value:
-        names = [str(k) for k in variants.value]
+    by_text = {str(k): k for k in variants.value}  # `variant: 5` names the variant `5:` (or `"5":`)
+    if isinstance(name, bool) or not isinstance(name, str | int) or str(name) not in by_text:
+        names = list(by_text)
+        if not isinstance(name, str | int) or isinstance(name, bool):
+            raise SpecError(
+                f"`variant:` must be a variant's name, got a {type(name).__name__}",
+                pos=where,
+                hint=f"variants: {', '.join(names)}",
+            )
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise SpecError(f"unknown variant '{name}'", pos=where, hint=f"{hint}variants: {', '.join(names)}")
+    name = by_text[str(name)]
     variant = variants.value[name]
     if not variant.is_map:
         raise SpecError(f"variant '{name}' must be a mapping of overrides", pos=variant.pos)

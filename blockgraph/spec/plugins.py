@@ -103,8 +103,9 @@ def load_imports(expanded: Expanded, *, allow_imports: bool = True) -> None:
                 pos=entry.pos,
                 hint=f"load it first: `--plugin {name}` on the command line, {python} in Python",
             )
-    if _unknown_ops(expanded.data):
-        load_plugins()
+    unknown = _unknown_op(expanded.data)
+    if unknown is not None:
+        load_plugins(pos=expanded.source.value(unknown))
 
 
 def _entry(text: str, pos: Pos) -> Import:
@@ -176,8 +177,10 @@ def _guarded(load: Any, entry: Import, asked: str) -> ModuleType:
     """``load()``, with whatever it raises (an exception, ``sys.exit``) as a :class:`PluginError`."""
     try:
         return load()
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as e:
+        if interrupted(e):
+            raise
+        raise _failed(asked, e, entry.pos) from e
     except PluginError:
         raise
     except ModuleNotFoundError as e:
@@ -194,6 +197,12 @@ def _guarded(load: Any, entry: Import, asked: str) -> ModuleType:
 
 
 def _failed(asked: str, e: BaseException, pos: Pos | None) -> PluginError:
+    if isinstance(e, KeyboardInterrupt):
+        return PluginError(
+            f"{asked}: importing it raised KeyboardInterrupt (the user pressed no Ctrl-C)",
+            pos=pos,
+            hint="a plugin must not raise KeyboardInterrupt or exit; raise an ordinary exception",
+        )
     if isinstance(e, SystemExit):
         return PluginError(
             f"{asked}: importing it called sys.exit({e.code!r})",
@@ -207,6 +216,45 @@ def _failed(asked: str, e: BaseException, pos: Pos | None) -> PluginError:
     )
 
 
+_SIGINTS = [0]
+"""How many SIGINTs (Ctrl-C) arrived while :func:`watching_interrupts`."""
+
+
+@contextlib.contextmanager
+def watching_interrupts() -> Iterator[None]:
+    """Within it, SIGINTs are counted (then ``KeyboardInterrupt`` raised, as Python does), so that a
+    ``KeyboardInterrupt`` that a plugin's code raises by itself is told apart from the user's Ctrl-C
+    (:func:`interrupted`): the command line runs in it. Only from the main thread; the handler before is put back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _SIGINTS[0] += 1
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is the user's interrupt, to let through: a ``KeyboardInterrupt`` after a SIGINT (or any, when
+    SIGINTs are not counted: outside the command line)."""
+    import signal
+
+    if not isinstance(e, KeyboardInterrupt):
+        return False
+    handler = signal.getsignal(signal.SIGINT)
+    watching = getattr(handler, "__qualname__", "") == "watching_interrupts.<locals>.handler"
+    return _SIGINTS[0] > 0 or not watching
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).splitlines()[0][:300] if str(e) else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -215,7 +263,7 @@ def _first_line(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------------ entry points
 
 
-def load_plugins() -> None:
+def load_plugins(pos: Pos | None = None) -> None:
     """Load every entry point of the ``blockgraph.blocks`` group, once.
 
     Called lazily: when a spec uses an op nobody registered (:func:`load_imports`), and when the registry is
@@ -224,7 +272,8 @@ def load_plugins() -> None:
 
     Raises:
         PluginError: an entry point failed to import, or names neither a module nor a BlockSpec subclass, or its
-            block cannot be registered; the message names the entry point and its distribution.
+            block cannot be registered; the message names the entry point and its distribution, and ``pos``
+            is its position (where the spec uses an op nobody registered).
     """
     global _plugins_loaded
     if _plugins_loaded:
@@ -244,11 +293,14 @@ def load_plugins() -> None:
                 raise TypeError(
                     f"it names an object of type {type(obj).__name__}, not a module or a BlockSpec subclass"
                 )
-        except (KeyboardInterrupt, PluginError):
+        except PluginError:
             raise
         except BaseException as e:  # noqa: BLE001 - any failure of third-party code becomes one clear error
+            if interrupted(e):
+                raise
             raise PluginError(
                 f"the block plugin {label} failed to load: {_first_line(e)}",
+                pos=pos,
                 hint=f"fix or uninstall {dist or 'the distribution that declares it'}; specs that use only "
                 "built-in ops do not load plugins",
             ) from e
@@ -267,20 +319,21 @@ def registry() -> dict[str, type[BlockSpec]]:
     return registered()
 
 
-def _unknown_ops(data: Any) -> bool:
-    """Whether plain spec data names an op that is not registered (anywhere: blocks, shared modules, merges)."""
+def _unknown_op(data: Any) -> tuple[Any, ...] | None:
+    """The path of the first op in plain spec data (blocks, shared modules, merges) that is not registered (its
+    ``op`` key), or None."""
     known = registered()
-    stack = [data]
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
     while stack:
-        node = stack.pop()
+        node, path = stack.pop()
         if isinstance(node, dict):
             op = node.get("op")
             if isinstance(op, str) and op not in known:
-                return True
-            stack.extend(node.values())
+                return (*path, "op")
+            stack.extend((v, (*path, k)) for k, v in reversed(node.items()))
         elif isinstance(node, list):
-            stack.extend(node)
-    return False
+            stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(node))))
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ custom blocks' code
@@ -315,7 +368,9 @@ def custom_code(spec: BlockSpec, node: str, pos: Pos | None, what: str) -> Itera
         yield
     except BlockgraphError:
         raise
-    except Exception as e:  # noqa: BLE001 - the author's code may raise anything
+    except BaseException as e:  # noqa: BLE001 - the author's code may raise anything, sys.exit() included
+        if interrupted(e) or isinstance(e, GeneratorExit):
+            raise
         raise BlockError(
             f"custom block '{node}' (op {spec.op}, {qualified(type(spec))}) raised {_first_line(e)} in {what}",
             pos=pos,

@@ -39,6 +39,11 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
 """A node, stage, shared-module or output name: a Python-style identifier."""
 BlockName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[0-9]+)?$", max_length=64)]
 """A block's name; ``depth: N`` names its repetitions ``name.0`` ... ``name.N-1``."""
+MAX_SIZE = 1_000_000
+"""The largest input height, width or channel count a spec or a command may ask for (and the largest batch): past
+it, no model here could allocate one activation."""
+Size = Annotated[int, Field(gt=0, le=MAX_SIZE)]
+"""An input's height, width or channel count: 1 to :data:`MAX_SIZE`."""
 Ref = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", max_length=256)]
 """A reference to a node (``stage2.blocks``), a node's output port, or a model input."""
 
@@ -47,7 +52,9 @@ class SpecModel(BaseModel):
     """Base of every spec model: unknown keys rejected, values immutable; field docstrings become descriptions
     when something reads them (:func:`describe_fields`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 _DESCRIBED: set[type[BaseModel]] = set()
@@ -360,9 +367,9 @@ class InputSpec(SpecModel):
     """The input's name: the generated ``forward``'s argument, and a reference blocks can read (``from: image``)."""
     kind: Literal["image", "mask"] = "image"
     """`image`, or `mask`: a padding mask of the image (only blocks that take one may read it)."""
-    channels: PositiveInt = 3
+    channels: Size = 3
     """Channels of the image."""
-    size: tuple[PositiveInt, PositiveInt] = (224, 224)
+    size: tuple[Size, Size] = (224, 224)
     """The default (H, W): what `build` reports shapes for, and what `validate` checks when given no size (an
     image's; a mask has the image's size)."""
     optional: bool = False
@@ -656,8 +663,9 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
     for item in error.errors(include_url=False):
         loc, kind = tuple(item["loc"]), item["type"]
         path = source.resolve(loc)
-        # A union member's errors repeat the loc with the tag inside; drop the tag so paths match the data.
-        key = loc[-1] if loc else None
+        # A union member's errors repeat the loc with the tag inside ('constrained-str', 'list[...]'): the key is
+        # the last part of the loc that the data has (an unknown key is only in the loc).
+        key = loc[-1] if loc and (kind == "extra_forbidden" or not path) else (path[-1] if path else None)
         if (kind, path if kind != "extra_forbidden" else loc) in seen:
             continue
         seen.add((kind, path if kind != "extra_forbidden" else loc))
