@@ -664,8 +664,9 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
         loc, kind = tuple(item["loc"]), item["type"]
         path = source.resolve(loc)
         # A union member's errors repeat the loc with the tag inside ('constrained-str', 'list[...]'): the key is
-        # the last part of the loc that the data has (an unknown key is only in the loc).
-        key = loc[-1] if loc and (kind == "extra_forbidden" or not path) else (path[-1] if path else None)
+        # the last part of the loc that the data has (an unknown or a missing key is only in the loc).
+        only_in_loc = kind in ("extra_forbidden", "missing") or not path
+        key = loc[-1] if loc and only_in_loc else (path[-1] if path else None)
         if (kind, path if kind != "extra_forbidden" else loc) in seen:
             continue
         seen.add((kind, path if kind != "extra_forbidden" else loc))
