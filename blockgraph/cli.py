@@ -90,7 +90,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
                 hint="--set depths=[1,1,1,1], --set stages.stage4.blocks.blocks.depth=2",
             )
         try:
-            out[name] = yaml.safe_load(value)
+            out[name] = _plain(yaml.safe_load(value), name)
         except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer past Python's digit limit
             first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
             raise SpecError(
@@ -99,6 +99,36 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
                 hint="the value is YAML: a number, [a, list], {a: mapping} or text",
             ) from e
     return out
+
+
+def _plain(value: Any, name: str) -> Any:
+    """``value`` if it is plain data as a spec holds it (numbers, text, booleans, null, lists, and mappings keyed
+    by names or integers): YAML also reads dates, bytes (``!!binary``) and sets, which no spec value can be (and
+    which could not be written into a checkpoint's spec)."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            bad = next((k for k in item if not isinstance(k, str | int) or isinstance(k, bool)), None)
+            if bad is not None or len({type(k) for k in item}) > 1:
+                raise SpecError(
+                    f"--set {name}: a mapping's keys must be all names or all integers",
+                    pos=Pos("<command line>"),
+                    hint="e.g. --set windows={3: 2, 5: 3}",
+                )
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif not (item is None or isinstance(item, bool | int | float | str)):
+            raise SpecError(
+                f"--set {name}: YAML reads the value as {type(item).__name__}, which no spec value can be",
+                pos=Pos("<command line>"),
+                hint="quote it to pass text: --set \"name='2001-12-14'\"",
+            )
+    return value
 
 
 def _validate(args: argparse.Namespace) -> Any:

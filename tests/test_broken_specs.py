@@ -125,6 +125,11 @@ CASES = [
     Case("a block and a stage of one name", "  - {name: head, op: cls_head, from: s1.block",
          "  - {name: s1, op: cls_head, from: s1.block, dim: 32, num_classes: 10}\n  - {name: head, op: cls_head, "
          "from: s1.block", "s1, op", "'s1' names a module and also the namespace of 's1.cpe'", "rename one"),
+    Case("an infinite float", "heads: 4, cpe", "heads: 4, mlp_ratio: .inf, cpe", ".inf",
+         r"'mlp_ratio' in block 's1.block' \(serial_block\): input should be a finite number \(got inf\)", "finite"),
+    Case("not a number", "heads: 4, cpe", "heads: 4, mlp_ratio: .nan, cpe", ".nan", r"finite number \(got nan\)", "finite"),
+    Case("an input size past the limit", "size: [64, 64]", "size: [1000000000000000000, 64]", "1000000000000000000",
+         r"item 0: input should be less than or equal to 1000000", "smaller"),
     Case("over the parameter budget", "", "", "{name: block", "would have 15,658 parameters, over the limit of "
          "10,000; the largest node has 12,704", "next largest: s1.embed", args=("--max-params", "1e4")),
     Case("over the activation budget", "", "", "{name: cls", "would hold 0.8 MiB of activations for a batch of 8 at "
