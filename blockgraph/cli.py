@@ -141,7 +141,7 @@ def _validate(args: argparse.Namespace) -> Any:
         overrides=_overrides(args.set),
         max_params=args.max_params,
         max_activation_bytes=args.max_activation_bytes,
-        batch=args.batch or 1,
+        batch=1 if args.batch is None else args.batch,
     )
 
 

@@ -24,6 +24,13 @@ NASTY = [
 ]  # fmt: skip
 
 
+NAMES = ["class", "None", "if", "lambda", "forward", "training", "to", "eval", "type", "_modules", "__class__",
+         "__init__", "spec", "code", "outputs", "nodes", "pe.5", "pe.0", "blocks.0", "blocks.7", "s1", "head.0"]
+"""Names a block, stage or shared module may be given that Python, ``nn.Module`` or the model already use."""
+NUMBERS = [".inf", "-.inf", ".nan", "1e18", "1e308", "-1e308", "18446744073709551617", "9" * 5000, "0.0", "-0",
+           "1e-320", "0x7fffffffffffffff"]
+"""Non-finite, huge and denormal numbers."""
+
 KEYS = sorted({line.split(":")[0].strip(" -") for text in TEXTS.values() for line in text.split("\n") if ":" in line}
               - {""})  # fmt: skip
 """Every key the reference specs use: a renamed key becomes another real key (or a misspelt one)."""
@@ -38,7 +45,9 @@ def mutated(draw: st.DrawFn) -> tuple[str, str]:
     lines = TEXTS[name].split("\n")
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(lines) - 1))
-        action = draw(st.sampled_from(["delete", "duplicate", "rename", "value", "dangle", "indent", "swap", "cut"]))
+        action = draw(st.sampled_from(
+            ["delete", "duplicate", "rename", "value", "dangle", "indent", "swap", "cut", "name", "number"]
+        ))  # fmt: skip
         line = lines[i]
         key, colon, rest = line.partition(":")
         if action == "delete":
@@ -54,6 +63,16 @@ def mutated(draw: st.DrawFn) -> tuple[str, str]:
         elif action == "dangle" and colon:
             target = draw(st.sampled_from(["nowhere", "stage9.blocks", "input.x", "blocks.99", "stage1.nope"]))
             lines[i] = f"{key}: {target}"
+        elif action == "name" and colon:
+            lines[i] = f"{key}: {draw(st.sampled_from(NAMES))}" if key.strip(" -") == "name" else line
+        elif action == "number" and colon:
+            lines[i] = f"{key}: {draw(st.sampled_from(NUMBERS))}"
+        elif action == "alias" and colon:  # an anchor here, and an alias (or a recursive one) of it elsewhere
+            lines[i] = f"{key}: &fz {rest.strip() or '[]'}" if rest.strip()[:1] not in "&*|>" else line
+            j = draw(st.integers(0, len(lines) - 1))
+            target = lines[j].partition(":")
+            if target[1] and j != i:
+                lines[j] = f"{target[0]}: {draw(st.sampled_from(['*fz', '[*fz, *fz]', '{a: *fz}']))}"
         elif action == "indent":
             lines[i] = " " * draw(st.integers(0, 8)) + line.lstrip()
         elif action == "swap" and len(lines) > 1:
@@ -87,10 +106,10 @@ def written(family: Path, case: tuple[str, str]) -> Iterator[Path]:
         path.write_text(TEXTS[name])
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=mutated())
 def test_validate_never_crashes(case: tuple[str, str], family: Path) -> None:
-    """2,000 mutated specs: `validate` exits 0 or 2 with a formatted error, never a traceback or exit 3."""
+    """4,000 mutated specs: `validate` exits 0 or 2 with a formatted error, never a traceback or exit 3."""
     out, err = io.StringIO(), io.StringIO()
     with written(family, case) as path, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["validate", str(path)])
@@ -118,3 +137,46 @@ def test_what_validate_accepts_builds_and_runs(case: tuple[str, str], family: Pa
         except bg.BudgetError:
             return  # refused before allocation: a clean outcome
     assert_static_costs_match(model, h, w)  # runs a meta forward; the static parameter and memory counts are exact
+
+
+FLAG_VALUES = ["-1", "0", "1", "2.5", "nan", "inf", "1e400", "9" * 5000, "", " ", "x", "3x64x64", "64x64", "0x0",
+               "1000001x64", "999999x999999", "bogus", "meta", "cpu", "dim=64", "dim=.inf", "dim=[1, *a]", "a",
+               "dim=2001-12-14", "dim=!!binary aGk=", "stages.s1.blocks.block.heads=3", "nope.nope=1", "=", "small"]
+"""Values for any flag: negative, fractional, non-finite, huge, empty, malformed, and well-formed ones."""
+COMMAND_FLAGS = {
+    "validate": ["--input", "--set", "--variant", "--max-params", "--max-activation-bytes", "--batch"],
+    "summary": ["--input", "--set", "--variant", "--batch"],
+    "build": ["--input", "--set", "--max-params", "--batch", "--device"],
+    "graph": ["--input", "--set", "--variant", "--format"],
+}
+"""The commands that read a spec and the flags that take a value (``export`` is slow: tested in test_export)."""
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> list[str]:
+    command = draw(st.sampled_from(sorted(COMMAND_FLAGS)))
+    argv = [command, "SPEC"]
+    for _ in range(draw(st.integers(1, 3))):
+        argv += [draw(st.sampled_from(COMMAND_FLAGS[command])), draw(st.sampled_from(FLAG_VALUES))]
+    return argv
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=command_lines())
+def test_flags_never_crash(argv: list[str], tmp_path_factory) -> None:
+    """1,000 command lines with any flag values on a small spec: exit 0 or 2 (argparse's usage error included),
+    never a traceback or exit 3."""
+    from tests.test_broken_specs import VALID
+
+    spec = tmp_path_factory.getbasetemp() / "flags.yaml"
+    if not spec.exists():
+        spec.write_text(VALID)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(spec) if a == "SPEC" else a for a in argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: a flag given without a value
+            code = e.code
+    assert code in (0, 2), err.getvalue()
+    assert "internal error" not in err.getvalue() and "Traceback" not in err.getvalue()

@@ -67,6 +67,7 @@ class Probe:
 PROBES = [
     Probe("--batch -1 (summary)", ("summary", "SPEC", "--batch", "-1"), r"batch must be a whole number from 1"),
     Probe("--batch -1 (build)", ("build", "SPEC", "--batch", "-1"), r"batch must be a whole number from 1"),
+    Probe("--batch 0 (summary)", ("summary", "SPEC", "--batch", "0"), r"batch must be a whole number from 1"),
     Probe("--batch 2.5", ("validate", "SPEC", "--batch", "2.5"), r"--batch '2.5' is not a whole number"),
     Probe("--max-params nan", ("validate", "SPEC", "--max-params", "nan"), r"--max-params 'nan' is not a finite"),
     Probe("--max-params inf", ("validate", "SPEC", "--max-params", "1e400"), r"is not a finite number"),
