@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
-from typing import Any
+from typing import Any, Dict, List, Optional  # noqa: UP035 (TorchScript reads these names)
 
 from blockgraph.errors import BlockgraphError
 from blockgraph.graph.infer import Inference
@@ -46,7 +46,10 @@ class Program:
 
         from blockgraph.layers.common import checkpointed
 
-        namespace: dict[str, Any] = {"torch": torch, "checkpointed": checkpointed, "is_fx_tracing": is_fx_tracing}
+        namespace: dict[str, Any] = {
+            "torch": torch, "checkpointed": checkpointed, "is_fx_tracing": is_fx_tracing, "Optional": Optional,
+            "List": List, "Dict": Dict,
+        }  # fmt: skip
         exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
         return namespace["forward"]
 
@@ -71,6 +74,16 @@ def features_forward(
     returns = "tensor" if len(chosen) == 1 else "list"
     program = _program(inference, chosen, returns, None, False, False, built_trimmed)
     return program.forward(f"{name}.forward_features")
+
+
+def script_program(inference: Inference, program: Program, packs: set[str]) -> Program:
+    """``program`` written for TorchScript (``torch.jit.script`` of a model's script view, compiler/script.py):
+    typed arguments, the input checks raising a ``ValueError`` with the accepted sizes (no Python method to call),
+    shared modules not passed (the view attaches each to its users), and the inputs of the nodes in ``packs`` (joints
+    of any number of inputs) passed as one list."""
+    code = _generate(inference, program.order, program.chosen, program.returns, program.trimmed, script=packs)
+    return Program(program.asked, program.features_only, program.chosen, program.returns, program.order,
+                   program.trimmed, code)  # fmt: skip
 
 
 def _program(
@@ -192,38 +205,54 @@ def _generate(
     trimmed: dict[str, int],
     checkpoint: bool = False,
     whole: set[str] | frozenset[str] = frozenset(),
+    script: set[str] | None = None,
 ) -> str:
     graph = inference.graph
     spec = graph.spec
-    names = _Names({"self", "H", "W", "torch", "checkpointed", "is_fx_tracing"})
+    names = _Names({"self", "H", "W", "torch", "checkpointed", "is_fx_tracing", "Optional", "List", "Dict"})
     var: dict[str, str] = {}
     image = names(spec.input.name)
     var[spec.input.name] = image
     masks = [m for m in spec.input_specs().values() if m.kind == "mask"]
-    params = [image]
+    params = [image if script is None else f"{image}: torch.Tensor"]
     for mask in masks:
         var[mask.name] = names(mask.name)
-        params.append(f"{var[mask.name]}=None" if mask.optional else var[mask.name])
+        typed = var[mask.name] if script is None else f"{var[mask.name]}: Optional[torch.Tensor]"
+        params.append(f"{typed}=None" if mask.optional else typed)
     lines = [
         f"def forward(self, {', '.join(params)}):",
         f"    H, W = {image}.shape[-2], {image}.shape[-1]",
     ]
     checks = _acceptance_code(inference, image)
-    # A symbolic trace (torch.fx) has no sizes to check: the checks are skipped while tracing.
-    lines.append(f"    if not is_fx_tracing() and ({checks}):")
-    lines.append(f"        self._reject({image})")
+    if script is None:  # a symbolic trace (torch.fx) has no sizes to check: the checks are skipped while tracing
+        lines.append(f"    if not is_fx_tracing() and ({checks}):")
+        lines.append(f"        self._reject({image})")
+    else:
+        accepted = "; ".join(inference.acceptance.describe()) or "any H, W"
+        takes = f"'{spec.name}' takes images [B, {spec.input.channels}, H, W] with {accepted}"
+        lines.append(f"    if {checks}:")
+        lines.append(f"        raise ValueError({takes + ', got shape '!r} + str({image}.shape))")
     for mask in masks:  # [B, H, W] booleans, B and (H, W) the image's
         m = var[mask.name]
-        bad = f"{m}.shape != ({image}.shape[0], H, W) or {m}.dtype != torch.bool"
-        lines.append(
-            f"    if not is_fx_tracing() and {f'{m} is not None and ({bad})' if mask.optional else f'({bad})'}:"
-        )
-        lines.append(f"        self._reject_mask({mask.name!r}, {m}, {image})")
+        bad = f"{m}.shape != [{image}.shape[0], H, W] or {m}.dtype != torch.bool"
+        if script is None:
+            bad = bad.replace(f"[{image}.shape[0], H, W]", f"({image}.shape[0], H, W)")
+        present = f"{m} is not None and ({bad})" if mask.optional else f"({bad})"
+        lines.append(f"    if {'not is_fx_tracing() and ' if script is None else ''}{present}:")
+        if script is None:
+            lines.append(f"        self._reject_mask({mask.name!r}, {m}, {image})")
+        else:
+            lines.append(f"        raise ValueError({f'the mask {mask.name!r} must be booleans [B, H, W] as the image'!r})")
     single = _batch_stat_code(inference, order)
     if single:
         always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one
-        lines.append(f"    if self.training and not is_fx_tracing() and {image}.shape[0] == 1{always}:")
-        lines.append(f"        self._reject_single({image})")
+        if script is None:
+            lines.append(f"    if self.training and not is_fx_tracing() and {image}.shape[0] == 1{always}:")
+            lines.append(f"        self._reject_single({image})")
+        else:
+            lines.append(f"    if self.training and {image}.shape[0] == 1{always}:")
+            lines.append("        raise ValueError('in training, a batch of one image leaves a BatchNorm one value per "
+                         "channel: train with a batch of 2 or more')")
     sizes: dict[str, str] = {}
     ports: dict[tuple[str, str], str] = {}
     # Each value is dropped (`del`) right after its last reader, as torch.fx does, so that a forward holds only the
@@ -251,7 +280,10 @@ def _generate(
                     sizes[key] = names(f"size_{len(sizes) + 1}")
                     lines.append(f"    {sizes[key]} = {key}")
                 args.append(sizes[key])
-        for field, q in node.shared.items():
+        if script is not None and name in script:  # a joint of any number of inputs takes them (and sizes) as lists
+            n = len(edges)
+            args = [f"[{', '.join(args[:n])}]"] + ([f"[{', '.join(args[n:])}]"] if args[n:] else [])
+        for field, q in node.shared.items() if script is None else ():  # (a script view attaches them)
             value = accessor(q) if isinstance(q, str) else "(" + ", ".join(accessor(x) for x in q) + ",)"
             args.append(f"{field}={value}")
         if name in whole:  # its module was built to compute its first tokens only: all of them, here

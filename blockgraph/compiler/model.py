@@ -216,6 +216,13 @@ class BlockgraphModel(nn.Module):
             self.__dict__.pop("forward", None)
         self.grad_checkpointing = enable
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(model)`` compiles: the script view (compiler/script.py), the same parameters and
+        buffers under modules whose code TorchScript can compile; the model itself is unchanged."""
+        from blockgraph.compiler.script import script_view
+
+        return script_view(self)
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as the spec (JSON text) and the outputs asked for, from which :func:`rebuild` makes the empty
         model, then the state (submodules, parameters, buffers, hooks, attributes) that pickle restores into it

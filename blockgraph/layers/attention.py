@@ -55,7 +55,8 @@ class Attention(nn.Module):
         ``(h, w)`` with ``N == h * w`` the module then needs)."""
         B, N, C = x.shape
         if self.qkv is not None:
-            q, k, v = (t.transpose(1, 2) for t in qkv_heads(self.qkv, x, self.heads))  # [B, heads, N, d]
+            q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.heads)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, N, d]
         else:
             assert self.q is not None and self.kv is not None
             q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, heads, N, d]

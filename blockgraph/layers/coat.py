@@ -53,7 +53,16 @@ class ConvRelPosEnc(nn.Module):
         """The windows' convolution of the image tokens' values ``v`` ``[B, H*W, h, Ch]`` (channel = head * Ch + c),
         in the same layout; the attention multiplies it by q (:func:`blockgraph.ops.coat.factor_attention`)."""
         B, L, h, Ch = v.shape
-        weight, bias = merge_depthwise(self.conv_list)  # type: ignore[arg-type]  # a ModuleList of Conv2d
+        if torch.jit.is_scripting():  # (merge_depthwise takes the modules: TorchScript's runs each convolution)
+            img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)
+            outs: list[Tensor] = []
+            start = 0
+            for layer in self.conv_list:
+                n = layer.weight.shape[0]
+                outs.append(layer(img[:, start : start + n]))
+                start += n
+            return torch.cat(outs, dim=1).permute(0, 2, 3, 1).reshape(B, L, h, Ch)
+        weight, bias = merge_depthwise(self.conv_list)  # (a ModuleList of Conv2d)
         img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
         conv = depthwise_conv2d(img, weight, bias, weight.shape[-1] // 2)
         return conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch)
@@ -86,12 +95,22 @@ class FactorAttnConvRelPosEnc(nn.Module):
     ) -> Tensor:
         """``residual + drop_path(attention(x))``. ``queries``: only the first ``queries`` tokens attend (every
         token is a key and a value), and only they are returned."""
-        q, k, v = qkv_heads(self.qkv, x, self.heads, queries)  # [B, Nq, h, Ch], [B, N, h, Ch] x2
+        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.heads, queries)  # [B, Nq, h, Ch], [B, N, h, Ch] x2
         extra = x.shape[1] - size[0] * size[1]  # the CRPE adds nothing at extra (cls) tokens
         image_queries = queries is None if symbolic_tracing() else q.shape[1] > extra  # (a trace: no sizes)
         conv_v = crpe(v[:, extra:], size) if image_queries else None
         y = factor_attention(q, k, v, self.scale, conv_v)  # [B, Nq, C]
         return residual_branch(self.proj, y, residual, self.proj_drop, self.drop_path)
+
+    def script_forward(
+        self, x: Tensor, size: tuple[int, int], residual: Tensor | None = None, queries: int | None = None
+    ) -> Tensor:
+        """TorchScript's: the CRPE is the attribute ``crpe`` the script view attaches (compiler/script.py)."""
+        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.heads, queries)
+        extra = x.shape[1] - size[0] * size[1]
+        conv_v = self.crpe(v[:, extra:], size) if q.shape[1] > extra else None
+        y = self.drop_path(self.proj_drop(self.proj(factor_attention(q, k, v, self.scale, conv_v))))
+        return y if residual is None else residual + y
 
 
 class SerialBlock(nn.Module):
@@ -120,6 +139,18 @@ class SerialBlock(nn.Module):
         x = self.factoratt_crpe(self.norm1(x), size, crpe, residual=leading(x, keep), queries=keep)
         return self.mlp(self.norm2(x), residual=x)
 
+    def script_attach(self, cpe: ConvPosEnc, crpe: ConvRelPosEnc) -> None:
+        """Where the script view (compiler/script.py) puts the shared modules: CPE here, CRPE in the attention."""
+        self._modules["cpe"] = cpe
+        self.factoratt_crpe._modules["crpe"] = crpe
+
+    def script_forward(self, x: Tensor, size: tuple[int, int], full: bool = False) -> Tensor:
+        """TorchScript's: CPE and the attention's CRPE are attributes (:meth:`script_attach`)."""
+        keep = None if full else self.keep
+        x = self.cpe(x, size)
+        x = self.factoratt_crpe(self.norm1(x), size, residual=leading(x, keep), queries=keep)
+        return self.mlp(self.norm2(x), residual=x)
+
 
 class ParallelBlock(nn.Module):
     """CoaT's parallel block: per scale ``p``, ``norm1[p]``, ``attn[p]`` (FactorAttnConvRelPosEnc with the scale's
@@ -139,6 +170,8 @@ class ParallelBlock(nn.Module):
         n = len(ports)
         # Sources added to each scale: nearest first, coarser first among equals (timm's order of additions).
         self.sources = [sorted((j for j in range(n) if j != i), key=lambda j, i=i: (abs(j - i), -j)) for i in range(n)]
+        # TorchScript's view of `factors`: -1.0 for "to the target grid" (it types no list mixing None and floats)
+        self.script_factors = [[-1.0 if f is None else float(f) for f in row] for row in factors or [[None] * n] * n]
         self.norm1 = nn.ModuleDict({p: nn.LayerNorm(dim, eps=norm_eps, **dd) for p in ports})
         self.attn = nn.ModuleDict({p: FactorAttnConvRelPosEnc(dim, heads, qkv_bias, proj_drop, **dd) for p in ports})
         self.drop_path = DropPath(drop_path)
@@ -174,6 +207,42 @@ class ParallelBlock(nn.Module):
             outs.append(self.mlp(self.norm2[p](x), residual=x))
         return tuple(outs)
 
+    script_packs_inputs = True
+
+    def script_attach(self, cpes: nn.ModuleList, crpes: nn.ModuleList) -> None:
+        """Where the script view (compiler/script.py) puts the shared modules: the CPEs here, each CRPE in its
+        scale's attention."""
+        self._modules["cpes"] = cpes
+        for attn, crpe in zip(self.attn.values(), crpes, strict=True):
+            attn._modules["crpe"] = crpe
+
+    def script_forward(self, xs: list[Tensor], sizes: list[tuple[int, int]]) -> list[Tensor]:
+        """TorchScript's: the inputs and their grids as lists, the shared modules attributes (:meth:`script_attach`)."""
+        i = 0
+        for cpe in self.cpes:
+            xs[i] = cpe(xs[i], sizes[i])
+            i += 1
+        cur: list[Tensor] = []
+        i = 0
+        for norm in self.norm1.values():
+            cur.append(norm(xs[i]))
+            i += 1
+        i = 0
+        for attn in self.attn.values():
+            cur[i] = attn(cur[i], sizes[i])
+            i += 1
+        outs: list[Tensor] = []
+        i = 0
+        for norm in self.norm2.values():
+            mixed = cur[i]
+            for j in self.sources[i]:
+                factor = self.script_factors[i][j]
+                mixed = mixed + self._resize(cur[j], sizes[j], sizes[i], None if factor < 0 else factor)
+            x = xs[i] + self.drop_path(mixed)
+            outs.append(self.mlp(norm(x), residual=x))
+            i += 1
+        return outs
+
 
 class AggregateHead(nn.Module):
     """``norms[k]`` per scale → pool (cls tokens, or token means) → ``aggregate`` (Conv1d(n, 1, 1)) → ``drop`` →
@@ -198,4 +267,16 @@ class AggregateHead(nn.Module):
         else:
             pooled = [norm(x)[:, self.extra :].mean(dim=1) for norm, x in zip(self.norms, xs, strict=True)]
         x = self.drop(self.aggregate(torch.stack(pooled, dim=1)).squeeze(1))  # [B, n, C] -> [B, C]
+        return x if pre_logits else self.fc(x)
+
+    script_packs_inputs = True
+
+    def script_forward(self, xs: list[Tensor], pre_logits: bool = False) -> Tensor:
+        """TorchScript's: the scales' tokens as one list."""
+        pooled: list[Tensor] = []
+        i = 0
+        for norm in self.norms:
+            pooled.append(norm(xs[i])[:, 0] if self.pool == "token" else norm(xs[i])[:, self.extra :].mean(dim=1))
+            i += 1
+        x = self.drop(self.aggregate(torch.stack(pooled, dim=1)).squeeze(1))
         return x if pre_logits else self.fc(x)

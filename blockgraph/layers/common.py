@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
 from blockgraph.ops.linear import linear as linear_op
@@ -26,6 +27,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
         return linear_op(x, self.weight, self.bias, act=act, residual=residual)
+
+    def script_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """TorchScript's (compiler/script.py): the plain reference; a caller applies the activation itself."""
+        y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 class DropPath(nn.Module):
@@ -59,19 +65,26 @@ def residual_branch(layer: nn.Module, x: Tensor, residual: Tensor | None, *drops
     return y if residual is None else residual + y
 
 
-def qkv_heads(qkv: nn.Linear, x: Tensor, heads: int, queries: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k and v per head from the ``qkv`` projection (q, k, v rows, timm's layout) of tokens ``x`` ``[B, N, C]``,
-    in the token layout: ``[B, Nq, heads, d]`` and ``[B, N, heads, d]`` twice (views). With ``queries``, q is
-    computed for the first ``queries`` tokens only, through views of the weight's rows; every token is a key and a
-    value."""
+def qkv_heads(
+    x: Tensor, w: Tensor, b: Tensor | None, heads: int, queries: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v per head from a ``qkv`` projection (weight ``w``, bias ``b``; q, k, v rows, timm's layout) of
+    tokens ``x`` ``[B, N, C]``, in the token layout: ``[B, Nq, heads, d]`` and ``[B, N, heads, d]`` twice (views).
+    With ``queries``, q is computed for the first ``queries`` tokens only, through views of the weight's rows; every
+    token is a key and a value."""
     B, N, C = x.shape
     if queries is None:
-        q, k, v = qkv(x).view(B, N, 3, heads, -1).unbind(2)
+        y = F.linear(x, w, b) if torch.jit.is_scripting() else linear_op(x, w, b)
+        q, k, v = y.view(B, N, 3, heads, -1).unbind(2)
         return q, k, v
-    w, b = qkv.weight, qkv.bias
-    q = linear_op(x[:, :queries], w[:C], None if b is None else b[:C]).view(B, queries, heads, -1)
-    k, v = linear_op(x, w[C:], None if b is None else b[C:]).view(B, N, 2, heads, -1).unbind(2)
-    return q, k, v
+    bq = None if b is None else b[:C]
+    bkv = None if b is None else b[C:]
+    if torch.jit.is_scripting():
+        q, kv = F.linear(x[:, :queries], w[:C], bq), F.linear(x, w[C:], bkv)
+    else:
+        q, kv = linear_op(x[:, :queries], w[:C], bq), linear_op(x, w[C:], bkv)
+    k, v = kv.view(B, N, 2, heads, -1).unbind(2)
+    return q.view(B, queries, heads, -1), k, v
 
 
 def leading(x: Tensor, keep: int | None) -> Tensor:

@@ -52,6 +52,11 @@ class ConvBn(nn.Module):
         """``act(bn(conv(x)))``, plus ``residual`` if given."""
         return conv_bn(x, self.conv, self.bn, self.act, residual)
 
+    def script_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """TorchScript's: the layers themselves (conv_bn's plain reference)."""
+        y = self.act(self.bn(self.conv(x)))
+        return y if residual is None else residual + y
+
 
 class ConcatConvBn(ConvBn):
     """``torch.cat(inputs, dim=1)`` → ``conv`` (1x1) → ``bn`` → ``act``."""
@@ -62,5 +67,10 @@ class ConcatConvBn(ConvBn):
     ):  # fmt: skip
         super().__init__(dim, dim_out, act=act, bn_eps=bn_eps, init=init, device=device, dtype=dtype)
 
+    script_packs_inputs = True
+
     def forward(self, *xs: Tensor) -> Tensor:  # type: ignore[override]  # any number of maps, no residual
         return super().forward(torch.cat(xs, dim=1))
+
+    def script_forward(self, xs: list[Tensor]) -> Tensor:
+        return self.act(self.bn(self.conv(torch.cat(xs, dim=1))))

@@ -6,6 +6,8 @@ from typing import Any
 
 import einops
 import torch
+from einops._torch_specific import apply_for_scriptable_torch
+from einops.einops import _prepare_recipes_for_all_dims
 from einops.layers import torch as einops_layers
 from torch import nn
 
@@ -41,10 +43,20 @@ class EinopsOnGrid(nn.Module):
         self.reduction = reduction
         self.lengths = dict(lengths)
         self.grid_axes = dict(grid_axes)
+        # for TorchScript (script_forward): einops' parsed pattern per input rank, and the lengths as pairs
+        names = (*self.lengths, *self.grid_axes)
+        self._multirecipe = _prepare_recipes_for_all_dims(pattern, operation=reduction, axes_names=names)
+        # (axis, length) pairs, a grid axis's length written as -1 - its index in the size (never empty: a grid axis)
+        self._axes = [*self.lengths.items(), *((axis, -1 - i) for axis, i in self.grid_axes.items())]
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         grid = {axis: size[i] for axis, i in self.grid_axes.items()}
         return einops_reduce(x, self.pattern, self.reduction, self.lengths, grid)
+
+    def script_forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """TorchScript's: einops' scriptable path (as its layers take), the grid's lengths given at run time."""
+        axes = [(axis, n if n >= 0 else size[-1 - n]) for axis, n in self._axes]
+        return apply_for_scriptable_torch(self._multirecipe[x.ndim], x, reduction_type=self.reduction, axes_dims=axes)
 
     def extra_repr(self) -> str:
         lengths = "".join(f", {axis}={length}" for axis, length in self.lengths.items())
@@ -55,6 +67,8 @@ class EinopsOnGrid(nn.Module):
 class Rearrange(einops_layers.Rearrange):
     """einops' ``Rearrange`` layer, which ``torch.fx`` records as one call (einops' layers take no proxies)."""
 
+    script_forward = einops_layers.Rearrange.forward  # TorchScript compiles einops' own (compiler/script.py)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if symbolic_tracing():
             return einops_reduce(input, self.pattern, "rearrange", self.axes_lengths, {})
@@ -63,6 +77,8 @@ class Rearrange(einops_layers.Rearrange):
 
 class Reduce(einops_layers.Reduce):
     """einops' ``Reduce`` layer, which ``torch.fx`` records as one call (einops' layers take no proxies)."""
+
+    script_forward = einops_layers.Reduce.forward  # TorchScript compiles einops' own (compiler/script.py)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if symbolic_tracing():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from blockgraph.layers.common import DropPath, activation, linear, residual_branch
@@ -28,5 +29,8 @@ class Mlp(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # (the script view's Linear takes no activation to fuse)
+            y = self.drop_path(self.drop2(self.fc2(self.drop1(self.act(self.fc1(x))))))
+            return y if residual is None else residual + y
         x = self.drop1(self.fc1(x, act=self.act))
         return residual_branch(self.fc2, x, residual, self.drop2, self.drop_path)

@@ -35,6 +35,9 @@ class Mv2Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv2_kxk(self.conv1_1x1(x))
+        if torch.jit.is_scripting():
+            y = self.drop_path(self.conv3_1x1(y))
+            return x + y if self.residual else y
         return residual_branch(self.conv3_1x1, y, x if self.residual else None, self.drop_path)
 
 

@@ -35,6 +35,9 @@ class Linear2d(Linear):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]  # no activation or residual to fuse
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
+    def script_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
 
 def linear(
     dim: int, dim_out: int, bias: bool = True, layout: str = "tokens", device: Any = None, dtype: Any = None
@@ -198,20 +201,26 @@ class Elementwise(nn.Module):
     def __init__(self, layouts: Sequence[str]):
         super().__init__()
         full = next((layout for layout in layouts if layout != "vector"), "vector")
-        # per input: the layout a vector is broadcast onto, or None for an input taken as it is
-        self.lift = tuple(full if layout == "vector" and full != "vector" else None for layout in layouts)
+        # per input: the layout a vector is broadcast onto, or "" for an input taken as it is
+        self.lift = [full if layout == "vector" and full != "vector" else "" for layout in layouts]
+
+    script_packs_inputs = True
+    """TorchScript takes no ``*xs``: the script view passes the inputs as one list (compiler/script.py)."""
 
     def combine(self, a: Tensor, b: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, *xs: Tensor) -> Tensor:
+        return self.script_forward(list(xs))
+
+    def script_forward(self, xs: list[Tensor]) -> Tensor:
         out = _lift(xs[0], self.lift[0])
-        for x, onto in zip(xs[1:], self.lift[1:], strict=True):
-            out = self.combine(out, _lift(x, onto))
+        for i in range(1, len(xs)):
+            out = self.combine(out, _lift(xs[i], self.lift[i]))
         return out
 
 
-def _lift(x: Tensor, onto: str | None) -> Tensor:
+def _lift(x: Tensor, onto: str) -> Tensor:
     if onto == "image":
         return x[:, :, None, None]  # [B, C, 1, 1]
     if onto == "tokens":
@@ -247,7 +256,12 @@ class Concat(nn.Module):
         super().__init__()
         self.dim = dim
 
+    script_packs_inputs = True
+
     def forward(self, *xs: Tensor) -> Tensor:
+        return torch.cat(xs, dim=self.dim)
+
+    def script_forward(self, xs: list[Tensor]) -> Tensor:
         return torch.cat(xs, dim=self.dim)
 
     def extra_repr(self) -> str:
@@ -266,6 +280,9 @@ class Split(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return tuple(x.narrow(self.dim, start, size) for start, size in zip(self.starts, self.sizes, strict=True))
+
+    def script_forward(self, x: Tensor) -> list[Tensor]:
+        return [x.narrow(self.dim, self.starts[i], self.sizes[i]) for i in range(len(self.sizes))]
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, dim={self.dim}"

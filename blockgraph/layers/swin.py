@@ -22,7 +22,15 @@ def relative_position_index(window: int) -> Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-def shift_mask(h: int, w: int, window: int, shift: int | tuple[int, int], device: Any = None) -> Tensor:
+def _regions(n: int, s: int, window: int, device: torch.device | None) -> Tensor:
+    """Each position's region along an axis of ``n`` shifted by ``s`` (see :func:`shift_mask`): 0, 1 or 2."""
+    i = torch.arange(n, device=device)
+    return ((i >= n - window).long() + (i >= n - s).long()) if s else torch.zeros_like(i)
+
+
+def shift_mask(
+    h: int, w: int, window: int, shift: int | tuple[int, int], device: torch.device | None = None
+) -> Tensor:
     """The -100 mask ``[nW, w*w, w*w]`` between tokens that came from different regions before the cyclic shift.
 
     Along an axis of size n shifted by s > 0 the regions are ``[0, n - window)``, ``[n - window, n - s)``,
@@ -31,12 +39,7 @@ def shift_mask(h: int, w: int, window: int, shift: int | tuple[int, int], device
     kernel (the nine assignments made inductor generate megabytes of C++ for Swin-T).
     """
     shifts = (shift, shift) if isinstance(shift, int) else shift
-
-    def regions(n: int, s: int) -> Tensor:
-        i = torch.arange(n, device=device)
-        return ((i >= n - window).long() + (i >= n - s).long()) if s else torch.zeros_like(i)
-
-    labels = regions(h, shifts[0])[:, None] * 3 + regions(w, shifts[1])[None, :]  # [h, w]
+    labels = _regions(h, shifts[0], window, device)[:, None] * 3 + _regions(w, shifts[1], window, device)[None, :]
     windows = labels.view(h // window, window, w // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
     diff = windows[:, None, :] - windows[:, :, None]  # [nW, w*w, w*w]
     return diff.ne(0).to(torch.float32) * -100.0
@@ -79,7 +82,11 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         if key is not None and not symbolic_tracing() and not (torch.is_grad_enabled() and table.requires_grad):
             stamp = (key, table._version, table.data_ptr(), table.dtype, str(table.device))
-            return memo(self._bias_cache, stamp, lambda: self.attention_bias(mask))
+            return memo(self._bias_cache, stamp, lambda: self._bias(mask))
+        return self._bias(mask)
+
+    def _bias(self, mask: Tensor | None) -> Tensor:
+        table = self.relative_position_bias_table
         N = self.window * self.window
         bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
@@ -87,9 +94,17 @@ class WindowAttention(nn.Module):
         return bias.contiguous()
 
     def forward(self, x: Tensor, mask: Tensor | None = None, key: Any = None) -> Tensor:
+        return self._attend(x, self.attention_bias(mask, key))
+
+    def script_forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """TorchScript's: the bias made on every call (no cache)."""
+        return self._attend(x, self._bias(mask))
+
+    def _attend(self, x: Tensor, bias: Tensor) -> Tensor:
+        """Attention within windows ``x`` ``[Bw, N, C]`` with the logits' ``bias`` ``[windows or 1, h, N, N]``."""
         Bw, N, C = x.shape  # Bw = B * windows
-        q, k, v = (t.transpose(1, 2) for t in qkv_heads(self.qkv, x, self.heads))  # [Bw, h, N, d]
-        bias = self.attention_bias(mask, key)  # [windows or 1, h, N, N]
+        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.heads)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [Bw, h, N, d]
         attn = (q * self.scale) @ k.transpose(-2, -1)  # [Bw, h, N, N], fresh: the bias is added in place
         # per window, not repeated for every image; the sum is read back (a graph that drops unread results keeps it)
         attn = attn.view(-1, bias.shape[0], self.heads, N, N).add_(bias).view(Bw, self.heads, N, N)
@@ -142,10 +157,12 @@ class SwinBlock(nn.Module):
         return (self.shift if h > self.window else 0, self.shift if w > self.window else 0)
 
     def _shifts(self, h: int, w: int) -> tuple[int, int]:
-        if self.built_shifts is not None:
-            return self.built_shifts
-        if symbolic_tracing():  # the sizes are symbols: the shifts (and mask) of the size the model is built for
-            return self.mask_key[2] if self.mask_key is not None else (0, 0)
+        built = self.built_shifts
+        if built is not None:
+            return built
+        if not torch.jit.is_scripting():
+            if symbolic_tracing():  # the sizes are symbols: the shifts (and mask) of the size the model is built for
+                return self.mask_key[2] if self.mask_key is not None else (0, 0)
         return self._axis_shifts(h, w)
 
     def _mask(self, hp: int, wp: int, shifts: tuple[int, int], device: Any) -> Tensor:
@@ -160,19 +177,23 @@ class SwinBlock(nn.Module):
         h, w = size
         win = self.window
         shifts = self._shifts(h, w)
+        shifted = shifts[0] != 0 or shifts[1] != 0
         y = self.norm1(x).view(B, h, w, C)
-        if any(shifts):
+        if shifted:
             y = torch.roll(y, shifts=(-shifts[0], -shifts[1]), dims=(1, 2))
         hp, wp = (self._padded(h), self._padded(w)) if self.pad else (h, w)
         if (hp, wp) != (h, w):
             y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
         y = y.view(B, hp // win, win, wp // win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, C)
-        mask = self._mask(hp, wp, shifts, x.device) if any(shifts) else None
-        y = self.attn(y, mask, (hp, wp, shifts))  # [B*nW, win*win, C]
+        if torch.jit.is_scripting():  # (no cache: the mask made on every call)
+            y = self.attn(y, shift_mask(hp, wp, win, shifts, x.device) if shifted else None)
+        else:
+            mask = self._mask(hp, wp, shifts, x.device) if shifted else None
+            y = self.attn(y, mask, (hp, wp, shifts))  # [B*nW, win*win, C]
         y = y.view(B, hp // win, wp // win, win, win, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp, wp, C)
         if (hp, wp) != (h, w):
             y = y[:, :h, :w]
-        if any(shifts):
+        if shifted:
             y = torch.roll(y, shifts=shifts, dims=(1, 2))
         x = x + self.drop_path(y.reshape(B, L, C))
         return self.mlp(self.norm2(x), residual=x)
@@ -192,7 +213,7 @@ class PatchMerging(nn.Module):
         B, _, C = x.shape
         h, w = size
         x = x.view(B, h, w, C)
-        if not symbolic_tracing() and (h % 2 or w % 2):  # (a trace: an even map, as Swin's windows make it)
+        if not symbolic_tracing() and (h % 2 != 0 or w % 2 != 0):  # (a trace: an even map, as Swin's windows make it)
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
             h, w = h + h % 2, w + w % 2
         x = x.reshape(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # [B, h/2, w/2, 4C]

@@ -39,7 +39,7 @@ class TokensToMap(RemoveClsToken):
     """``[B, extra + h*w, C]`` → ``[B, C, h, w]`` (contiguous), dropping the ``extra`` tokens first."""
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:  # type: ignore[override]
-        x = super().forward(x)
+        x = x[:, self.extra :]
         return x.reshape(x.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2).contiguous()  # [B, C, h, w]
 
 

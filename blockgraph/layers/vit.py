@@ -33,12 +33,13 @@ class PosEmbed(nn.Module):
             nn.init.trunc_normal_(self.weight, std=init_std)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        if symbolic_tracing() or tuple(size) == self.grid or self.resample is None:  # a trace: the built grid
+        resample = self.resample
+        if symbolic_tracing() or (size[0], size[1]) == self.grid or resample is None:  # a trace: the built grid
             return x + self.weight
         prefix, grid = self.weight[:, : self.extra], self.weight[:, self.extra :]
         C = grid.shape[-1]
         grid = grid.reshape(1, self.grid[0], self.grid[1], C).permute(0, 3, 1, 2)  # [1, C, h, w]
-        grid = F.interpolate(grid.float(), size=size, mode=self.resample, antialias=True, align_corners=False)
+        grid = F.interpolate(grid.float(), size=size, mode=resample, antialias=True, align_corners=False)
         grid = grid.to(self.weight.dtype).permute(0, 2, 3, 1).reshape(1, -1, C)  # [1, h'*w', C]
         return x + torch.cat((prefix, grid), dim=1)
 
@@ -64,9 +65,13 @@ class Attention(nn.Module):
         """``residual + drop_path(attention(x))``. ``queries``: only the first ``queries`` tokens attend (every
         token is a key and a value), and only they are returned."""
         B, N, C = x.shape
-        q, k, v = (t.transpose(1, 2) for t in qkv_heads(self.qkv, x, self.heads, queries))  # [B, h, N, d]
+        q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.heads, queries)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, N, d]
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, q.shape[2], C)  # [B, Nq, h*d]
+        if torch.jit.is_scripting():
+            y = self.drop_path(self.proj_drop(self.proj(x)))
+            return y if residual is None else residual + y
         return residual_branch(self.proj, x, residual, self.proj_drop, self.drop_path)
 
 

@@ -109,7 +109,7 @@ def _merge(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int | tuple[int, int]) -> Tensor:
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=padding, groups=C)`` for a depthwise weight ``[C, 1, kh, kw]``. When
     ``x``'s channels are its innermost dim (a map viewed from tokens ``[B, N, C]``), the weight goes in as a view
     with channels-last strides: the same memory (only its size-1 dim's stride differs), so autograd and every path
@@ -123,4 +123,4 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: in
     """
     if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
         weight = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
-    return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
+    return F.conv2d(x, weight, bias, padding=[padding, padding], groups=weight.shape[0])

@@ -23,7 +23,9 @@ from blockgraph.ops.ms_deform_attn import exporting
 def eager_inference(x: Tensor) -> bool:
     """Whether an op may run its eager inference kernels on ``x``: nothing records gradients (they have no
     derivative formula), torch runs eagerly (not compiling: inductor fuses by itself; not tracing or exporting:
-    exported graphs keep standard ops), on a real device (not meta)."""
+    exported graphs keep standard ops), on a real device (not meta). (False in TorchScript: the plain paths.)"""
+    if torch.jit.is_scripting():
+        return False
     return not (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -36,7 +38,10 @@ def eager_inference(x: Tensor) -> bool:
 
 def symbolic_tracing() -> bool:
     """Whether ``torch.fx`` is tracing symbolically: values are proxies, which no Python branch may read; the
-    ops take their plain reference paths, and blocks the decisions of the size the model is built for."""
+    ops take their plain reference paths, and blocks the decisions of the size the model is built for. (False
+    in TorchScript, which resolves the branch while compiling.)"""
+    if torch.jit.is_scripting():
+        return False
     return is_fx_symbolic_tracing()
 
 
