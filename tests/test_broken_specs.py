@@ -34,6 +34,7 @@ _STAGE_TO_HEAD = VALID[VALID.index("name: s1") : VALID.index(", dim: 32, num_cla
 """From the stage's name to the head's reference to it (a case renaming the stage edits both)."""
 _SHARED_TO_USE = VALID[VALID.index("cpe: {op") : VALID.index("cpe: cpe") + len("cpe: cpe")]
 
+
 @dataclass
 class Case:
     id: str

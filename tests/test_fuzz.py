@@ -25,10 +25,10 @@ NASTY = [
 
 
 NAMES = ["class", "None", "if", "lambda", "forward", "training", "to", "eval", "type", "_modules", "__class__",
-         "__init__", "spec", "code", "outputs", "nodes", "pe.5", "pe.0", "blocks.0", "blocks.7", "s1", "head.0"]
+         "__init__", "spec", "code", "outputs", "nodes", "pe.5", "pe.0", "blocks.0", "blocks.7", "s1", "head.0"]  # fmt: skip
 """Names a block, stage or shared module may be given that Python, ``nn.Module`` or the model already use."""
 NUMBERS = [".inf", "-.inf", ".nan", "1e18", "1e308", "-1e308", "18446744073709551617", "9" * 5000, "0.0", "-0",
-           "1e-320", "0x7fffffffffffffff"]
+           "1e-320", "0x7fffffffffffffff"]  # fmt: skip
 """Non-finite, huge and denormal numbers."""
 
 KEYS = sorted({line.split(":")[0].strip(" -") for text in TEXTS.values() for line in text.split("\n") if ":" in line}
@@ -141,7 +141,7 @@ def test_what_validate_accepts_builds_and_runs(case: tuple[str, str], family: Pa
 
 FLAG_VALUES = ["-1", "0", "1", "2.5", "nan", "inf", "1e400", "9" * 5000, "", " ", "x", "3x64x64", "64x64", "0x0",
                "1000001x64", "999999x999999", "bogus", "meta", "cpu", "dim=64", "dim=.inf", "dim=[1, *a]", "a",
-               "dim=2001-12-14", "dim=!!binary aGk=", "stages.s1.blocks.block.heads=3", "nope.nope=1", "=", "small"]
+               "dim=2001-12-14", "dim=!!binary aGk=", "stages.s1.blocks.block.heads=3", "nope.nope=1", "=", "small"]  # fmt: skip
 """Values for any flag: negative, fractional, non-finite, huge, empty, malformed, and well-formed ones."""
 COMMAND_FLAGS = {
     "validate": ["--input", "--set", "--variant", "--max-params", "--max-activation-bytes", "--batch"],

@@ -8,10 +8,11 @@ is skipped, saying so). Not adapted, with the reason:
 - ``test_model_load_pretrained`` / ``test_model_features_pretrained``: they download weights (no network here);
   loading a twin's file, with ``in_chans`` adapted and ``features_only``, is tested in
   tests/compiler/test_timm_api.py and tests/test_api.py.
-- ``test_model_forward_torchscript``: run, and expected to fail (strict xfail): ``torch.jit.script`` cannot
-  compile our blocks yet (Python caches, ``Any``-typed sizes). ``test_model_forward_fx`` passes: while ``torch.fx``
-  traces symbolically, the generated input check is skipped and the blocks take the decisions of the size the model
-  is built for (a traced graph is specialized to it, as timm's are).
+
+``test_model_forward_torchscript`` passes: ``torch.jit.script`` compiles the model's script view
+(blockgraph/compiler/script.py). ``test_model_forward_fx`` passes: while ``torch.fx`` traces symbolically, the
+generated input check is skipped and the blocks take the decisions of the size the model is built for (a traced
+graph is specialized to it, as timm's are).
 """
 
 from __future__ import annotations
@@ -220,7 +221,6 @@ CASES = {
     "forward_torchscript": case_forward_torchscript,
     "forward_fx": case_forward_fx,
 }
-GAPS = {"forward_torchscript"}
 
 
 def _factories(name: str) -> tuple[Factory, Factory]:
@@ -247,11 +247,4 @@ def test_timm_model_case(case: str, name: str) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the twin: the case does not apply to this family
         pytest.skip(f"timm's own {name} fails this case: {type(e).__name__}: {str(e)[:120]}")
-    if case not in GAPS:
-        CASES[case](ours, name)
-        return
-    try:
-        CASES[case](ours, name)
-    except Exception as e:  # noqa: BLE001 - the known gap, whatever it raises
-        pytest.xfail(f"torch.jit.script cannot compile our blocks yet: {type(e).__name__}")
-    pytest.fail(f"case {case} passes on {name} now: take it out of GAPS")
+    CASES[case](ours, name)

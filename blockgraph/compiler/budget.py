@@ -93,9 +93,7 @@ def check(
     return result
 
 
-def check_limits(
-    *, max_params: float | None = None, max_activation_bytes: float | None = None, batch: int = 1
-) -> None:
+def check_limits(*, max_params: float | None = None, max_activation_bytes: float | None = None, batch: int = 1) -> None:
     """Refuse budgets that are not numbers above zero (``nan`` would turn a limit off: every comparison with it is
     false) and a batch that is not a whole number from 1 to :data:`~blockgraph.spec.schema.MAX_SIZE`.
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Dict, List, Optional  # noqa: UP035 (TorchScript reads these names)
+from typing import Any, Optional  # (Optional: TorchScript reads the name in generated code)
 
 from blockgraph.errors import BlockgraphError
 from blockgraph.graph.infer import Inference
@@ -48,7 +48,6 @@ class Program:
 
         namespace: dict[str, Any] = {
             "torch": torch, "checkpointed": checkpointed, "is_fx_tracing": is_fx_tracing, "Optional": Optional,
-            "List": List, "Dict": Dict,
         }  # fmt: skip
         exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
         return namespace["forward"]
@@ -209,7 +208,7 @@ def _generate(
 ) -> str:
     graph = inference.graph
     spec = graph.spec
-    names = _Names({"self", "H", "W", "torch", "checkpointed", "is_fx_tracing", "Optional", "List", "Dict"})
+    names = _Names({"self", "H", "W", "torch", "checkpointed", "is_fx_tracing", "Optional"})
     var: dict[str, str] = {}
     image = names(spec.input.name)
     var[spec.input.name] = image
@@ -242,7 +241,9 @@ def _generate(
         if script is None:
             lines.append(f"        self._reject_mask({mask.name!r}, {m}, {image})")
         else:
-            lines.append(f"        raise ValueError({f'the mask {mask.name!r} must be booleans [B, H, W] as the image'!r})")
+            lines.append(
+                f"        raise ValueError({f'the mask {mask.name!r} must be booleans [B, H, W] as the image'!r})"
+            )
     single = _batch_stat_code(inference, order)
     if single:
         always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one
@@ -251,8 +252,10 @@ def _generate(
             lines.append(f"        self._reject_single({image})")
         else:
             lines.append(f"    if self.training and {image}.shape[0] == 1{always}:")
-            lines.append("        raise ValueError('in training, a batch of one image leaves a BatchNorm one value per "
-                         "channel: train with a batch of 2 or more')")
+            lines.append(
+                "        raise ValueError('in training, a batch of one image leaves a BatchNorm one value per "
+                "channel: train with a batch of 2 or more')"
+            )
     sizes: dict[str, str] = {}
     ports: dict[tuple[str, str], str] = {}
     # Each value is dropped (`del`) right after its last reader, as torch.fx does, so that a forward holds only the

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from blockgraph.compiler.codegen import script_program
+from blockgraph.errors import BlockgraphError
 
 _SCRIPT_CLASSES: dict[type, type] = {}
 
@@ -47,6 +48,16 @@ def script_view(model: Any) -> nn.Module:
         return copy
 
     graph = model.inference.graph
+    for name in model.nodes:
+        node = graph.nodes[name]
+        if any(getattr(type(m), "scriptable", True) is False for m in model.get_submodule(node.module_name).modules()):
+            raise BlockgraphError(
+                f"torch.jit.script: node '{name}' (op {node.op}) has no TorchScript form",
+                pos=graph.pos(node.path),
+                node=name,
+                hint="TorchScript is deprecated in torch 2.x; use torch.compile(model), or torch.export / "
+                "`blockgraph export --onnx` for a graph without Python",
+            )
     packs = set()
     for name in model.nodes:
         node = graph.nodes[name]

@@ -162,6 +162,10 @@ class DeformableEncoder(nn.Module):
     """``level_embed`` ``[L, C]`` and ``layers``; the bookkeeping (flattening, reference points, position
     embedding) happens in ``forward`` from the maps' sizes."""
 
+    scriptable = False
+    """No TorchScript form (its bookkeeping is cached Python per size, its core a choice of kernels): a model using
+    it is compiled with torch.compile or exported (torch.export, ONNX)."""
+
     def __init__(
         self, dim: int = 256, levels: int = 4, heads: int = 8, points: int = 4, layers: int = 6, ffn: int = 2048,
         dropout: float = 0.0, act: str = "relu", norm_eps: float = 1e-5,

@@ -29,6 +29,10 @@ class DWConvBn(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return conv_bn(self.dwconv(x), self.pwconv, self.bn, self.act)
 
+    def script_forward(self, x: Tensor) -> Tensor:
+        """TorchScript's: the layers themselves (conv_bn's plain reference)."""
+        return self.act(self.bn(self.pwconv(self.dwconv(x))))
+
 
 class PatchEmbedPath(nn.Module):
     """One path's embedding (``patch_conv``), as MPViT's ``DWCPatchEmbed``."""
@@ -57,11 +61,14 @@ class MultiScalePatchEmbed(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        outs = []
+        return tuple(self.script_forward(x))
+
+    def script_forward(self, x: Tensor) -> list[Tensor]:
+        outs: list[Tensor] = []
         for embed in self.patch_embeds:
             x = embed(x)
             outs.append(x)
-        return tuple(outs)
+        return outs
 
 
 class InvResBlock(nn.Module):
@@ -83,3 +90,7 @@ class InvResBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(conv_bn(self.conv1(x), self.dwconv, self.norm, self.act), residual=x)
+
+    def script_forward(self, x: Tensor) -> Tensor:
+        """TorchScript's: the layers themselves (conv_bn's plain reference)."""
+        return self.conv2(self.act(self.norm(self.dwconv(self.conv1(x)))), residual=x)

@@ -28,9 +28,7 @@ def _regions(n: int, s: int, window: int, device: torch.device | None) -> Tensor
     return ((i >= n - window).long() + (i >= n - s).long()) if s else torch.zeros_like(i)
 
 
-def shift_mask(
-    h: int, w: int, window: int, shift: int | tuple[int, int], device: torch.device | None = None
-) -> Tensor:
+def shift_mask(h: int, w: int, window: int, shift: int | tuple[int, int], device: torch.device | None = None) -> Tensor:
     """The -100 mask ``[nW, w*w, w*w]`` between tokens that came from different regions before the cyclic shift.
 
     Along an axis of size n shifted by s > 0 the regions are ``[0, n - window)``, ``[n - window, n - s)``,
