@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.errors import BlockgraphError, Pos, SpecError, excerpt
 from blockgraph.spec.patch import PATH_KEY
 
 EXIT_INVALID = 2
@@ -27,11 +27,11 @@ def _input_size(text: str) -> tuple[int, ...]:
     match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)(?:\s*x\s*(\d+))?\s*", text)
     if not match:
         raise SpecError(
-            f"--input {text!r} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
+            f"--input {excerpt(text)} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
         )
     size = tuple(int(g) for g in match.groups() if g is not None)
     if any(s == 0 or s > 1_000_000 for s in size):
-        raise SpecError(f"--input {text!r}: sizes must be between 1 and 1000000", pos=Pos("<command line>"))
+        raise SpecError(f"--input {excerpt(text)}: sizes must be between 1 and 1000000", pos=Pos("<command line>"))
     return size
 
 
@@ -39,21 +39,19 @@ _SET_HELP = "override a variable, or the value at a dotted path (stages.stage4.b
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    import yaml
+    """``--set NAME=VALUE`` options as overrides; each VALUE is YAML, read as a spec file is (same limits)."""
+    from blockgraph.spec.load import load_value
 
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not (name.isidentifier() or PATH_KEY.fullmatch(name)):
             raise SpecError(
-                f"--set {pair!r} must be NAME=VALUE or PATH=VALUE",
+                f"--set {excerpt(pair)} must be NAME=VALUE or PATH=VALUE",
                 pos=Pos("<command line>"),
                 hint="--set depths=[1,1,1,1], --set stages.stage4.blocks.blocks.depth=2",
             )
-        try:
-            out[name] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise SpecError(f"--set {name}: cannot read {value!r} ({e})", pos=Pos("<command line>")) from e
+        out[name] = load_value(value, f"<--set {name}>").plain()
     return out
 
 

@@ -51,6 +51,27 @@ class Pos:
             here = here.via
 
 
+EXCERPT = 40
+"""The most characters of a value that a message shows: a value may come from any file a spec names, so messages
+never echo it whole."""
+
+
+def shorten(text: str, limit: int = EXCERPT) -> str:
+    """``text`` itself when it is short, else its first characters, ``...`` and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 3, 1)]}... ({len(text):,} characters)"
+
+
+def excerpt(value: Any, limit: int = EXCERPT) -> str:
+    """``repr(value)`` for a message, shortened (:func:`shorten`): ``'sk-live-0123...' (58 characters)``."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return f"{text[: max(limit - 3, 1)]}...{size}"
+
+
 class BlockgraphError(Exception):
     """Base of every error blockgraph raises on purpose.
 

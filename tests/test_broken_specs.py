@@ -100,8 +100,8 @@ CASES = [
     Case("alias bomb", "variables: {dim: 32, heads: 4, classes: 10}",
          "variables: {dim: 32, heads: 4, classes: 10, a: &a [1, 1, 1, 1, 1, 1, 1, 1], b: &b [*a, *a, *a, *a, *a, *a, "
          "*a, *a], c: &c [*b, *b, *b, *b, *b, *b, *b, *b], d: &d [*c, *c, *c, *c, *c, *c, *c, *c], e: &e [*d, *d, *d, "
-         "*d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}", "[*e", "the spec expands to more than 200,000 values",
-         "aliases of aliases grows exponentially"),
+         "*d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}", "f: [*e", "the spec expands to more than 200,000 "
+         "values", "aliases of aliases grows exponentially", skip=20),  # at the fifth *e, which crosses the limit
     Case("over the parameter budget", "", "", "{name: block", "would have 15,658 parameters, over the limit of "
          "10,000; the largest node has 12,704", "next largest: s1.embed", args=("--max-params", "1e4")),
     Case("over the activation budget", "", "", "{name: cls", "would hold 0.8 MiB of activations for a batch of 8 at "
