@@ -36,6 +36,10 @@ def _input_size(text: str) -> tuple[int, ...]:
 
 
 _SET_HELP = "override a variable, or the value at a dotted path (stages.stage4.blocks.blocks.depth=2)"
+_ROOT_HELP = (
+    "read no file outside DIR (for specs sent by others): the spec, its extends: and its imports: files must be "
+    "under it (reference specs by name excepted), and no module is imported by name"
+)
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -63,6 +67,7 @@ def _validate(args: argparse.Namespace) -> Any:
         input_size=_input_size(args.input) if args.input else None,
         variant=args.variant,
         overrides=_overrides(args.set),
+        root=args.root,
         max_params=args.max_params,
         max_activation_bytes=args.max_activation_bytes,
         batch=args.batch or 1,
@@ -130,7 +135,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from blockgraph.graph.render import render
 
     size = _input_size(args.input) if args.input else None
-    analysis = analyze(args.spec, variant=args.variant, overrides=_overrides(args.set))
+    analysis = analyze(args.spec, variant=args.variant, overrides=_overrides(args.set), root=args.root)
     hw = None
     if size is not None:
         hw = (size[-2], size[-1])
@@ -207,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--variant", help="variant of a family spec (e.g. small)")
         q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
+        q.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--max-params", type=float, default=2e9, help="refuse models with more parameters (default 2e9)")
         q.add_argument("--max-activation-bytes", type=float, default=None, help="refuse a forward needing more")
@@ -232,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", help="variant of a family spec (e.g. small)")
     g.add_argument("--input", help="input size CxHxW or HxW for the shapes shown (default: the spec's)")
     g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
+    g.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
     g.add_argument("--out", help="write to this file (atomically) instead of stdout")
     g.set_defaults(func=cmd_graph)

@@ -426,13 +426,16 @@ def describe_kind(mode: int) -> str:
     return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 
+MISSING = "a file that does not exist"
+
+
 def regular_file_kind(path: str | os.PathLike[str]) -> str | None:
     """None when ``path`` is a regular file (symbolic links followed), else what it is (:func:`describe_kind`,
-    or ``a file that does not exist``)."""
+    or :data:`MISSING`)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return "a file that does not exist"
+        return MISSING
     return None if stat.S_ISREG(mode) else describe_kind(mode)
 
 
@@ -449,7 +452,7 @@ def read_regular(file: str, limit: int = MAX_BYTES) -> bytes:
     pos = Pos(file)
     try:
         kind = regular_file_kind(file)
-        if kind == "a file that does not exist":
+        if kind == MISSING:
             raise SpecError(f"no such file: {file}", pos=pos)
         if kind is not None:
             raise SpecError(f"{file} is {kind}, not a spec file", pos=pos, hint="a spec is a regular YAML file")

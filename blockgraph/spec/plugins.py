@@ -85,13 +85,21 @@ def load_imports(expanded: Expanded, *, allow_imports: bool = True) -> None:
     Args:
         expanded: the expanded spec.
         allow_imports: when False (a checkpoint's spec), a module of ``imports:`` that is not loaded yet is an
-            error instead of being imported.
+            error instead of being imported. A spec expanded with a ``root`` imports its files (all under the
+            root) but no module by name.
 
     Raises:
         PluginError: at the ``imports:`` entry: the module cannot be found or fails to import, or, without
-            ``allow_imports``, it is not loaded.
+            ``allow_imports`` (or by name, under a root), it is not loaded.
     """
     for entry in expanded.imports:
+        if expanded.root is not None and not entry.is_file and entry.name not in sys.modules:
+            raise PluginError(
+                f"the spec imports the module {entry.name!r} by name, which a spec checked with a root "
+                f"({expanded.root}) may not do",
+                pos=entry.pos,
+                hint=f"load it first (`--plugin {entry.name}`), or import a .py file under the root",
+            )
         if allow_imports:
             _load(entry, f"plugin {entry.written!r}")
         elif _module_name(entry) not in sys.modules:

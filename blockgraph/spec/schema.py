@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from blockgraph.errors import BlockgraphError, Pos, SpecError, raise_all
+from blockgraph.errors import BlockgraphError, Pos, SpecError, excerpt, raise_all
 from blockgraph.spec.expand import Expanded, SourceMap
 
 if TYPE_CHECKING:
@@ -669,7 +669,7 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f"did you mean '{close[0]}'?" if close else (f"allowed keys: {', '.join(keys)}" if keys else None)
             pos = source.key(path) if path and path[-1] == key else source.value(path)
-            out.append(SpecError(f"unknown key '{key}'{where}", pos=pos, node=owner_name, hint=hint))
+            out.append(SpecError(f"unknown key {excerpt(key)}{where}", pos=pos, node=owner_name, hint=hint))
         elif kind == "union_tag_invalid":
             tag = item.get("ctx", {}).get("tag")
             ops = sorted([*_REGISTRY, *expanded.defined])
@@ -677,7 +677,9 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
             inside = f" in block '{owner_name}'" if owner_name else ""
             out.append(
-                SpecError(f"unknown op '{tag}'{inside}", pos=source.value(path + ("op",)), node=owner_name, hint=hint)
+                SpecError(
+                    f"unknown op {excerpt(tag)}{inside}", pos=source.value(path + ("op",)), node=owner_name, hint=hint
+                )
             )
         elif kind == "union_tag_not_found":
             hint = f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`"
@@ -694,7 +696,7 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             )
         else:
             value = item.get("input")
-            shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+            shown = excerpt(value) if not isinstance(value, dict | list) else type(value).__name__
             message = item["msg"][0].lower() + item["msg"][1:]
             field = f"'{key}'" if isinstance(key, str) else f"item {key}"
             out.append(
