@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PositiveInt,
+    Tag,
     ValidationError,
     create_model,
     field_validator,
@@ -29,6 +32,7 @@ from pydantic import (
 )
 
 from blockgraph.errors import BlockgraphError, Pos, SpecError, excerpt, raise_all
+from blockgraph.spec import patterns
 from blockgraph.spec.expand import Expanded, SourceMap
 
 if TYPE_CHECKING:
@@ -406,11 +410,24 @@ class OutputSpec(SpecModel):
     """For a feature map: its stride relative to the input; checked against the inferred shape."""
 
 
+def _rename_pattern(pattern: str) -> str:
+    try:
+        patterns.check(pattern)
+    except patterns.UnsafePatternError as e:
+        raise ValueError(f"rename pattern {excerpt(pattern)} is refused: {e}") from None
+    return pattern
+
+
+RenamePattern = Annotated[str, AfterValidator(_rename_pattern)]
+"""A regular expression matched in linear time (:mod:`blockgraph.spec.patterns`)."""
+
+
 class RenameRule(SpecModel):
     """One key-rename rule: ``from`` (a regular expression) → ``to`` (its replacement, ``\\1`` for groups)."""
 
-    from_: str = Field(alias="from")
-    """A regular expression searched in each twin key."""
+    from_: RenamePattern = Field(alias="from")
+    """A regular expression searched in each twin key (one where the next character always decides what it does,
+    so that matching is fast on any key)."""
     to: str
     """The replacement (``re.sub`` syntax: ``\\1`` for the first group), applied once."""
 
@@ -421,20 +438,14 @@ class TwinSpec(SpecModel):
 
     timm: str | None = None
     """timm's model name (``timm.create_model(name)``); none for a twin outside timm."""
-    rename: list[tuple[str, str] | RenameRule] = []
+    rename: list[
+        Annotated[
+            Annotated[tuple[RenamePattern, str], Tag("pair")] | Annotated[RenameRule, Tag("rule")],
+            Discriminator(lambda rule: "rule" if isinstance(rule, dict | RenameRule) else "pair"),
+        ]
+    ] = []
     """Rules ``[pattern, replacement]`` (or ``{from: ..., to: ...}``, which ``for:`` templates can generate) applied
     to each twin key; the first rule that matches wins."""
-
-    @field_validator("rename")
-    @classmethod
-    def _compile(cls, rules: list[tuple[str, str] | RenameRule]) -> list[tuple[str, str] | RenameRule]:
-        for i, rule in enumerate(rules):
-            pattern = rule.from_ if isinstance(rule, RenameRule) else rule[0]
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"rule {i}: bad regular expression {pattern!r}: {e}") from None
-        return rules
 
     def rules(self) -> list[tuple[str, str]]:
         """The rules as ``(pattern, replacement)`` pairs."""
