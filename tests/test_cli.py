@@ -238,6 +238,21 @@ BOUNDED = {
     "4 MB of dashes": (lambda tmp: _spec(tmp, "-\n" * 1_999_999), (), "expands to more than 200,000 values"),
     "--set alias bomb": (lambda tmp: SMALL, ("--set", f"depths={LAUGHS}"), "expands to more than 200,000 values"),
     "--set recursive alias": (lambda tmp: SMALL, ("--set", "depths=&r [*r]"), "inside the collection it names"),
+    "extends a FIFO": (
+        lambda tmp: (os.mkfifo(tmp / "parent.yaml"), _spec(tmp, "name: x\nextends: parent.yaml\n"))[1],
+        (),
+        "`extends:` names a FIFO (named pipe), not a spec file",
+    ),
+    "imports a FIFO": (
+        lambda tmp: (os.mkfifo(tmp / "blocks.py"), _spec(tmp, "name: x\nimports: [./blocks.py]\n"))[1],
+        (),
+        "blocks.py is a FIFO (named pipe)",
+    ),
+    "imports /dev/zero": (
+        lambda tmp: ((tmp / "blocks.py").symlink_to("/dev/zero"), _spec(tmp, "name: x\nimports: [./blocks.py]\n"))[1],
+        (),
+        "/dev/zero is a character device",
+    ),
 }
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from blockgraph.errors import BlockError, BlockgraphError, PluginError, Pos
 from blockgraph.spec.expand import Expanded, Import, names_a_file
+from blockgraph.spec.load import regular_file_kind
 from blockgraph.spec.schema import BlockSpec, register, registered
 
 ENTRY_POINT_GROUP = "blockgraph.blocks"
@@ -143,8 +144,9 @@ def _load(entry: Import, asked: str) -> ModuleType:
     if not os.path.exists(path):
         raise PluginError(f"{asked}: no such file: {path}", pos=entry.pos, hint=f"the path is relative to {where}")
     stem = os.path.basename(path).removesuffix(".py")
-    if os.path.isdir(path) or not path.endswith(".py") or not stem.isidentifier():
-        what = "a directory" if os.path.isdir(path) else "not a Python file whose name is a module name"
+    kind = regular_file_kind(path)  # a FIFO or a device would block the import, or never end
+    if kind is not None or not path.endswith(".py") or not stem.isidentifier():
+        what = kind or "not a Python file whose name is a module name"
         raise PluginError(
             f"{asked}: {path} is {what}",
             pos=entry.pos,
