@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from blockgraph.errors import BlockgraphError, Pos, SpecError, excerpt, raise_all
+from blockgraph.errors import MAX_REPORTED, BlockgraphError, Pos, SpecError, excerpt, more_errors, raise_all
 from blockgraph.spec import patterns
 from blockgraph.spec.expand import Expanded, SourceMap
 
@@ -664,7 +664,11 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
     source, data = expanded.source, expanded.data
     out: list[BlockgraphError] = []
     seen: set[tuple[str, tuple[Any, ...]]] = set()
-    for item in error.errors(include_url=False):
+    items = error.errors(include_url=False)
+    for index, item in enumerate(items):
+        if len(out) >= MAX_REPORTED:  # (each costs a "did you mean" search: report the first ones, fast)
+            out.append(more_errors(len(items) - index, out[0]))
+            break
         loc, kind = tuple(item["loc"]), item["type"]
         path = source.resolve(loc)
         # A union member's errors repeat the loc with the tag inside; drop the tag so paths match the data.
