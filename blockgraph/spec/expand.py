@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockgraph.errors import Pos, SpecError, excerpt
+from blockgraph.errors import Pos, SpecError, excerpt, shorten
 from blockgraph.spec import expr
 from blockgraph.spec.define import COMPOSITE_OP, Definition, bind, definitions
 from blockgraph.spec.load import MISSING, Node, load_file, load_text, regular_file_kind
@@ -259,7 +259,7 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
     where = own.pos if (chosen is None and own is not None) else Pos("<variant argument>")
     if variants is None or not variants.is_map or not variants.value:
         raise SpecError(
-            f"variant '{name}' asked for, but this spec declares no `variants:`",
+            f"variant {excerpt(name)} asked for, but this spec declares no `variants:`",
             pos=where,
             hint="remove `variant:`, or declare `variants: {NAME: {variables: {...}}}` in this spec or its parent",
         )
@@ -267,7 +267,9 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
         names = [str(k) for k in variants.value]
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise SpecError(f"unknown variant '{name}'", pos=where, hint=f"{hint}variants: {', '.join(names)}")
+        raise SpecError(
+            f"unknown variant {excerpt(name)}", pos=where, hint=f"{hint}variants: {shorten(', '.join(names), 200)}"
+        )
     variant = variants.value[name]
     if not variant.is_map:
         raise SpecError(f"variant '{name}' must be a mapping of overrides", pos=variant.pos)
@@ -618,7 +620,7 @@ def expand(
         if name not in defs:
             close = difflib.get_close_matches(str(name), list(defs), n=1)
             raise SpecError(
-                f"override of unknown variable '{name}'",
+                f"override of unknown variable {excerpt(name)}",
                 pos=Pos("<overrides>"),
                 hint=(f"did you mean '{close[0]}'? " if close else "")
                 + f"variables: {', '.join(defs) or 'none'}; or a dotted path into the spec "
