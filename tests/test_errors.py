@@ -96,7 +96,9 @@ def test_a_spec_with_ninety_thousand_unknown_keys_is_refused_in_seconds(tmp_path
     """Each unknown key costs a "did you mean" search: only the first ones are searched and reported."""
     keys = ", ".join(f"k{i}: 1" for i in range(90_000))
     path = tmp_path / "spec.yaml"
-    path.write_text(f"name: x\nstages:\n  - {{name: s, blocks: [{{name: b, op: linear, dim: 8, dim_out: 8, {keys}}}]}}\n")
+    path.write_text(
+        f"name: x\nstages:\n  - {{name: s, blocks: [{{name: b, op: linear, dim: 8, dim_out: 8, {keys}}}]}}\n"
+    )
     start = time.perf_counter()
     code, _, err = run_cli("validate", path)
     assert code == 2 and time.perf_counter() - start < 5
