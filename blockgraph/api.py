@@ -76,16 +76,18 @@ def validate(
     max_params: float | None = budget.DEFAULT_MAX_PARAMS,
     max_activation_bytes: float | None = None,
     batch: int = 1,
+    root: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Check a spec statically (no torch import), at ``input_size`` (``(C, H, W)`` or ``(H, W)``) or its default,
     including its budgets: at most ``max_params`` parameters and ``max_activation_bytes`` bytes of node outputs for
-    a batch of ``batch`` (``None``: no limit), so that a spec that validates also builds.
+    a batch of ``batch`` (``None``: no limit), so that a spec that validates also builds. ``root``: a directory
+    outside which no file is read (see :func:`analyze`), for specs sent by others.
 
     Raises:
         BlockgraphError: the spec is invalid, the model cannot take ``input_size``, or it is over budget
             (:class:`BudgetError`); the error says where and why.
     """
-    analysis = analyze(spec, variant=variant, overrides=overrides)
+    analysis = analyze(spec, variant=variant, overrides=overrides, root=root)
     model = analysis.spec
     c, h, w = _input_triplet(input_size, model)
     analysis.inference.check(h, w, channels=c)
@@ -144,6 +146,7 @@ def build_model(
     device: Any = None,
     dtype: Any = None,
     max_params: float | None = budget.DEFAULT_MAX_PARAMS,
+    root: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Build the ``nn.Module`` a spec describes.
 
@@ -162,17 +165,18 @@ def build_model(
             (negative ones count from the end), or an int ``n`` for the last ``n``. They are returned in
             declaration order.
         outputs: names of the outputs (or, with ``features_only``, of the features) to return.
+        root: a directory outside which no file is read (see :func:`analyze`), for specs sent by others.
 
     Raises:
-        SpecError: ``variant``, ``overrides`` or ``num_classes`` given with an :class:`Analysis`.
+        SpecError: ``variant``, ``overrides``, ``num_classes`` or ``root`` given with an :class:`Analysis`.
     """
     from blockgraph.compiler.model import compile_model
 
     analysis = spec
     if not isinstance(analysis, Analysis):
-        analysis = analyze(analysis, variant=variant, overrides=overrides, num_classes=num_classes)
-    elif variant is not None or overrides or num_classes is not None:
-        raise SpecError("variant, overrides and num_classes apply to a spec, not to its analysis")
+        analysis = analyze(analysis, variant=variant, overrides=overrides, num_classes=num_classes, root=root)
+    elif variant is not None or overrides or num_classes is not None or root is not None:
+        raise SpecError("variant, overrides, num_classes and root apply to a spec, not to its analysis")
     if out_indices is not None:
         outputs = _feature_names(analysis, out_indices, features_only, outputs)
     device = _device(device)

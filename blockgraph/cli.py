@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from blockgraph.errors import BlockgraphError, Pos, SpecError
+from blockgraph.errors import BlockgraphError, Pos, SpecError, excerpt
 from blockgraph.spec.patch import PATH_KEY
 
 EXIT_INVALID = 2
@@ -30,7 +30,7 @@ def _input_size(text: str) -> tuple[int, ...]:
     match = re.fullmatch(r"\s*(\d{1,20})\s*x\s*(\d{1,20})(?:\s*x\s*(\d{1,20}))?\s*", text)
     if not match:
         raise SpecError(
-            f"--input {_excerpt(text)} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
+            f"--input {excerpt(text)} is not CxHxW or HxW", pos=Pos("<command line>"), hint="e.g. --input 3x480x640"
         )
     size = tuple(int(g) for g in match.groups() if g is not None)
     if any(s == 0 or s > MAX_SIZE for s in size):
@@ -40,11 +40,6 @@ def _input_size(text: str) -> tuple[int, ...]:
             hint="e.g. --input 3x480x640",
         )
     return size
-
-
-def _excerpt(text: str, limit: int = 40) -> str:
-    """``text`` quoted, elided past ``limit`` characters (a flag's value may be anything)."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f" (... {len(text):,} characters)"
 
 
 _NUMBERS = (("max_params", "--max-params", False), ("max_activation_bytes", "--max-activation-bytes", False),
@@ -70,65 +65,32 @@ def _number(flag: str, text: str | None, whole: bool = False) -> Any:
         value = math.nan
     if not math.isfinite(value) or (whole and value != int(value)):
         kind = "a whole number" if whole else "a finite number"
-        raise SpecError(f"{flag} {_excerpt(text)} is not {kind}", pos=Pos("<command line>"), hint=f"e.g. {flag} 8")
+        raise SpecError(f"{flag} {excerpt(text)} is not {kind}", pos=Pos("<command line>"), hint=f"e.g. {flag} 8")
     return int(value) if whole else value
 
 
 _SET_HELP = "override a variable, or the value at a dotted path (stages.stage4.blocks.blocks.depth=2)"
+_ROOT_HELP = (
+    "read no file outside DIR (for specs sent by others): the spec, its extends: and its imports: files must be "
+    "under it (reference specs by name excepted), and no module is imported by name"
+)
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    import yaml
+    """``--set NAME=VALUE`` options as overrides; each VALUE is YAML, read as a spec file is (same limits)."""
+    from blockgraph.spec.load import load_value
 
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not (name.isidentifier() or PATH_KEY.fullmatch(name)):
             raise SpecError(
-                f"--set {pair!r} must be NAME=VALUE or PATH=VALUE",
+                f"--set {excerpt(pair)} must be NAME=VALUE or PATH=VALUE",
                 pos=Pos("<command line>"),
                 hint="--set depths=[1,1,1,1], --set stages.stage4.blocks.blocks.depth=2",
             )
-        try:
-            out[name] = _plain(yaml.safe_load(value), name)
-        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer past Python's digit limit
-            first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            raise SpecError(
-                f"--set {name}: cannot read {_excerpt(value)} ({first})",
-                pos=Pos("<command line>"),
-                hint="the value is YAML: a number, [a, list], {a: mapping} or text",
-            ) from e
+        out[name] = load_value(value, f"<--set {name}>").plain()
     return out
-
-
-def _plain(value: Any, name: str) -> Any:
-    """``value`` if it is plain data as a spec holds it (numbers, text, booleans, null, lists, and mappings keyed
-    by names or integers): YAML also reads dates, bytes (``!!binary``) and sets, which no spec value can be (and
-    which could not be written into a checkpoint's spec)."""
-    stack, seen = [value], set()
-    while stack:
-        item = stack.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, dict):
-            bad = next((k for k in item if not isinstance(k, str | int) or isinstance(k, bool)), None)
-            if bad is not None or len({type(k) for k in item}) > 1:
-                raise SpecError(
-                    f"--set {name}: a mapping's keys must be all names or all integers",
-                    pos=Pos("<command line>"),
-                    hint="e.g. --set windows={3: 2, 5: 3}",
-                )
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif not (item is None or isinstance(item, bool | int | float | str)):
-            raise SpecError(
-                f"--set {name}: YAML reads the value as {type(item).__name__}, which no spec value can be",
-                pos=Pos("<command line>"),
-                hint="quote it to pass text: --set \"name='2001-12-14'\"",
-            )
-    return value
 
 
 def _validate(args: argparse.Namespace) -> Any:
@@ -139,6 +101,7 @@ def _validate(args: argparse.Namespace) -> Any:
         input_size=_input_size(args.input) if args.input else None,
         variant=args.variant,
         overrides=_overrides(args.set),
+        root=args.root,
         max_params=args.max_params,
         max_activation_bytes=args.max_activation_bytes,
         batch=1 if args.batch is None else args.batch,
@@ -206,7 +169,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from blockgraph.graph.render import render
 
     size = _input_size(args.input) if args.input else None
-    analysis = analyze(args.spec, variant=args.variant, overrides=_overrides(args.set))
+    analysis = analyze(args.spec, variant=args.variant, overrides=_overrides(args.set), root=args.root)
     hw = None
     if size is not None:
         hw = (size[-2], size[-1])
@@ -283,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--variant", help="variant of a family spec (e.g. small)")
         q.add_argument("--input", help="input size CxHxW or HxW (default: the spec's)")
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
+        q.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
         q.add_argument("--json", action="store_true", help="print one JSON object")
         q.add_argument("--max-params", default="2e9", help="refuse models with more parameters (default 2e9)")
         q.add_argument("--max-activation-bytes", default=None, help="refuse a forward needing more")
@@ -308,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", help="variant of a family spec (e.g. small)")
     g.add_argument("--input", help="input size CxHxW or HxW for the shapes shown (default: the spec's)")
     g.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=_SET_HELP)
+    g.add_argument("--root", metavar="DIR", help=_ROOT_HELP)
     g.add_argument("--collapse", action="store_true", help="draw each repeated block (depth: N) as one node")
     g.add_argument("--out", help="write to this file (atomically) instead of stdout")
     g.set_defaults(func=cmd_graph)

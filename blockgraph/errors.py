@@ -51,6 +51,27 @@ class Pos:
             here = here.via
 
 
+EXCERPT = 40
+"""The most characters of a value that a message shows: a value may come from any file a spec names, so messages
+never echo it whole."""
+
+
+def shorten(text: str, limit: int = EXCERPT) -> str:
+    """``text`` itself when it is short, else its first characters, ``...`` and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 3, 1)]}... ({len(text):,} characters)"
+
+
+def excerpt(value: Any, limit: int = EXCERPT) -> str:
+    """``repr(value)`` for a message, shortened (:func:`shorten`): ``'sk-live-0123...' (58 characters)``."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return f"{text[: max(limit - 3, 1)]}...{size}"
+
+
 class BlockgraphError(Exception):
     """Base of every error blockgraph raises on purpose.
 
@@ -252,14 +273,30 @@ def _without_repetition(pos: Pos) -> Pos:
     return out
 
 
+MAX_REPORTED = 100
+"""The most errors one pass reports: a spec with thousands of mistakes is told about the first ones, fast."""
+
+
+def more_errors(count: int, like: BlockgraphError) -> BlockgraphError:
+    """The error that stands for ``count`` errors not reported (after :data:`MAX_REPORTED`), of ``like``'s type."""
+    return type(like)(
+        f"{count:,} more error(s) not shown (the first {MAX_REPORTED} are)",
+        pos=Pos(like.pos.file) if like.pos is not None else None,
+        hint="fix these first",
+    )
+
+
 def raise_all(errors: list[BlockgraphError]) -> None:
     """Raise the one error, or a :class:`MultiError` of several; do nothing for an empty list. Errors that differ
-    only by the copy of a repeated block are merged first (:func:`merge_copies`).
+    only by the copy of a repeated block are merged first (:func:`merge_copies`); beyond :data:`MAX_REPORTED`,
+    one error says how many more there are.
 
     When every error has the same type (all ``ShapeError``, say), the group is an instance of that type too, so
     ``except ShapeError`` catches it.
     """
     errors = merge_copies(errors)
+    if len(errors) > MAX_REPORTED + 1:
+        errors = [*errors[:MAX_REPORTED], more_errors(len(errors) - MAX_REPORTED, errors[0])]
     if len(errors) == 1:
         raise errors[0]
     if errors:

@@ -78,6 +78,7 @@ def analyze(
     overrides: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
     allow_imports: bool = True,
+    root: str | os.PathLike[str] | None = None,
 ) -> Analysis:
     """Run the pipeline up to static shapes: load → expand → parse → graph → infer (no torch).
 
@@ -91,18 +92,21 @@ def analyze(
         num_classes: shorthand for ``overrides={"num_classes": n}``.
         allow_imports: when False, a module of ``imports:`` that is not loaded yet is a :class:`PluginError`
             instead of being imported (a checkpoint's spec never runs code).
+        root: a directory outside which no file is read, for specs sent by others: the spec file, its
+            ``extends:`` and its ``imports:`` files must be under it (a reference spec excepted), and modules it
+            names in ``imports:`` are not imported (unless already loaded).
     """
     overrides = dict(overrides or {})
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if isinstance(spec, ModelBase):
         expanded = expand(
-            Path(os.devnull), text=_dump(spec), file=f"<{spec.name}>", variant=variant, overrides=overrides
+            Path(os.devnull), text=_dump(spec), file=f"<{spec.name}>", variant=variant, overrides=overrides, root=root
         )
     elif isinstance(spec, str) and (path := spec_file(spec)) is None:
-        expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides)
+        expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides, root=root)
     else:
-        expanded = expand(path if isinstance(spec, str) else spec, variant=variant, overrides=overrides)
+        expanded = expand(path if isinstance(spec, str) else spec, variant=variant, overrides=overrides, root=root)
     load_imports(expanded, allow_imports=allow_imports)
     parsed = parse(expanded)
     graph = build_graph(parsed)

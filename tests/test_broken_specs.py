@@ -104,8 +104,8 @@ CASES = [
     Case("alias bomb", "variables: {dim: 32, heads: 4, classes: 10}",
          "variables: {dim: 32, heads: 4, classes: 10, a: &a [1, 1, 1, 1, 1, 1, 1, 1], b: &b [*a, *a, *a, *a, *a, *a, "
          "*a, *a], c: &c [*b, *b, *b, *b, *b, *b, *b, *b], d: &d [*c, *c, *c, *c, *c, *c, *c, *c], e: &e [*d, *d, *d, "
-         "*d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}", "[*e", "the spec expands to more than 200,000 values",
-         "aliases of aliases grows exponentially"),
+         "*d, *d, *d, *d, *d], f: [*e, *e, *e, *e, *e, *e, *e, *e]}", "f: [*e", "the spec expands to more than 200,000 "
+         "values", "aliases of aliases grows exponentially", skip=20),  # at the fifth *e, which crosses the limit
     Case("a keyword as a block name", "{name: cls, op", "{name: class, op", "class, op",
          "the name 's1.class' cannot be a module: 'class' is a Python keyword", "rename it"),
     Case("an nn.Module attribute as a block name", "{name: cls, op", "{name: forward, op", "forward, op",

@@ -15,7 +15,7 @@ import torch
 import blockgraph as bg
 from blockgraph.spec.plugins import registry
 from tests.conftest import ROOT
-from tests.support.processes import run_without_torch
+from tests.support.processes import run_bounded, run_without_torch
 
 SMALL = ROOT / "specs" / "coat_lite_small.yaml"
 
@@ -198,6 +198,164 @@ def test_hostile_files_fail_cleanly_in_under_a_second(case: str, tmp_path: Path,
         assert err.startswith(f"{path}:{where}"), err
         assert fragment in err and "Traceback" not in err
         assert elapsed < 1.0, f"{command} took {elapsed:.2f} s"
+
+
+LAUGHS = (
+    "{"
+    + ", ".join(
+        ["a0: &a0 [" + ", ".join(["x"] * 9) + "]"]
+        + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    )
+    + "}"
+)
+
+
+def _spec(tmp: Path, text: str) -> Path:
+    (tmp / "spec.yaml").write_text(text)
+    return tmp / "spec.yaml"
+
+
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / "spec.yaml")
+    return tmp / "spec.yaml"
+
+
+def _link(tmp: Path, target: str) -> Path:
+    (tmp / "spec.yaml").symlink_to(target)
+    return tmp / "spec.yaml"
+
+
+BOUNDED = {
+    # case: (the spec file, a function of tmp_path; more arguments; what stderr's first line says)
+    "a FIFO": (_fifo, (), "is a FIFO (named pipe), not a spec file"),
+    "a link to /dev/zero": (lambda tmp: _link(tmp, "/dev/zero"), (), "is a character device, not a spec file"),
+    "a link to /dev/urandom": (lambda tmp: _link(tmp, "/dev/urandom"), (), "is a character device"),
+    "a recursive alias": (
+        lambda tmp: _spec(tmp, (ROOT / "specs" / "coat_lite_tiny.yaml").read_text() + "r: &r [*r]\n"),
+        (),
+        "the alias *r is inside the collection it names",
+    ),
+    "4 MB of dashes": (lambda tmp: _spec(tmp, "-\n" * 1_999_999), (), "expands to more than 200,000 values"),
+    "--set alias bomb": (lambda tmp: SMALL, ("--set", f"depths={LAUGHS}"), "expands to more than 200,000 values"),
+    "--set recursive alias": (lambda tmp: SMALL, ("--set", "depths=&r [*r]"), "inside the collection it names"),
+    "extends a FIFO": (
+        lambda tmp: (os.mkfifo(tmp / "parent.yaml"), _spec(tmp, "name: x\nextends: parent.yaml\n"))[1],
+        (),
+        "`extends:` names a FIFO (named pipe), not a spec file",
+    ),
+    "imports a FIFO": (
+        lambda tmp: (os.mkfifo(tmp / "blocks.py"), _spec(tmp, "name: x\nimports: [./blocks.py]\n"))[1],
+        (),
+        "blocks.py is a FIFO (named pipe)",
+    ),
+    "imports /dev/zero": (
+        lambda tmp: ((tmp / "blocks.py").symlink_to("/dev/zero"), _spec(tmp, "name: x\nimports: [./blocks.py]\n"))[1],
+        (),
+        "/dev/zero is a character device",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDED))
+def test_hostile_reads_are_refused_fast_in_a_bounded_process(case: str, tmp_path: Path) -> None:
+    """Inputs that used to hang or exhaust memory, each through `cli.py validate` in a process of its own (killed
+    after 30 s, unable to map more than 1 GiB): exit 2 with a clear error within 5 s."""
+    make, args, fragment = BOUNDED[case]
+    start = time.perf_counter()
+    result = run_bounded(["cli.py", "validate", make(tmp_path), *args])
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert fragment in result.stderr.splitlines()[0], result.stderr
+    assert elapsed < 5, f"{elapsed:.1f} s"
+
+
+def _family(tmp: Path) -> Path:
+    """A directory to confine specs to (`--root`), holding a family spec, a plugin file and links out of it."""
+    root = tmp / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "family.yaml").write_text((ROOT / "specs" / "coat_lite.yaml").read_text())
+    (root / "blocks.py").write_text("")
+    (tmp / "outside.yaml").write_text("name: x\nstages: sk-live-0123456789abcdefghijklmnopqrstuvwxyz0123456789\n")
+    (tmp / "plugin.py").write_text("")
+    (root / "link.yaml").symlink_to(tmp / "outside.yaml")
+    return root
+
+
+READS = {
+    # case: (the spec's text, written in root/sub; whether validate runs with --root; what stderr's first line says,
+    # None: valid)
+    "extends a family under the root": ("name: c\nextends: ../family.yaml\nvariant: tiny\n", True, None),
+    "extends a reference spec by name": ("name: c\nextends: coat_lite_tiny\n", True, None),
+    "extends a reference that extends its family": ("name: c\nextends: coat_lite_tiny.yaml\n", True, None),
+    "extends a file outside the root": (
+        "name: c\nextends: ../../outside.yaml\n",
+        True,
+        "`extends:` names a file outside the directory specs may read",
+    ),
+    "extends a link out of the root": (
+        "name: c\nextends: ../link.yaml\n",
+        True,
+        "`extends:` names a file outside the directory specs may read",
+    ),
+    "imports a .py file under the root": ("name: c\nextends: coat_lite_tiny\nimports: [../blocks.py]\n", True, None),
+    "imports a .py file outside the root": (
+        "name: c\nextends: coat_lite_tiny\nimports: [../../plugin.py]\n",
+        True,
+        "`imports:` names a file outside the directory specs may read",
+    ),
+    "imports a module by name": (
+        "name: c\nextends: coat_lite_tiny\nimports: [bgplug_never_imported]\n",
+        True,
+        "the spec imports the module 'bgplug_never_imported' by name, which a spec checked with a root",
+    ),
+    "extends /etc/passwd": ("name: c\nextends: /etc/passwd\n", False, "is not a spec (.yaml or .yml): /etc/passwd"),
+    "extends a directory": ("name: c\nextends: ../../root\n", False, "`extends:` names a directory, not a spec file"),
+    "extends /dev/zero": ("name: c\nextends: /dev/zero\n", False, "`extends:` names a character device"),
+    "a parent's value is shown in part": (
+        "extends: ../../outside.yaml\n",
+        False,
+        "'stages': input should be a valid list (got 'sk-live-0123456789abcdefghijklmnopqr... (54 characters))",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(READS))
+def test_extends_and_imports_read_only_spec_files_and_stay_under_the_root(
+    case: str, tmp_path: Path, run_cli, plugin_sandbox
+) -> None:
+    text, confined, fragment = READS[case]
+    root = _family(tmp_path)
+    spec = root / "sub" / "spec.yaml"
+    spec.write_text(text)
+    code, out, err = run_cli("validate", spec, *(("--root", root) if confined else ()))
+    if fragment is None:
+        assert code == 0, err
+        return
+    assert code == 2, out
+    assert err.startswith(f"{spec}:2:") or err.startswith(f"{spec}:3:") or err.startswith(f"{tmp_path}"), err
+    assert fragment in err.splitlines()[0], err
+    assert "sk-live-0123456789abcdefghijklmnopqrstuvwxyz" not in err
+
+
+def test_root_refuses_a_spec_file_outside_it_and_a_missing_directory(tmp_path: Path, run_cli) -> None:
+    root = _family(tmp_path)
+    code, _, err = run_cli("validate", tmp_path / "outside.yaml", "--root", root)
+    assert code == 2 and "the spec file is outside the directory specs may read" in err
+    code, _, err = run_cli("validate", "coat_lite_tiny", "--root", tmp_path / "nope")
+    assert code == 2 and err.startswith("<root>: error: root ") and "no such directory" in err
+    assert run_cli("validate", "coat_lite_tiny", "--root", root)[0] == 0  # a reference spec, by name
+
+
+def test_root_in_the_api(tmp_path: Path) -> None:
+    root = _family(tmp_path)
+    spec = root / "sub" / "spec.yaml"
+    spec.write_text("name: c\nextends: ../../outside.yaml\n")
+    with pytest.raises(bg.SpecError, match="outside the directory specs may read") as info:
+        bg.validate(spec, root=root)
+    assert info.value.line == 2
+    spec.write_text("name: c\nextends: ../family.yaml\nvariant: tiny\n")
+    assert bg.validate(spec, root=root).name == "c"
+    assert bg.build_model(spec, root=root, device="meta").spec.name == "c"
 
 
 def test_summary_per_node_params_and_macs_add_up(run_cli) -> None:

@@ -3,10 +3,12 @@ copies."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import blockgraph as bg
-from blockgraph.errors import GraphError, Pos, SpecError, copy_names, merge_copies
+from blockgraph.errors import MAX_REPORTED, GraphError, Pos, SpecError, copy_names, merge_copies, raise_all
 from tests.conftest import ROOT
 
 
@@ -79,3 +81,25 @@ def test_groups_of_errors_are_merged_error_by_error() -> None:
     group = bg.errors.MultiError([GraphError("bad", pos=here, node=f"s.b.{i}") for i in range(2)])
     merged = merge_copies([group, GraphError("bad", pos=here, node="s.b.2")])
     assert [e.node for e in merged] == ["s.b.0..2"]
+
+
+def test_at_most_a_hundred_errors_are_reported_then_how_many_more() -> None:
+    with pytest.raises(bg.MultiError) as info:
+        raise_all([SpecError(f"problem {i}", pos=Pos("a.yaml", i + 1, 1)) for i in range(1000)])
+    errors = info.value.errors
+    assert len(errors) == MAX_REPORTED + 1
+    assert errors[-1].message == f"900 more error(s) not shown (the first {MAX_REPORTED} are)"
+    assert isinstance(errors[-1], SpecError) and errors[-1].file == "a.yaml"
+
+
+def test_a_spec_with_ninety_thousand_unknown_keys_is_refused_in_seconds(tmp_path, run_cli) -> None:
+    """Each unknown key costs a "did you mean" search: only the first ones are searched and reported."""
+    keys = ", ".join(f"k{i}: 1" for i in range(90_000))
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        f"name: x\nstages:\n  - {{name: s, blocks: [{{name: b, op: linear, dim: 8, dim_out: 8, {keys}}}]}}\n"
+    )
+    start = time.perf_counter()
+    code, _, err = run_cli("validate", path)
+    assert code == 2 and time.perf_counter() - start < 5
+    assert err.count("unknown key") == MAX_REPORTED and "89,900 more error(s) not shown" in err

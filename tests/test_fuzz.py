@@ -46,7 +46,7 @@ def mutated(draw: st.DrawFn) -> tuple[str, str]:
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(lines) - 1))
         action = draw(st.sampled_from(
-            ["delete", "duplicate", "rename", "value", "dangle", "indent", "swap", "cut", "name", "number"]
+            ["delete", "duplicate", "rename", "value", "dangle", "indent", "swap", "cut", "name", "number", "alias"]
         ))  # fmt: skip
         line = lines[i]
         key, colon, rest = line.partition(":")

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from blockgraph.compiler.checkpoint import is_checkpoint, read
-from blockgraph.errors import WeightsError
+from blockgraph.errors import WeightsError, excerpt, shorten
+from blockgraph.spec import patterns
+
+MAX_KEY_CHARS = 1_000
+"""The longest state_dict key accepted (a model's keys have well under 200 characters): rename patterns run in time
+proportional to a key's length at each place they are tried, so a bound on keys bounds renaming."""
 
 
 def rename_key(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
@@ -30,7 +35,10 @@ def _twin_rules(model: nn.Module) -> tuple[Any, list[tuple[re.Pattern[str], str]
         raise WeightsError(
             f"spec '{getattr(spec, 'name', '?')}' names no timm twin", hint="add `twin: {timm: ..., rename: [...]}`"
         )
-    return twin, [(re.compile(p), r) for p, r in twin.rules()]
+    try:
+        return twin, [(patterns.compile(p), r) for p, r in twin.rules()]
+    except patterns.UnsafePatternError as e:  # (a spec that was validated never has one)
+        raise WeightsError(f"spec '{spec.name}': a `twin.rename` pattern is refused: {e}") from None
 
 
 def _rename(
@@ -41,6 +49,11 @@ def _rename(
     source: dict[str, str] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
+        if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
+            raise WeightsError(
+                f"the state_dict has a key that is not a name of at most {MAX_KEY_CHARS:,} characters: {excerpt(key)}",
+                hint="is it a state_dict of a model? (torch.save(model.state_dict(), path))",
+            )
         target = rename_key(key, rules)
         if not known(target):
             unexpected.append(f"{key} -> {target}" if target != key else key)
@@ -58,7 +71,7 @@ def _rename(
 
 
 def _listed(what: str, keys: list[str]) -> str:
-    return f"{len(keys)} {what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+    return f"{len(keys)} {what}: {', '.join(shorten(k, 100) for k in keys[:8])}{' ...' if len(keys) > 8 else ''}"
 
 
 def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:

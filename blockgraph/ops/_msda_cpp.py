@@ -5,16 +5,23 @@ The kernels are compiled once with ``torch.utils.cpp_extension.load`` (cached in
 register the ops ``torch.ops.blockgraph_msda.forward`` / ``.backward``. When no compiler is available or the build
 fails, :func:`load` warns once and returns ``False``, and callers use the pure-PyTorch path. ``BLOCKGRAPH_NO_CPP=1``
 skips the build altogether.
+
+torch serializes builds with a lock file in the build directory (``<dir>/<name>/lock``, a ``FileBaton``) and waits
+for it with no end: a process killed while compiling leaves it behind, and every later process would hang. Here the
+wait is bounded: a lock that no process holds open any more (Linux, where ``/proc`` says so), or that is older
+than :data:`STALE_LOCK_SECONDS`, is stale, and the pure path is used, with a warning naming the file to delete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn.cpp"
 EXTENSION_NAME = "blockgraph_msda"
@@ -22,6 +29,10 @@ CFLAGS = ["-O3", "-fopenmp"]
 """-fopenmp: at::parallel_for is an inline ``#pragma omp parallel`` in torch's OpenMP builds."""
 LDFLAGS = ["-fopenmp"]
 DISABLE_ENV = "BLOCKGRAPH_NO_CPP"
+STALE_LOCK_SECONDS = 60.0
+"""A build lock older than this is stale whoever holds it (a build of the kernel takes seconds)."""
+DEAD_OWNER_SECONDS = 1.0
+"""A build lock that no process has held open for this long is stale (where that can be seen: Linux's /proc)."""
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -58,16 +69,17 @@ def load(*, verbose: bool = False) -> bool:
             return _loaded
         start = time.perf_counter()
         try:
-            from torch.utils.cpp_extension import load as load_extension
+            from torch.utils import cpp_extension
 
-            load_extension(
-                name=EXTENSION_NAME,
-                sources=[str(SOURCE)],
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
-                is_python_module=False,
-                verbose=verbose,
-            )
+            with _bounded_lock_wait(cpp_extension):
+                cpp_extension.load(
+                    name=EXTENSION_NAME,
+                    sources=[str(SOURCE)],
+                    extra_cflags=CFLAGS,
+                    extra_ldflags=LDFLAGS,
+                    is_python_module=False,
+                    verbose=verbose,
+                )
         except Exception as e:  # no compiler, no ninja, a compile error: all mean "use the pure path"
             _failure = _summary(e)
             _loaded = False
@@ -83,6 +95,76 @@ def load(*, verbose: bool = False) -> bool:
             _loaded = True
         _load_seconds = time.perf_counter() - start
         return _loaded
+
+
+class StaleLockError(TimeoutError):
+    """The kernel's build lock was left by a build that did not finish."""
+
+
+@contextlib.contextmanager
+def _bounded_lock_wait(cpp_extension: Any) -> Iterator[None]:
+    """While the kernel loads, torch waits for another build's lock as :func:`wait_for_lock` does (bounded), not
+    forever. (torch takes no timeout: its ``FileBaton`` is swapped for the duration, under :data:`_lock`.)"""
+    original = cpp_extension.FileBaton
+
+    class BoundedBaton(original):  # type: ignore[misc, valid-type]
+        def wait(self) -> None:
+            wait_for_lock(self.lock_file_path, self.wait_seconds)
+
+    cpp_extension.FileBaton = BoundedBaton
+    try:
+        yield
+    finally:
+        cpp_extension.FileBaton = original
+
+
+def wait_for_lock(path: str, poll_seconds: float = 0.1) -> None:
+    """Wait until the build lock ``path`` is released by the build that holds it.
+
+    Raises:
+        StaleLockError: the lock is stale: no process has held it open for :data:`DEAD_OWNER_SECONDS` (where
+            that can be seen), or it is older than :data:`STALE_LOCK_SECONDS`.
+    """
+    unheld_since = None
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(path)
+        except FileNotFoundError:
+            return  # released
+        held = _held_open(path)
+        now = time.monotonic()
+        unheld_since = (unheld_since or now) if held is False else None
+        if age > STALE_LOCK_SECONDS or (unheld_since is not None and now - unheld_since >= DEAD_OWNER_SECONDS):
+            why = "no process holds it" if unheld_since is not None else f"it is {age:.0f} s old"
+            raise StaleLockError(
+                f"the build lock {path} is stale ({why}: a build was stopped before it finished); "
+                "delete it to build the kernel again"
+            )
+        time.sleep(poll_seconds)
+
+
+def _held_open(path: str) -> bool | None:
+    """Whether some process holds ``path`` open, from Linux's ``/proc``; None where that cannot be known (no
+    ``/proc``, or processes whose open files this one may not see)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    target = os.path.realpath(path)
+    unknown = False
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:  # the process ended
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return True
+    return None if unknown else False
 
 
 def _summary(error: Exception) -> str:

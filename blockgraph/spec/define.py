@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from blockgraph.errors import Pos, SpecError
+from blockgraph.errors import Pos, SpecError, excerpt
 from blockgraph.spec.load import Node
 
 COMPOSITE_OP = "block"
@@ -72,7 +72,7 @@ def definitions(node: Node | None) -> dict[str, Definition]:
         where = body.key_pos or body.pos
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise SpecError(
-                f"defined block name {name!r} is not a snake_case name",
+                f"defined block name {excerpt(name)} is not a snake_case name",
                 pos=where,
                 hint="use lowercase letters, digits and '_', starting with a letter (it is used as `op: NAME`)",
             )
@@ -84,7 +84,7 @@ def definitions(node: Node | None) -> dict[str, Definition]:
             if key not in KEYS:
                 close = difflib.get_close_matches(str(key), KEYS, n=1)
                 raise SpecError(
-                    f"unknown key '{key}' in the definition of '{name}'",
+                    f"unknown key {excerpt(key)} in the definition of '{name}'",
                     pos=value.key_pos or value.pos,
                     hint=f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(KEYS)}",
                 )
@@ -129,7 +129,7 @@ def definitions(node: Node | None) -> dict[str, Definition]:
 
 def _check_name(value: Any, pos: Pos, what: str) -> None:
     if not isinstance(value, str) or not value.isidentifier():
-        raise SpecError(f"{what} {value!r} is not a name", pos=pos, hint="use letters, digits and '_'")
+        raise SpecError(f"{what} {excerpt(value)} is not a name", pos=pos, hint="use letters, digits and '_'")
 
 
 _EXAMPLE = "e.g. `my_block: {params: {dim: null}, blocks: [{name: fc, op: linear, dim_out: '${dim}'}]}`"

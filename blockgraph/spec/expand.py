@@ -36,10 +36,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockgraph.errors import Pos, SpecError
+from blockgraph.errors import Pos, SpecError, excerpt, shorten
 from blockgraph.spec import expr
 from blockgraph.spec.define import COMPOSITE_OP, Definition, bind, definitions
-from blockgraph.spec.load import Node, load_file, load_text
+from blockgraph.spec.load import MISSING, Node, load_file, load_text, regular_file_kind
 from blockgraph.spec.patch import PATCHES, Entry, apply, directives, merge, merge_spec, path_patch
 from blockgraph.spec.references import SPEC_DIR, nearest_hint
 
@@ -125,6 +125,9 @@ class Expanded:
     """The modules of custom blocks the spec imports (``imports:``), in order, each once; not loaded here."""
     defined: dict[str, Pos] = field(default_factory=dict)
     """The blocks defined in YAML that the spec can use (its ``define:`` and its libraries'), with their positions."""
+    root: str | None = None
+    """The directory the spec was confined to (``expand(root=...)``): its ``imports:`` files are under it, and
+    modules it names are not imported (only used if already loaded)."""
 
     def standalone(self) -> dict[str, Any]:
         """The data as a spec of its own (no `extends:`, no expressions, no variant to choose, files imported by
@@ -136,8 +139,9 @@ class Expanded:
 # ----------------------------------------------------------------------------------------------------- extends / merge
 
 
-def _imports(node: Node | None) -> list[Import]:
-    """The entries of ``imports:``, files resolved against the directory of the file that lists them, each once."""
+def _imports(node: Node | None, within: str | None) -> list[Import]:
+    """The entries of ``imports:``, files resolved against the directory of the file that lists them, each once
+    (a file outside ``within``, the ``root`` of :func:`expand`, is refused)."""
     if node is None:
         return []
     if not node.is_list:
@@ -152,11 +156,12 @@ def _imports(node: Node | None) -> list[Import]:
         if isinstance(entry, str) and names_a_file(entry):
             here = os.path.dirname(item.pos.file) if os.path.exists(item.pos.file) else os.getcwd()
             name = os.path.realpath(os.path.join(here, entry))
+            _check_within(name, within, "`imports:` names a file", item.pos)
         elif isinstance(entry, str) and _MODULE_NAME.fullmatch(entry):
             name = entry
         else:
             raise SpecError(
-                f"`imports:` entry {entry!r} is neither a module name nor a .py file",
+                f"`imports:` entry {excerpt(entry)} is neither a module name nor a .py file",
                 pos=item.pos,
                 hint="write a dotted module name (`my_pkg.blocks`) or a path ending in .py, relative to this file "
                 "(`./blocks/convnext.py`)",
@@ -165,7 +170,7 @@ def _imports(node: Node | None) -> list[Import]:
     return list(out.values())
 
 
-def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
+def _resolve_extends(root: Node, file: str, chain: list[str], within: str | None) -> Node:
     parent = root.get("extends")
     if parent is None:
         return merge_spec(Node({}, root.pos), root) if any("." in str(k) for k in root.value) else root
@@ -178,19 +183,28 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
         raise SpecError(f"`extends:` forms a cycle: {shown}", pos=parent.pos, hint="remove one of the `extends:` lines")
     if len(chain) >= MAX_EXTENDS:
         raise SpecError(f"`extends:` chain is deeper than {MAX_EXTENDS}: {shown}", pos=parent.pos)
-    if not os.path.isfile(target) and not os.path.isabs(parent.value):  # then among the reference specs, by name
-        for name in (parent.value, f"{parent.value}.yaml"):
-            if os.path.isfile(reference := os.path.join(SPEC_DIR, name)):
-                target = reference
-                break
-    if not os.path.isfile(target):
+    if not os.path.lexists(target) and not os.path.isabs(parent.value):  # then among the reference specs, by name
+        target = _reference(parent.value) or target
+    kind = regular_file_kind(target)
+    if kind == MISSING:
         raise SpecError(
             f"`extends:` names a file that does not exist: {target}",
             pos=parent.pos,
             hint=f"the path is relative to {here or '.'}, then to the reference specs ({SPEC_DIR}), where a name "
             f"may leave out .yaml; {nearest_hint(parent.value)}; chain: {shown}",
         )
-    base = _resolve_extends(load_file(target), target, [*chain, target])
+    if kind is not None:
+        raise SpecError(
+            f"`extends:` names {kind}, not a spec file: {target}", pos=parent.pos, hint="name a .yaml spec file"
+        )
+    if not target.endswith(LIBRARY_SUFFIXES):
+        raise SpecError(
+            f"`extends:` names a file that is not a spec (.yaml or .yml): {target}",
+            pos=parent.pos,
+            hint="a parent spec is a YAML file whose name ends in .yaml or .yml",
+        )
+    _check_within(target, within, "`extends:` names a file", parent.pos)
+    base = _resolve_extends(load_file(target), target, [*chain, target], within)
     child = Node({k: v for k, v in root.value.items() if k != "extends"}, root.pos, root.key_pos)
     chosen = child.get("variant")
     if chosen is not None and "variants" not in child.value:
@@ -205,6 +219,36 @@ def _resolve_extends(root: Node, file: str, chain: list[str]) -> Node:
     return merged
 
 
+def _reference(name: str) -> str | None:
+    """The reference spec ``name`` names (``coat_lite`` or ``coat_lite.yaml``), if there is one in ``SPEC_DIR``."""
+    specs = os.path.realpath(SPEC_DIR)
+    for candidate in (name, f"{name}.yaml"):
+        path = os.path.normpath(os.path.join(SPEC_DIR, candidate))
+        if os.path.isfile(path) and _inside(os.path.realpath(path), specs):
+            return path
+    return None
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or under it (both absolute, symbolic links resolved)."""
+    try:
+        return os.path.commonpath([path, directory]) == directory
+    except ValueError:  # on different drives
+        return False
+
+
+def _check_within(path: str, within: str | None, what: str, pos: Pos) -> None:
+    """Refuse ``path`` (symbolic links resolved) when it is outside ``within`` (the ``root`` of :func:`expand`) and
+    is not one of the reference specs (which extend each other)."""
+    real = os.path.realpath(path)
+    if within is not None and not _inside(real, within) and not _inside(real, os.path.realpath(SPEC_DIR)):
+        raise SpecError(
+            f"{what} outside the directory specs may read ({within}): {path}",
+            pos=pos,
+            hint="a spec checked with a root (`--root DIR`) may only read files under it, and the reference specs",
+        )
+
+
 def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
     variants = root.get("variants")
     own = root.get("variant")
@@ -215,7 +259,7 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
     where = own.pos if (chosen is None and own is not None) else Pos("<variant argument>")
     if variants is None or not variants.is_map or not variants.value:
         raise SpecError(
-            f"variant '{name}' asked for, but this spec declares no `variants:`",
+            f"variant {excerpt(name)} asked for, but this spec declares no `variants:`",
             pos=where,
             hint="remove `variant:`, or declare `variants: {NAME: {variables: {...}}}` in this spec or its parent",
         )
@@ -226,11 +270,13 @@ def _apply_variant(root: Node, chosen: str | None) -> tuple[Node, str | None]:
             raise SpecError(
                 f"`variant:` must be a variant's name, got a {type(name).__name__}",
                 pos=where,
-                hint=f"variants: {', '.join(names)}",
+                hint=f"variants: {shorten(', '.join(names), 200)}",
             )
         close = difflib.get_close_matches(str(name), names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise SpecError(f"unknown variant '{name}'", pos=where, hint=f"{hint}variants: {', '.join(names)}")
+        raise SpecError(
+            f"unknown variant {excerpt(str(name))}", pos=where, hint=f"{hint}variants: {shorten(', '.join(names), 200)}"
+        )
     name = by_text[str(name)]
     variant = variants.value[name]
     if not variant.is_map:
@@ -374,7 +420,9 @@ class _Expander:
             value = expr.interpolate(text, scope)
         except expr.ExprError as e:
             raise SpecError(
-                e.message, pos=node.pos.shifted(start + e.offset), hint=e.hint or f"in the expression {text!r}"
+                e.message,
+                pos=node.pos.shifted(start + e.offset),
+                hint=e.hint or f"in the expression {excerpt(text, 80)}",
             ) from None
         if record and self.variables is not None:
             used = [n for n in expr.names_used(text) if n in self.variables.defs]
@@ -431,7 +479,7 @@ class _Expander:
                     guard = body.value["if"]
                     keep = self.evaluate(guard, inner, (), record=False)
                     if not isinstance(keep, bool):
-                        raise SpecError(f"`if:` needs true or false, got {keep!r}", pos=guard.pos)
+                        raise SpecError(f"`if:` needs true or false, got {excerpt(keep)}", pos=guard.pos)
                     if not keep:
                         continue
                     body = Node({k: v for k, v in body.value.items() if k != "if"}, body.pos, meta=body.meta)
@@ -454,7 +502,7 @@ class _Expander:
         columns: dict[str, list[Any]] = {}
         for name, values in loop.value.items():
             if not isinstance(name, str) or not name.isidentifier():
-                raise SpecError(f"`for:` variable {name!r} must be a name", pos=values.key_pos or values.pos)
+                raise SpecError(f"`for:` variable {excerpt(name)} must be a name", pos=values.key_pos or values.pos)
             evaluated = self.evaluate(values, scope, (), record=False)
             if not isinstance(evaluated, list):
                 raise SpecError(f"`for:` variable '{name}' needs a list of values", pos=values.pos)
@@ -473,7 +521,7 @@ class _Expander:
         depth_node = body.value["depth"]
         depth = self.evaluate(depth_node, scope, (), record=False)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise SpecError(f"`depth` must be a non-negative integer, got {depth!r}", pos=depth_node.pos)
+            raise SpecError(f"`depth` must be a non-negative integer, got {excerpt(depth)}", pos=depth_node.pos)
         if depth > MAX_EXPANDED - self.produced:  # fail before repeating anything
             raise SpecError(
                 f"`depth` {depth:,} would expand the spec past the limit of {MAX_EXPANDED:,} entries",
@@ -522,6 +570,7 @@ def expand(
     overrides: Mapping[str, Any] | None = None,
     text: str | None = None,
     file: str | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> Expanded:
     """Load (if needed) and expand a spec.
 
@@ -531,10 +580,14 @@ def expand(
         overrides: variable values that replace the spec's (``{"depths": [1, 1, 1, 1]}``).
         text: YAML text to parse instead of reading ``spec`` (``file`` names it in messages).
         file: the name to show for ``text``.
+        root: a directory outside which no file is read (for specs sent by others): the spec file itself, its
+            ``extends:`` and its ``imports:`` files must be under it (symbolic links resolved), a reference spec
+            excepted; modules named in ``imports:`` are not imported (:attr:`Expanded.root`).
 
     Raises:
-        SpecError: the spec cannot be read or expanded.
+        SpecError: the spec cannot be read or expanded, or reaches outside ``root``.
     """
+    within = _root(root)
     if text is not None:
         file = file or "<string>"
         root = load_text(text, file)
@@ -542,9 +595,10 @@ def expand(
         root, file = spec, spec.pos.file
     else:
         file = os.fspath(spec)
+        _check_within(file, within, "the spec file is", Pos(file))
         root = load_file(file)
     assert file is not None
-    root = _resolve_extends(root, file, [file])
+    root = _resolve_extends(root, file, [file], within)
     inherited = root.meta.get("variant")  # chosen by an `extends:`-ing file for its parent
     root, chosen = _apply_variant(root, variant)
     chosen = chosen or inherited
@@ -556,7 +610,7 @@ def expand(
             root = merge(root, path_patch(root, name, Node.from_plain(overrides.pop(name), pos), pos))
 
     expander = _Expander(file)
-    defines, modules = _imported(_imports(root.get(IMPORTS)), ())
+    defines, modules = _imported(_imports(root.get(IMPORTS), within), (), within)
     expander.defines.update(defines)
     expander.defines.update(definitions(root.get(DEFINE)))
     defs_node = root.get("variables")
@@ -566,7 +620,7 @@ def expand(
     for name, node in defs.items():
         if not isinstance(name, str) or not name.isidentifier() or name == REP:
             raise SpecError(
-                f"variable name {name!r} is not usable in expressions",
+                f"variable name {excerpt(name)} is not usable in expressions",
                 pos=node.key_pos or node.pos,
                 hint=f"use a Python-style identifier (letters, digits, '_'), not '{REP}' (reserved)",
             )
@@ -574,7 +628,7 @@ def expand(
         if name not in defs:
             close = difflib.get_close_matches(str(name), list(defs), n=1)
             raise SpecError(
-                f"override of unknown variable '{name}'",
+                f"override of unknown variable {excerpt(name)}",
                 pos=Pos("<overrides>"),
                 hint=(f"did you mean '{close[0]}'? " if close else "")
                 + f"variables: {', '.join(defs) or 'none'}; or a dotted path into the spec "
@@ -590,17 +644,29 @@ def expand(
     if chosen is not None:
         data["variant"] = chosen
     defined = {name: d.pos for name, d in expander.defines.items()}
-    return Expanded(data, expander.source, chosen, modules, defined)
+    return Expanded(data, expander.source, chosen, modules, defined, within)
 
 
-def _imported(entries: list[Import], chain: tuple[str, ...]) -> tuple[dict[str, Definition], list[Import]]:
+def _root(root: str | os.PathLike[str] | None) -> str | None:
+    """The directory ``root`` names, symbolic links resolved (None for none)."""
+    if root is None:
+        return None
+    path = os.path.realpath(root)
+    if not os.path.isdir(path):
+        raise SpecError(f"root {os.fspath(root)}: no such directory", pos=Pos("<root>"))
+    return path
+
+
+def _imported(
+    entries: list[Import], chain: tuple[str, ...], within: str | None
+) -> tuple[dict[str, Definition], list[Import]]:
     """What ``imports:`` entries bring: the blocks defined by its YAML libraries (and by the libraries those import,
     later ones winning), and the modules of custom blocks, each once, in order."""
     defines: dict[str, Definition] = {}
     modules: dict[str, Import] = {}
     for entry in entries:
         if entry.is_library:
-            more, modules_there = _library(entry, chain)
+            more, modules_there = _library(entry, chain, within)
             defines.update(more)
             for module in modules_there:
                 modules.setdefault(module.name, module)
@@ -609,19 +675,26 @@ def _imported(entries: list[Import], chain: tuple[str, ...]) -> tuple[dict[str, 
     return defines, list(modules.values())
 
 
-def _library(entry: Import, chain: tuple[str, ...]) -> tuple[dict[str, Definition], list[Import]]:
+def _library(entry: Import, chain: tuple[str, ...], within: str | None) -> tuple[dict[str, Definition], list[Import]]:
     """The blocks a YAML library defines (its ``define:``, through its own ``extends:``, over those of the libraries
     it imports), and the modules of custom blocks it imports."""
     if entry.name in chain:
         shown = " -> ".join([*chain, entry.name])
         raise SpecError(f"`imports:` of block libraries form a cycle: {shown}", pos=entry.pos, hint="remove one")
-    if not os.path.isfile(entry.name):
+    kind = regular_file_kind(entry.name)
+    if kind == MISSING:
         raise SpecError(
             f"`imports:` names a block library that does not exist: {entry.name}",
             pos=entry.pos,
             hint="a .yaml entry is a file of `define:` blocks, relative to the spec that imports it",
         )
-    root = _resolve_extends(load_file(entry.name), entry.name, [entry.name])
-    defines, modules = _imported(_imports(root.get(IMPORTS)), (*chain, entry.name))
+    if kind is not None:
+        raise SpecError(
+            f"`imports:` names {kind}, not a block library: {entry.name}",
+            pos=entry.pos,
+            hint="a .yaml entry is a file of `define:` blocks, relative to the spec that imports it",
+        )
+    root = _resolve_extends(load_file(entry.name), entry.name, [entry.name], within)
+    defines, modules = _imported(_imports(root.get(IMPORTS), within), (*chain, entry.name), within)
     defines.update(definitions(root.get(DEFINE)))
     return defines, modules

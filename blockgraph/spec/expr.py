@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, NamedTuple, TypeVar
 
+from blockgraph.errors import excerpt
+
 __all__ = [
     "FUNCTIONS",
     "MAX_DEPTH",
@@ -528,9 +530,9 @@ def _pick(value: Any, index: Any) -> Any:
     if not isinstance(value, list):
         return value
     if not isinstance(index, int) or isinstance(index, bool):
-        raise _CallError(f"pick(): the index must be a whole number, got {index!r}")
+        raise _CallError(f"pick(): the index must be a whole number, got {excerpt(index)}")
     if not -len(value) <= index < len(value):
-        raise _CallError(f"pick(): index {index} is out of range for a list of {len(value)} values ({value!r})")
+        raise _CallError(f"pick(): index {index} is out of range for a list of {len(value)} values ({excerpt(value)})")
     return value[index]
 
 
@@ -910,7 +912,7 @@ class _Evaluator:
             keys = [repr(k) for k in value]
             hint = _did_you_mean(key, [k for k in value if isinstance(k, str)]) if isinstance(key, str) else None
             hint = hint or (f"keys: {_list_some(keys)}" if keys else "the dict is empty")
-            raise self.error(f"key {key!r} not found in dict", node.slice, hint)
+            raise self.error(f"key {excerpt(key)} not found in dict", node.slice, hint)
         raise self.error(
             f"cannot index {_a(value)}",
             node.value,

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockgraph.errors import Pos, SpecError
+from blockgraph.errors import Pos, SpecError, excerpt, shorten
 from blockgraph.spec.load import Node
 
 PATCHES = "patches"
@@ -133,7 +133,7 @@ def apply(
         if at is None and (DELETE in given or REPLACE in given or item.body.meta.get(EXISTING)):
             key = DELETE if DELETE in given else REPLACE if REPLACE in given else None
             raise SpecError(
-                f"{what} has no item named {item.name!r}" + (f" to {key[1:]}" if key else ""),
+                f"{what} has no item named {excerpt(item.name)}" + (f" to {key[1:]}" if key else ""),
                 pos=name_node.pos if name_node is not None else item.body.pos,
                 hint=_names_hint(item.name, names),
             )
@@ -160,7 +160,7 @@ def apply(
                 others = [e.name for e in out]
                 if target not in others:
                     raise SpecError(
-                        f"`{key}: {target}`: {what} has no item named {target!r}",
+                        f"`{key}: {shorten(str(target))}`: {what} has no item named {excerpt(target)}",
                         pos=given[key].pos,
                         hint=_names_hint(target, others),
                     )
@@ -197,7 +197,7 @@ def path_patch(root: Node, path: str, value: Node, pos: Pos) -> Node:
     ``value``, shaped after ``root`` (the spec it will be merged over). A null value deletes the key or item."""
     if not PATH_KEY.fullmatch(path):
         raise SpecError(
-            f"{path!r} is not a path into the spec",
+            f"{excerpt(path)} is not a path into the spec",
             pos=pos,
             hint="dotted keys and item names: `stages.stage4.blocks.blocks.depth`",
         )
@@ -222,7 +222,7 @@ def _patch_at(node: Node | None, parts: list[str], i: int, value: Node, pos: Pos
         guide = guide or (templates[0] if templates else None)
         if guide is None:
             raise SpecError(
-                f"{shown} has no item named {part!r}",
+                f"{shown} has no item named {excerpt(part)}",
                 pos=pos,
                 hint=_names_hint(part, [it.value["name"].value for it in items]),
             )
@@ -236,6 +236,6 @@ def _patch_at(node: Node | None, parts: list[str], i: int, value: Node, pos: Pos
         item = Node({"name": Node(part, pos), **body}, pos, meta={EXISTING: True})
         return Node([item], pos, pos)
     if node is not None and not node.is_map:
-        raise SpecError(f"{shown} is {node.value!r}, not a mapping: `{path}` cannot reach into it", pos=pos)
+        raise SpecError(f"{shown} is {excerpt(node.value)}, not a mapping: `{path}` cannot reach into it", pos=pos)
     child = node.get(part) if node is not None else None
     return Node({part: _patch_at(child, parts, i + 1, value, pos, path)}, pos, pos)

@@ -37,6 +37,7 @@ from typing import Any
 
 from blockgraph.errors import BlockError, BlockgraphError, PluginError, Pos
 from blockgraph.spec.expand import Expanded, Import, names_a_file
+from blockgraph.spec.load import regular_file_kind
 from blockgraph.spec.schema import BlockSpec, register, registered
 
 ENTRY_POINT_GROUP = "blockgraph.blocks"
@@ -85,13 +86,21 @@ def load_imports(expanded: Expanded, *, allow_imports: bool = True) -> None:
     Args:
         expanded: the expanded spec.
         allow_imports: when False (a checkpoint's spec), a module of ``imports:`` that is not loaded yet is an
-            error instead of being imported.
+            error instead of being imported. A spec expanded with a ``root`` imports its files (all under the
+            root) but no module by name.
 
     Raises:
         PluginError: at the ``imports:`` entry: the module cannot be found or fails to import, or, without
-            ``allow_imports``, it is not loaded.
+            ``allow_imports`` (or by name, under a root), it is not loaded.
     """
     for entry in expanded.imports:
+        if expanded.root is not None and not entry.is_file and entry.name not in sys.modules:
+            raise PluginError(
+                f"the spec imports the module {entry.name!r} by name, which a spec checked with a root "
+                f"({expanded.root}) may not do",
+                pos=entry.pos,
+                hint=f"load it first (`--plugin {entry.name}`), or import a .py file under the root",
+            )
         if allow_imports:
             _load(entry, f"plugin {entry.written!r}")
         elif _module_name(entry) not in sys.modules:
@@ -136,8 +145,9 @@ def _load(entry: Import, asked: str) -> ModuleType:
     if not os.path.exists(path):
         raise PluginError(f"{asked}: no such file: {path}", pos=entry.pos, hint=f"the path is relative to {where}")
     stem = os.path.basename(path).removesuffix(".py")
-    if os.path.isdir(path) or not path.endswith(".py") or not stem.isidentifier():
-        what = "a directory" if os.path.isdir(path) else "not a Python file whose name is a module name"
+    kind = regular_file_kind(path)  # a FIFO or a device would block the import, or never end
+    if kind is not None or not path.endswith(".py") or not stem.isidentifier():
+        what = kind or "not a Python file whose name is a module name"
         raise PluginError(
             f"{asked}: {path} is {what}",
             pos=entry.pos,

@@ -18,17 +18,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PositiveInt,
+    Tag,
     ValidationError,
     create_model,
     field_validator,
     model_validator,
 )
 
-from blockgraph.errors import BlockgraphError, Pos, SpecError, raise_all
+from blockgraph.errors import MAX_REPORTED, BlockgraphError, Pos, SpecError, excerpt, more_errors, raise_all
+from blockgraph.spec import patterns
 from blockgraph.spec.expand import Expanded, SourceMap
 
 if TYPE_CHECKING:
@@ -413,11 +417,24 @@ class OutputSpec(SpecModel):
     """For a feature map: its stride relative to the input; checked against the inferred shape."""
 
 
+def _rename_pattern(pattern: str) -> str:
+    try:
+        patterns.check(pattern)
+    except patterns.UnsafePatternError as e:
+        raise ValueError(f"rename pattern {excerpt(pattern)} is refused: {e}") from None
+    return pattern
+
+
+RenamePattern = Annotated[str, AfterValidator(_rename_pattern)]
+"""A regular expression matched in linear time (:mod:`blockgraph.spec.patterns`)."""
+
+
 class RenameRule(SpecModel):
     """One key-rename rule: ``from`` (a regular expression) → ``to`` (its replacement, ``\\1`` for groups)."""
 
-    from_: str = Field(alias="from")
-    """A regular expression searched in each twin key."""
+    from_: RenamePattern = Field(alias="from")
+    """A regular expression searched in each twin key (one where the next character always decides what it does,
+    so that matching is fast on any key)."""
     to: str
     """The replacement (``re.sub`` syntax: ``\\1`` for the first group), applied once."""
 
@@ -428,20 +445,14 @@ class TwinSpec(SpecModel):
 
     timm: str | None = None
     """timm's model name (``timm.create_model(name)``); none for a twin outside timm."""
-    rename: list[tuple[str, str] | RenameRule] = []
+    rename: list[
+        Annotated[
+            Annotated[tuple[RenamePattern, str], Tag("pair")] | Annotated[RenameRule, Tag("rule")],
+            Discriminator(lambda rule: "rule" if isinstance(rule, dict | RenameRule) else "pair"),
+        ]
+    ] = []
     """Rules ``[pattern, replacement]`` (or ``{from: ..., to: ...}``, which ``for:`` templates can generate) applied
     to each twin key; the first rule that matches wins."""
-
-    @field_validator("rename")
-    @classmethod
-    def _compile(cls, rules: list[tuple[str, str] | RenameRule]) -> list[tuple[str, str] | RenameRule]:
-        for i, rule in enumerate(rules):
-            pattern = rule.from_ if isinstance(rule, RenameRule) else rule[0]
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"rule {i}: bad regular expression {pattern!r}: {e}") from None
-        return rules
 
     def rules(self) -> list[tuple[str, str]]:
         """The rules as ``(pattern, replacement)`` pairs."""
@@ -660,7 +671,11 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
     source, data = expanded.source, expanded.data
     out: list[BlockgraphError] = []
     seen: set[tuple[str, tuple[Any, ...]]] = set()
-    for item in error.errors(include_url=False):
+    items = error.errors(include_url=False)
+    for index, item in enumerate(items):
+        if len(out) >= MAX_REPORTED:  # (each costs a "did you mean" search: report the first ones, fast)
+            out.append(more_errors(len(items) - index, out[0]))
+            break
         loc, kind = tuple(item["loc"]), item["type"]
         path = source.resolve(loc)
         # A union member's errors repeat the loc with the tag inside ('constrained-str', 'list[...]'): the key is
@@ -678,7 +693,7 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             close = difflib.get_close_matches(str(key), keys, n=1)
             hint = f"did you mean '{close[0]}'?" if close else (f"allowed keys: {', '.join(keys)}" if keys else None)
             pos = source.key(path) if path and path[-1] == key else source.value(path)
-            out.append(SpecError(f"unknown key '{key}'{where}", pos=pos, node=owner_name, hint=hint))
+            out.append(SpecError(f"unknown key {excerpt(key)}{where}", pos=pos, node=owner_name, hint=hint))
         elif kind == "union_tag_invalid":
             tag = item.get("ctx", {}).get("tag")
             ops = sorted([*_REGISTRY, *expanded.defined])
@@ -686,7 +701,9 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else f"known ops: {', '.join(ops)}"
             inside = f" in block '{owner_name}'" if owner_name else ""
             out.append(
-                SpecError(f"unknown op '{tag}'{inside}", pos=source.value(path + ("op",)), node=owner_name, hint=hint)
+                SpecError(
+                    f"unknown op {excerpt(tag)}{inside}", pos=source.value(path + ("op",)), node=owner_name, hint=hint
+                )
             )
         elif kind == "union_tag_not_found":
             hint = f"every block names its type, e.g. `op: {sorted(_REGISTRY)[0]}`; see `blockgraph list --ops`"
@@ -703,7 +720,7 @@ def _translate(error: ValidationError, expanded: Expanded) -> list[BlockgraphErr
             )
         else:
             value = item.get("input")
-            shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+            shown = excerpt(value) if not isinstance(value, dict | list) else type(value).__name__
             message = item["msg"][0].lower() + item["msg"][1:]
             field = f"'{key}'" if isinstance(key, str) else f"item {key}"
             out.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,10 @@ import yaml
 
 from blockgraph.errors import Pos, SpecError
 from blockgraph.spec import load
-from blockgraph.spec.load import MAX_NODES, Node, load_file, load_text
+from blockgraph.spec.load import MAX_DEPTH, MAX_NODES, Node, load_file, load_text, load_value
 from tests.conftest import ROOT
-from tests.support.positions import at, where
+from tests.support.positions import at, first_at, where
+from tests.support.processes import probe_loads
 
 
 def walk(root: Node, path: tuple[Any, ...]) -> Node:
@@ -371,17 +374,18 @@ def test_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("nested", ["[" * 100_000 + "]" * 100_000, "\n  " + "- " * 100_000 + "x"])
 def test_runaway_nesting_is_a_spec_error_not_a_crash(nested: str) -> None:
-    """Too deep for either YAML composer: a SpecError (libyaml is not even tried: it would overflow the C stack)."""
-    with pytest.raises(SpecError, match="nests collections too deeply"):
+    """Refused as it is read, at the first level too deep (the composer does not recurse: no stack to overflow)."""
+    with pytest.raises(SpecError, match=f"nests collections more than {MAX_DEPTH} levels deep") as info:
         load_text("a: " + nested, "deep.yaml")
+    assert info.value.line in (1, 2)
 
 
 def test_reference_specs_are_read_by_libyaml_and_give_the_same_nodes(monkeypatch) -> None:
-    """The fast composer is the one used for every reference spec, and its nodes (values and positions) equal the
-    pure-Python composer's."""
+    """libyaml's parser is the one used for every reference spec, and its nodes (values and positions) equal those
+    of the pure-Python parser."""
     used = []
-    compose_all = yaml.compose_all
-    monkeypatch.setattr(yaml, "compose_all", lambda text, Loader: used.append(Loader) or compose_all(text, Loader))  # noqa: N803
+    compose_with = load._compose_with
+    monkeypatch.setattr(load, "_compose_with", lambda loader, *a: used.append(loader) or compose_with(loader, *a))
     for path in sorted((ROOT / "specs").glob("*.yaml")):
         text = path.read_text()
         fast = load_text(text, path.name)
@@ -390,3 +394,122 @@ def test_reference_specs_are_read_by_libyaml_and_give_the_same_nodes(monkeypatch
         monkeypatch.setattr(load, "_FAST_LOADER", yaml.CSafeLoader)
         assert fast == slow  # values, positions, key positions
     assert used.count(yaml.CSafeLoader) == len(used) // 2 > 20
+
+
+# -------------------------------------------------------------------------------------------- hostile input, bounded
+
+VALID = "name: x\nstages: []\n"
+MIB4 = 4_000_000
+
+
+def _deep_aliases() -> str:
+    """Every anchor is 150 levels deep, and each aliases the one before one level further in: 150 + 1 + ... > 200
+    only once aliases are expanded."""
+    lines = ["a0: &a0 " + "[" * 150 + "]" * 150]
+    lines += [f"a{i}: &a{i} [*a{i - 1}]" for i in range(1, 60)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE: list[tuple[str, Any, str | None, str | None]] = [
+    # (id, the file's text or bytes, or a function of tmp_path giving its path; what the error says, or None for a
+    # file that loads; a marker whose line the error points at)
+    ("recursive alias in a list", VALID + "r: &r [*r]\n", "alias \\*r is inside the collection it names", "*r]"),
+    ("recursive alias in a mapping", VALID + "m: &m {a: 1, me: *m}\n", "alias \\*m is inside", "*m}"),
+    ("recursive merge key", VALID + "m: &m\n  a: 1\n  <<: *m\n", "alias \\*m is inside", "*m\n"),
+    ("recursive alias two levels down", VALID + "a: &a\n  b:\n    - c: *a\n", "alias \\*a is inside", "*a\n"),
+    ("undefined alias", VALID + "a: *nope\n", "alias \\*nope names no anchor", "*nope"),
+    ("duplicate anchor", VALID + "a: &x 1\nb: &x 2\n", "anchor &x is defined twice", "&x 2"),
+    ("1 MB of `-` lines", "-\n" * 500_000, "expands to more than 200,000 values", None),
+    ("4 MB of `-` lines", "-\n" * (MIB4 // 2 - 1), "expands to more than 200,000 values", None),
+    ("4 MB flow list", "a: [" + "0," * (MIB4 // 2 - 4) + "0]", "expands to more than 200,000 values", None),
+    ("4 MB of `[`", "a: " + "[" * (MIB4 - 10), "nest", None),  # libyaml's scanner may see it first
+    ("4 MB of `- `", "a:\n" + "- " * (MIB4 // 2 - 4), "nests collections more than 200 levels", None),
+    ("billion laughs", billion_laughs(), "expands to more than 200,000 values", None),
+    ("nesting through aliases", _deep_aliases(), "nests collections more than 200 levels", "*a49]"),
+    ("4 MB scalar", "name: " + "x" * (MIB4 - 10) + "\n", None, None),
+    ("4 MB comment", VALID + "#" + "y" * (MIB4 - 30) + "\n", None, None),
+    ("60,000 anchors", VALID + "".join(f"k{i}: &a{i} {i}\n" for i in range(60_000)), None, None),
+    ("larger than the limit", VALID + "#" * MIB4, "the spec is larger than 4,000,000 bytes", None),
+    ("syntax error after 3 MB", "#" * 3_000_000 + "\nname: [x}\n", "YAML syntax", "}"),
+    ("bad character after 3 MB", "#" * 3_000_000 + "\nname: a\x07\n", "unacceptable character #x0007", "\x07"),
+    ("huge integer", VALID + "n: " + "1" * 100_000 + "\n", "cannot read '1111", "1111"),
+    ("huge undefined alias", VALID + "a: *" + "x" * 1_000_000 + "\n", "names no anchor", "*xxx"),
+    ("a FIFO", lambda tmp: (os.mkfifo(tmp / "spec.yaml"), tmp / "spec.yaml")[1], "is a FIFO", None),
+    ("a link to /dev/zero", lambda tmp: _link(tmp, "/dev/zero"), "is a character device, not a spec file", None),
+    ("a link to /dev/urandom", lambda tmp: _link(tmp, "/dev/urandom"), "is a character device", None),
+    ("a directory", lambda tmp: tmp, "is a directory, not a spec file", None),
+]
+
+
+def _link(tmp: Path, target: str) -> Path:
+    (tmp / "spec.yaml").symlink_to(target)
+    return tmp / "spec.yaml"
+
+
+PURE = [
+    ("4 MB of dashes, pure Python", "-\n" * (MIB4 // 2 - 1)),
+    ("recursive alias, pure Python", VALID + "r: &r [*r]\n"),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every hostile file loaded, one after the other, in one process of its own (killed after 60 s, unable to map
+    more than 1 GiB), so that a hang or a runaway allocation fails these tests and not the test run; the pure-Python
+    parser (where libyaml is missing) gets a few of them too."""
+    paths = {}
+    for name, make, *_ in HOSTILE + PURE:
+        tmp = tmp_path_factory.mktemp("hostile")
+        if callable(make):
+            paths[name] = make(tmp)
+        else:
+            paths[name] = tmp / "spec.yaml"
+            paths[name].write_bytes(make.encode())
+    calls = [("load_file", paths[name], name in dict(PURE)) for name in paths]
+    return dict(zip(paths, probe_loads(calls), strict=True))
+
+
+@pytest.mark.parametrize(("name", "make", "message", "marker"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_files_fail_fast_with_a_spec_error(
+    hostile_results: dict[str, dict[str, Any]], name: str, make: Any, message: str | None, marker: str | None
+) -> None:
+    """Each file loads, or is refused with a SpecError at its line, within 5 s; no message echoes more than an
+    excerpt of it."""
+    out = hostile_results[name]
+    assert out["seconds"] < 5, out
+    if message is None:
+        assert out["error"] is None, out
+        return
+    assert out["error"] == "SpecError", out
+    assert re.search(message, out["message"]), out
+    assert len(out["message"]) + len(out["hint"] or "") < 400, out  # an excerpt at most, never the file
+    if marker is not None:
+        assert out["line"] == first_at(make, marker)[0], out
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PURE])
+def test_hostile_text_fails_fast_without_libyaml(hostile_results: dict[str, dict[str, Any]], name: str) -> None:
+    out = hostile_results[name]
+    assert out["error"] == "SpecError" and out["seconds"] < 5, out
+
+
+def test_an_alias_may_repeat_a_complete_collection_inside_another() -> None:
+    root = load_text("a: &a [1]\nb: &b {x: *a, y: [*a, *a]}\nc: [*b]\n")
+    assert root.plain()["c"] == [{"x": [1], "y": [[1], [1]]}]
+
+
+def test_load_value_reads_any_value_under_the_same_limits() -> None:
+    assert load_value("[1, 2]", "<--set a>").plain() == [1, 2]
+    assert load_value("", "<--set a>").plain() is None
+    assert load_value("3", "<--set a>").plain() == 3
+    with pytest.raises(SpecError, match="expands to more than") as info:
+        load_value(billion_laughs(), "<--set a>")
+    assert info.value.file == "<--set a>"
+
+
+def test_a_file_that_is_not_a_mapping_is_not_shown(tmp_path: Path) -> None:
+    path = tmp_path / "secret.yaml"
+    path.write_text("- sk-live-0123456789\n- another secret\n")
+    with pytest.raises(SpecError, match="this file is a list") as info:
+        load_file(path)
+    assert "sk-live" not in str(info.value)
