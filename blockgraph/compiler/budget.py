@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from blockgraph.errors import BudgetError, Pos
+from blockgraph.errors import BudgetError, Pos, excerpt
 from blockgraph.graph import cost
 from blockgraph.graph.infer import Inference
 from blockgraph.spec.schema import MAX_SIZE
@@ -107,13 +107,13 @@ def check_limits(*, max_params: float | None = None, max_activation_bytes: float
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             flag = "--" + name.replace("_", "-")
             raise BudgetError(
-                f"{name} must be a number above zero, got {str(value)[:40]!r}",
+                f"{name} must be a number above zero, got {excerpt(value)}",
                 pos=where,
                 hint=f"e.g. {flag} 1e9 ({name}=1e9); None (no {flag}) for no limit",
             )
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_SIZE:
         raise BudgetError(
-            f"batch must be a whole number from 1 to {MAX_SIZE:,}, got {str(batch)[:40]!r}",
+            f"batch must be a whole number from 1 to {MAX_SIZE:,}, got {excerpt(batch)}",
             pos=where,
             hint="e.g. --batch 8 (batch=8)",
         )

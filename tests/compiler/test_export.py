@@ -145,7 +145,7 @@ def test_cli_export_writes_the_file_and_reports_it(tmp_path: Path, run_cli) -> N
         ((ROOT / "specs" / "nope.yaml",), "no such file"),
         ((TINY, "--input", "16x16"), "input 16x16"),
         ((TINY, "--input", "3x"), "is not CxHxW or HxW"),
-        ((TINY, "--batch", "0"), "batch 0 must be at least 1"),
+        ((TINY, "--batch", "0"), "batch must be a whole number from 1 to 1,000,000, got 0"),
         ((TINY, "--opset", "11"), "opset 11 is too old"),
         ((TINY, "--weights", "/nonexistent/missing.pt"), "no such checkpoint"),
     ],
