@@ -120,7 +120,7 @@ CASES = [
          .replace("cpe: cpe", "cpe: to"), "{op: conv_pos_enc",
          r"the name 's1.to' cannot be a module: 'to' is an attribute of every torch module", "rename it"),
     Case("a dunder as a block name", "{name: cls, op", "{name: __class__, op", "__class__, op",
-         "'__class__' is a Python special name", "rename it"),
+         "'__class__' starts with '__'", "rename it"),
     Case("a numbered name that is not a repetition", "{name: cls, op", "{name: cls.1, op", "cls.1, op",
          r"numbered modules count from s1.cls.0 without gaps; found s1.cls.1", "depth:"),
     Case("a block and a stage of one name", "  - {name: head, op: cls_head, from: s1.block",

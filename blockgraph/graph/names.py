@@ -47,8 +47,8 @@ def name_problem(part: str, top: bool) -> str | None:
     """Why ``part`` (one dotted part of a module name; ``top``: the first) cannot be an attribute, or None."""
     if keyword.iskeyword(part):
         return f"'{part}' is a Python keyword"
-    if part.startswith("__") and part.endswith("__"):
-        return f"'{part}' is a Python special name"
+    if part.startswith("__"):
+        return f"'{part}' starts with '__' (Python's special and class-private names)"
     if part in MODULE_ATTRIBUTES:
         return f"'{part}' is an attribute of every torch module (nn.Module.{part})"
     if top and part in MODEL_ATTRIBUTES:

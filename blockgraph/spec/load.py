@@ -427,6 +427,7 @@ def describe_kind(mode: int) -> str:
 
 
 MISSING = "a file that does not exist"
+NUL_NAME = "a path with a NUL character (no file has one)"
 
 
 def regular_file_kind(path: str | os.PathLike[str]) -> str | None:
@@ -436,6 +437,8 @@ def regular_file_kind(path: str | os.PathLike[str]) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:
         return MISSING
+    except ValueError:  # a NUL character: no file can have such a name
+        return NUL_NAME
     return None if stat.S_ISREG(mode) else describe_kind(mode)
 
 
