@@ -13,7 +13,7 @@ import torch
 
 from blockgraph.compiler.model import compile_model
 from blockgraph.errors import BlockgraphError, PluginError, Pos, WeightsError
-from blockgraph.pipeline import analyze
+from blockgraph.pipeline import analyze_embedded
 
 FORMAT = "blockgraph-checkpoint/1"
 
@@ -79,7 +79,8 @@ def is_checkpoint(payload: Any) -> bool:
 def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
     """Rebuild a model from a checkpoint written by :func:`save` (``blockgraph build --out``).
 
-    The architecture comes from the embedded spec alone (no spec file needed); its hash is checked; the weights
+    The architecture comes from the embedded spec alone (the text in the file: no spec file is read); its hash is
+    checked; the weights
     load strictly with ``weights_only=True``. Nothing in the file runs code: the modules of custom blocks that the
     spec imports (``imports:``) must be loaded first (``blockgraph.load_plugin``, ``--plugin``).
 
@@ -98,7 +99,7 @@ def load(path: str | os.PathLike[str], *, device: Any = None) -> Any:
     returns = payload.get("returns")
     try:
         model = compile_model(
-            analyze(payload["spec"], allow_imports=False),
+            analyze_embedded(payload["spec"], file=path, allow_imports=False),
             outputs=payload.get("outputs") if returns in ("dict", "list") else None,
             features_only=returns == "list",
             device=device,

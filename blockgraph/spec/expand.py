@@ -514,6 +514,7 @@ def expand(
     overrides: Mapping[str, Any] | None = None,
     text: str | None = None,
     file: str | None = None,
+    standalone: bool = False,
 ) -> Expanded:
     """Load (if needed) and expand a spec.
 
@@ -523,6 +524,8 @@ def expand(
         overrides: variable values that replace the spec's (``{"depths": [1, 1, 1, 1]}``).
         text: YAML text to parse instead of reading ``spec`` (``file`` names it in messages).
         file: the name to show for ``text``.
+        standalone: the spec must be complete in itself (:meth:`Expanded.standalone`, embedded in a checkpoint):
+            what would read another file, ``extends:`` or an import of a YAML library of blocks, is an error.
 
     Raises:
         SpecError: the spec cannot be read or expanded.
@@ -536,6 +539,8 @@ def expand(
         file = os.fspath(spec)
         root = load_file(file)
     assert file is not None
+    if standalone:
+        _refuse_files(root)
     root = _resolve_extends(root, file, [file])
     inherited = root.meta.get("variant")  # chosen by an `extends:`-ing file for its parent
     root, chosen = _apply_variant(root, variant)
@@ -583,6 +588,19 @@ def expand(
         data["variant"] = chosen
     defined = {name: d.pos for name, d in expander.defines.items()}
     return Expanded(data, expander.source, chosen, modules, defined)
+
+
+def _refuse_files(root: Node) -> None:
+    """Refuse what would make a spec that must be complete in itself read a file: ``extends:``, YAML libraries."""
+    hint = "a checkpoint embeds its spec expanded (no `extends:`, blocks of libraries written out): rebuild it"
+    if (parent := root.get("extends")) is not None:
+        raise SpecError("an embedded spec cannot `extends:` a file", pos=parent.pos, hint=hint)
+    entries = root.get(IMPORTS)
+    for item in entries.value if entries is not None and entries.is_list else []:
+        if isinstance(item.value, str) and item.value.endswith(LIBRARY_SUFFIXES):
+            raise SpecError(
+                f"an embedded spec cannot import the block library {item.value!r} (a file)", pos=item.pos, hint=hint
+            )
 
 
 def _imported(entries: list[Import], chain: tuple[str, ...]) -> tuple[dict[str, Definition], list[Import]]:

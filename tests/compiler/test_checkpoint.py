@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 import blockgraph as bg
 from blockgraph.compiler.checkpoint import save
+from blockgraph.pipeline import analyze_embedded
 from tests.conftest import ROOT
 
 
@@ -68,3 +70,27 @@ def test_the_embedded_spec_keeps_the_declaration_order(tmp_path: Path) -> None:
     loaded = bg.load(tmp_path / "model.pt")
     assert [f["name"] for f in loaded.feature_info] == ["stage4", "stage3", "stage2", "stage1"]
     assert list(loaded.feature_info) == list(model.feature_info) and loaded.code == model.code
+
+
+def test_the_embedded_spec_is_never_read_from_a_path(checkpoint: Path, tmp_path: Path) -> None:
+    """A crafted checkpoint whose spec names a file (or a reference spec, or extends one, or imports a library of
+    blocks): the file would build this very model, but the spec is the text in the checkpoint, and it is not one."""
+    payload = torch.load(checkpoint, weights_only=True)
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(payload["spec"])
+    (tmp_path / "lib.yaml").write_text("define: {}\n")
+    crafted = {
+        str(spec_file): "a spec must be a mapping",
+        "coat_lite_tiny": "a spec must be a mapping",
+        json.dumps({"extends": str(spec_file)}): "an embedded spec cannot `extends:` a file",
+        json.dumps({**json.loads(payload["spec"]), "imports": [str(tmp_path / "lib.yaml")]}): (
+            "an embedded spec cannot import the block library"
+        ),
+    }
+    for spec, message in crafted.items():
+        sha256 = hashlib.sha256(spec.encode()).hexdigest()
+        torch.save({**payload, "spec": spec, "spec_sha256": sha256}, tmp_path / "crafted.pt")
+        with pytest.raises(bg.WeightsError, match=f"the embedded spec does not build: {message}"):
+            bg.load(tmp_path / "crafted.pt")
+        with pytest.raises(bg.SpecError, match=message):  # what a checkpoint's (and a pickle's) spec goes through
+            analyze_embedded(spec)
