@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -87,10 +88,64 @@ def test_build_out_is_atomic_and_embeds_the_spec(tmp_path: Path, run_cli) -> Non
     model.load_state_dict(payload["state_dict"], strict=True)
 
 
-def test_build_out_into_a_missing_directory_leaves_nothing(tmp_path: Path, run_cli) -> None:
-    code, _, err = run_cli("build", SMALL, "--out", tmp_path / "nope" / "m.pt")
-    assert code != 0
-    assert not (tmp_path / "nope").exists()
+TINY_ARGS = ("coat_lite_tiny", "--set", "depths=[1,1,1,1]", "--set", "dims=[16,16,16,16]")
+"""A model built in milliseconds, whose checkpoint is 200 kB."""
+
+
+def _out_targets(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
+    """``--out`` values that must be refused: (value, the error, the hint)."""
+    (tmp_path / "null.pt").symlink_to(os.devnull)
+    targets = {
+        "empty": ("", "the output path is empty", "e.g. --out model.pt"),
+        "a directory": (str(tmp_path), "it is a directory", f"e.g. {tmp_path / 'model.pt'}"),
+        "no directory": (str(tmp_path / "nope" / "m.pt"), "no directory", "create the directory"),
+        "a link to /dev/null": (str(tmp_path / "null.pt"), "it is a character device (a link to", "regular file"),
+    }
+    if os.path.isdir("/proc/self"):
+        targets["in /proc"] = ("/proc/x.pt", "no new file can be made in /proc", "a directory you can write to")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.pt")
+        targets["a FIFO"] = (str(tmp_path / "pipe.pt"), "it is a FIFO", "regular file")
+    return targets
+
+
+def test_build_out_refuses_what_is_not_a_regular_file(tmp_path: Path, run_cli) -> None:
+    """Each refused --out: exit 2 before the model is built, the reason and a hint, and what was there untouched;
+    the other commands that write --out refuse the same."""
+    targets = _out_targets(tmp_path)
+    for case, (value, message, hint) in targets.items():
+        code, out, err = run_cli("build", *TINY_ARGS, "--out", value)
+        assert code == 2 and message in err and hint in err.partition("\nhint: ")[2], (case, err)
+        assert "Traceback" not in err and "internal error" not in err and out == "", case
+    for command in (("schema",), ("graph", "coat_lite_tiny"), ("docs",)):
+        for case in ("empty", "a directory", "a link to /dev/null"):
+            value, message, _ = targets[case]
+            code, _, err = run_cli(*command, "--out", value)
+            assert code == 2 and message in err, (command, case, err)
+    assert os.readlink(tmp_path / "null.pt") == os.devnull
+    fifo = "a FIFO" in targets
+    assert not fifo or stat.S_ISFIFO((tmp_path / "pipe.pt").stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null.pt", *(["pipe.pt"] if fifo else [])]
+
+
+def test_build_out_of_a_model_on_the_meta_device_is_refused(tmp_path: Path, run_cli) -> None:
+    code, _, err = run_cli("build", *TINY_ARGS, "--device", "meta", "--out", tmp_path / "m.pt")
+    assert code == 2 and "is on the meta device: it has no weights" in err and "hint:" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_out_on_a_full_disk_keeps_the_old_file(tmp_path: Path) -> None:
+    """A write that fails midway (here: the file size limit, as a full disk would): exit 2, the reason, the old file
+    as it was, no temporary file."""
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the old checkpoint")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY)); "
+        f"from blockgraph.cli import main; sys.exit(main({['build', *TINY_ARGS, '--out', str(out)]!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and f"{out}: error: cannot write {out}: File too large" in done.stderr, done.stderr
+    assert out.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["m.pt"]
 
 
 def test_schema_is_json_schema_with_every_op(run_cli) -> None:

@@ -1,27 +1,38 @@
-"""Checkpoints: the weights with the expanded spec embedded (and its sha256), written atomically; loading rebuilds
-the model from the embedded spec alone."""
+"""Checkpoints: the weights with the expanded spec embedded (and its sha256), written atomically
+(:func:`blockgraph.files.atomic_output`); loading rebuilds the model from the embedded spec alone."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 
 from blockgraph.compiler.model import compile_model
 from blockgraph.errors import BlockgraphError, PluginError, Pos, WeightsError
+from blockgraph.files import atomic_output
 from blockgraph.pipeline import analyze_embedded
 
 FORMAT = "blockgraph-checkpoint/1"
 
 
 def save(model: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s weights and spec to ``path`` atomically: a temporary file in the same directory, renamed
-    into place, so a crash never leaves a half-written checkpoint."""
-    path = os.fspath(path)
+    """Write ``model``'s weights and spec to ``path``, atomically (:func:`blockgraph.files.atomic_output`): a crash or
+    a kill leaves the old file (or none) and no temporary file.
+
+    Raises:
+        WeightsError: the model is on the meta device (it has no weights).
+        BlockgraphError: ``path`` is not a regular file, or cannot be written.
+    """
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        raise WeightsError(
+            f"'{model.spec.name}' is on the meta device: it has no weights to write to {os.fspath(path)}",
+            pos=Pos(os.fspath(path) or "<output>"),
+            hint="build it on a real device (without --device meta) to write a checkpoint",
+        )
     spec_json = json.dumps(model.spec_data)  # in declaration order: features and outputs are returned in it
     payload = {
         "format": FORMAT,
@@ -29,20 +40,15 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
         "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest(),
         "outputs": list(model.outputs),
         "returns": model.returns,
-        "state_dict": model.state_dict(),
+        "state_dict": state,
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise WeightsError(f"cannot write {path}: no directory {directory}", pos=Pos(path))
-    fd, tmp = tempfile.mkstemp(prefix=".blockgraph-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_output(path) as f:
+        try:
             torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        except RuntimeError as e:  # torch reports a failed write (a full disk) as its own error
+            if isinstance(written := e.__context__, OSError):
+                raise OSError(written.errno, written.strerror) from e
+            raise
 
 
 def read(path: str | os.PathLike[str], *, device: Any = None) -> Any:
