@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -79,7 +80,7 @@ def test_build_out_is_atomic_and_embeds_the_spec(tmp_path: Path, run_cli) -> Non
     assert code == 0, err
     assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
     payload = torch.load(out, weights_only=True)
-    assert payload["format"] == "blockgraph-checkpoint/1"
+    assert payload["format"] == "blockgraph-checkpoint/2"
     spec = json.loads(payload["spec"])
     assert spec["name"] == "coat_lite_tiny"
     assert "stage1.blocks.0.factoratt_crpe.qkv.weight" in payload["state_dict"]
@@ -126,6 +127,44 @@ def test_build_out_refuses_what_is_not_a_regular_file(tmp_path: Path, run_cli) -
     fifo = "a FIFO" in targets
     assert not fifo or stat.S_ISFIFO((tmp_path / "pipe.pt").stat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["null.pt", *(["pipe.pt"] if fifo else [])]
+
+
+def _damaged(path: Path, case: str) -> bytes:
+    """A checkpoint (``path``) damaged as ``case`` says."""
+    data = path.read_bytes()
+    payload = torch.load(path, weights_only=True)
+    if case == "empty":
+        return b""
+    if case == "cut":
+        return data[: len(data) // 3]
+    if case == "random bytes":
+        return bytes(range(256)) * 16
+    if case == "a flipped bit":
+        first = payload["state_dict"]["stage1.patch_embed.proj.weight"].numpy().tobytes()
+        at = data.index(first) + len(first) // 2
+        return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+    field, value = {"spec an int": ("spec", 3), "state_dict a list": ("state_dict", [])}[case]
+    out = io.BytesIO()
+    torch.save({**payload, field: value}, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["empty", "cut", "random bytes", "a flipped bit", "spec an int", "state_dict a list"])
+def test_commands_that_read_a_damaged_checkpoint_exit_2(case: str, tmp_path: Path, run_cli) -> None:
+    """``export --weights`` reads checkpoints (and ``validate``/``build`` take a spec, not a checkpoint): a damaged
+    one is an error naming the file, with a hint; never an internal error."""
+    good = tmp_path / "good.pt"
+    assert run_cli("build", *TINY_ARGS, "--out", good)[0] == 0
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(_damaged(good, case))
+    code, _, err = run_cli("export", *TINY_ARGS, "--onnx", tmp_path / "x.onnx", "--weights", bad)
+    assert code == 2 and err.startswith(f"{bad}: error: ") and "\nhint: " in err, err
+    if case == "a flipped bit":
+        assert "1 tensor(s) do not match their sha256: 'stage1.patch_embed.proj.weight'" in err
+    for command in ("validate", "build"):
+        code, _, err = run_cli(command, bad)
+        assert code == 2 and "internal error" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt", "good.pt"]
 
 
 def test_build_out_of_a_model_on_the_meta_device_is_refused(tmp_path: Path, run_cli) -> None:
