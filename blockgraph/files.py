@@ -4,7 +4,8 @@ A file is written whole, then given its name in one step (``rename``), so a read
 process killed while writing leaves no temporary file:
 
 * On Linux the data goes into an unnamed file (``O_TMPFILE``), which the kernel deletes when the process dies; once
-  written and synced it is linked under a temporary name and renamed over the target at once.
+  written and synced it is linked under a temporary name and renamed over the target at once (a kill between these
+  two system calls leaves a named file, removed as below).
 * Elsewhere (another system, a file system without ``O_TMPFILE``) it goes into a named ``.blockgraph-*.tmp`` file
   beside the target. A process killed there leaves that file behind, so every write first removes the ones beside
   its target that nobody has written to for :data:`STALE_AFTER_S` seconds (a writer that is alive keeps its file's
