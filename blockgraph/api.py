@@ -422,9 +422,12 @@ def load_timm_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.
     return load(model, state_dict)
 
 
-def load(path: str | os.PathLike[str], *, device: Any = None) -> nn.Module:
-    """Rebuild a model from a checkpoint written by ``blockgraph build --out`` (the spec is embedded; the file's
-    integrity is checked; weights load strictly with ``weights_only=True``)."""
+def load(
+    path: str | os.PathLike[str], *, device: Any = None, max_params: float | None = budget.DEFAULT_MAX_PARAMS
+) -> nn.Module:
+    """Rebuild a model from a checkpoint written by ``blockgraph build --out`` (the spec is embedded; the sha256 of
+    the spec and of every tensor are checked; weights load strictly with ``weights_only=True``; a spec over
+    ``max_params`` parameters is refused before anything is allocated)."""
     from blockgraph.compiler.checkpoint import load as load_checkpoint
 
-    return load_checkpoint(path, device=device)
+    return load_checkpoint(path, device=device, max_params=max_params)

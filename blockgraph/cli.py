@@ -129,13 +129,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     report = _validate(args)  # shapes and budgets first: nothing is allocated before they pass
     _, h, w = report.input
+    if args.out is not None:  # a place that cannot be written fails now, not after the build
+        from blockgraph.files import output_target
+
+        output_target(args.out)
     if args.emit_python:  # the generated forward only: no module is built
         from blockgraph.compiler.codegen import generate
 
         print(generate(report.analysis.inference, features_only=args.features_only).code, end="")
         return 0
     model = build_model(report.analysis, features_only=args.features_only, device=args.device, max_params=None)
-    if args.out:
+    if args.out is not None:
         from blockgraph.compiler.checkpoint import save
 
         save(model, args.out)
@@ -143,14 +147,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(describe(model, (h, w), args.batch), indent=2))
     else:
         print(model.summary((h, w), batch=args.batch))
-        if args.out:
+        if args.out is not None:
             print(f"wrote {args.out}")
     return 0
 
 
 def _emit(data: bytes | str, out: str | None) -> None:
     """Write ``data`` to ``out`` atomically, or to stdout (bytes, a binary format, never to a terminal)."""
-    if out:
+    if out is not None:
         from blockgraph.files import write_atomic
 
         write_atomic(out, data)

@@ -107,6 +107,23 @@ def analyze(
         expanded = expand(spec, text=spec, file="<string>", variant=variant, overrides=overrides, root=root)
     else:
         expanded = expand(path if isinstance(spec, str) else spec, variant=variant, overrides=overrides, root=root)
+    return _analysis(expanded, allow_imports)
+
+
+def analyze_embedded(text: str, *, file: str = "<embedded spec>", allow_imports: bool = True) -> Analysis:
+    """Analyse a spec stored as text in a file (a checkpoint's, a pickled model's: :meth:`Expanded.standalone`).
+
+    The text is the spec itself, never a path or a reference spec's name to read, and it must be complete: an
+    ``extends:`` or an import of a YAML library, which would read another file, is a :class:`SpecError`.
+
+    Args:
+        file: the name to show in messages (the file the text was stored in).
+        allow_imports: as for :func:`analyze` (a checkpoint's spec never imports: False).
+    """
+    return _analysis(expand(file, text=text, file=file, standalone=True), allow_imports)
+
+
+def _analysis(expanded: Expanded, allow_imports: bool) -> Analysis:
     load_imports(expanded, allow_imports=allow_imports)
     parsed = parse(expanded)
     graph = build_graph(parsed)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -78,7 +80,7 @@ def test_build_out_is_atomic_and_embeds_the_spec(tmp_path: Path, run_cli) -> Non
     assert code == 0, err
     assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
     payload = torch.load(out, weights_only=True)
-    assert payload["format"] == "blockgraph-checkpoint/1"
+    assert payload["format"] == "blockgraph-checkpoint/2"
     spec = json.loads(payload["spec"])
     assert spec["name"] == "coat_lite_tiny"
     assert "stage1.blocks.0.factoratt_crpe.qkv.weight" in payload["state_dict"]
@@ -87,10 +89,102 @@ def test_build_out_is_atomic_and_embeds_the_spec(tmp_path: Path, run_cli) -> Non
     model.load_state_dict(payload["state_dict"], strict=True)
 
 
-def test_build_out_into_a_missing_directory_leaves_nothing(tmp_path: Path, run_cli) -> None:
-    code, _, err = run_cli("build", SMALL, "--out", tmp_path / "nope" / "m.pt")
-    assert code != 0
-    assert not (tmp_path / "nope").exists()
+TINY_ARGS = ("coat_lite_tiny", "--set", "depths=[1,1,1,1]", "--set", "dims=[16,16,16,16]")
+"""A model built in milliseconds, whose checkpoint is 200 kB."""
+
+
+def _out_targets(tmp_path: Path) -> dict[str, tuple[str, str, str]]:
+    """``--out`` values that must be refused: (value, the error, the hint)."""
+    (tmp_path / "null.pt").symlink_to(os.devnull)
+    targets = {
+        "empty": ("", "the output path is empty", "e.g. --out model.pt"),
+        "a directory": (str(tmp_path), "it is a directory", f"e.g. {tmp_path / 'model.pt'}"),
+        "no directory": (str(tmp_path / "nope" / "m.pt"), "no directory", "create the directory"),
+        "a link to /dev/null": (str(tmp_path / "null.pt"), "it is a character device (a link to", "regular file"),
+    }
+    if os.path.isdir("/proc/self"):
+        targets["in /proc"] = ("/proc/x.pt", "no new file can be made in /proc", "a directory you can write to")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.pt")
+        targets["a FIFO"] = (str(tmp_path / "pipe.pt"), "it is a FIFO", "regular file")
+    return targets
+
+
+def test_build_out_refuses_what_is_not_a_regular_file(tmp_path: Path, run_cli) -> None:
+    """Each refused --out: exit 2 before the model is built, the reason and a hint, and what was there untouched;
+    the other commands that write --out refuse the same."""
+    targets = _out_targets(tmp_path)
+    for case, (value, message, hint) in targets.items():
+        code, out, err = run_cli("build", *TINY_ARGS, "--out", value)
+        assert code == 2 and message in err and hint in err.partition("\nhint: ")[2], (case, err)
+        assert "Traceback" not in err and "internal error" not in err and out == "", case
+    for command in (("schema",), ("graph", "coat_lite_tiny"), ("docs",)):
+        for case in ("empty", "a directory", "a link to /dev/null"):
+            value, message, _ = targets[case]
+            code, _, err = run_cli(*command, "--out", value)
+            assert code == 2 and message in err, (command, case, err)
+    assert os.readlink(tmp_path / "null.pt") == os.devnull
+    fifo = "a FIFO" in targets
+    assert not fifo or stat.S_ISFIFO((tmp_path / "pipe.pt").stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null.pt", *(["pipe.pt"] if fifo else [])]
+
+
+def _damaged(path: Path, case: str) -> bytes:
+    """A checkpoint (``path``) damaged as ``case`` says."""
+    data = path.read_bytes()
+    payload = torch.load(path, weights_only=True)
+    if case == "empty":
+        return b""
+    if case == "cut":
+        return data[: len(data) // 3]
+    if case == "random bytes":
+        return bytes(range(256)) * 16
+    if case == "a flipped bit":
+        first = payload["state_dict"]["stage1.patch_embed.proj.weight"].numpy().tobytes()
+        at = data.index(first) + len(first) // 2
+        return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+    field, value = {"spec an int": ("spec", 3), "state_dict a list": ("state_dict", [])}[case]
+    out = io.BytesIO()
+    torch.save({**payload, field: value}, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", ["empty", "cut", "random bytes", "a flipped bit", "spec an int", "state_dict a list"])
+def test_commands_that_read_a_damaged_checkpoint_exit_2(case: str, tmp_path: Path, run_cli) -> None:
+    """``export --weights`` reads checkpoints (and ``validate``/``build`` take a spec, not a checkpoint): a damaged
+    one is an error naming the file, with a hint; never an internal error."""
+    good = tmp_path / "good.pt"
+    assert run_cli("build", *TINY_ARGS, "--out", good)[0] == 0
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(_damaged(good, case))
+    code, _, err = run_cli("export", *TINY_ARGS, "--onnx", tmp_path / "x.onnx", "--weights", bad)
+    assert code == 2 and err.startswith(f"{bad}: error: ") and "\nhint: " in err, err
+    if case == "a flipped bit":
+        assert "1 tensor(s) do not match their sha256: 'stage1.patch_embed.proj.weight'" in err
+    for command in ("validate", "build"):
+        code, _, err = run_cli(command, bad)
+        assert code == 2 and "internal error" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["bad.pt", "good.pt"]
+
+
+def test_build_out_of_a_model_on_the_meta_device_is_refused(tmp_path: Path, run_cli) -> None:
+    code, _, err = run_cli("build", *TINY_ARGS, "--device", "meta", "--out", tmp_path / "m.pt")
+    assert code == 2 and "is on the meta device: it has no weights" in err and "hint:" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_out_on_a_full_disk_keeps_the_old_file(tmp_path: Path) -> None:
+    """A write that fails midway (here: the file size limit, as a full disk would): exit 2, the reason, the old file
+    as it was, no temporary file."""
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the old checkpoint")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY)); "
+        f"from blockgraph.cli import main; sys.exit(main({['build', *TINY_ARGS, '--out', str(out)]!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and f"{out}: error: cannot write {out}: File too large" in done.stderr, done.stderr
+    assert out.read_bytes() == b"the old checkpoint" and os.listdir(tmp_path) == ["m.pt"]
 
 
 def test_schema_is_json_schema_with_every_op(run_cli) -> None:

@@ -23,7 +23,7 @@ from blockgraph.compiler.check import check_custom_blocks
 from blockgraph.compiler.codegen import Program, generate
 from blockgraph.errors import BlockgraphError, BudgetError, ShapeError
 from blockgraph.graph.infer import Inference
-from blockgraph.pipeline import Analysis, analyze
+from blockgraph.pipeline import Analysis, analyze_embedded
 from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import ModelBase
 from blockgraph.types import TensorType
@@ -393,7 +393,7 @@ def _taps(analysis: Analysis, built: list[str]) -> list[str]:
 def rebuild(spec: str, outputs: list[str] | None, features_only: bool) -> BlockgraphModel:
     """The empty model that unpickling fills (see :meth:`BlockgraphModel.__reduce__`): the spec (JSON text) analysed
     and the class and ``forward`` for these outputs generated again, as at compile time, without building modules."""
-    analysis = analyze(spec)
+    analysis = analyze_embedded(spec)
     return empty(analysis, generate(analysis.inference, outputs, features_only))
 
 

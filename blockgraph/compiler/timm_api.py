@@ -180,7 +180,7 @@ def reset_classifier(model: Any, num_classes: int, global_pool: Any = None) -> N
     the spec the model carries (and pickles) says the new width."""
     from blockgraph.compiler.codegen import generate
     from blockgraph.layers.heads import classifier
-    from blockgraph.pipeline import analyze
+    from blockgraph.pipeline import analyze_embedded
 
     head = _need_head(model)
     if not head.region:
@@ -208,7 +208,7 @@ def reset_classifier(model: Any, num_classes: int, global_pool: Any = None) -> N
         entry["pool"] = global_pool
     if isinstance(data.get("variables"), dict) and "num_classes" in data["variables"]:
         data["variables"]["num_classes"] = num_classes
-    analysis = analyze(json.dumps(data))  # as unpickling reads it
+    analysis = analyze_embedded(json.dumps(data))  # as unpickling reads it
     module = model.get_submodule(node.module_name)
     reference = next(iter(model.parameters()), None)
     dd = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
@@ -235,7 +235,7 @@ def _unpool(model: Any, head: Head, num_classes: int) -> None:
     channels); a head block that pools inside (avg_pool_head) becomes a classifier of 0 classes (the identity).
     Modules keep their weights."""
     from blockgraph.compiler.codegen import generate
-    from blockgraph.pipeline import analyze
+    from blockgraph.pipeline import analyze_embedded
 
     if num_classes:
         raise BlockgraphError(
@@ -260,7 +260,7 @@ def _unpool(model: Any, head: Head, num_classes: int) -> None:
         replacement = {"name": old["name"], "op": "classifier", "num_classes": 0}
         replacement |= {"from": old["from"]} if "from" in old else {}
         entry_at(data, node.path[:-1])[node.path[-1]] = replacement
-    analysis = analyze(json.dumps(data))
+    analysis = analyze_embedded(json.dumps(data))
     program = generate(analysis.inference, model._program.asked, model._program.features_only)
     reference = next(iter(model.parameters()), None)
     dd = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}

@@ -571,6 +571,7 @@ def expand(
     text: str | None = None,
     file: str | None = None,
     root: str | os.PathLike[str] | None = None,
+    standalone: bool = False,
 ) -> Expanded:
     """Load (if needed) and expand a spec.
 
@@ -583,6 +584,8 @@ def expand(
         root: a directory outside which no file is read (for specs sent by others): the spec file itself, its
             ``extends:`` and its ``imports:`` files must be under it (symbolic links resolved), a reference spec
             excepted; modules named in ``imports:`` are not imported (:attr:`Expanded.root`).
+        standalone: the spec must be complete in itself (:meth:`Expanded.standalone`, embedded in a checkpoint):
+            what would read another file, ``extends:`` or an import of a YAML library of blocks, is an error.
 
     Raises:
         SpecError: the spec cannot be read or expanded, or reaches outside ``root``.
@@ -598,6 +601,8 @@ def expand(
         _check_within(file, within, "the spec file is", Pos(file))
         root = load_file(file)
     assert file is not None
+    if standalone:
+        _refuse_files(root)
     root = _resolve_extends(root, file, [file], within)
     inherited = root.meta.get("variant")  # chosen by an `extends:`-ing file for its parent
     root, chosen = _apply_variant(root, variant)
@@ -645,6 +650,19 @@ def expand(
         data["variant"] = chosen
     defined = {name: d.pos for name, d in expander.defines.items()}
     return Expanded(data, expander.source, chosen, modules, defined, within)
+
+
+def _refuse_files(root: Node) -> None:
+    """Refuse what would make a spec that must be complete in itself read a file: ``extends:``, YAML libraries."""
+    hint = "a checkpoint embeds its spec expanded (no `extends:`, blocks of libraries written out): rebuild it"
+    if (parent := root.get("extends")) is not None:
+        raise SpecError("an embedded spec cannot `extends:` a file", pos=parent.pos, hint=hint)
+    entries = root.get(IMPORTS)
+    for item in entries.value if entries is not None and entries.is_list else []:
+        if isinstance(item.value, str) and item.value.endswith(LIBRARY_SUFFIXES):
+            raise SpecError(
+                f"an embedded spec cannot import the block library {item.value!r} (a file)", pos=item.pos, hint=hint
+            )
 
 
 def _root(root: str | os.PathLike[str] | None) -> str | None:

@@ -8,6 +8,7 @@ The entry point tests install a fake distribution into ``tmp_path`` (a module pl
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import re
 import subprocess
@@ -19,6 +20,7 @@ import torch
 
 import blockgraph as bg
 from blockgraph.spec import plugins, schema
+from tests.conftest import ROOT
 
 PLUGIN = '''
 """A block plugin: a learned per-channel affine map (what a user's package would ship)."""
@@ -434,7 +436,10 @@ layer = pickle.loads(open({str(site / "layer.pkl")!r}, "rb").read())
 assert type(layer) is type(model.get_submodule("affine")), type(layer)
 print("loaded")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's blockgraph, wherever the interpreter's points
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd="/", env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     refused, loaded = result.stdout.split("\nhint: ")
     assert refused.startswith(
