@@ -3,14 +3,18 @@
 
 Each is one formula with two kernels: the reference (differentiable; training, torch.compile, export) and, in
 eager inference (:func:`~blockgraph.ops.kernel.eager_inference`), the same sums written straight into the output's
-layout, so that the reference's copies (scale, add, concatenate, transpose) become one pass.
+layout, so that the reference's copies (scale, add, concatenate, transpose) become one pass; in eager inference the
+faster of the two on this machine runs (measured on first use, :mod:`blockgraph.ops.autotune`).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
+from blockgraph.ops.autotune import choose
 from blockgraph.ops.conv import depthwise_conv2d
 from blockgraph.ops.kernel import eager_inference, symbolic_tracing
 
@@ -25,11 +29,23 @@ def conv_pos_enc(x: Tensor, size: tuple[int, int], weight: Tensor, bias: Tensor 
     extra = N - H * W
     feat = x[:, extra:].transpose(1, 2).view(B, C, H, W)  # [B, C, H, W], channels-last strides
     y = depthwise_conv2d(feat, weight, bias, weight.shape[-1] // 2)
-    if eager_inference(x):  # the sum written in place of the concatenation
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        out[:, :extra] = x[:, :extra]
-        torch.add(y, feat, out=out[:, extra:].transpose(1, 2).view(B, C, H, W))
-        return out
+    if not torch.jit.is_scripting():
+        if eager_inference(x):  # the sum written in place of the concatenation, or the plain ops: the faster here
+            fused, plain = partial(_cpe_fused, x, y, feat, extra), partial(_cpe_plain, x, y, feat, extra)
+            key = ("conv_pos_enc", tuple(x.shape), tuple(weight.shape), x.dtype, tuple(x.stride()))
+            return fused() if choose(key, {"fused": fused, "plain": plain}) == "fused" else plain()
+    return _cpe_plain(x, y, feat, extra)
+
+
+def _cpe_fused(x: Tensor, y: Tensor, feat: Tensor, extra: int) -> Tensor:
+    B, C, H, W = feat.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out[:, :extra] = x[:, :extra]
+    torch.add(y, feat, out=out[:, extra:].transpose(1, 2).view(B, C, H, W))
+    return out
+
+
+def _cpe_plain(x: Tensor, y: Tensor, feat: Tensor, extra: int) -> Tensor:
     out = (y + feat).flatten(2).transpose(1, 2)  # [B, H*W, C]
     return torch.cat((x[:, :extra], out), dim=1) if symbolic_tracing() or extra else out
 
@@ -51,11 +67,25 @@ def factor_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, conv_v: Tens
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, h, N, Ch]
     factor = qh @ (kh.softmax(dim=2).transpose(-1, -2) @ vh)  # [B, h, Nq, Ch]
     extra = Nq if conv_v is None else Nq - conv_v.shape[1]
-    if eager_inference(q):
-        out = torch.mul(factor.transpose(1, 2), scale, out=q.new_empty(B, Nq, h, Ch))
-        if conv_v is not None:
-            out[:, extra:].addcmul_(q[:, extra:], conv_v)
-        return out.view(B, Nq, h * Ch)
+    if not torch.jit.is_scripting():
+        if eager_inference(q):  # the scale and the term written into the output's layout, or the plain ops
+            fused = partial(_factor_fused, q, factor, scale, conv_v, extra)
+            plain = partial(_factor_plain, q, factor, scale, conv_v, extra)
+            key = ("factor_attention", tuple(q.shape), tuple(k.shape), conv_v is not None, q.dtype)
+            return fused() if choose(key, {"fused": fused, "plain": plain}) == "fused" else plain()
+    return _factor_plain(q, factor, scale, conv_v, extra)
+
+
+def _factor_fused(q: Tensor, factor: Tensor, scale: float, conv_v: Tensor | None, extra: int) -> Tensor:
+    B, Nq, h, Ch = q.shape
+    out = torch.mul(factor.transpose(1, 2), scale, out=q.new_empty(B, Nq, h, Ch))
+    if conv_v is not None:
+        out[:, extra:].addcmul_(q[:, extra:], conv_v)
+    return out.view(B, Nq, h * Ch)
+
+
+def _factor_plain(q: Tensor, factor: Tensor, scale: float, conv_v: Tensor | None, extra: int) -> Tensor:
+    B, Nq, h, Ch = q.shape
     out = (scale * factor).transpose(1, 2)  # [B, Nq, h, Ch]
     if conv_v is not None:
         term = q[:, extra:] * conv_v

@@ -2,7 +2,9 @@
 
 - Eager inference (:func:`~blockgraph.ops.kernel.eager_inference`), CPU, float32: oneDNN's matrix multiply
   (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend emits) with the activation or the residual
-  add in its epilogue, where the reference runs a second pass over the output.
+  add in its epilogue, where the reference runs a second pass over the output; or the plain ``F.linear`` with the
+  activation and the add in place, whichever is faster on this machine for this shape (measured on first use:
+  :mod:`blockgraph.ops.autotune`; oneDNN by default when measuring is off).
 - A graph torch.compile traces for inference (no gradients, not exporting), CPU, float32, products of at least
   :data:`COMPILED_ONEDNN_MIN_MACS` multiply-adds: oneDNN's matrix multiply through an op of our own
   (``blockgraph::onednn_linear``). Inductor without freezing lowers ``F.linear`` to MKL's ``addmm``, 5-28% slower
@@ -13,10 +15,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockgraph.ops.autotune import choose
 from blockgraph.ops.kernel import eager_inference, in_place, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
@@ -55,11 +60,20 @@ def linear(
     onednn = _ONEDNN and not symbolic_tracing() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     y = None
     if onednn and fast:
+        shapes = (tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
         if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+            fused = partial(torch.ops.mkldnn._linear_pointwise.binary, x, residual, weight, bias, "add")
+            plain = partial(_plain, x, weight, bias, None, residual)
+            return (
+                fused() if choose(("linear", "add", *shapes), {"fused": fused, "plain": plain}) == "fused" else plain()
+            )
         post = _post_op(act) if residual is None else None
         if post is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post[0], [], post[1])
+            fused = partial(torch.ops.mkldnn._linear_pointwise, x, weight, bias, post[0], [], post[1])
+            plain = partial(_plain, x, weight, bias, act, None)
+            return (
+                fused() if choose(("linear", *post, *shapes), {"fused": fused, "plain": plain}) == "fused" else plain()
+            )
     elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
         y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
     if y is None:
@@ -69,6 +83,14 @@ def linear(
     if residual is None:
         return y
     return y.add_(residual) if fast else residual + y
+
+
+def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, act: nn.Module | None, residual: Tensor | None) -> Tensor:
+    """The plain eager inference kernel: ``F.linear``, then the activation in place and the add in place."""
+    y = F.linear(x, weight, bias)
+    if act is not None:
+        y = in_place(act, y)
+    return y if residual is None else y.add_(residual)
 
 
 def _compiled_inference() -> bool:

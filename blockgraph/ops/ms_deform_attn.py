@@ -90,9 +90,21 @@ def ms_deform_attn(
     Returns:
         ``[N, Lq, M*D]``, channel ``m*D + d``. Differentiable in value, sampling_locations and attention_weights.
 
+    Reduced precision: with any of the three in bfloat16 or float16 (as under ``torch.autocast``, which leaves the
+    sampling locations in float32), every backend computes in float32 (autocast off inside) and the result takes
+    ``value``'s dtype; gradients flow back through the casts to each input's own dtype.
+
     Raises:
         ShapeError: inconsistent shapes or dtypes, or ``backend="cpp"`` where the C++ kernel is unavailable.
     """
+    floats = (value, sampling_locations, attention_weights)
+    if all(t.dtype.is_floating_point for t in floats) and any(t.dtype in _REDUCED for t in floats):
+        with torch.autocast(value.device.type, enabled=False):
+            wide = [t.float() if t.dtype in _REDUCED else t for t in floats]
+            compute = torch.promote_types(torch.promote_types(wide[0].dtype, wide[1].dtype), wide[2].dtype)
+            v, loc, attn = (t.to(compute) for t in wide)
+            out = ms_deform_attn(v, spatial_shapes, level_start_index, loc, attn, backend=backend)
+        return out.to(value.dtype)
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     chosen = _resolve(backend, value)
     if chosen == "reference":
@@ -161,6 +173,10 @@ def ms_deform_attn_reference(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared pieces
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+"""Dtypes the op computes in float32 (see :func:`ms_deform_attn`)."""
 
 
 def _check(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor) -> None:

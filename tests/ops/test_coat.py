@@ -1,4 +1,4 @@
-"""CoaT's token ops (blockgraph/ops/coat.py): the eager inference kernels against the references, in float64, with
+"""CoaT's token ops (blockgraph/ops/coat.py): both eager inference kernels against the references, in float64, with
 and without extra (cls) tokens, and for trimmed queries. The references themselves are checked against timm's
 formulas through the layers (tests/blocks/test_optimizations.py)."""
 
@@ -7,17 +7,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blockgraph.ops.autotune import forcing
 from blockgraph.ops.coat import conv_pos_enc, factor_attention
 
 f64 = {"dtype": torch.float64}
 
 
 def _check(fn, *args) -> None:
+    """Both eager inference kernels (the autotuner's candidates, each forced) equal the reference."""
     reference = fn(*args)  # autograd records (inputs require grad): the reference
-    with torch.no_grad():
-        fast = fn(*args)
-    assert reference.requires_grad and not fast.requires_grad
-    torch.testing.assert_close(fast, reference.detach(), rtol=0, atol=1e-12)
+    for kernel in ("fused", "plain"):
+        with torch.no_grad(), forcing(kernel):
+            fast = fn(*args)
+        assert reference.requires_grad and not fast.requires_grad
+        torch.testing.assert_close(fast, reference.detach(), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("extra", [0, 1, 2])

@@ -9,30 +9,40 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
 from blockgraph.layers.common import Linear
+from blockgraph.ops import autotune
 from blockgraph.ops import linear as linear_module
+from blockgraph.ops.autotune import forcing
 from blockgraph.ops.linear import linear
 from tests.support.weights import ops_called
 
 ACTS = [None, nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.Tanh(), nn.Identity()]
 
 
+KERNELS = ["fused", "plain"]
+"""The eager inference kernels the autotuner chooses between (blockgraph/ops/autotune.py): each is tested."""
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: repr(a))
 @pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (2, 3, 4, 24)])
-def test_linear_with_activation_equals_the_reference(act: nn.Module | None, shape: tuple[int, ...]) -> None:
+def test_linear_with_activation_equals_the_reference(
+    kernel: str, act: nn.Module | None, shape: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
     layer, x = nn.Linear(24, 40), torch.randn(shape)
     expected = (layer(x) if act is None else act(layer(x))).detach()
     torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=0)  # reference
-    with torch.no_grad():
+    with torch.no_grad(), forcing(kernel):
         torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_with_residual_equals_the_layer_plus_residual(bias: bool) -> None:
+def test_linear_with_residual_equals_the_layer_plus_residual(kernel: str, bias: bool) -> None:
     torch.manual_seed(0)
     layer, x = nn.Linear(24, 16, bias=bias), torch.randn(2, 9, 24)
     residual = torch.randn(2, 16, 9).transpose(1, 2)  # a strided residual too
-    with torch.no_grad():
+    with torch.no_grad(), forcing(kernel):
         got = linear(x, layer.weight, layer.bias, residual=residual)
         torch.testing.assert_close(got, residual + layer(x), rtol=0, atol=1e-5)
         broadcast = torch.randn(16)  # not the output's shape: the plain add
@@ -42,8 +52,12 @@ def test_linear_with_residual_equals_the_layer_plus_residual(bias: bool) -> None
 
 def test_linear_runs_onednn_on_the_cpu_in_float32_and_plain_ops_elsewhere() -> None:
     layer, x = nn.Linear(8, 8), torch.randn(3, 8)
-    with torch.no_grad():
+    with torch.no_grad(), forcing("fused"):
         assert "mkldnn::_linear_pointwise" in ops_called(lambda: linear(x, layer.weight, layer.bias, act=nn.GELU()))
+    with torch.no_grad(), forcing("plain"):
+        called = ops_called(lambda: linear(x, layer.weight, layer.bias, act=nn.GELU()))
+        assert "mkldnn::_linear_pointwise" not in called and "aten::linear" in called
+    with torch.no_grad():
         double = nn.Linear(8, 8).double()
         called = ops_called(lambda: linear(x.double(), double.weight, double.bias, act=nn.GELU()))
         assert "mkldnn::_linear_pointwise" not in called
@@ -81,3 +95,53 @@ def test_linear_runs_onednn_in_graphs_compiled_for_inference_on_large_products()
     torch.compile(layer, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
     expected = torch.autograd.grad(F.linear(large, layer.weight, layer.bias).square().sum(), layer.weight)[0]
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_autotuner_measures_once_per_shape_and_keeps_the_faster_kernel(monkeypatch) -> None:
+    """The first call of a shape times both kernels and remembers the faster; later calls reuse the choice without
+    measuring; a kernel that is slower than the default by design is never chosen; off, the default is taken."""
+    autotune.reset()
+    runs = {"fused": 0, "plain": 0}
+
+    def slow_plain() -> None:
+        runs["plain"] += 1
+        time_sleep(0.002)
+
+    def fast_default() -> None:
+        runs["fused"] += 1
+
+    candidates = {"fused": fast_default, "plain": slow_plain}
+    assert autotune.choose(("probe", 1), candidates) == "fused"
+    measured = dict(runs)
+    assert measured["plain"] == autotune.ROUNDS + 1  # a warm-up, then the timed rounds
+    assert autotune.choose(("probe", 1), candidates) == "fused" and runs == measured  # remembered
+    (key, choice), *_ = autotune.choices().items()
+    assert key[:2] == ("probe", 1) and choice.seconds["plain"] > choice.seconds["fused"]
+    faster = {"fused": slow_plain, "plain": fast_default}  # now the non-default is faster: chosen
+    assert autotune.choose(("probe", 2), faster) == "plain"
+    with autotune.tuning(False):
+        assert autotune.choose(("probe", 3), faster) == "fused"
+    monkeypatch.setenv("BLOCKGRAPH_AUTOTUNE_LOG", "1")
+    autotune.choose(("probe", 4), faster)
+    autotune.reset()
+    assert autotune.choices() == {}
+
+
+def time_sleep(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_a_model_gives_the_same_values_with_either_kernel() -> None:
+    """ViT-Tiny in eager inference: oneDNN's fused kernels and the plain ones agree to float rounding."""
+    import blockgraph as bg
+
+    model = bg.create_model("vit_tiny_patch16_224").eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        with forcing("fused"):
+            fused = model(x)
+        with forcing("plain"):
+            plain = model(x)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)

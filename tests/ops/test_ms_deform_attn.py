@@ -430,3 +430,32 @@ def test_bad_inputs_raise_shape_errors(what: str, message: str) -> None:
 def test_unknown_backend() -> None:
     with pytest.raises(ShapeError, match="unknown backend"):
         ms_deform_attn(*make_inputs(torch.float32), backend="cuda")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reduced_precision_inputs_are_computed_in_float32(backend: str, dtype: torch.dtype) -> None:
+    """bf16 / fp16 inputs (the value and the weights; the locations in float32, as autocast leaves them) give what
+    the float32 reference gives on the same (rounded) inputs, up to one rounding of the result to the value's dtype
+    (2^-8 relative for bf16, 2^-11 for fp16), and its gradients, each input's in its own dtype. (Against the float64
+    reference, the locations' gradient differs where a location lies exactly on a pixel border: which side of the
+    bilinear kink is taken depends on the precision of the index arithmetic, float32 here.) The output also agrees
+    with the float64 reference to that rounding."""
+    value, shapes, starts, loc, weights = make_inputs(torch.float32)  # locations on pixel borders exactly, in fp32
+    low = [value.to(dtype).requires_grad_(), loc.requires_grad_(), weights.to(dtype).requires_grad_()]
+    out = ms_deform_attn(low[0], shapes, starts, low[1], low[2], backend=backend)
+    assert out.dtype == dtype
+    wide = [t.detach().float().requires_grad_() for t in low]
+    expected = ms_deform_attn_reference(wide[0], shapes, starts, wide[1], wide[2])
+    exact = ms_deform_attn_reference(*(t.detach().double() for t in low[:1]), shapes, starts,
+                                     *(t.detach().double() for t in low[1:]))  # fmt: skip
+    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    scale = expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= eps * scale
+    assert (out.double() - exact).abs().max().item() <= eps * scale
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+    expected.backward(grad.float())
+    for got, want in zip(low, wide, strict=True):
+        assert got.grad is not None and got.grad.dtype == got.dtype
+        tol = (eps if got.dtype == dtype else 1e-5) * want.grad.abs().max().item()
+        assert (got.grad.float() - want.grad).abs().max().item() <= tol

@@ -1,0 +1,127 @@
+"""Kernel choice by measurement: where an op has several eager inference kernels for the same values (oneDNN's fused
+matrix multiply or the plain ``F.linear`` then the activation), which one is faster depends on the CPU, the shape and
+the threads: on one AMD EPYC oneDNN won by 20%, on another of the same kind it lost by as much. So the first call of
+each shape times every candidate on this machine and the fastest is kept for the process, as
+``torch.backends.cudnn.benchmark`` does for convolutions.
+
+- :func:`choose` picks (and remembers) a candidate for a key (the op, the shapes, dtype, device, threads).
+- :func:`choices` shows what was chosen, with the times measured; ``BLOCKGRAPH_AUTOTUNE_LOG=1`` prints each choice
+  as it is made (stderr).
+- ``BLOCKGRAPH_AUTOTUNE=0`` (or :func:`tuning` ``(False)``) turns the search off: the first candidate, the default,
+  is taken without measuring (deterministic runs, benchmarks of a fixed choice). :func:`forcing` makes every op
+  take a named candidate (tests check that each gives the same values).
+
+The candidates are measured interleaved, each run :data:`ROUNDS` times after a warm-up, and compared by their
+median; a candidate must be :data:`MARGIN` faster than the default to be chosen, so that noise does not flip a
+choice. Measuring costs a few runs of the op at each new shape: once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ROUNDS = 5
+"""Timed runs of each candidate (after one warm-up each)."""
+MARGIN = 0.03
+"""How much faster than the default (the first candidate) another must be to be chosen: 3%."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` decided for a key: the candidate, and the median seconds of each one measured."""
+
+    chosen: str
+    seconds: dict[str, float]
+
+
+_CHOICES: dict[tuple[Any, ...], Choice] = {}
+_state = {"enabled": os.environ.get("BLOCKGRAPH_AUTOTUNE", "1") != "0", "forced": None}
+
+
+def enabled() -> bool:
+    """Whether kernels are chosen by measuring (``BLOCKGRAPH_AUTOTUNE``, :func:`tuning`)."""
+    return bool(_state["enabled"])
+
+
+@contextlib.contextmanager
+def tuning(enable: bool) -> Iterator[None]:
+    """Within it, kernels are (``True``) or are not (``False``: each op's default) chosen by measuring."""
+    before = _state["enabled"]
+    _state["enabled"] = enable
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+
+
+@contextlib.contextmanager
+def forcing(candidate: str | None) -> Iterator[None]:
+    """Within it, every op that has a candidate of this name runs it (for tests and benchmarks of one kernel)."""
+    before = _state["forced"]
+    _state["forced"] = candidate
+    try:
+        yield
+    finally:
+        _state["forced"] = before
+
+
+def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]]) -> str:
+    """The name of the candidate to run for ``key``: forced (:func:`forcing`), else remembered, else measured now
+    (the default, the first candidate, when measuring is off).
+
+    Args:
+        key: what the choice depends on (the op, shapes, dtype, device, ...); the thread count is added here.
+        candidates: name → a call computing the op's result, each with the same values; the first is the default.
+    """
+    forced = _state["forced"]
+    if forced is not None and forced in candidates:
+        return forced
+    default = next(iter(candidates))
+    if not _state["enabled"] or len(candidates) == 1:
+        return default
+    key = (*key, torch.get_num_threads())
+    found = _CHOICES.get(key)
+    if found is not None and found.chosen in candidates:
+        return found.chosen
+    choice = _measure(candidates)
+    _CHOICES[key] = choice
+    if os.environ.get("BLOCKGRAPH_AUTOTUNE_LOG"):
+        times = ", ".join(f"{name} {s * 1e6:.0f} us" for name, s in choice.seconds.items())
+        print(f"blockgraph autotune: {key}: {choice.chosen} ({times})", file=sys.stderr)
+    return choice.chosen
+
+
+def _measure(candidates: dict[str, Callable[[], Any]]) -> Choice:
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for call in candidates.values():  # warm-up: first-call costs (oneDNN primitive creation) are not the kernel's
+            call()
+        for _ in range(ROUNDS):
+            for name, call in candidates.items():
+                start = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.median(s) for name, s in samples.items()}
+    default = next(iter(candidates))
+    best = min(seconds, key=seconds.__getitem__)
+    chosen = best if seconds[best] < seconds[default] * (1 - MARGIN) else default
+    return Choice(chosen, seconds)
+
+
+def choices() -> dict[tuple[Any, ...], Choice]:
+    """Every choice made so far in this process, by key (a copy)."""
+    return dict(_CHOICES)
+
+
+def reset() -> None:
+    """Forget every choice (the next call of each shape measures again)."""
+    _CHOICES.clear()
