@@ -11,6 +11,11 @@ A checkpoint is a ``torch.save`` of one dict, read back with ``weights_only=True
   text, of the outputs (:func:`outputs_digest`), of every tensor (:func:`tensor_digest`), and of these digests with
   the tensors' names in order (so a tensor cannot go missing, appear or be renamed unseen).
 
+A path ending in ``.safetensors`` is written as a safetensors file instead: the tensors, and the other fields as text
+in its metadata (``outputs`` and ``sha256`` as JSON); no pickle at all. Reading tells the kinds apart by their first
+bytes, and a safetensors file without blockgraph's metadata is a plain state_dict (a timm twin's ``model.safetensors``
+loads through ``twin.rename``).
+
 Files of the first format (:data:`FORMAT_1`, a digest of the spec only) still load, with a warning that their weights
 cannot be checked.
 """
@@ -40,6 +45,8 @@ FORMAT_1 = "blockgraph-checkpoint/1"
 """The first format: no digests of the outputs or of the tensors (``spec_sha256``, the spec's, only)."""
 _FAMILY = "blockgraph-checkpoint/"
 RETURNS = ("tensor", "list", "dict")
+SAFETENSORS = ".safetensors"
+"""A checkpoint path ending so is written as a safetensors file (no pickle); reading recognizes either kind."""
 _REWRITE = "write it again (`blockgraph build --out`), or copy it again from where it came"
 
 
@@ -96,6 +103,11 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
     digests["all"] = _manifest(digests)
     payload = {"format": FORMAT, "spec": spec, "outputs": outputs, "returns": model.returns, "state_dict": state,
                "sha256": digests}  # fmt: skip
+    if os.fspath(path).endswith(SAFETENSORS):
+        data = _safetensors_bytes(payload)
+        with atomic_output(path) as f:
+            f.write(data)
+        return
     with atomic_output(path) as f:
         try:
             torch.save(payload, f)
@@ -103,6 +115,17 @@ def save(model: Any, path: str | os.PathLike[str]) -> None:
             if isinstance(written := e.__context__, OSError):
                 raise OSError(written.errno, written.strerror) from e
             raise
+
+
+def _safetensors_bytes(payload: dict[str, Any]) -> bytes:
+    """The checkpoint as a safetensors file: the tensors, and the rest (format, spec, outputs, how they are
+    returned, digests) as text in its metadata. No pickle: reading it runs no code."""
+    from safetensors.torch import save as safetensors_save
+
+    metadata = {"format": payload["format"], "spec": payload["spec"], "outputs": json.dumps(payload["outputs"]),
+                "returns": payload["returns"], "sha256": json.dumps(payload["sha256"])}  # fmt: skip
+    tensors = {k: v.contiguous() for k, v in payload["state_dict"].items()}
+    return safetensors_save(tensors, metadata=metadata)
 
 
 def _manifest(digests: Mapping[str, Any]) -> str:
@@ -161,17 +184,68 @@ def _read(path: str) -> Any:
             pos=where,
             hint="name a checkpoint file (`blockgraph build --out`), or a state_dict's",
         )
+    if _is_safetensors(path):
+        payload = _read_safetensors(path)
+    else:
+        payload = _torch_load(path)
+    if isinstance(payload, dict) and isinstance(payload.get("format"), str) and payload["format"].startswith(_FAMILY):
+        _check_fields(payload, path)
+    return payload
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte little-endian header size, then ``{``."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (100 << 20)
+
+
+def _read_safetensors(path: str) -> Any:
+    """A safetensors file: a blockgraph checkpoint (its metadata holds the fields, see :func:`_safetensors_bytes`),
+    or a plain state_dict (a timm twin's ``model.safetensors``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise WeightsError(
+            f"cannot read {path} as a safetensors file ({_first_line(e)})",
+            pos=Pos(path),
+            hint="the file is truncated or damaged; write it again (`blockgraph build --out model.safetensors`)",
+        ) from e
+    if not str(metadata.get("format", "")).startswith(_FAMILY):
+        return state
+    payload: dict[str, Any] = {"format": metadata["format"], "state_dict": state}
+    for key in ("spec", "returns"):
+        if key in metadata:
+            payload[key] = metadata[key]
+    for key in ("outputs", "sha256"):
+        if key in metadata:
+            try:
+                payload[key] = json.loads(metadata[key])
+            except ValueError:
+                _damaged(path, f"its metadata '{key}' is not JSON")
+    order = payload.get("sha256", {}).get("state_dict") if isinstance(payload.get("sha256"), dict) else None
+    if isinstance(order, dict) and set(order) == set(state):  # safetensors sorts the tensors: the model's order back
+        payload["state_dict"] = {k: state[k] for k in order}
+    return payload
+
+
+def _torch_load(path: str) -> Any:
+    where = Pos(path or "<checkpoint>")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
         raise WeightsError(
             f"cannot read {path} as a checkpoint ({_first_line(e)})",
             pos=where,
             hint="the file is truncated, or not a checkpoint of tensors (write one with `blockgraph build --out`)",
         ) from e
-    if isinstance(payload, dict) and isinstance(payload.get("format"), str) and payload["format"].startswith(_FAMILY):
-        _check_fields(payload, path)
-    return payload
 
 
 def _damaged(path: str, what: str, hint: str = f"the file is damaged, or was not written by blockgraph: {_REWRITE}"

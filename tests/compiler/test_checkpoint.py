@@ -473,3 +473,93 @@ def test_writing_through_a_link_replaces_the_file_it_points_to(small: torch.nn.M
     save(small, tmp_path / "link.pt")
     assert (tmp_path / "link.pt").is_symlink() and bg.load(tmp_path / "real.pt").spec.name == "coat_lite_tiny"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "real.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------- safetensors
+
+
+def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file (its JSON header gives them after the 8-byte size)."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    base = 8 + size
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.fixture(scope="module")
+def small_safetensors(small: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
+    save(small, path)
+    return path
+
+
+def test_a_safetensors_checkpoint_round_trips_without_pickle(small: torch.nn.Module, small_safetensors: Path) -> None:
+    """`.safetensors`: the tensors, and the spec, outputs and digests in the metadata; no pickle in the file."""
+    from safetensors import safe_open
+
+    with safe_open(small_safetensors, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == checkpoint.FORMAT and json.loads(metadata["spec"])["name"] == "coat_lite_tiny"
+    assert set(json.loads(metadata["sha256"])["state_dict"]) == set(small.state_dict())
+    assert b"\x80\x02" not in small_safetensors.read_bytes()[:16]  # not a pickle (nor a zip of one)
+    loaded = bg.load(small_safetensors).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    assert list(loaded.state_dict()) == list(small.state_dict())
+
+
+def test_a_flipped_bit_in_a_safetensors_tensor_is_named(small_safetensors: Path, tmp_path: Path) -> None:
+    where = _safetensors_offsets(small_safetensors)
+    name = sorted(where)[len(where) // 2]
+    start, end = where[name]
+    data = bytearray(small_safetensors.read_bytes())
+    data[(start + end) // 2] ^= 0x10
+    path = tmp_path / "flipped.safetensors"
+    path.write_bytes(bytes(data))
+    for load in _loaders(path):
+        with pytest.raises(bg.WeightsError, match=f"1 tensor\\(s\\) do not match their sha256: '{name}'"):
+            load()
+
+
+@pytest.mark.parametrize("case", ["truncated", "header", "metadata", "random"])
+def test_a_damaged_safetensors_file_is_a_weights_error(small_safetensors: Path, tmp_path: Path, case: str) -> None:
+    data = small_safetensors.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    if case == "truncated":
+        data = data[: len(data) // 2]
+    elif case == "header":  # the JSON header cut short
+        data = data[:8] + data[8 : 8 + size // 2].ljust(size, b" ") + data[8 + size :]
+    elif case == "metadata":  # the digests' JSON made invalid (same length, so the header still parses)
+        assert b'\\"state_dict\\":' in data
+        data = data.replace(b'\\"state_dict\\":', b'\\"state_dict\\"=', 1)
+    else:
+        data = (size).to_bytes(8, "little") + b"{" + random.Random(0).randbytes(len(data) - 9)
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(bg.WeightsError):
+        bg.load(path)
+
+
+def test_a_twins_safetensors_loads_through_its_rename(tmp_path: Path) -> None:
+    """timm's hub weights are `model.safetensors` state_dicts (shared tensors written once: save_model)."""
+    from safetensors.torch import save_model
+
+    from tests.support.timm_oracle import create_timm
+
+    torch.manual_seed(0)
+    twin = create_timm("coat_lite_tiny").eval()
+    path = tmp_path / "model.safetensors"
+    save_model(twin, str(path))
+    ours = bg.create_model("coat_lite_tiny", checkpoint_path=path).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), twin(x), rtol=0, atol=1e-5)
+
+
+def test_build_writes_safetensors_from_the_command_line(tmp_path: Path, run_cli) -> None:
+    path = tmp_path / "model.safetensors"
+    code, out, err = run_cli("build", "coat_lite_tiny", "--set", "depths=[1,1,1,1]", "--out", path)
+    assert code == 0, err
+    assert f"wrote {path}" in out and bg.load(path).spec.name == "coat_lite_tiny"
