@@ -170,7 +170,9 @@ def _read(path: str) -> Any:
     try:
         mode = os.stat(path).st_mode
     except ValueError as e:  # a NUL character in the path
-        raise WeightsError(f"no such checkpoint: {path!r} (a path with a NUL character)", pos=Pos("<checkpoint>")) from e
+        raise WeightsError(
+            f"no such checkpoint: {path!r} (a path with a NUL character)", pos=Pos("<checkpoint>")
+        ) from e
     except OSError as e:
         missing = isinstance(e, FileNotFoundError | NotADirectoryError)
         raise WeightsError(

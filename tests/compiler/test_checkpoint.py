@@ -484,7 +484,9 @@ def _safetensors_offsets(path: Path) -> dict[str, tuple[int, int]]:
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + size])
     base = 8 + size
-    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    return {
+        k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"
+    }
 
 
 @pytest.fixture(scope="module")
