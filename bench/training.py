@@ -1,0 +1,237 @@
+"""Training steps: each reference model with a timm twin against the twin, same weights, one process.
+
+A step is what a training loop runs: forward in train mode with drop path on (``drop_path_rate`` 0.1 on both
+sides), a cross-entropy loss on random labels, backward, and an AdamW step. Timed as the other benchmarks are: the
+two models' steps interleaved (ours, twin, twin, ours, ...) for ``--repeats`` rounds after 2 warm-up rounds,
+medians, ``--threads`` torch threads, fixed glibc malloc thresholds; at each batch of ``--batches`` (default 8):
+
+- fp32 eager: ours / twin;
+- bf16: the same step under ``torch.autocast("cpu", dtype=torch.bfloat16)`` on both sides;
+- saved for backward: the bytes of the tensors autograd keeps between forward and backward (distinct storages,
+  counted with ``torch.autograd.graph.saved_tensors_hooks``): the activation memory of training, deterministic;
+- with ``--compile``: both models under ``torch.compile`` (inductor, default mode), the compiled steps interleaved.
+
+``--checkpointing`` adds, for CoaT-Lite Small and the deformable hybrid, the step time and saved bytes with
+``set_grad_checkpointing(True)`` against without (each block recomputed in the backward pass). Usage:
+
+    .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--checkpointing]
+        [--out bench/results/training.md] [--fresh] [--render-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812 (the usual name)
+from report import Column, Job, Store, common_args, log, ms, ratio, steady_malloc, table  # noqa: E402
+from timing import interleaved_samples  # noqa: E402
+from twins import Reference, references, twins  # noqa: E402
+
+import blockgraph as bg  # noqa: E402
+from tests.support.timm_oracle import create_timm, set_fused  # noqa: E402
+
+DROP_PATH = 0.1
+CHECKPOINTED = ("coat_lite_small", "coat_lite_small_deformable")
+
+
+def _models(ref: Reference, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Ours and the twin in train mode with drop path on, ours holding the twin's weights."""
+    set_fused(True)
+    torch.manual_seed(seed)
+    twin = create_timm(ref.timm, drop_path_rate=DROP_PATH).train()
+    ours = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train()
+    bg.load_timm_state_dict(ours, twin.state_dict())
+    return ours, twin
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of a step's output (DeiT's distilled head returns a pair in training: their mean, as its loss)."""
+    return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> None:
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(_logits(model(x)).float(), y)
+    loss.backward()
+    opt.step()
+
+
+@contextlib.contextmanager
+def _counting_saved(total: list[int]) -> Iterator[None]:
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training forward (parameters included:
+    the same on both sides)."""
+    total = [0]
+    with _counting_saved(total):
+        out = _logits(model(x))
+    out.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return total[0]
+
+
+def _timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    samples = interleaved_samples(calls, rounds=repeats)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool) -> list[dict[str, Any]]:
+    ours, twin = _models(ref)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in (("ours", ours), ("twin", twin))}
+    models = {"ours": ours, "twin": twin}
+    rows = []
+    for batch in batches:
+        x = ref.input(batch)
+        y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+        row: dict[str, Any] = {"model": ref.name, "batch": batch}
+        for bf16 in (False, True):
+            calls = {k: partial(_step, models[k], opts[k], x, y, bf16) for k in models}
+            t = _timed(calls, repeats)
+            row |= {f"{k}{'_bf16' if bf16 else ''}_s": v for k, v in t.items()}
+        row |= {f"{k}_saved": saved_bytes(m, x) for k, m in models.items()}
+        if compiled:
+            fns = {k: torch.compile(m) for k, m in models.items()}
+            calls = {k: partial(_step, fns[k], opts[k], x, y, False) for k in fns}
+            for call in calls.values():
+                call()  # compile (the backward graph too)
+            t = _timed(calls, repeats)
+            row |= {f"{k}_compiled_s": v for k, v in t.items()}
+            torch._dynamo.reset()
+        rows.append(row)
+        log(
+            f"  {ref.name} batch {batch}: eager {ratio(row['ours_s'], row['twin_s'])}, bf16 "
+            f"{ratio(row['ours_bf16_s'], row['twin_bf16_s'])}, saved {ratio(row['ours_saved'], row['twin_saved'])}"
+            + (f", compiled {ratio(row['ours_compiled_s'], row['twin_compiled_s'])}" if compiled else "")
+        )
+    return rows
+
+
+def _switched(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, on: bool) -> None:
+    model.set_grad_checkpointing(on)
+    _step(model, opt, x, y, False)
+
+
+def checkpointing(ref: Reference, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Step time and saved bytes with grad checkpointing on and off (one model, two settings)."""
+    torch.manual_seed(0)
+    model = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rows = []
+    for batch in batches:
+        x = ref.input(batch)
+        y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+
+        t = _timed(
+            {
+                "plain": partial(_switched, model, opt, x, y, False),
+                "checkpointed": partial(_switched, model, opt, x, y, True),
+            },
+            repeats,
+        )
+        saved = {}
+        for on in (False, True):
+            model.set_grad_checkpointing(on)
+            saved[on] = saved_bytes(model, x)
+        model.set_grad_checkpointing(False)
+        rows.append({"model": ref.name, "batch": batch, "plain_s": t["plain"], "ckpt_s": t["checkpointed"],
+                     "plain_saved": saved[False], "ckpt_saved": saved[True]})  # fmt: skip
+        log(f"  {ref.name} batch {batch}: checkpointed time {ratio(t['checkpointed'], t['plain'])}, saved "
+            f"{ratio(saved[True], saved[False])}")  # fmt: skip
+    return rows
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f}"
+
+
+TRAIN_COLUMNS: list[Column] = [
+    ("model", "l", lambda r: r["model"]),
+    ("batch", "r", lambda r: r["batch"]),
+    ("ours ms", "r", lambda r: ms(r["ours_s"])),
+    ("twin ms", "r", lambda r: ms(r["twin_s"])),
+    ("fp32 ours / twin", "r", lambda r: ratio(r["ours_s"], r["twin_s"])),
+    ("bf16 ours / twin", "r", lambda r: ratio(r["ours_bf16_s"], r["twin_bf16_s"])),
+    ("compiled ours / twin", "r", lambda r: ratio(r.get("ours_compiled_s"), r.get("twin_compiled_s"))),
+    ("saved MiB ours", "r", lambda r: _mb(r["ours_saved"])),
+    ("saved MiB twin", "r", lambda r: _mb(r["twin_saved"])),
+    ("saved ours / twin", "r", lambda r: ratio(r["ours_saved"], r["twin_saved"])),
+]
+CKPT_COLUMNS: list[Column] = [
+    ("model", "l", lambda r: r["model"]),
+    ("batch", "r", lambda r: r["batch"]),
+    ("step ms", "r", lambda r: ms(r["plain_s"])),
+    ("checkpointed ms", "r", lambda r: ms(r["ckpt_s"])),
+    ("time checkpointed / plain", "r", lambda r: ratio(r["ckpt_s"], r["plain_s"])),
+    ("saved MiB", "r", lambda r: _mb(r["plain_saved"])),
+    ("saved MiB checkpointed", "r", lambda r: _mb(r["ckpt_saved"])),
+    ("saved checkpointed / plain", "r", lambda r: ratio(r["ckpt_saved"], r["plain_saved"])),
+]
+
+
+def render(store: Store) -> str:
+    parts = [
+        "# Training steps: blockgraph vs timm",
+        "",
+        "Written by `bench/training.py` (its docstring has the method). A step: forward in train mode (drop path "
+        f"{DROP_PATH}), cross-entropy, backward, AdamW. Ratios are ours / twin in the same process; lower is better.",
+        "",
+        store.runs_markdown(),
+        "",
+        "## Steps",
+        "",
+        table(TRAIN_COLUMNS, store.rows("train")),
+    ]
+    if store.rows("checkpointing"):
+        parts += ["", "## Grad checkpointing", "", table(CKPT_COLUMNS, store.rows("checkpointing"))]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_args(parser, out="bench/results/training.md", repeats=7)
+    parser.add_argument("--batches", default="8", help="batch sizes (default 8)")
+    parser.add_argument("--compile", action="store_true", help="also compiled steps (inductor; minutes per model)")
+    parser.add_argument("--checkpointing", action="store_true", help="grad checkpointing rows (CoaT-Lite S, hybrid)")
+    args = parser.parse_args()
+    steady_malloc(args)
+    torch.set_num_threads(args.threads)
+    store = Store(args.out, fresh=args.fresh, threads=args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    jobs: list[Job] = []
+    if not args.render_only:
+        jobs += [("train", r.name, partial(measure, r, batches, args.repeats, args.compile)) for r in twins(args.only)]
+        if args.checkpointing:
+            jobs += [
+                ("checkpointing", r.name, partial(checkpointing, r, batches, args.repeats))
+                for r in references()
+                if r.name in CHECKPOINTED
+            ]
+    store.run_jobs(jobs, render)
+
+
+if __name__ == "__main__":
+    main()
