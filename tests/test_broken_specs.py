@@ -126,6 +126,8 @@ CASES = [
     Case("a block and a stage of one name", "  - {name: head, op: cls_head, from: s1.block",
          "  - {name: s1, op: cls_head, from: s1.block, dim: 32, num_classes: 10}\n  - {name: head, op: cls_head, "
          "from: s1.block", "s1, op", "'s1' names a module and also the namespace of 's1.cpe'", "rename one"),
+    Case("a reference that is not text", "from: s1.block", "from: 5", "5, dim",
+         r"'from' in block 'head' \(cls_head\): input should be a valid string \(got 5\)", "write text"),
     Case("an infinite float", "heads: 4, cpe", "heads: 4, mlp_ratio: .inf, cpe", ".inf",
          r"'mlp_ratio' in block 's1.block' \(serial_block\): input should be a finite number \(got inf\)", "finite"),
     Case("not a number", "heads: 4, cpe", "heads: 4, mlp_ratio: .nan, cpe", ".nan", r"finite number \(got nan\)", "finite"),

@@ -131,3 +131,17 @@ def test_hostile_input_is_a_clear_error(probe: Probe, tmp_path: Path) -> None:
     assert any(line.startswith("hint: ") for line in done.err.splitlines()), done.err
     assert done.seconds < _startup(probe.argv[0], tmp_path) + LIMIT, f"{done.seconds:.1f} s"
     assert not list(tmp_path.glob("x.pt*")) and not list(tmp_path.glob(".blockgraph-*")), "wrote a file"
+
+
+def test_values_of_any_plain_kind_go_into_a_checkpoint(tmp_path: Path) -> None:
+    """What a spec may hold, `--set` may give, and a checkpoint keeps it: a mapping keyed by a number and a name."""
+    spec, out = tmp_path / "spec.yaml", tmp_path / "x.pt"
+    spec.write_text(VALID)
+    done = run_capped("build", spec, "--set", "classes={1: a, b: [c, 2.5, null]}", "--out", out)
+    assert done.code == 0, done.err
+    import blockgraph as bg
+
+    assert bg.load(out).spec_data["variables"]["classes"] in (
+        {1: "a", "b": ["c", 2.5, None]},
+        {"1": "a", "b": ["c", 2.5, None]},
+    )

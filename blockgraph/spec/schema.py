@@ -778,6 +778,7 @@ def _type_hint(kind: str) -> str | None:
         "int_from_float": "write a whole number",
         "greater_than": "use a positive value",
         "string_pattern_mismatch": "names are identifiers: letters, digits and '_', not starting with a digit",
+        "string_type": "write text: a name, or a reference such as `from: stage1.block`",
         "finite_number": "write a finite number (.inf and .nan are not sizes, rates or ratios)",
         "less_than_equal": "use a smaller value",
         "less_than": "use a smaller value",

@@ -479,3 +479,13 @@ def test_sourcemap_falls_back_to_the_nearest_ancestor_and_has_keys() -> None:
     assert source.value(("stages", 0, "blocks", 0, "nope", 3)) == source.value(("stages", 0, "blocks", 0))
     assert where(source.key(("stages", 0, "blocks"))) == at(REPEATS, "blocks:")
     assert source.value(()).file == "spec.yaml"
+
+
+def test_a_variant_named_by_a_number_is_found() -> None:
+    """`variant: 5` (YAML reads an integer) chooses the variant written `5:` or `"5":`, as `--variant 5` does."""
+    text = "name: n\ninput: {size: [32, 32]}\nvariables: {w: 8}\nvariants: {5: {variables: {w: 16}}}\nvariant: 5\n"
+    text += "blocks:\n  - {name: c, op: conv2d, dim_out: '${w}', kernel: 3}\n"
+    assert expand("<s>", text=text).data["variables"]["w"] == 16
+    assert expand("<s>", text=text.replace("variant: 5", ""), variant="5").data["variables"]["w"] == 16
+    with pytest.raises(SpecError, match="`variant:` must be a variant's name, got a list"):
+        expand("<s>", text=text.replace("variant: 5", "variant: [5]"))

@@ -129,6 +129,7 @@ def test_broken_plugin_is_a_blockgraph_error_naming_the_entry_point(site: Path, 
     assert "entry point 'magic = bgplug_broken' (group blockgraph.blocks, from fake-bgplug_broken)" in message
     assert "ImportError: no module named torch_magic" in message
     assert "fake-bgplug_broken" in info.value.hint
+    assert (info.value.pos.file, info.value.pos.line) == (str(spec), 6)  # where the spec uses the op nobody had
     code, out, err = run_cli("validate", spec)
     assert code == 2 and out == ""
     assert "failed to load: ImportError" in err and "Traceback" not in err
