@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
-from report import Column, Store, common_args, log, ms, ratio, steady_malloc, table  # noqa: E402
+from report import Column, Store, common_args, log, ms, ratio, start, table  # noqa: E402
 from timing import interleaved_samples  # noqa: E402
 from twins import pair, twins  # noqa: E402
 
@@ -90,9 +90,7 @@ def main() -> None:
     common_args(parser, out="bench/results/kernels.md", repeats=7)
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     args = parser.parse_args()
-    steady_malloc(args)
-    torch.set_num_threads(args.threads)
-    store = Store(args.out, fresh=args.fresh, threads=args.threads)
+    store = start(args)
     batches = [int(b) for b in args.batches.split(",")]
     jobs = (
         []

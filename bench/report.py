@@ -57,6 +57,16 @@ STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_
 """glibc settings that keep freed activation memory in the process (see :func:`steady_malloc`)."""
 
 
+def start(args: argparse.Namespace) -> Store:
+    """What every benchmark does first with its options (:func:`common_args`): restart with steady malloc
+    thresholds (:func:`steady_malloc`), set the torch threads, and open the store of its rows."""
+    import torch
+
+    steady_malloc(args)
+    torch.set_num_threads(args.threads)
+    return Store(args.out, fresh=args.fresh, threads=args.threads)
+
+
 def steady_malloc(args: argparse.Namespace) -> None:
     """Restart this process with :data:`STEADY_MALLOC` in its environment (unless ``--default-malloc``).
 

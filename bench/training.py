@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812 (the usual name)
-from report import Column, Job, Store, common_args, log, ms, ratio, steady_malloc, table  # noqa: E402
+from report import Column, Job, Store, common_args, log, ms, ratio, start, table  # noqa: E402
 from timing import interleaved_samples  # noqa: E402
 from twins import Reference, references, twins  # noqa: E402
 
@@ -217,9 +217,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also compiled steps (inductor; minutes per model)")
     parser.add_argument("--checkpointing", action="store_true", help="grad checkpointing rows (CoaT-Lite S, hybrid)")
     args = parser.parse_args()
-    steady_malloc(args)
-    torch.set_num_threads(args.threads)
-    store = Store(args.out, fresh=args.fresh, threads=args.threads)
+    store = start(args)
     batches = [int(b) for b in args.batches.split(",")]
     jobs: list[Job] = []
     if not args.render_only:

@@ -68,3 +68,12 @@ def test_a_partial_run_replaces_only_its_rows(tmp_path) -> None:
     assert out.read_text() == "c=4\n"
     assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [third.run]
     assert sorted(p.name for p in out.parent.iterdir()) == ["t.json", "t.md"]  # no temporary file left behind
+
+
+def test_saved_bytes_count_what_autograd_keeps_once_per_storage() -> None:
+    """A linear layer keeps its input (for the weight's gradient), ReLU its output: 4x10 and 4x5 floats."""
+    from training import saved_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.ReLU())
+    assert saved_bytes(model, torch.randn(4, 10)) == (40 + 20) * 4
+    assert all(p.grad is None for p in model.parameters())  # the count leaves no gradient behind
