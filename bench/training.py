@@ -12,7 +12,9 @@ medians, ``--threads`` torch threads, fixed glibc malloc thresholds; at each bat
 - with ``--compile``: both models under ``torch.compile`` (inductor, default mode), the compiled steps interleaved.
 
 ``--checkpointing`` adds, for CoaT-Lite Small and the deformable hybrid, the step time and saved bytes with
-``set_grad_checkpointing(True)`` against without (each block recomputed in the backward pass). Usage:
+``set_grad_checkpointing(True)`` against without (each block recomputed in the backward pass). ``--deformable BATCH``
+adds the specs with multi-scale deformable attention (no twin): the absolute step time (the outputs' mean square as
+the loss) and the share of the step spent in the attention core, forward and backward, from torch.profiler. Usage:
 
     .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--checkpointing]
         [--out bench/results/training.md] [--fresh] [--render-only]
@@ -39,10 +41,12 @@ from timing import interleaved_samples  # noqa: E402
 from twins import Reference, references, twins  # noqa: E402
 
 import blockgraph as bg  # noqa: E402
+from blockgraph.ops import ms_deform_attn_backend  # noqa: E402
 from tests.support.timm_oracle import create_timm, set_fused  # noqa: E402
 
 DROP_PATH = 0.1
 CHECKPOINTED = ("coat_lite_small", "coat_lite_small_deformable")
+DEFORMABLE = ("coat_lite_small_deformable", "deformable_encoder")
 
 
 def _models(ref: Reference, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -164,6 +168,41 @@ def checkpointing(ref: Reference, batches: list[int], repeats: int) -> list[dict
     return rows
 
 
+def _loss_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """A step of a model without a classifier (its outputs' mean square as the loss)."""
+    opt.zero_grad(set_to_none=True)
+    out = model(x)
+    leaves = out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out]
+    sum(t.float().square().mean() for t in leaves).backward()
+    opt.step()
+
+
+def deformable(ref: Reference, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """A training step of a model with multi-scale deformable attention (no twin): its absolute time, and the
+    share of the step's CPU time spent in the attention core, forward and backward (torch.profiler: the self time
+    of the core's ops, over every op's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = bg.create_model(ref.name).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = ref.input(batch)
+    t = _timed({"step": partial(_loss_step, model, opt, x)}, repeats)["step"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _loss_step(model, opt, x)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    core = [e for e in events if "msda" in e.key or "ms_deform" in e.key]
+    backward = sum(e.self_cpu_time_total for e in core if "ackward" in e.key)
+    forward = sum(e.self_cpu_time_total for e in core) - backward
+    row = {"model": ref.name, "batch": batch, "step_s": t, "core_forward": forward / total,
+           "core_backward": backward / total, "backend": ms_deform_attn_backend()}  # fmt: skip
+    log(
+        f"  {ref.name} batch {batch}: step {ms(t)} ms, core forward {forward / total:.1%}, backward {backward / total:.1%}"
+    )
+    return [row]
+
+
 def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**20:,.0f}"
 
@@ -192,6 +231,16 @@ CKPT_COLUMNS: list[Column] = [
 ]
 
 
+DEFORMABLE_COLUMNS: list[Column] = [
+    ("model", "l", lambda r: r["model"]),
+    ("batch", "r", lambda r: r["batch"]),
+    ("core backend", "l", lambda r: r["backend"]),
+    ("step ms", "r", lambda r: ms(r["step_s"])),
+    ("attention core, forward", "r", lambda r: f"{r['core_forward']:.1%}"),
+    ("attention core, backward", "r", lambda r: f"{r['core_backward']:.1%}"),
+]
+
+
 def render(store: Store) -> str:
     parts = [
         "# Training steps: blockgraph vs timm",
@@ -207,6 +256,9 @@ def render(store: Store) -> str:
     ]
     if store.rows("checkpointing"):
         parts += ["", "## Grad checkpointing", "", table(CKPT_COLUMNS, store.rows("checkpointing"))]
+    if store.rows("deformable"):
+        parts += ["", "## Deformable attention (no twin): absolute step time, share of the step in the core", "",
+                  table(DEFORMABLE_COLUMNS, store.rows("deformable"))]  # fmt: skip
     return "\n".join(parts) + "\n"
 
 
@@ -216,6 +268,7 @@ def main() -> None:
     parser.add_argument("--batches", default="8", help="batch sizes (default 8)")
     parser.add_argument("--compile", action="store_true", help="also compiled steps (inductor; minutes per model)")
     parser.add_argument("--checkpointing", action="store_true", help="grad checkpointing rows (CoaT-Lite S, hybrid)")
+    parser.add_argument("--deformable", type=int, metavar="BATCH", help="rows of the deformable specs at this batch")
     args = parser.parse_args()
     store = start(args)
     batches = [int(b) for b in args.batches.split(",")]
@@ -227,6 +280,12 @@ def main() -> None:
                 ("checkpointing", r.name, partial(checkpointing, r, batches, args.repeats))
                 for r in references()
                 if r.name in CHECKPOINTED
+            ]
+        if args.deformable:
+            jobs += [
+                ("deformable", r.name, partial(deformable, r, args.deformable, args.repeats))
+                for r in references()
+                if r.name in DEFORMABLE
             ]
     store.run_jobs(jobs, render)
 
