@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812 (the usual name)
 from report import Column, Job, Store, common_args, log, ms, ratio, start, table  # noqa: E402
 from timing import interleaved_samples  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 from twins import Reference, references, twins  # noqa: E402
 
 import blockgraph as bg  # noqa: E402
@@ -49,25 +50,33 @@ CHECKPOINTED = ("coat_lite_small", "coat_lite_small_deformable")
 DEFORMABLE = ("coat_lite_small_deformable", "deformable_encoder")
 
 
-def _models(ref: Reference, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Ours and the twin in train mode with drop path on, ours holding the twin's weights."""
+def _models(ref: Reference, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    """Ours and the twin in train mode with drop path on (off on both sides for a spec without a ``drop_path``
+    variable: MobileViT's), ours holding the twin's weights; and the drop path rate used."""
     set_fused(True)
     torch.manual_seed(seed)
-    twin = create_timm(ref.timm, drop_path_rate=DROP_PATH).train()
-    ours = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train()
+    rate = DROP_PATH if "drop_path" in bg.analyze(ref.path).spec.variables else 0.0
+    twin = create_timm(ref.timm, drop_path_rate=rate).train()
+    ours = bg.create_model(ref.name, drop_path_rate=rate).train()  # (0: accepted by a spec without the variable)
     bg.load_timm_state_dict(ours, twin.state_dict())
-    return ours, twin
+    return ours, twin, rate
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """The logits of a step's output (DeiT's distilled head returns a pair in training: their mean, as its loss)."""
-    return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+def _loss(out: Any, y: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of the logits (DeiT's distilled head returns a pair in training: their mean); for a model
+    without a classifier (``y`` None, or maps as a dict or list), the outputs' mean square."""
+    if y is None or isinstance(out, dict | list):
+        return sum(t.float().square().mean() for t in tree_leaves(out))
+    logits = (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+    return F.cross_entropy(logits.float(), y)
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> None:
+def _step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None, bf16: bool
+) -> None:
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = F.cross_entropy(_logits(model(x)).float(), y)
+        loss = _loss(model(x), y)
     loss.backward()
     opt.step()
 
@@ -92,8 +101,8 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     the same on both sides)."""
     total = [0]
     with _counting_saved(total):
-        out = _logits(model(x))
-    out.float().sum().backward()
+        out = model(x)
+    _loss(out, torch.zeros(x.shape[0], dtype=torch.long)).backward()  # (the loss's own tensors are not counted)
     model.zero_grad(set_to_none=True)
     return total[0]
 
@@ -104,14 +113,14 @@ def _timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, fl
 
 
 def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool) -> list[dict[str, Any]]:
-    ours, twin = _models(ref)
+    ours, twin, rate = _models(ref)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in (("ours", ours), ("twin", twin))}
     models = {"ours": ours, "twin": twin}
     rows = []
     for batch in batches:
         x = ref.input(batch)
         y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
-        row: dict[str, Any] = {"model": ref.name, "batch": batch}
+        row: dict[str, Any] = {"model": ref.name, "batch": batch, "drop_path": rate}
         for bf16 in (False, True):
             calls = {k: partial(_step, models[k], opts[k], x, y, bf16) for k in models}
             t = _timed(calls, repeats)
@@ -168,15 +177,6 @@ def checkpointing(ref: Reference, batches: list[int], repeats: int) -> list[dict
     return rows
 
 
-def _loss_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
-    """A step of a model without a classifier (its outputs' mean square as the loss)."""
-    opt.zero_grad(set_to_none=True)
-    out = model(x)
-    leaves = out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else [out]
-    sum(t.float().square().mean() for t in leaves).backward()
-    opt.step()
-
-
 def deformable(ref: Reference, batch: int, repeats: int) -> list[dict[str, Any]]:
     """A training step of a model with multi-scale deformable attention (no twin): its absolute time, and the
     share of the step's CPU time spent in the attention core, forward and backward (torch.profiler: the self time
@@ -187,14 +187,19 @@ def deformable(ref: Reference, batch: int, repeats: int) -> list[dict[str, Any]]
     model = bg.create_model(ref.name).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = ref.input(batch)
-    t = _timed({"step": partial(_loss_step, model, opt, x)}, repeats)["step"]
+    t = _timed({"step": partial(_step, model, opt, x, None, False)}, repeats)["step"]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _loss_step(model, opt, x)
+        _step(model, opt, x, None, False)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    core = [e for e in events if "msda" in e.key or "ms_deform" in e.key]
-    backward = sum(e.self_cpu_time_total for e in core if "ackward" in e.key)
-    forward = sum(e.self_cpu_time_total for e in core) - backward
+    total = sum(e.self_cpu_time_total for e in events)  # the step's CPU time, each op counted once
+    # the core's calls, children included: the C++ op (its autograd node runs in the backward pass), or the pure
+    # PyTorch backend's autograd Function
+    forward = sum(e.cpu_time_total for e in events if e.key in ("blockgraph_msda::forward", "_Gather"))
+    backward = sum(
+        e.cpu_time_total
+        for e in events
+        if e.key in ("GeneratedBackwardFor_blockgraph_msda_forward_defaultBackward", "_GatherBackward")
+    )
     row = {"model": ref.name, "batch": batch, "step_s": t, "core_forward": forward / total,
            "core_backward": backward / total, "backend": ms_deform_attn_backend()}  # fmt: skip
     log(
@@ -210,6 +215,7 @@ def _mb(n: int | None) -> str:
 TRAIN_COLUMNS: list[Column] = [
     ("model", "l", lambda r: r["model"]),
     ("batch", "r", lambda r: r["batch"]),
+    ("drop path", "r", lambda r: r.get("drop_path", DROP_PATH)),
     ("ours ms", "r", lambda r: ms(r["ours_s"])),
     ("twin ms", "r", lambda r: ms(r["twin_s"])),
     ("fp32 ours / twin", "r", lambda r: ratio(r["ours_s"], r["twin_s"])),

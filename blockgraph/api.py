@@ -354,9 +354,10 @@ def _timm_keywords(name: str, path: Any, kwargs: dict[str, Any]) -> dict[str, An
     if (chans := kwargs.pop("in_chans", None)) is not None and model is not None:
         overrides[f"inputs.{model.input.name}.channels" if model.inputs else "input.channels"] = chans
     if (rate := kwargs.pop("drop_path_rate", None)) is not None and model is not None:
-        if "drop_path" not in model.variables:
+        if "drop_path" in model.variables:
+            overrides["drop_path"] = rate
+        elif rate != 0:  # 0 (no stochastic depth) is what a spec without the variable does already
             refuse("drop_path_rate", rate, "the spec has no `drop_path` variable to set")
-        overrides["drop_path"] = rate
     head = _head_node(analysis) if analysis is not None else None
     for keyword, field_name in (("drop_rate", "drop"), ("global_pool", "pool")):
         if (value := kwargs.pop(keyword, None)) is None:

@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -182,12 +183,23 @@ def _unlink(name: str | None) -> None:
 
 def _remove_stale(directory: str) -> None:
     """Remove the temporary files in ``directory`` that writers killed long ago left (best effort)."""
+    remove_stale(directory, _STALE_NAME)
+
+
+def remove_stale(directory: str, name: re.Pattern[str]) -> None:
+    """Remove what killed writers left in ``directory`` long ago (best effort): the regular files and directories
+    whose name matches ``name`` and that nobody has written to for :data:`STALE_AFTER_S` seconds (a directory: its
+    newest entry)."""
     limit = time.time() - STALE_AFTER_S
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
-            if not _STALE_NAME.fullmatch(entry.name):
+            if not name.fullmatch(entry.name):
                 continue
             with contextlib.suppress(OSError):
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISREG(info.st_mode) and info.st_mtime < limit:
                     os.unlink(entry.path)
+                elif stat.S_ISDIR(info.st_mode):
+                    inside = [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(entry.path)]
+                    if max([info.st_mtime, *inside]) < limit:
+                        shutil.rmtree(entry.path, ignore_errors=True)

@@ -17,6 +17,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 
-from blockgraph.errors import ExportError, Pos
+from blockgraph.errors import BlockgraphError, ExportError, Pos
+from blockgraph.files import output_target, remove_stale
 
 MIN_OPSET = 18
 """The dynamo exporter emits opset 18 or newer."""
@@ -88,7 +90,7 @@ def export_onnx(
     h, w = tuple(input_size) if input_size is not None else tuple(spec.input.size)
     model.inference.check(h, w, channels=spec.input.channels)  # ShapeError, with the accepted sizes
     _check_arguments(batch, opset)
-    directory = _writable_directory(path)
+    target = _output(path)
     axes: dict[int, Any] = {} if batch is not None else {0: torch.export.Dim("batch", min=1)}
     if dynamic_size:
         axes.update(_size_axes(model.inference.acceptance, h, w, spec.name))
@@ -111,7 +113,7 @@ def export_onnx(
             pos=Pos(path),
             hint="export a fixed batch with --batch N" if "batch" in fixed else "export a fixed size (--input HxW)",
         )
-    _save(program, path, directory)
+    _save(program, target)
     graph = program.model.graph
     return Exported(
         path=path,
@@ -162,9 +164,16 @@ def _size_axes(acceptance: Any, h: int, w: int, name: str) -> dict[int, Any]:
     return axes
 
 
-def _save(program: Any, path: str, directory: str) -> None:
+_STAGING = re.compile(r"\.blockgraph-export-\w{8}")
+"""The temporary directories :func:`_save` writes in (``tempfile.mkdtemp``'s names)."""
+
+
+def _save(program: Any, path: str) -> None:
     """Write into a temporary directory beside ``path``, then rename into place (an external-data file, for
-    weights over 2 GB, first; the ``.onnx`` last), so no half-written file ever has the final name."""
+    weights over 2 GB, first; the ``.onnx`` last), so no half-written file ever has the final name. Staging
+    directories that a killed export left long ago beside it are removed first."""
+    directory = os.path.dirname(path)
+    remove_stale(directory, _STAGING)
     staging = tempfile.mkdtemp(prefix=".blockgraph-export-", dir=directory)
     try:
         program.save(os.path.join(staging, os.path.basename(path)))
@@ -176,15 +185,18 @@ def _save(program: Any, path: str, directory: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _writable_directory(path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ExportError(f"cannot write {path}: it is a directory", pos=Pos(path), hint="name a .onnx file")
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {path}: no directory {directory}", pos=Pos(path))
+def _output(path: str) -> str:
+    """The file the export writes (links followed), checked before the export runs: ``path`` must be a regular file
+    or a new name in a writable directory (:func:`~blockgraph.files.output_target`: not empty, not a directory, a
+    device or a FIFO)."""
+    try:
+        target = output_target(path)
+    except BlockgraphError as e:
+        raise ExportError(e.message, pos=e.pos, hint=e.hint or "name a .onnx file") from e
+    directory = os.path.dirname(target)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write {path}: directory {directory} is not writable", pos=Pos(path))
-    return directory
+    return target
 
 
 def _run_exporter(

@@ -4,6 +4,7 @@ eager PyTorch; the deformable encoder's core exports as plain gathers; the CLI's
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,11 @@ def test_cli_export_unwritable_paths(tmp_path: Path, run_cli) -> None:
     assert code == 2 and "no directory" in err
     code, _, err = run_cli("export", TINY, "--onnx", tmp_path)
     assert code == 2 and "is a directory" in err
+    code, _, err = run_cli("export", TINY, "--onnx", "")
+    assert code == 2 and "the output path is empty" in err
+    if os.path.exists("/dev/null"):
+        code, _, err = run_cli("export", TINY, "--onnx", "/dev/null")
+        assert code == 2 and "only a regular file is replaced" in err
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -192,3 +198,20 @@ def test_cli_export_failures_leave_nothing(tmp_path: Path, run_cli, monkeypatch:
     code, _, err = run_cli("export", *out_args)
     assert code == 2 and "No space left on device" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_exports_staging_directory_is_removed_by_the_next(tmp_path: Path, run_cli) -> None:
+    """An export writes in a staging directory beside its file; one a killed export left long ago goes with the next
+    export there, a recent one (maybe another export's, still running) stays."""
+    from blockgraph.files import STALE_AFTER_S
+
+    old, recent = tmp_path / ".blockgraph-export-abcd1234", tmp_path / ".blockgraph-export-efgh5678"
+    for staging in (old, recent):
+        staging.mkdir()
+        (staging / "x.onnx").write_bytes(b"half")
+    past = time.time() - STALE_AFTER_S - 60
+    os.utime(old / "x.onnx", (past, past))
+    os.utime(old, (past, past))
+    code, _, err = run_cli("export", TINY, *SMALL_ARGS, "--onnx", tmp_path / "x.onnx")
+    assert code == 0, err
+    assert not old.exists() and recent.exists()
