@@ -146,33 +146,52 @@ FLAG_VALUES = ["-1", "0", "1", "2.5", "nan", "inf", "1e400", "9" * 5000, "", " "
 COMMAND_FLAGS = {
     "validate": ["--input", "--set", "--variant", "--max-params", "--max-activation-bytes", "--batch"],
     "summary": ["--input", "--set", "--variant", "--batch"],
-    "build": ["--input", "--set", "--max-params", "--batch", "--device"],
-    "graph": ["--input", "--set", "--variant", "--format"],
+    "build": ["--input", "--set", "--max-params", "--batch", "--device", "--out"],
+    "graph": ["--input", "--set", "--variant", "--format", "--out"],
+    "export": ["--input", "--set", "--batch", "--opset", "--weights"],
+    "schema": ["--out"],
+    "docs": ["--out", "--all"],
+    "list": ["--ops"],
 }
-"""The commands that read a spec and the flags that take a value (``export`` is slow: tested in test_export)."""
+"""Every command and the flags that take a value (list: a pattern). ``export`` always gets an ``--onnx`` target it
+refuses before exporting (each export takes seconds): its flags and checks are fuzzed, not the exporter."""
+PATHS = ["", "/dev/null", "DIR", "DIR/out.txt", "/proc/blockgraph-no/x", "DIR/nope/x", "DIR/model.safetensors"]
+"""Values for the flags that name a file to write or read."""
+TAKE_PATHS = {"--out", "--all", "--weights"}
+SPEC_COMMANDS = {"validate", "summary", "build", "graph", "export"}
 
 
 @st.composite
 def command_lines(draw: st.DrawFn) -> list[str]:
     command = draw(st.sampled_from(sorted(COMMAND_FLAGS)))
-    argv = [command, "SPEC"]
+    argv = [command, "SPEC"] if command in SPEC_COMMANDS else [command]
+    if command == "list":
+        argv.append(draw(st.sampled_from(["*", "coat*", "[", "x" * 300, "", "*" * 50])))
     for _ in range(draw(st.integers(1, 3))):
-        argv += [draw(st.sampled_from(COMMAND_FLAGS[command])), draw(st.sampled_from(FLAG_VALUES))]
+        flag = draw(st.sampled_from(COMMAND_FLAGS[command]))
+        if flag == "--ops":
+            argv.append(flag)
+            continue
+        argv += [flag, draw(st.sampled_from(PATHS if flag in TAKE_PATHS else FLAG_VALUES))]
+    if command == "export":
+        argv += ["--onnx", draw(st.sampled_from(["", "/dev/null", "DIR", "DIR/nope/x.onnx"]))]
     return argv
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=command_lines())
 def test_flags_never_crash(argv: list[str], tmp_path_factory) -> None:
-    """1,000 command lines with any flag values on a small spec: exit 0 or 2 (argparse's usage error included),
-    never a traceback or exit 3."""
+    """1,000 command lines of every command with any flag values (on a small spec): exit 0 or 2 (argparse's usage
+    error included), never a traceback or exit 3."""
     from tests.test_broken_specs import VALID
 
     spec = tmp_path_factory.getbasetemp() / "flags.yaml"
     if not spec.exists():
         spec.write_text(VALID)
+    directory = tmp_path_factory.getbasetemp() / "flag-outputs"
+    directory.mkdir(exist_ok=True)
     out, err = io.StringIO(), io.StringIO()
-    argv = [str(spec) if a == "SPEC" else a for a in argv]
+    argv = [str(spec) if a == "SPEC" else a.replace("DIR", str(directory)) for a in argv]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(argv)
