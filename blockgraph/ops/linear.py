@@ -9,13 +9,17 @@
   :data:`COMPILED_ONEDNN_MIN_MACS` multiply-adds: oneDNN's matrix multiply through an op of our own
   (``blockgraph::onednn_linear``). Inductor without freezing lowers ``F.linear`` to MKL's ``addmm``, 5-28% slower
   on these shapes (measured per shape, compiled: README, "Inference speed").
-- Otherwise (training, autograd, export, other devices and dtypes): the reference, ``F.linear``, then the
-  activation and the add.
+- An eager training step (autograd recording; not compiling, tracing or exporting), CPU, float32: oneDNN's matrix
+  multiply for the forward and the input's gradient (:class:`_OneDnnLinear`), or ``F.linear``, whichever is faster
+  here for the shape (measured); then the activation and the add.
+- Otherwise (export, other devices and dtypes, autocast's bf16): the reference, ``F.linear``, then the activation
+  and the add.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +61,13 @@ def linear(
     """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
     kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight)."""
     fast = eager_inference(x)
-    onednn = _ONEDNN and not symbolic_tracing() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    onednn = (
+        _ONEDNN
+        and not symbolic_tracing()
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # autocast computes F.linear in bf16: ours would stay in float32
+    )
     y = None
     if onednn and fast:
         shapes = (tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
@@ -76,6 +86,11 @@ def linear(
             )
     elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
         y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
+    elif onednn and _eager_training(x, weight):
+        fused = partial(_OneDnnLinear.apply, x, weight, bias)
+        plain = partial(F.linear, x, weight, bias)
+        key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
+        y = fused() if choose(key, {"fused": fused, "plain": plain}) == "fused" else plain()
     if y is None:
         y = F.linear(x, weight, bias)
     if act is not None:
@@ -83,6 +98,46 @@ def linear(
     if residual is None:
         return y
     return y.add_(residual) if fast else residual + y
+
+
+def _eager_training(x: Tensor, weight: Tensor) -> bool:
+    """Whether autograd records this call eagerly (a training step): not compiling, tracing or exporting."""
+    return (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting())
+    )
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """``F.linear`` for an eager training step through oneDNN's matrix multiply: the forward ``x @ W.T + b`` and the
+    input's gradient ``g @ W`` (a linear map by ``W.T``) run ``mkldnn._linear_pointwise``, which on the CPUs measured
+    here takes about half of MKL's ``addmm``/``mm`` time at these models' shapes; the weight's gradient ``g.T @ x``
+    stays a ``mm`` (oneDNN would need both operands transposed in memory). The same tensors are saved as
+    ``F.linear`` saves. When the backward itself is recorded (``create_graph=True``: a second derivative), the
+    gradients are computed with differentiable ops instead."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # a second derivative: an op autograd can differentiate
+                grad_x = grad.matmul(weight)
+            else:
+                grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = flat.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, act: nn.Module | None, residual: Tensor | None) -> Tensor:

@@ -63,7 +63,8 @@ def test_linear_runs_onednn_on_the_cpu_in_float32_and_plain_ops_elsewhere() -> N
         assert "mkldnn::_linear_pointwise" not in called
         got = linear(x.double(), double.weight, double.bias, act=nn.SiLU())
         torch.testing.assert_close(got, F.silu(double(x.double())), rtol=0, atol=1e-15)
-    called = ops_called(lambda: linear(x, layer.weight, layer.bias, act=nn.GELU()))  # autograd records: reference
+    with forcing("plain"):  # autograd records: the reference (or oneDNN's training kernel, when it is chosen)
+        called = ops_called(lambda: linear(x, layer.weight, layer.bias, act=nn.GELU()))
     assert "mkldnn::_linear_pointwise" not in called and "aten::linear" in called
 
 
@@ -145,3 +146,37 @@ def test_a_model_gives_the_same_values_with_either_kernel() -> None:
         with forcing("plain"):
             plain = model(x)
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (2, 3, 4, 24)])
+def test_a_training_step_gives_the_references_gradients_with_either_kernel(kernel: str, shape: tuple[int, ...]) -> None:
+    """In an eager training step (autograd recording) the fused kernel (oneDNN for the forward and the input's
+    gradient) and the plain one give the float64 reference's output and gradients to float32 accuracy; a second
+    derivative through the fused kernel equals the reference's too."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape, requires_grad=True), torch.randn(40, 24, requires_grad=True), torch.randn(40)
+    b.requires_grad_()
+    grad = torch.randn(*shape[:-1], 40)
+    with forcing(kernel):
+        y = linear(x, w, b, act=nn.GELU(), residual=torch.randn(*shape[:-1], 40).mul(0))
+        (gx,) = torch.autograd.grad((y * grad).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = F.gelu(F.linear(*exact))
+    (gx64,) = torch.autograd.grad((y64 * grad.double()).sum(), exact[0], create_graph=True)
+    gx64.square().sum().backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), gx64, rtol=1e-5, atol=1e-5)
+    for got, want in zip((x, w, b), exact, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_training_step_runs_onednn_when_it_is_chosen() -> None:
+    layer, x = nn.Linear(8, 8), torch.randn(3, 8, requires_grad=True)
+    with forcing("fused"):
+        called = ops_called(lambda: linear(x, layer.weight, layer.bias).sum().backward())
+    assert "mkldnn::_linear_pointwise" in called
+    with forcing("plain"), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: F.linear, in bf16
+        y = linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16
