@@ -86,18 +86,34 @@ def linear(
             )
     elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
         y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
-    elif onednn and _eager_training(x, weight):
-        fused = partial(_OneDnnLinear.apply, x, weight, bias)
-        plain = partial(F.linear, x, weight, bias)
-        key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
-        y = fused() if choose(key, {"fused": fused, "plain": plain}) == "fused" else plain()
     if y is None:
-        y = F.linear(x, weight, bias)
+        y = recorded_linear(x, weight, bias)
     if act is not None:
         y = in_place(act, y) if fast else act(y)
     if residual is None:
         return y
     return y.add_(residual) if fast else residual + y
+
+
+def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, or in an eager training step (CPU, float32, no autocast) oneDNN's training kernel
+    (:class:`_OneDnnLinear`) when it is the faster here. ``torch.fx`` records it as one call, so that a traced graph
+    runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
+    if (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and _eager_training(x, weight)
+    ):
+        fused = partial(_OneDnnLinear.apply, x, weight, bias)
+        plain = partial(F.linear, x, weight, bias)
+        key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
+        return fused() if choose(key, {"fused": fused, "plain": plain}) == "fused" else plain()
+    return F.linear(x, weight, bias)
+
+
+torch.fx.wrap("recorded_linear")
 
 
 def _eager_training(x: Tensor, weight: Tensor) -> bool:
