@@ -61,13 +61,7 @@ def linear(
     """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
     kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight)."""
     fast = eager_inference(x)
-    onednn = (
-        _ONEDNN
-        and not symbolic_tracing()
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")  # autocast computes F.linear in bf16: ours would stay in float32
-    )
+    onednn = not symbolic_tracing() and _onednn_applies(x, weight)
     y = None
     if onednn and fast:
         shapes = (tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
@@ -99,13 +93,7 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear``, or in an eager training step (CPU, float32, no autocast) oneDNN's training kernel
     (:class:`_OneDnnLinear`) when it is the faster here. ``torch.fx`` records it as one call, so that a traced graph
     runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
-    if (
-        _ONEDNN
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and _eager_training(x, weight)
-    ):
+    if _onednn_applies(x, weight) and _eager_training(x, weight):
         fused = partial(_OneDnnLinear.apply, x, weight, bias)
         plain = partial(F.linear, x, weight, bias)
         key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
@@ -114,6 +102,17 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 torch.fx.wrap("recorded_linear")
+
+
+def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN's matrix multiply may compute this product: CPU, float32, no autocast (which computes
+    ``F.linear`` in bf16: ours would stay in float32)."""
+    return (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def _eager_training(x: Tensor, weight: Tensor) -> bool:

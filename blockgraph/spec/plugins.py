@@ -227,7 +227,13 @@ def _failed(asked: str, e: BaseException, pos: Pos | None) -> PluginError:
 
 
 _SIGINTS = [0]
-"""How many SIGINTs (Ctrl-C) arrived while :func:`watching_interrupts`."""
+"""How many SIGINTs (Ctrl-C) arrived in the current :func:`watching_interrupts`."""
+
+
+def _count_sigint(signum: int, frame: Any) -> None:
+    """The SIGINT handler while :func:`watching_interrupts`: count it, then raise as Python's own handler does."""
+    _SIGINTS[0] += 1
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -242,11 +248,8 @@ def watching_interrupts() -> Iterator[None]:
         yield
         return
 
-    def handler(signum: int, frame: Any) -> None:
-        _SIGINTS[0] += 1
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGINT, handler)
+    _SIGINTS[0] = 0
+    before = signal.signal(signal.SIGINT, _count_sigint)
     try:
         yield
     finally:
@@ -260,9 +263,7 @@ def interrupted(e: BaseException) -> bool:
 
     if not isinstance(e, KeyboardInterrupt):
         return False
-    handler = signal.getsignal(signal.SIGINT)
-    watching = getattr(handler, "__qualname__", "") == "watching_interrupts.<locals>.handler"
-    return _SIGINTS[0] > 0 or not watching
+    return _SIGINTS[0] > 0 or signal.getsignal(signal.SIGINT) is not _count_sigint
 
 
 def _first_line(e: BaseException) -> str:

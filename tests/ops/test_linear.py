@@ -3,6 +3,8 @@ a residual in the epilogue, in eager inference and in graphs compiled for infere
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
@@ -106,7 +108,7 @@ def test_the_autotuner_measures_once_per_shape_and_keeps_the_faster_kernel(monke
 
     def slow_plain() -> None:
         runs["plain"] += 1
-        time_sleep(0.002)
+        time.sleep(0.002)
 
     def fast_default() -> None:
         runs["fused"] += 1
@@ -126,12 +128,6 @@ def test_the_autotuner_measures_once_per_shape_and_keeps_the_faster_kernel(monke
     autotune.choose(("probe", 4), faster)
     autotune.reset()
     assert autotune.choices() == {}
-
-
-def time_sleep(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
 
 
 def test_a_model_gives_the_same_values_with_either_kernel() -> None:
