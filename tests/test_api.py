@@ -243,7 +243,7 @@ def test_create_model_takes_timms_keywords() -> None:
     assert model(torch.empty(2, 1, 64, 64, device="meta")).shape == (2, 1000)
     assert bg.create_model("vit_tiny_patch16_224", global_pool="avg", device="meta").get_submodule("head").pool == "avg"
     assert bg.create_model("convnext_atto", drop_rate=0.0, device="meta").num_classes == 1000  # train.py's default
-    assert bg.create_model("mobilevit_xxs", drop_path_rate=0.0, device="meta").num_classes == 1000  # no drop path
+    assert bg.create_model("mobilevit_xxs", drop_path_rate=0.0, device="meta").num_classes == 1000
     with pytest.raises(TypeError, match=r"unexpected keyword\(s\) foo; it takes: num_classes, .*in_chans"):
         bg.create_model("convnext_atto", foo=1)
     assert bg.create_model("pvt_v2_b0", drop_rate=0.3, device="meta").get_submodule("head_drop").p == 0.3

@@ -66,6 +66,23 @@ def test_matches_timm(name: str) -> None:
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["coat_lite_tiny", "coat_tiny", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
+     "convnext_atto", "poolformer_s12", "pvt_v2_b0", "inception_next_tiny"],
+)  # fmt: skip
+def test_drop_path_rates_match_timm(name: str) -> None:
+    """``drop_path_rate`` gives the blocks the twin's stochastic-depth rates (one spec per family: the ramps differ).
+    Compared as sets: timm's CoaT block applies one DropPath module to both of its branches, ours one per branch."""
+
+    def rates(model: torch.nn.Module, attr: str) -> list[float]:
+        found = (getattr(m, attr) for m in model.modules() if type(m).__name__ == "DropPath")
+        return sorted({round(r, 6) for r in found if r > 0})
+
+    twin = rates(create_timm(name, drop_path_rate=0.2), "drop_prob")
+    assert twin and rates(bg.create_model(name, drop_path_rate=0.2, device="meta"), "p") == twin
+
+
 def test_loader_rejects_a_state_dict_that_does_not_fit() -> None:
     twin = create_timm("coat_lite_tiny")
     ours = bg.create_model("coat_lite_mini")
