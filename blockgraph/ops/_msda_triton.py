@@ -52,15 +52,20 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = ["INTERPRETED", "ms_deform_attn", "unusable"]
 
-INTERPRETED = isinstance(tl.sum, InterpretedFunction)
+INTERPRETED = not isinstance(tl.sum, triton.runtime.JITFunction)
 """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
 
-_jit = InterpretedFunction if INTERPRETED else triton.jit
-"""``@triton.jit`` as Triton's own library got it: a kernel's helpers (``tl.sum``, ours) must be of its kind."""
+# ``@triton.jit`` as Triton's own library got it: a kernel's helpers (``tl.sum``, ours) must be of its kind. (The
+# interpreter's module imports numpy, which the compiled kernels do not need.)
+if INTERPRETED:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _jit = InterpretedFunction
+else:
+    _jit = triton.jit
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 

@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -362,6 +363,73 @@ def test_torch_compile_fullgraph_matches_eager(device: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, torch.autograd.grad(expected, leaves), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+_COMPILE_FOR_A_GPU = """
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from blockgraph.ops import _msda_triton as module, ms_deform_attn
+from tests.ops.test_ms_deform_attn import make_inputs
+
+assert not module.INTERPRETED
+launches = []
+
+
+class Record:  # stands in for a kernel: records each launch's arguments, runs nothing
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+
+for name in ("_forward_kernel", "_backward_kernel", "_sum_rows_kernel"):
+    setattr(module, name, Record(getattr(module, name)))
+module.unusable = lambda device: None  # (CPU tensors: their launches are recorded, not run)
+for value_dtype, loc_dtype, deterministic in [
+    (torch.float32, torch.float32, False), (torch.float32, torch.float32, True),
+    (torch.bfloat16, torch.float32, False), (torch.float64, torch.float64, True),
+]:
+    value, spatial, starts, loc, weights = make_inputs(torch.float32, shapes=[(3, 4), (2, 3)], channels=32)
+    leaves = [value.to(value_dtype), loc.to(loc_dtype), weights.to(value_dtype)]
+    leaves = [t.requires_grad_() for t in leaves]
+    torch.use_deterministic_algorithms(deterministic)
+    out = ms_deform_attn(leaves[0], spatial, starts, leaves[1], leaves[2], backend="triton")
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+seen = set()
+for kernel, args, kwargs in launches:
+    bound = {p.name: a for p, a in zip(kernel.params, args)} | kwargs
+    signature = {p.name: "constexpr" if p.is_constexpr else mangle_type(bound[p.name]) for p in kernel.params}
+    constants = {p.name: bound[p.name] for p in kernel.params if signature[p.name] == "constexpr"}
+    key = (kernel.__name__, tuple(signature.values()), tuple(map(str, constants.values())))
+    if key in seen:
+        continue
+    seen.add(key)
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], key
+    print(kernel.__name__, signature[next(iter(signature))], constants.get("GRAD_VALUE"), flush=True)
+"""
+
+
+@needs_triton
+def test_the_kernels_compile_for_a_gpu_without_one(tmp_path: pathlib.Path) -> None:
+    """What the interpreter does not check: Triton compiles each kernel, as the ops launch it (their arguments
+    recorded on CPU tensors: float32, bf16 with float32 locations, float64; atomic and deterministic backward),
+    down to a cubin for sm_90 with its bundled LLVM and ptxas. No GPU is needed to compile."""
+    if not (pathlib.Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1", "BLOCKGRAPH_NO_CPP": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_A_GPU], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = done.stdout.split("\n")
+    assert sum(line.startswith("_forward_kernel") for line in compiled) == 3, done.stdout
+    assert sum(line.startswith("_backward_kernel") for line in compiled) == 4, done.stdout
+    assert sum(line.startswith("_sum_rows_kernel") for line in compiled) == 2, done.stdout
 
 
 def test_importing_blockgraph_does_not_import_the_triton_backend() -> None:
