@@ -199,7 +199,8 @@ def test_gradcheck(device: str) -> None:
     def fn(v: torch.Tensor, lo: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return ms_deform_attn(v, spatial, starts, lo, w, backend="triton")
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, fast_mode=True)
+    # (nondet_tol: on a GPU the atomic value gradient may differ in its last bits between two backward passes)
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, nondet_tol=1e-12, fast_mode=True)
 
 
 def test_second_derivatives_are_refused(device: str) -> None:
