@@ -4,6 +4,9 @@
 # torch is pinned to the local CPU wheel and installed FIRST, so that nothing
 # later resolves an unpinned torch (which would pull multi-GB CUDA builds).
 # timm and torchvision are test-only parity oracles, installed with --no-deps.
+# The gpu extra (triton) comes with the test one: without a GPU, Triton's
+# interpreter runs the Triton kernels of ms_deform_attn in the tests (triton
+# does not depend on torch, so the pinned torch stays).
 
 PYTHON      ?= python3
 VENV        := .venv
@@ -23,7 +26,7 @@ LINT_PATHS  := blockgraph tests cli.py bench examples
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,gpu]'
 	$(PIP) install --no-deps timm==$(TIMM_VERSION)
 	$(PIP) install --no-deps torchvision==$(TORCHVISION_VERSION)
 	touch $@

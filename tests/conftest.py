@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, the Triton kernels (ms_deform_attn's backend="triton", tests/ops/test_msda_triton.py) run in Triton's
+# interpreter on CPU tensors. Triton reads TRITON_INTERPRET when it is imported, and torch imports it with
+# torch._dynamo (as soon as a test imports blockgraph.ops), so it is set here, before any test module is imported.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))

@@ -1,10 +1,12 @@
-"""The benchmark helpers in bench/: the memory measure, and results that survive partial runs."""
+"""The benchmark helpers in bench/: the memory measure, results that survive partial runs, and bench/deform_attn.py's
+arguments, refusals and measuring path."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -77,3 +79,44 @@ def test_saved_bytes_count_what_autograd_keeps_once_per_storage() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.ReLU())
     assert saved_bytes(model, torch.randn(4, 10)) == (40 + 20) * 4
     assert all(p.grad is None for p in model.parameters())  # the count leaves no gradient behind
+
+
+def test_deform_attn_bench_arguments() -> None:
+    """bench/deform_attn.py: the batch follows the device (DINO's 8 on CUDA); unknown variants are usage errors."""
+    import deform_attn
+
+    args = deform_attn.parse(["--device", "cuda", "--backends", "triton, torch"])
+    assert (args.device, args.batch, args.backends) == ("cuda", 8, ["triton", "torch"])
+    assert deform_attn.parse([]).batch == 2 and deform_attn.parse(["--batch", "3"]).batch == 3
+    with pytest.raises(SystemExit) as exited:
+        deform_attn.parse(["--backends", "reference,cuda"])
+    assert exited.value.code == 2
+    assert deform_attn.default_backends("cuda") == ["reference", "triton", "triton-deterministic", "torch"]
+    fns = deform_attn.variants(["reference", "triton", "triton-deterministic"])
+    assert [deterministic for _, deterministic in fns.values()] == [False, False, True]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cuda"], "--device cuda: no CUDA device here"),
+        (["--backends", "triton"], "triton runs on CUDA tensors: add --device cuda"),
+    ],
+)
+def test_deform_attn_bench_refuses_what_cannot_run_here(argv: list[str], message: str, capsys) -> None:
+    """Exit status 2 and one line saying why, before measuring anything."""
+    import deform_attn
+
+    assert deform_attn.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_deform_attn_bench_measures_on_small_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measuring path of bench/deform_attn.py (CPU), on small maps: a row per variant, positive figures."""
+    import deform_attn
+
+    monkeypatch.setattr(deform_attn, "LEVELS", ((6, 5), (3, 3)))
+    rows = deform_attn.measure("encoder", 1, ["reference", "torch"], batch=1)
+    assert [row[:2] for row in rows] == [("encoder", "reference"), ("encoder", "torch")]
+    assert all(fwd > 0 and both > 0 for _, _, fwd, both, _ in rows)

@@ -7,7 +7,7 @@ attention-weighted sum of the samples::
 
     out[n, q, m*D + d] = sum_{l, p} A[n, q, m, l, p] * bilinear(value[n, level l, m, d], loc[n, q, m, l, p])
 
-Four implementations share that contract:
+Five implementations share that contract:
 
 - :func:`ms_deform_attn_reference`: the upstream ``ms_deform_attn_core_pytorch`` (four-corner ``F.grid_sample`` per
   level, stack, multiply, sum), kept as the oracle. It materializes ``[N*M, D, Lq, L*P]`` several times over.
@@ -18,15 +18,20 @@ Four implementations share that contract:
 - ``"torch"``: the same gather in pure PyTorch: ``F.embedding_bag`` over ``value`` viewed as a table of ``N*S*M``
   rows of D channels, one bag of L*P (row, corner weight) pairs per (n, q, m) and corner, chunked over queries to
   bound memory. Used when the C++ kernel cannot be built, off the CPU (meta), or on request.
+- ``"triton"``: Triton kernels (``_msda_triton``, imported on first use; ``pip install 'blockgraph[gpu]'``) for CUDA
+  tensors, the C++ kernel's math with one program per (batch, head, block of queries). It takes bfloat16/float16
+  inputs as they are and computes in float32 inside (no float32 copies of ``value`` or of the output). On CPU
+  tensors it runs in Triton's interpreter, where triton was imported with ``TRITON_INTERPRET=1`` (tests). Same fake
+  kernels and autograd registration as the C++ ops.
 - ``"gather"``: the same bilinear sampling written with plain tensor ops only (index arithmetic, one
   ``index_select`` per corner, a batched matmul with the weights; no loop over chunks, no custom op, no
   ``grid_sample``), so that exporters (``torch.onnx.export``, ``torch.export``) see an ordinary graph: ONNX gets
   Gather/MatMul nodes any runtime runs. ``"auto"`` picks it while exporting. Differentiable by autograd (any order),
   but it materializes ``[N*M*Lq*L*P, D]`` per corner: for export and inference, not training.
 
-Both fast paths have their own backward (gradients w.r.t. value, sampling locations and attention weights; first
+The fast paths have their own backward (gradients w.r.t. value, sampling locations and attention weights; first
 order only). The backward recomputes the corner geometry from the locations (a few cheap elementwise ops) rather
-than keeping ``[.., L, P, 4]`` index and weight tables alive between forward and backward. Both are
+than keeping ``[.., L, P, 4]`` index and weight tables alive between forward and backward. The CPU ones are
 deterministic, without atomics or racing writes:
 
 - ``"cpp"`` parallelizes its backward over heads (n, m) (or (n, m, l) when heads are fewer than 2 x threads): a
@@ -38,6 +43,11 @@ deterministic, without atomics or racing writes:
   ``grad_out`` sums each list sequentially (one bag per row; bags are independent), once per corner. The dot
   products for the location/weight gradients are independent, one per (sample, corner).
 
+``"triton"`` scatters the value gradient with atomic adds (the order of the additions varies between runs on a
+GPU); under ``torch.use_deterministic_algorithms(True)`` it sums each value row's contributions in a fixed order
+instead (a stable sort of the (sample, corner) pairs by the row they hit, then one program per row; see
+``_msda_triton``). Its location and weight gradients are deterministic either way.
+
 Pixel coordinates are rounded as grid_sample rounds them: it unnormalizes g = 2 * loc - 1 as
 (g + 1) * (W / 2) - 0.5, one fused multiply-add in its vectorized CPU kernels where torch's build uses FMA (AVX2,
 AVX512); ``torch.addcmul`` is vectorized the same way and the C++ kernel uses ``std::fma`` exactly where torch
@@ -47,6 +57,7 @@ map has a kink and the derivative w.r.t. the location is one-sided: both take th
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -57,7 +68,7 @@ from torch.autograd.function import once_differentiable
 from blockgraph.errors import ShapeError
 from blockgraph.ops import _msda_cpp
 
-Backend = Literal["auto", "cpp", "torch", "gather", "reference"]
+Backend = Literal["auto", "cpp", "triton", "torch", "gather", "reference"]
 
 CHUNK_SAMPLES = 1 << 17
 """Samples (n, q, m, l, p) the pure path handles at once: bounds its scratch memory to a few tens of MB."""
@@ -84,28 +95,34 @@ def ms_deform_attn(
             (1, 1) the bottom-right. Values outside [0, 1] are allowed (zero padding).
         attention_weights: ``[N, Lq, M, L, P]``.
         backend: ``"auto"`` (``"gather"`` while exporting; else the C++ kernel when it builds and the tensors are
-            on the CPU, else ``"torch"``), ``"cpp"``, ``"torch"`` (pure-PyTorch fused gather), ``"gather"``
-            (plain tensor ops, for export), or ``"reference"`` (:func:`ms_deform_attn_reference`).
+            on the CPU, the Triton kernels when triton is installed and they are on a CUDA device, else
+            ``"torch"``), ``"cpp"``, ``"triton"`` (CUDA tensors; CPU tensors in Triton's interpreter, with
+            ``TRITON_INTERPRET=1`` set before Python starts), ``"torch"`` (pure-PyTorch fused gather),
+            ``"gather"`` (plain tensor ops, for export), or ``"reference"`` (:func:`ms_deform_attn_reference`).
 
     Returns:
         ``[N, Lq, M*D]``, channel ``m*D + d``. Differentiable in value, sampling_locations and attention_weights.
 
     Reduced precision: with any of the three in bfloat16 or float16 (as under ``torch.autocast``, which leaves the
     sampling locations in float32), every backend computes in float32 (autocast off inside) and the result takes
-    ``value``'s dtype; gradients flow back through the casts to each input's own dtype.
+    ``value``'s dtype; gradients flow back through the casts to each input's own dtype. The Triton kernels take
+    the three in their own dtypes (they need not agree) and compute in float32 inside, with the same results and
+    no float32 copies.
 
     Raises:
-        ShapeError: inconsistent shapes or dtypes, or ``backend="cpp"`` where the C++ kernel is unavailable.
+        ShapeError: inconsistent shapes or dtypes, or ``backend="cpp"`` / ``"triton"`` where that kernel is
+            unavailable.
     """
     floats = (value, sampling_locations, attention_weights)
-    if all(t.dtype.is_floating_point for t in floats) and any(t.dtype in _REDUCED for t in floats):
+    reduced = all(t.dtype.is_floating_point for t in floats) and any(t.dtype in _REDUCED for t in floats)
+    if reduced and not _takes_reduced(backend, value):
         with torch.autocast(value.device.type, enabled=False):
             wide = [t.float() if t.dtype in _REDUCED else t for t in floats]
             compute = torch.promote_types(torch.promote_types(wide[0].dtype, wide[1].dtype), wide[2].dtype)
             v, loc, attn = (t.to(compute) for t in wide)
             out = ms_deform_attn(v, spatial_shapes, level_start_index, loc, attn, backend=backend)
         return out.to(value.dtype)
-    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, same_dtype=not reduced)
     chosen = _resolve(backend, value)
     if chosen == "reference":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -115,17 +132,22 @@ def ms_deform_attn(
         return torch.ops.blockgraph_msda.forward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
+    if chosen == "triton":
+        return _triton.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _Gather.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-def ms_deform_attn_backend(value: Tensor | None = None) -> Literal["cpp", "torch", "gather"]:
-    """The implementation ``backend="auto"`` runs (for ``value``'s device and dtype, when given).
+def ms_deform_attn_backend(value: Tensor | None = None) -> Literal["cpp", "triton", "torch", "gather"]:
+    """The implementation ``backend="auto"`` runs (for ``value``'s device and dtype, when given; the CPU without).
 
-    ``"gather"`` while a graph is being exported (``torch.onnx.export``, ``torch.export``). Builds the C++ kernel on
-    the first call unless ``BLOCKGRAPH_NO_CPP=1``.
+    ``"gather"`` while a graph is being exported (``torch.onnx.export``, ``torch.export``); ``"triton"`` for CUDA
+    tensors when triton imports; the C++ kernel for float32/float64 CPU tensors (built on the first call unless
+    ``BLOCKGRAPH_NO_CPP=1``); else ``"torch"``.
     """
     if exporting():
         return "gather"
+    if value is not None and value.device.type == "cuda":
+        return "triton" if _triton_available() else "torch"
     if value is not None and (value.device.type != "cpu" or value.dtype not in (torch.float32, torch.float64)):
         return "torch"
     return "cpp" if _cpp_available() else "torch"
@@ -141,6 +163,32 @@ def exporting() -> bool:
 def _cpp_available() -> bool:
     """Whether the C++ kernel is usable (built on the first call); torch.compile evaluates it once, at trace time."""
     return _msda_cpp.load()
+
+
+_triton: ModuleType | None = None
+_triton_failure = ""
+
+
+def _triton_module() -> ModuleType | None:
+    """The Triton backend's module (``_msda_triton``), imported on the first call (never by ``import blockgraph``);
+    None when triton is missing or fails to import (:data:`_triton_failure` says why; not retried). Kept in
+    :data:`_triton` once imported."""
+    global _triton, _triton_failure
+    if _triton is None and not _triton_failure:
+        try:
+            from blockgraph.ops import _msda_triton
+        except Exception as e:  # ImportError without triton; a broken install may raise anything
+            _triton_failure = f"{type(e).__name__}: {e}"
+        else:
+            _triton = _msda_triton
+    return _triton
+
+
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    """Whether the Triton kernels import (then :data:`_triton` is their module); torch.compile evaluates it once,
+    at trace time (the import is not traced)."""
+    return _triton_module() is not None
 
 
 def ms_deform_attn_reference(
@@ -179,8 +227,11 @@ _REDUCED = (torch.bfloat16, torch.float16)
 """Dtypes the op computes in float32 (see :func:`ms_deform_attn`)."""
 
 
-def _check(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor) -> None:
-    """Shape and dtype checks at the public boundary (the kernels assume them)."""
+def _check(
+    value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor, *, same_dtype: bool = True
+) -> None:
+    """Shape and dtype checks at the public boundary (the kernels assume them). ``same_dtype=False``: the three
+    floating tensors may differ in dtype (the Triton kernels' reduced precision)."""
     if value.dim() != 4 or loc.dim() != 6 or attn.dim() != 5 or loc.shape[-1] != 2:
         raise ShapeError(
             "ms_deform_attn expects value [N, S, M, D], sampling_locations [N, Lq, M, L, P, 2] and "
@@ -205,16 +256,38 @@ def _check(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Ten
             f"ms_deform_attn: spatial_shapes and level_start_index must be integer tensors; got {shapes.dtype}, "
             f"{starts.dtype}"
         )
-    if not (value.dtype == loc.dtype == attn.dtype and value.dtype.is_floating_point):
+    if same_dtype and not (value.dtype == loc.dtype == attn.dtype and value.dtype.is_floating_point):
         raise ShapeError(
             f"ms_deform_attn: value, sampling_locations and attention_weights must share one floating dtype; got "
             f"{value.dtype}, {loc.dtype}, {attn.dtype}"
         )
 
 
-def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "torch", "gather", "reference"]:
+def _takes_reduced(backend: Backend, value: Tensor) -> bool:
+    """Whether the backend takes bfloat16/float16 inputs as they are (the Triton kernels); the others get float32
+    copies."""
+    return backend == "triton" or (backend == "auto" and ms_deform_attn_backend(value) == "triton")
+
+
+def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "triton", "torch", "gather", "reference"]:
+    """The implementation that runs, or a ShapeError saying why the one requested cannot."""
     if backend == "auto":
         return ms_deform_attn_backend(value)
+    if backend == "triton":
+        if not _triton_available():
+            raise ShapeError(
+                f"ms_deform_attn: the Triton kernels are unavailable ({_triton_failure})",
+                hint='install triton (pip install "blockgraph[gpu]"), or use backend="auto"',
+            )
+        why = _triton.unusable(value.device)
+        if why is not None:
+            hint = 'use backend="torch" or "auto"'
+            if value.device.type == "cpu":
+                hint = 'use backend="auto", or run Python with TRITON_INTERPRET=1 for Triton\'s interpreter (slow)'
+            raise ShapeError(
+                f"ms_deform_attn: the Triton kernels cannot run on {value.device} tensors: {why}", hint=hint
+            )
+        return "triton"
     if backend == "cpp":
         if value.device.type not in ("cpu", "meta") or value.dtype not in (torch.float32, torch.float64):
             raise ShapeError(
@@ -231,7 +304,8 @@ def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "torch", "gather
     if backend in ("torch", "gather", "reference"):
         return backend
     raise ShapeError(
-        f"ms_deform_attn: unknown backend {backend!r}", hint="one of 'auto', 'cpp', 'torch', 'gather', 'reference'"
+        f"ms_deform_attn: unknown backend {backend!r}",
+        hint="one of 'auto', 'cpp', 'triton', 'torch', 'gather', 'reference'",
     )
 
 
