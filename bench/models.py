@@ -17,11 +17,17 @@ rounds of compiled ours and compiled twin (ABBA), then eager ours is timed on it
 first call runs in ``torch._inductor.utils.fresh_cache()`` (an empty cache folder, in-memory caches cleared), and a
 tiny warm-up compile first pays the process's one-time costs (imports, compile workers).
 
+On a GPU (``--device cuda``; the table is then bench/results/models-cuda.md): the same measurements with every model
+and input on the GPU, float32 with TF32 off, each timed call between two ``torch.cuda.synchronize`` (its kernels
+run after it returns), and peak memory from ``torch.cuda.max_memory_allocated`` over one forward (bench/timing.py).
+Without a GPU, ``--device cuda`` exits with status 2 and says so.
+
 Rows are kept in ``OUT.json`` beside the table, and a run updates only the rows it measures: take the benchmark in
 pieces with ``--only`` (comma-separated globs on spec names). Usage:
 
     .venv/bin/python bench/models.py [--only PATTERN] [--no-compile | --compile-only] [--batches 1,8]
-        [--compile-batches 1,8] [--repeats 15] [--threads 2] [--out bench/results/models.md] [--fresh] [--render-only]
+        [--compile-batches 1,8] [--repeats 15] [--threads 2] [--device cpu|cuda] [--out bench/results/models.md]
+        [--fresh] [--render-only]
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
-from report import Column, Job, Store, common_args, first_line, goal, goal_line, log, ms, ratio, steady_malloc, table  # noqa: E402
-from timing import interleaved, interleaved_samples, peak_allocated  # noqa: E402
+from report import Column, Job, Store, common_args, first_line, goal, goal_line, log, ms, ratio, start, table  # noqa: E402
+from timing import interleaved, interleaved_samples, peak_allocated, synchronizer  # noqa: E402
 from torch._inductor.utils import fresh_cache  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from twins import Reference, pair, references, twins  # noqa: E402
@@ -59,16 +65,16 @@ def max_diff(a: object, b: object) -> float:
     return max((x - y).abs().max().item() for x, y in pairs)
 
 
-def eager(ref: Reference, batches: list[int], repeats: int) -> list[dict[str, Any]]:
-    ours, twin = pair(ref)
+def eager(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
+    ours, twin = pair(ref, device=device)
     rows = []
     for batch in batches:
-        x = ref.input(batch)
+        x = ref.input(batch, device=device)
         with torch.no_grad():
             diff = max_diff(ours(x), twin(x))
             calls: dict[str, Callable[[], object]] = {"ours": partial(ours, x), "timm": partial(twin, x)}
-            samples = interleaved_samples(calls, rounds=repeats)
-            peak = {k: peak_allocated(fn) for k, fn in calls.items()}
+            samples = interleaved_samples(calls, rounds=repeats, device=device)
+            peak = {k: peak_allocated(fn, device) for k, fn in calls.items()}
         t = {k: statistics.median(v) for k, v in samples.items()}
         row = {"model": ref.name, "input": "x".join(map(str, ref.size)), "batch": batch, "diff": diff}
         row |= {
@@ -98,51 +104,55 @@ def explain(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     return {"graphs": found.graph_count, "breaks": found.graph_break_count, "reason": reasons[0] if reasons else ""}
 
 
-def warm_up_inductor() -> None:
+def warm_up_inductor(device: str) -> None:
     """Compile a tiny function once, so that the process's one-time costs are not charged to the first model."""
-    start = time.perf_counter()
+    began = time.perf_counter()
     with fresh_cache():
-        torch.compile(lambda x: torch.nn.functional.gelu(x @ x).softmax(-1), fullgraph=True)(torch.randn(8, 8))
+        x = torch.randn(8, 8, device=device)
+        torch.compile(lambda x: torch.nn.functional.gelu(x @ x).softmax(-1), fullgraph=True)(x)
+        synchronizer(device)()
     torch._dynamo.reset()
-    log(f"inductor warm-up: {time.perf_counter() - start:.1f} s")
+    log(f"inductor warm-up: {time.perf_counter() - began:.1f} s")
 
 
-def compiled(ref: Reference, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+def compiled(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
     torch._dynamo.reset()
     if ref.is_twin:
-        ours, twin = pair(ref)
+        ours, twin = pair(ref, device=device)
         models = {"ours": ours, "twin": twin}
     else:
-        models = {"ours": bg.build_model(ref.path).eval()}
-    traced = {k: explain(m, ref.input(batches[0])) for k, m in models.items()}
+        models = {"ours": bg.build_model(ref.path, device=device).eval()}
+    traced = {k: explain(m, ref.input(batches[0], device=device)) for k, m in models.items()}
     fns = {k: torch.compile(m, fullgraph=True, dynamic=False) for k, m in models.items()}
     errors: dict[str, str] = {}
+    sync = synchronizer(device)
     rows = []
     for batch in batches:
-        x = ref.input(batch)
+        x = ref.input(batch, device=device)
         row: dict[str, Any] = {"model": ref.name, "timm": ref.timm if ref.is_twin else None, "batch": batch}
         for key, fn in fns.items():
             row[key] = dict(traced[key])
             if key in errors:
                 row[key]["error"] = errors[key]
                 continue
-            start = time.perf_counter()
+            began = time.perf_counter()
             try:
                 with torch.no_grad(), fresh_cache():
                     out = fn(x)
+                    sync()
             except Exception as e:  # noqa: BLE001 (recorded in the table)
                 errors[key] = row[key]["error"] = first_line(e)
                 log(f"  compile {ref.name} {key} batch {batch}: FAILED {errors[key]}")
                 continue
-            row[key]["compile_s"] = time.perf_counter() - start
+            row[key]["compile_s"] = time.perf_counter() - began
             with torch.no_grad():
                 row[key]["diff"] = max_diff(out, models[key](x))
         calls: dict[str, Callable[[], object]] = {k: partial(fn, x) for k, fn in fns.items() if k not in errors}
         with torch.no_grad():
             # ours and the twin alone in the rounds (ABBA): a third call in the rotation would sit next to one of
             # them more often than to the other (coat_mini read 1.04 that way, 0.99-1.00 in pairs)
-            t = interleaved(calls, rounds=repeats)
-            eager = interleaved({"eager": partial(models["ours"], x)}, rounds=repeats)
+            t = interleaved(calls, rounds=repeats, device=device)
+            eager = interleaved({"eager": partial(models["ours"], x)}, rounds=repeats, device=device)
         for key in fns:
             row[key]["s"] = t.get(key)
         row["eager_s"] = t["eager"] = eager["eager"]
@@ -262,30 +272,32 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(parser, out="bench/results/models.md", repeats=15)
+    common_args(parser, out="bench/results/models.md", repeats=15, device=True)
     parser.add_argument("--batches", default="1,8", help="eager batch sizes (default 1,8)")
     parser.add_argument("--compile-batches", help="compiled batch sizes (default: --batches)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--no-compile", action="store_true", help="eager only")
     which.add_argument("--compile-only", action="store_true", help="torch.compile only")
     args = parser.parse_args()
-    steady_malloc(args)
+    store = start(args)
     batches = [int(b) for b in args.batches.split(",")]
     compile_batches = [int(b) for b in (args.compile_batches or args.batches).split(",")]
-    torch.set_num_threads(args.threads)
-    store = Store(args.out, fresh=args.fresh, threads=args.threads)
     jobs: list[Job] = []
     if args.render_only:
         args.no_compile = args.compile_only = True
     if not args.compile_only:
-        jobs += [("eager", r.name, partial(eager, r, batches, args.repeats)) for r in twins(args.only)]
+        jobs += [("eager", r.name, partial(eager, r, batches, args.repeats, args.device)) for r in twins(args.only)]
     if not args.no_compile:
         jobs += [
-            ("compile", r.name, partial(compiled, r, compile_batches, args.repeats)) for r in references(args.only)
+            ("compile", r.name, partial(compiled, r, compile_batches, args.repeats, args.device))
+            for r in references(args.only)
         ]
-    log(f"eager batches {batches}, compiled batches {compile_batches}, {args.repeats} rounds, {args.threads} threads")
+    on = "" if args.device == "cpu" else f", on {args.device}"
+    log(
+        f"eager batches {batches}, compiled batches {compile_batches}, {args.repeats} rounds, {args.threads} threads{on}"
+    )
     if not args.no_compile:
-        warm_up_inductor()
+        warm_up_inductor(args.device)
     store.run_jobs(jobs, render)
 
 

@@ -38,14 +38,30 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def common_args(parser: argparse.ArgumentParser, *, out: str, repeats: int) -> None:
-    """The options every model benchmark takes."""
+def common_args(parser: argparse.ArgumentParser, *, out: str, repeats: int, device: bool = False) -> None:
+    """The options every model benchmark takes; with ``device``, ``--device cpu|cuda`` too (see :func:`start`)."""
     parser.add_argument("--only", metavar="PATTERN", help="models whose name matches these globs (comma-separated)")
     parser.add_argument(
         "--repeats", type=int, default=repeats, help=f"timed rounds per measurement (default {repeats})"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--out", type=Path, default=ROOT / out, help=f"markdown table (default {out}); rows in .json")
+    if device:
+        gpu_out = cuda_table(out)
+        parser.add_argument(
+            "--out", type=Path, help=f"markdown table (default {out}, with --device cuda {gpu_out}); rows in .json"
+        )
+        parser.add_argument(
+            "--device",
+            choices=("cpu", "cuda"),
+            default="cpu",
+            help="where the models run (default cpu); cuda: timed with torch.cuda.synchronize around each call, peak "
+            "memory from torch.cuda.max_memory_allocated, float32 with TF32 off",
+        )
+        parser.set_defaults(tables={"cpu": ROOT / out, "cuda": ROOT / gpu_out})
+    else:
+        parser.add_argument(
+            "--out", type=Path, default=ROOT / out, help=f"markdown table (default {out}); rows in .json"
+        )
     parser.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs instead of updating them")
     parser.add_argument("--render-only", action="store_true", help="measure nothing; rewrite the table from the .json")
     parser.add_argument(
@@ -57,14 +73,35 @@ STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_
 """glibc settings that keep freed activation memory in the process (see :func:`steady_malloc`)."""
 
 
+def cuda_table(out: str) -> str:
+    """Where a benchmark's table goes by default when it runs on a GPU: beside the CPU's, ``-cuda`` added to its
+    name (its rows would otherwise replace the CPU's)."""
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}-cuda{path.suffix}"))
+
+
 def start(args: argparse.Namespace) -> Store:
-    """What every benchmark does first with its options (:func:`common_args`): restart with steady malloc
-    thresholds (:func:`steady_malloc`), set the torch threads, and open the store of its rows."""
+    """What every benchmark does first with its options (:func:`common_args`): check the device (``--device cuda``
+    where torch sees no GPU: a message and exit status 2), restart with steady malloc thresholds
+    (:func:`steady_malloc`), set the torch threads (and on a GPU, float32 without TF32), and open the store of its
+    rows (by default the device's table)."""
     import torch
 
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"{Path(sys.argv[0]).name}: error: --device cuda: torch {torch.__version__} sees no CUDA device here "
+            "(torch.cuda.is_available() is False); run without --device cuda to measure on the CPU",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     steady_malloc(args)
     torch.set_num_threads(args.threads)
-    return Store(args.out, fresh=args.fresh, threads=args.threads)
+    if device == "cuda":  # both sides of a ratio in float32 (cuDNN's convolutions take TF32 by default)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if args.out is None:
+        args.out = args.tables[device]
+    return Store(args.out, fresh=args.fresh, threads=args.threads, device=device)
 
 
 def steady_malloc(args: argparse.Namespace) -> None:
@@ -146,7 +183,7 @@ def _load() -> str:
 class Store:
     """Rows by section and key, with the runs they come from; saved as JSON and rendered as markdown."""
 
-    def __init__(self, out: Path, *, fresh: bool, threads: int) -> None:
+    def __init__(self, out: Path, *, fresh: bool, threads: int, device: str = "cpu") -> None:
         self.out = out
         self.json = out.with_suffix(".json")
         self.data: dict[str, Any] = {"runs": {}, "sections": {}}
@@ -173,6 +210,8 @@ class Store:
             "load_start": _load(),
             "malloc": malloc_setting(),
         }
+        if device != "cpu":
+            self.info["gpu"] = torch.cuda.get_device_name(device)
 
     def put(self, section: str, key: str, row: dict[str, Any]) -> None:
         self.data["sections"].setdefault(section, {})[key] = {**row, "run": self.run}
@@ -215,9 +254,10 @@ class Store:
         """One line per run that contributed rows."""
         lines = []
         for when, run in self.data["runs"].items():
+            gpu = f"GPU {run['gpu']}; " if "gpu" in run else ""
             lines.append(
                 f"- run `{when}`: `{run['command']}`; torch {run['torch']}, timm {run['timm']}, Python {run['python']}; "
-                f"{run['cpu']}; {run['threads']} torch threads; {run.get('malloc', 'malloc not recorded')}; load average (1/5/15 min) {run['load_start']} at "
+                f"{run['cpu']}; {gpu}{run['threads']} torch threads; {run.get('malloc', 'malloc not recorded')}; load average (1/5/15 min) {run['load_start']} at "
                 f"start, {run.get('load_end', 'n/a')} at end"
             )
         return "\n".join(lines)

@@ -14,10 +14,15 @@ medians, ``--threads`` torch threads, fixed glibc malloc thresholds; at each bat
 ``--checkpointing`` adds, for CoaT-Lite Small and the deformable hybrid, the step time and saved bytes with
 ``set_grad_checkpointing(True)`` against without (each block recomputed in the backward pass). ``--deformable BATCH``
 adds the specs with multi-scale deformable attention (no twin): the absolute step time (the outputs' mean square as
-the loss) and the share of the step spent in the attention core, forward and backward, from torch.profiler. Usage:
+the loss) and the share of the step spent in the attention core, forward and backward, from torch.profiler.
+
+On a GPU (``--device cuda``; the table is then bench/results/training-cuda.md): the same steps with models, inputs
+and labels on the GPU, float32 with TF32 off, bf16 under ``torch.autocast("cuda", dtype=torch.bfloat16)``, each
+timed step between two ``torch.cuda.synchronize``; the deformable core's share is of the GPU's kernel time. Without a
+GPU, ``--device cuda`` exits with status 2 and says so. Usage:
 
     .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--checkpointing]
-        [--out bench/results/training.md] [--fresh] [--render-only]
+        [--device cpu|cuda] [--out bench/results/training.md] [--fresh] [--render-only]
 """
 
 from __future__ import annotations
@@ -50,16 +55,16 @@ CHECKPOINTED = ("coat_lite_small", "coat_lite_small_deformable")
 DEFORMABLE = ("coat_lite_small_deformable", "deformable_encoder")
 
 
-def _models(ref: Reference, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+def _models(ref: Reference, device: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     """Ours and the twin in train mode with drop path on (off on both sides for a spec without a ``drop_path``
-    variable: MobileViT's), ours holding the twin's weights; and the drop path rate used."""
+    variable: MobileViT's), ours holding the twin's weights, on ``device``; and the drop path rate used."""
     set_fused(True)
     torch.manual_seed(seed)
     rate = DROP_PATH if "drop_path" in bg.analyze(ref.path).spec.variables else 0.0
     twin = create_timm(ref.timm, drop_path_rate=rate).train()
     ours = bg.create_model(ref.name, drop_path_rate=rate).train()  # (0: accepted by a spec without the variable)
     bg.load_timm_state_dict(ours, twin.state_dict())
-    return ours, twin, rate
+    return ours.to(device), twin.to(device), rate
 
 
 def _loss(out: Any, y: torch.Tensor | None) -> torch.Tensor:
@@ -75,7 +80,7 @@ def _step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None, bf16: bool
 ) -> None:
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = _loss(model(x), y)
     loss.backward()
     opt.step()
@@ -102,28 +107,32 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     total = [0]
     with _counting_saved(total):
         out = model(x)
-    _loss(out, torch.zeros(x.shape[0], dtype=torch.long)).backward()  # (the loss's own tensors are not counted)
+    labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    _loss(out, labels).backward()  # (the loss's own tensors are not counted)
     model.zero_grad(set_to_none=True)
     return total[0]
 
 
-def _timed(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    samples = interleaved_samples(calls, rounds=repeats)
+def _timed(calls: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    samples = interleaved_samples(calls, rounds=repeats, device=device)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool) -> list[dict[str, Any]]:
-    ours, twin, rate = _models(ref)
+def _labels(batch: int, device: str) -> torch.Tensor:
+    return torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool, device: str) -> list[dict[str, Any]]:
+    ours, twin, rate = _models(ref, device)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in (("ours", ours), ("twin", twin))}
     models = {"ours": ours, "twin": twin}
     rows = []
     for batch in batches:
-        x = ref.input(batch)
-        y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+        x, y = ref.input(batch, device=device), _labels(batch, device)
         row: dict[str, Any] = {"model": ref.name, "batch": batch, "drop_path": rate}
         for bf16 in (False, True):
             calls = {k: partial(_step, models[k], opts[k], x, y, bf16) for k in models}
-            t = _timed(calls, repeats)
+            t = _timed(calls, repeats, device)
             row |= {f"{k}{'_bf16' if bf16 else ''}_s": v for k, v in t.items()}
         row |= {f"{k}_saved": saved_bytes(m, x) for k, m in models.items()}
         if compiled:
@@ -131,7 +140,7 @@ def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool) ->
             calls = {k: partial(_step, fns[k], opts[k], x, y, False) for k in fns}
             for call in calls.values():
                 call()  # compile (the backward graph too)
-            t = _timed(calls, repeats)
+            t = _timed(calls, repeats, device)
             row |= {f"{k}_compiled_s": v for k, v in t.items()}
             torch._dynamo.reset()
         rows.append(row)
@@ -148,15 +157,14 @@ def _switched(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.
     _step(model, opt, x, y, False)
 
 
-def checkpointing(ref: Reference, batches: list[int], repeats: int) -> list[dict[str, Any]]:
+def checkpointing(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
     """Step time and saved bytes with grad checkpointing on and off (one model, two settings)."""
     torch.manual_seed(0)
-    model = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train()
+    model = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rows = []
     for batch in batches:
-        x = ref.input(batch)
-        y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+        x, y = ref.input(batch, device=device), _labels(batch, device)
 
         t = _timed(
             {
@@ -164,6 +172,7 @@ def checkpointing(ref: Reference, batches: list[int], repeats: int) -> list[dict
                 "checkpointed": partial(_switched, model, opt, x, y, True),
             },
             repeats,
+            device,
         )
         saved = {}
         for on in (False, True):
@@ -177,31 +186,34 @@ def checkpointing(ref: Reference, batches: list[int], repeats: int) -> list[dict
     return rows
 
 
-def deformable(ref: Reference, batch: int, repeats: int) -> list[dict[str, Any]]:
+def deformable(ref: Reference, batch: int, repeats: int, device: str) -> list[dict[str, Any]]:
     """A training step of a model with multi-scale deformable attention (no twin): its absolute time, and the
-    share of the step's CPU time spent in the attention core, forward and backward (torch.profiler: the self time
-    of the core's ops, over every op's)."""
+    share of the step's time spent in the attention core, forward and backward (torch.profiler: the self time of the
+    core's ops, over every op's; CPU time on the CPU, the GPU's kernel time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = bg.create_model(ref.name).train()
+    model = bg.create_model(ref.name).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = ref.input(batch)
-    t = _timed({"step": partial(_step, model, opt, x, None, False)}, repeats)["step"]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    x = ref.input(batch, device=device)
+    t = _timed({"step": partial(_step, model, opt, x, None, False)}, repeats, device)["step"]
+    gpu = device != "cpu"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
         _step(model, opt, x, None, False)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)  # the step's CPU time, each op counted once
+    own, whole = ("self_device_time_total", "device_time_total") if gpu else ("self_cpu_time_total", "cpu_time_total")
+    total = sum(getattr(e, own) for e in events)  # the step's time, each op counted once
     # the core's calls, children included: the C++ op (its autograd node runs in the backward pass), or the pure
     # PyTorch backend's autograd Function
-    forward = sum(e.cpu_time_total for e in events if e.key in ("blockgraph_msda::forward", "_Gather"))
+    forward = sum(getattr(e, whole) for e in events if e.key in ("blockgraph_msda::forward", "_Gather"))
     backward = sum(
-        e.cpu_time_total
+        getattr(e, whole)
         for e in events
         if e.key in ("GeneratedBackwardFor_blockgraph_msda_forward_defaultBackward", "_GatherBackward")
     )
+    backend = ms_deform_attn_backend(torch.empty(0, device=device))
     row = {"model": ref.name, "batch": batch, "step_s": t, "core_forward": forward / total,
-           "core_backward": backward / total, "backend": ms_deform_attn_backend()}  # fmt: skip
+           "core_backward": backward / total, "backend": backend}  # fmt: skip
     log(
         f"  {ref.name} batch {batch}: step {ms(t)} ms, core forward {forward / total:.1%}, backward {backward / total:.1%}"
     )
@@ -270,7 +282,7 @@ def render(store: Store) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_args(parser, out="bench/results/training.md", repeats=7)
+    common_args(parser, out="bench/results/training.md", repeats=7, device=True)
     parser.add_argument("--batches", default="8", help="batch sizes (default 8)")
     parser.add_argument("--compile", action="store_true", help="also compiled steps (inductor; minutes per model)")
     parser.add_argument("--checkpointing", action="store_true", help="grad checkpointing rows (CoaT-Lite S, hybrid)")
@@ -280,16 +292,19 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     jobs: list[Job] = []
     if not args.render_only:
-        jobs += [("train", r.name, partial(measure, r, batches, args.repeats, args.compile)) for r in twins(args.only)]
+        jobs += [
+            ("train", r.name, partial(measure, r, batches, args.repeats, args.compile, args.device))
+            for r in twins(args.only)
+        ]
         if args.checkpointing:
             jobs += [
-                ("checkpointing", r.name, partial(checkpointing, r, batches, args.repeats))
+                ("checkpointing", r.name, partial(checkpointing, r, batches, args.repeats, args.device))
                 for r in references()
                 if r.name in CHECKPOINTED
             ]
         if args.deformable:
             jobs += [
-                ("deformable", r.name, partial(deformable, r, args.deformable, args.repeats))
+                ("deformable", r.name, partial(deformable, r, args.deformable, args.repeats, args.device))
                 for r in references()
                 if r.name in DEFORMABLE
             ]

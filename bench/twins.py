@@ -37,9 +37,10 @@ class Reference:
         """Whether this file is the twin's own spec (not a family file defaulting to it)."""
         return self.timm == self.name
 
-    def input(self, batch: int, *, seed: int = 0) -> torch.Tensor:
-        """A random batch at the native size."""
-        return torch.randn(batch, self.channels, *self.size, generator=torch.Generator().manual_seed(seed))
+    def input(self, batch: int, *, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+        """A random batch at the native size (the same values on every device)."""
+        x = torch.randn(batch, self.channels, *self.size, generator=torch.Generator().manual_seed(seed))
+        return x.to(device)
 
 
 def references(only: str | None = None) -> list[Reference]:
@@ -60,9 +61,9 @@ def twins(only: str | None = None) -> list[Reference]:
     return [r for r in references(only) if r.is_twin]
 
 
-def pair(ref: Reference, *, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def pair(ref: Reference, *, seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     """Ours and the timm twin in eval mode with the same weights (timm's random init, BatchNorm statistics
-    randomized so no branch is silenced), checked to take the same native input size."""
+    randomized so no branch is silenced) on ``device``, checked to take the same native input size."""
     assert ref.timm is not None, f"{ref.name} has no timm twin"
     set_fused(True)
     torch.manual_seed(seed)
@@ -73,4 +74,4 @@ def pair(ref: Reference, *, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Mo
     native = tuple(twin.pretrained_cfg["input_size"][1:])
     if native != ref.size:
         raise ValueError(f"{ref.name}: spec input {ref.size} but timm's native input_size is {native}")
-    return ours, twin
+    return ours.to(device), twin.to(device)

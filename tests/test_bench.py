@@ -1,9 +1,10 @@
-"""The benchmark helpers in bench/: the memory measure, results that survive partial runs, and bench/deform_attn.py's
-arguments, refusals and measuring path."""
+"""The benchmark helpers in bench/: the memory measure, timing on a device, results that survive partial runs, and
+bench/deform_attn.py's arguments, refusals and measuring path."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 
-from report import Store, goal, goal_line  # noqa: E402
+from report import Store, cuda_table, goal, goal_line  # noqa: E402
 from timing import interleaved_samples, peak_allocated  # noqa: E402
 
 
@@ -34,6 +35,37 @@ def test_interleaved_samples_alternate_the_order() -> None:
     samples = interleaved_samples({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert [len(v) for v in samples.values()] == [3, 3]
+
+
+def test_on_a_gpu_each_timed_call_is_between_two_synchronizations(monkeypatch) -> None:
+    """A CUDA call returns before its kernels run: the time of a call is taken from a synchronized device to a
+    synchronized device (torch.cuda.synchronize, stood in for here)."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"sync {device}"))
+    interleaved_samples({"a": lambda: events.append("a")}, rounds=2, warmup=1, device="cuda")
+    assert events == ["a", "sync cuda", "a", "sync cuda", "sync cuda", "a", "sync cuda"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: --device cuda would run")
+@pytest.mark.parametrize("script", ["models.py", "training.py"])
+def test_device_cuda_without_a_gpu_exits_2_with_a_message(script: str, tmp_path) -> None:
+    out = tmp_path / "table.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--device", "cuda", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines() == [
+        f"{script}: error: --device cuda: torch {torch.__version__} sees no CUDA device here "
+        "(torch.cuda.is_available() is False); run without --device cuda to measure on the CPU"
+    ]
+
+
+def test_a_gpu_run_has_tables_of_its_own() -> None:
+    """Rows measured on a GPU would replace the CPU's: --device cuda writes beside the CPU's table by default."""
+    assert cuda_table("bench/results/models.md") == "bench/results/models-cuda.md"
 
 
 def test_goal_cells_and_lines() -> None:

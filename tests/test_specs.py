@@ -11,7 +11,7 @@ import torch
 
 import blockgraph as bg
 from tests.conftest import ROOT, SPECS
-from tests.support.specs import shrunk
+from tests.support.specs import runtime_shapes, shrunk, small_size, static_shapes
 
 SIZES = [(224, 224), (480, 640), (256, 320), (250, 333)]
 ids = [p.stem for p in SPECS]
@@ -71,23 +71,9 @@ def _check_shapes(path: Path, size: tuple[int, int]) -> None:
         return
     torch.manual_seed(0)
     model = bg.build_model(path, outputs=_all_outputs(path)).eval()
-    expected = {}
-    for name, t in model.node_types().items():
-        types = t.values() if isinstance(t, dict) else [t]
-        expected[name] = [x.shape({"H": h, "W": w}, batch=1) for x in types]
-    for name, keep in model.trimmed_tokens.items():  # computed: the leading tokens its readers read (ViT's cls)
-        [(batch, _, channels)] = expected[name]
-        expected[name] = [(batch, keep, channels)]
-    seen: dict[str, list[tuple[int, ...]]] = {}
-
-    def hook(name):
-        return lambda m, i, o: seen.__setitem__(name, [tuple(x.shape) for x in _flat(o)])
-
-    hooks = [model.get_submodule(name).register_forward_hook(hook(name)) for name in model.nodes]
+    expected = static_shapes(model, size, batch=1)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, h, w))
-    for handle in hooks:
-        handle.remove()
+        seen, out = runtime_shapes(model, lambda: model(torch.randn(1, 3, h, w)))
     assert set(seen) == set(expected)
     mismatched = {n: (seen[n], expected[n]) for n in expected if seen[n] != expected[n]}
     assert not mismatched
@@ -126,9 +112,7 @@ def test_every_parameter_gets_a_gradient(path: Path) -> None:
     least 64 per side: on a 1x1 map some blocks are identically zero (PoolFormer's mixer, a pool minus its input)."""
     torch.manual_seed(0)
     model = _shrunk(path).train()
-    acceptance = bg.analyze(path).inference.acceptance
-    h, w = (acceptance[s].nearest(64)[1] or acceptance.examples(1)[0][i] for i, s in enumerate(("H", "W")))
-    x = torch.randn(2, 3, h, w)
+    x = torch.randn(2, 3, *small_size(path))
     sum(v.float().pow(2).mean() for v in _flat(model(x))).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing

@@ -4,7 +4,8 @@ the threads: on one AMD EPYC oneDNN won by 20%, on another of the same kind it l
 each shape times every candidate on this machine and the fastest is kept for the process, as
 ``torch.backends.cudnn.benchmark`` does for convolutions.
 
-- :func:`choose` picks (and remembers) a candidate for a key (the op, the shapes, dtype, device, threads).
+- :func:`choose` picks (and remembers) a candidate for a key (the op, the shapes, dtype) on a device: a choice is
+  kept per device (and thread count), so one measured on the CPU never decides for a GPU.
 - :func:`choices` shows what was chosen, with the times measured; ``BLOCKGRAPH_AUTOTUNE_LOG=1`` prints each choice
   as it is made (stderr).
 - ``BLOCKGRAPH_AUTOTUNE=0`` (or :func:`tuning` ``(False)``) turns the search off: the first candidate, the default,
@@ -13,7 +14,10 @@ each shape times every candidate on this machine and the fastest is kept for the
 
 The candidates are measured interleaved, each run :data:`ROUNDS` times after a warm-up, and compared by their
 median; a candidate must be :data:`MARGIN` faster than the default to be chosen, so that noise does not flip a
-choice. Measuring costs a few runs of the op at each new shape: once per process.
+choice. Measuring costs a few runs of the op at each new shape: once per process. On an accelerator, whose kernels run
+asynchronously, each timed run waits for the device before and after (``torch.accelerator.synchronize``); where that
+is impossible (a CUDA graph being captured) or meaningless (the meta device, which computes nothing), the default is
+taken without measuring and nothing is remembered.
 """
 
 from __future__ import annotations
@@ -74,13 +78,14 @@ def forcing(candidate: str | None) -> Iterator[None]:
         _state["forced"] = before
 
 
-def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]]) -> str:
-    """The name of the candidate to run for ``key``: forced (:func:`forcing`), else remembered, else measured now
-    (the default, the first candidate, when measuring is off).
+def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device) -> str:
+    """The name of the candidate to run for ``key`` on ``device``: forced (:func:`forcing`), else remembered, else
+    measured now (the default, the first candidate, when measuring is off or cannot be done on ``device``).
 
     Args:
-        key: what the choice depends on (the op, shapes, dtype, device, ...); the thread count is added here.
+        key: what the choice depends on (the op, shapes, dtype, ...); the device and thread count are added here.
         candidates: name → a call computing the op's result, each with the same values; the first is the default.
+        device: where the candidates run (the op's input's device).
     """
     forced = _state["forced"]
     if forced is not None and forced in candidates:
@@ -88,11 +93,13 @@ def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]]) -> st
     default = next(iter(candidates))
     if not _state["enabled"] or len(candidates) == 1:
         return default
-    key = (*key, torch.get_num_threads())
+    key = (*key, device, torch.get_num_threads())
     found = _CHOICES.get(key)
     if found is not None and found.chosen in candidates:
         return found.chosen
-    choice = _measure(candidates)
+    if not _measurable(device):
+        return default
+    choice = _measure(candidates, device)
     _CHOICES[key] = choice
     if os.environ.get("BLOCKGRAPH_AUTOTUNE_LOG"):
         times = ", ".join(f"{name} {s * 1e6:.0f} us" for name, s in choice.seconds.items())
@@ -100,15 +107,31 @@ def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]]) -> st
     return choice.chosen
 
 
-def _measure(candidates: dict[str, Callable[[], Any]]) -> Choice:
+def _measurable(device: torch.device) -> bool:
+    """Whether candidates can be timed on ``device`` now: not on the meta device (nothing runs), not while a CUDA
+    graph is captured (waiting for the device is an error there, and captured kernels do not run)."""
+    if device.type == "meta":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has run the kernels queued so far (the CPU runs an op when it is called)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _measure(candidates: dict[str, Callable[[], Any]], device: torch.device) -> Choice:
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.no_grad():
         for call in candidates.values():  # warm-up: first-call costs (oneDNN primitive creation) are not the kernel's
             call()
         for _ in range(ROUNDS):
             for name, call in candidates.items():
+                _synchronize(device)
                 start = time.perf_counter()
                 call()
+                _synchronize(device)
                 samples[name].append(time.perf_counter() - start)
     seconds = {name: statistics.median(s) for name, s in samples.items()}
     default = next(iter(candidates))

@@ -19,11 +19,17 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from blockgraph.ops.ms_deform_attn import exporting
 
+PLAIN_DEVICES = frozenset({"meta"})
+"""Device types on which the ops run their plain references only: a meta tensor has no values, so a fast kernel
+gains nothing there (and the autotuner has nothing to time). Every other device may run the eager inference kernels;
+each op keeps a kernel that only some devices have (oneDNN's, on the CPU) to those."""
+
 
 def eager_inference(x: Tensor) -> bool:
     """Whether an op may run its eager inference kernels on ``x``: nothing records gradients (they have no
     derivative formula), torch runs eagerly (not compiling: inductor fuses by itself; not tracing or exporting:
-    exported graphs keep standard ops), on a real device (not meta). (False in TorchScript: the plain paths.)"""
+    exported graphs keep standard ops), on a device that computes (not one of :data:`PLAIN_DEVICES`). (False in
+    TorchScript: the plain paths.)"""
     if torch.jit.is_scripting():
         return False
     return not (
@@ -32,7 +38,7 @@ def eager_inference(x: Tensor) -> bool:
         or torch.jit.is_tracing()
         or symbolic_tracing()
         or exporting()
-        or x.device.type == "meta"
+        or x.device.type in PLAIN_DEVICES
     )
 
 

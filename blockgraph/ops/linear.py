@@ -68,16 +68,14 @@ def linear(
         if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
             fused = partial(torch.ops.mkldnn._linear_pointwise.binary, x, residual, weight, bias, "add")
             plain = partial(_plain, x, weight, bias, None, residual)
-            return (
-                fused() if choose(("linear", "add", *shapes), {"fused": fused, "plain": plain}) == "fused" else plain()
-            )
+            chosen = choose(("linear", "add", *shapes), {"fused": fused, "plain": plain}, device=x.device)
+            return fused() if chosen == "fused" else plain()
         post = _post_op(act) if residual is None else None
         if post is not None:
             fused = partial(torch.ops.mkldnn._linear_pointwise, x, weight, bias, post[0], [], post[1])
             plain = partial(_plain, x, weight, bias, act, None)
-            return (
-                fused() if choose(("linear", *post, *shapes), {"fused": fused, "plain": plain}) == "fused" else plain()
-            )
+            chosen = choose(("linear", *post, *shapes), {"fused": fused, "plain": plain}, device=x.device)
+            return fused() if chosen == "fused" else plain()
     elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
         y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
     if y is None:
@@ -97,7 +95,7 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         fused = partial(_OneDnnLinear.apply, x, weight, bias)
         plain = partial(F.linear, x, weight, bias)
         key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
-        return fused() if choose(key, {"fused": fused, "plain": plain}) == "fused" else plain()
+        return fused() if choose(key, {"fused": fused, "plain": plain}, device=x.device) == "fused" else plain()
     return F.linear(x, weight, bias)
 
 

@@ -3,15 +3,12 @@ a residual in the epilogue, in eager inference and in graphs compiled for infere
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
 from blockgraph.layers.common import Linear
-from blockgraph.ops import autotune
 from blockgraph.ops import linear as linear_module
 from blockgraph.ops.autotune import forcing
 from blockgraph.ops.linear import linear
@@ -98,36 +95,6 @@ def test_linear_runs_onednn_in_graphs_compiled_for_inference_on_large_products()
     torch.compile(layer, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
     expected = torch.autograd.grad(F.linear(large, layer.weight, layer.bias).square().sum(), layer.weight)[0]
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
-
-
-def test_the_autotuner_measures_once_per_shape_and_keeps_the_faster_kernel(monkeypatch) -> None:
-    """The first call of a shape times both kernels and remembers the faster; later calls reuse the choice without
-    measuring; a kernel that is slower than the default by design is never chosen; off, the default is taken."""
-    autotune.reset()
-    runs = {"fused": 0, "plain": 0}
-
-    def slow_plain() -> None:
-        runs["plain"] += 1
-        time.sleep(0.002)
-
-    def fast_default() -> None:
-        runs["fused"] += 1
-
-    candidates = {"fused": fast_default, "plain": slow_plain}
-    assert autotune.choose(("probe", 1), candidates) == "fused"
-    measured = dict(runs)
-    assert measured["plain"] == autotune.ROUNDS + 1  # a warm-up, then the timed rounds
-    assert autotune.choose(("probe", 1), candidates) == "fused" and runs == measured  # remembered
-    (key, choice), *_ = autotune.choices().items()
-    assert key[:2] == ("probe", 1) and choice.seconds["plain"] > choice.seconds["fused"]
-    faster = {"fused": slow_plain, "plain": fast_default}  # now the non-default is faster: chosen
-    assert autotune.choose(("probe", 2), faster) == "plain"
-    with autotune.tuning(False):
-        assert autotune.choose(("probe", 3), faster) == "fused"
-    monkeypatch.setenv("BLOCKGRAPH_AUTOTUNE_LOG", "1")
-    autotune.choose(("probe", 4), faster)
-    autotune.reset()
-    assert autotune.choices() == {}
 
 
 def test_a_model_gives_the_same_values_with_either_kernel() -> None:
