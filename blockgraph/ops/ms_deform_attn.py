@@ -466,7 +466,7 @@ class _Chunk:
         xy = loc.reshape(R * M, LP, 2).movedim(-1, 0).clone(memory_format=torch.contiguous_format)  # [2, R*M, L*P]
         # Pixel coordinates, rounded as grid_sample rounds them (see the module docstring).
         grid_plus_one = xy.mul_(2).sub_(1).add_(1)  # [2, R*M, L*P] the reference's grid 2 * loc - 1, plus 1
-        pix = torch.addcmul(torch.tensor(-0.5, dtype=loc.dtype), grid_plus_one, lv.half)  # [2, R*M, L*P]
+        pix = torch.addcmul(torch.tensor(-0.5, dtype=loc.dtype, device=loc.device), grid_plus_one, lv.half)  # [2, R*M, L*P]
         corner0 = pix.floor().nan_to_num_(nan=-2.0)  # [2, R*M, L*P] (x0, y0); NaN lands outside every map
         self.frac = pix - corner0  # [2, R*M, L*P] (fx, fy)
         inside = torch.empty((2, 2, R * M, LP), dtype=torch.bool, device=loc.device)  # [lo/hi, x/y, R*M, L*P]
