@@ -37,6 +37,7 @@ CPU_ONLY = ("mkldnn::", "blockgraph_msda::", "blockgraph::onednn_linear")
 """Ops with kernels on the CPU only: oneDNN's (the linear op's fused and training kernels, and our compiled-graph op
 over it) and the C++ deformable attention's."""
 
+
 class DeviceAudit(TorchDispatchMode):
     """Records, while active, every op run (``ops``: ``aten::relu_``, ``aten::add_.Tensor``), those that run a
     kernel only the CPU has (``cpu_only``, :data:`CPU_ONLY`) and those that take or return a tensor on another device

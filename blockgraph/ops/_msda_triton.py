@@ -47,12 +47,21 @@ whatever the variable says by the time this module is imported, so the two alway
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from blockgraph.ops.ms_deform_attn import (
+    kernel_grads,
+    kernel_grads_like,
+    kernel_output_like,
+    refuse_double_backward,
+    save_kernel_inputs,
+)
 
 __all__ = ["INTERPRETED", "ms_deform_attn", "unusable"]
 
@@ -364,10 +373,7 @@ def _forward(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: T
     return out
 
 
-@_forward.register_fake
-def _forward_fake(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
-    N, _, M, D = value.shape
-    return value.new_empty(N, loc.shape[1], M * D)  # [N, Lq, M*D]
+_forward.register_fake(kernel_output_like)
 
 
 @torch.library.custom_op("blockgraph_msda_triton::backward", mutates_args=())
@@ -439,48 +445,13 @@ def _sum_sorted(g: _Geometry, table_rows: Tensor, weights: Tensor, grad_out: Ten
     return grad_value
 
 
-@_backward.register_fake
-def _backward_fake(
-    grad_out: Tensor,
-    value: Tensor,
-    shapes: Tensor,
-    starts: Tensor,
-    loc: Tensor,
-    attn: Tensor,
-    need_value: bool,
-    need_loc: bool,
-    need_attn: bool,
-    deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    def grad(like: Tensor, needed: bool) -> Tensor:
-        return torch.empty_like(like, memory_format=torch.contiguous_format) if needed else like.new_empty(0)
-
-    return grad(value, need_value), grad(loc, need_loc), grad(attn, need_attn)
-
-
-def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)  # value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+_backward.register_fake(kernel_grads_like)
 
 
 def _autograd(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-    value, shapes, starts, loc, attn = ctx.saved_tensors
-    need_value, _, _, need_loc, need_attn = ctx.needs_input_grad
-    grad_value, grad_loc, grad_attn = torch.ops.blockgraph_msda_triton.backward(
-        grad_out, value, shapes, starts, loc, attn, need_value, need_loc, need_attn,
-        torch.are_deterministic_algorithms_enabled(),
-    )  # fmt: skip
-    return (
-        grad_value if need_value else None,
-        None,
-        None,
-        grad_loc if need_loc else None,
-        grad_attn if need_attn else None,
-    )
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    return kernel_grads(ctx, grad_out, torch.ops.blockgraph_msda_triton.backward, deterministic)
 
 
-def _no_double_backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-    raise RuntimeError("ms_deform_attn (Triton backend) supports first derivatives only; use backend='reference'")
-
-
-_forward.register_autograd(_autograd, setup_context=_setup_context)
-_backward.register_autograd(_no_double_backward)
+_forward.register_autograd(_autograd, setup_context=save_kernel_inputs)
+_backward.register_autograd(partial(refuse_double_backward, "Triton"))

@@ -57,6 +57,8 @@ map has a kink and the derivative w.r.t. the location is one-sided: both take th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Literal
 
@@ -315,18 +317,29 @@ def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "triton", "torch
 
 def _register_cpp_op() -> None:
     """Teach torch the shapes (for meta/fake tensors and torch.compile) and the autograd of the C++ ops."""
-    torch.library.register_fake("blockgraph_msda::forward")(_cpp_forward_fake)
-    torch.library.register_fake("blockgraph_msda::backward")(_cpp_backward_fake)
-    torch.library.register_autograd("blockgraph_msda::forward", _cpp_backward, setup_context=_cpp_setup_context)
-    torch.library.register_autograd("blockgraph_msda::backward", _no_double_backward)
+    torch.library.register_fake("blockgraph_msda::forward")(kernel_output_like)
+    torch.library.register_fake("blockgraph_msda::backward")(kernel_grads_like)
+    torch.library.register_autograd("blockgraph_msda::forward", _cpp_backward, setup_context=save_kernel_inputs)
+    torch.library.register_autograd("blockgraph_msda::backward", partial(refuse_double_backward, "C++"))
 
 
-def _cpp_forward_fake(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+def _cpp_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    return kernel_grads(ctx, grad_out, torch.ops.blockgraph_msda.backward)
+
+
+# The kernel backends' ops (C++ and Triton) share their signatures: ``forward(value, spatial_shapes,
+# level_start_index, sampling_locations, attention_weights)`` and ``backward(grad_out, <the same five>, need_value,
+# need_loc, need_attn, *extra)`` → the three gradients, an empty ``[0]`` tensor for one not asked for. Their fake
+# kernels and autograd formula:
+
+
+def kernel_output_like(value: Tensor, shapes: Tensor, starts: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+    """The forward op's result, empty: ``[N, Lq, M*D]``."""
     N, _, M, D = value.shape
-    return value.new_empty(N, loc.shape[1], M * D)  # [N, Lq, M*D]
+    return value.new_empty(N, loc.shape[1], M * D)
 
 
-def _cpp_backward_fake(
+def kernel_grads_like(
     grad_out: Tensor,
     value: Tensor,
     shapes: Tensor,
@@ -336,22 +349,26 @@ def _cpp_backward_fake(
     need_value: bool,
     need_loc: bool,
     need_attn: bool,
+    *extra: object,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op's results, empty: each gradient like its input (contiguous, its dtype), or ``[0]``."""
+
     def grad(like: Tensor, needed: bool) -> Tensor:
-        return torch.empty_like(like, memory_format=torch.contiguous_format) if needed else value.new_empty(0)
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if needed else like.new_empty(0)
 
     return grad(value, need_value), grad(loc, need_loc), grad(attn, need_attn)
 
 
-def _cpp_setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+def save_kernel_inputs(ctx, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(*inputs)  # value, spatial_shapes, level_start_index, sampling_locations, attention_weights
 
 
-def _cpp_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+def kernel_grads(ctx, grad_out: Tensor, backward: Callable[..., tuple[Tensor, ...]], *extra: object) -> tuple:
+    """The forward op's gradients through its ``backward`` op (``extra``: that op's arguments after the flags)."""
     value, shapes, starts, loc, attn = ctx.saved_tensors
     need_value, _, _, need_loc, need_attn = ctx.needs_input_grad
-    grad_value, grad_loc, grad_attn = torch.ops.blockgraph_msda.backward(
-        grad_out, value, shapes, starts, loc, attn, need_value, need_loc, need_attn
+    grad_value, grad_loc, grad_attn = backward(
+        grad_out, value, shapes, starts, loc, attn, need_value, need_loc, need_attn, *extra
     )
     return (
         grad_value if need_value else None,
@@ -362,8 +379,8 @@ def _cpp_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     )
 
 
-def _no_double_backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-    raise RuntimeError("ms_deform_attn (C++ backend) supports first derivatives only; use backend='reference'")
+def refuse_double_backward(backend: str, ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    raise RuntimeError(f"ms_deform_attn ({backend} backend) supports first derivatives only; use backend='reference'")
 
 
 _msda_cpp.after_load(_register_cpp_op)
@@ -466,7 +483,9 @@ class _Chunk:
         xy = loc.reshape(R * M, LP, 2).movedim(-1, 0).clone(memory_format=torch.contiguous_format)  # [2, R*M, L*P]
         # Pixel coordinates, rounded as grid_sample rounds them (see the module docstring).
         grid_plus_one = xy.mul_(2).sub_(1).add_(1)  # [2, R*M, L*P] the reference's grid 2 * loc - 1, plus 1
-        pix = torch.addcmul(torch.tensor(-0.5, dtype=loc.dtype, device=loc.device), grid_plus_one, lv.half)  # [2, R*M, L*P]
+        pix = torch.addcmul(
+            torch.tensor(-0.5, dtype=loc.dtype, device=loc.device), grid_plus_one, lv.half
+        )  # [2, R*M, L*P]
         corner0 = pix.floor().nan_to_num_(nan=-2.0)  # [2, R*M, L*P] (x0, y0); NaN lands outside every map
         self.frac = pix - corner0  # [2, R*M, L*P] (fx, fy)
         inside = torch.empty((2, 2, R * M, LP), dtype=torch.bool, device=loc.device)  # [lo/hi, x/y, R*M, L*P]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -137,11 +138,10 @@ def test_head_size_32_matches_the_reference(backend: str) -> None:
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_pixel_centres_take_the_same_side_of_the_kink_as_the_reference(backend: str, dtype: torch.dtype) -> None:
-    """At a pixel centre the derivative w.r.t. the location is one-sided; which side depends on the rounding of
-    loc * W - 0.5. Widths 1..64, every centre and border of each, values with a different slope on each side."""
-    widths = range(1, 65)
+def kink_inputs(widths: Sequence[int], dtype: torch.dtype) -> Inputs:
+    """One level of height 2 per width, one query sampling every pixel centre and border of each (and just outside)
+    at y = 0.25; values whose slope along x differs on each side of every pixel centre (``columns**2``)."""
+    widths = list(widths)
     shapes = [(2, w) for w in widths]
     spatial, starts = levels(shapes)
     points = 2 * max(widths) + 4
@@ -154,6 +154,14 @@ def test_pixel_centres_take_the_same_side_of_the_kink_as_the_reference(backend: 
     weights = torch.ones(loc.shape[:-1], dtype=dtype)
     columns = torch.cat([torch.arange(w, dtype=dtype).repeat(2) for w in widths])  # [S] column index of each pixel
     value = (columns**2)[None, :, None, None]  # [1, S, 1, 1]: slope 2j - 1 on the left of j, 2j + 1 on the right
+    return value, spatial, starts, loc, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_pixel_centres_take_the_same_side_of_the_kink_as_the_reference(backend: str, dtype: torch.dtype) -> None:
+    """At a pixel centre the derivative w.r.t. the location is one-sided; which side depends on the rounding of
+    loc * W - 0.5. Widths 1..64, every centre and border of each, values with a different slope on each side."""
+    value, spatial, starts, loc, weights = kink_inputs(range(1, 65), dtype)
     grads = []
     for name in (backend, "reference"):
         leaf = loc.clone().requires_grad_()
@@ -319,10 +327,15 @@ def test_torch_compile_fullgraph_matches_eager(name: str, compiler: str) -> None
     """Dynamo captures the whole function (fullgraph) and AOTAutograd traces forward and backward."""
     if name == "cpp":
         _cpp_or_skip()
-    value, spatial, starts, loc, weights = make_inputs(torch.float32, seed=9)
+    assert_compiles_like_eager(make_inputs(torch.float32, seed=9), name, compiler)
+
+
+def assert_compiles_like_eager(inputs: Inputs, backend: str, compiler: str) -> None:
+    """``torch.compile(fullgraph=True)`` of the op's squared sum gives eager's value and gradients (1e-5)."""
+    value, spatial, starts, loc, weights = inputs
 
     def step(v: torch.Tensor, lo: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return ms_deform_attn(v, spatial, starts, lo, w, backend=name).square().sum()
+        return ms_deform_attn(v, spatial, starts, lo, w, backend=backend).square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend=compiler)

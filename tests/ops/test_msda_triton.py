@@ -24,7 +24,7 @@ import blockgraph.ops
 from blockgraph.errors import ShapeError
 from blockgraph.ops import ms_deform_attn, ms_deform_attn_backend, ms_deform_attn_reference
 from tests.conftest import ROOT
-from tests.ops.test_ms_deform_attn import Inputs, levels, make_inputs
+from tests.ops.test_ms_deform_attn import Inputs, assert_compiles_like_eager, kink_inputs, make_inputs
 
 msda_module = importlib.import_module("blockgraph.ops.ms_deform_attn")
 
@@ -134,19 +134,7 @@ def test_pixel_centres_take_the_same_side_of_the_kink_as_the_reference(device: s
     """At a pixel centre the derivative w.r.t. the location is one-sided: the kernels round the pixel coordinate as
     grid_sample does (one fma), so they take the reference's side in its own dtype. Every centre and border of maps
     of several widths, values with a different slope on each side."""
-    widths = (1, 2, 3, 5, 7, 10)
-    shapes = [(2, w) for w in widths]
-    spatial, starts = levels(shapes)
-    points = 2 * max(widths) + 4
-    x = torch.empty(len(shapes), points, dtype=dtype)
-    for lv, w in enumerate(widths):
-        j = torch.arange(-1, w + 1, dtype=dtype)
-        coords = torch.cat(((j + 0.5) / w, j / w))  # centres (also just outside) and borders
-        x[lv] = torch.cat((coords, coords[-1:].expand(points - len(coords))))
-    loc = torch.stack((x, torch.full_like(x, 0.25)), -1)[None, None, None]  # [1, 1, 1, L, P, 2]
-    weights = torch.ones(loc.shape[:-1], dtype=dtype)
-    columns = torch.cat([torch.arange(w, dtype=dtype).repeat(2) for w in widths])  # [S] column index of each pixel
-    value = (columns**2)[None, :, None, None]  # [1, S, 1, 1]: slope 2j - 1 on the left of j, 2j + 1 on the right
+    value, spatial, starts, loc, weights = kink_inputs((1, 2, 3, 5, 7, 10), dtype)
     grads = []
     for name, dev in (("triton", device), ("reference", "cpu")):
         leaf = loc.to(dev, copy=True).requires_grad_()
@@ -350,20 +338,8 @@ def test_meta_tensors_give_the_output_shape() -> None:
 
 def test_torch_compile_fullgraph_matches_eager(device: str) -> None:
     """Dynamo captures the op whole (fullgraph) and AOTAutograd traces its registered backward (fake kernels)."""
-    value, spatial, starts, loc, weights = to(make_inputs(torch.float32, shapes=[(3, 4), (2, 3)], seed=9), device)
-
-    def step(v: torch.Tensor, lo: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return ms_deform_attn(v, spatial, starts, lo, w, backend="triton").square().sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (value, loc, weights)]
-    got = compiled(*leaves)
-    grads = torch.autograd.grad(got, leaves)
-    expected = step(*leaves)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, torch.autograd.grad(expected, leaves), strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    inputs = to(make_inputs(torch.float32, shapes=[(3, 4), (2, 3)], seed=9), device)
+    assert_compiles_like_eager(inputs, "triton", "aot_eager")
 
 
 _COMPILE_FOR_A_GPU = """
