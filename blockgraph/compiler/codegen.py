@@ -244,6 +244,8 @@ def _generate(
             lines.append(
                 f"        raise ValueError({f'the mask {mask.name!r} must be booleans [B, H, W] as the image'!r})"
             )
+    if spec.input.memory_format == "channels_last":  # (a no-op for an image already in channels-last memory)
+        lines.append(f"    {image} = {image}.contiguous(memory_format=torch.channels_last)")
     single = _batch_stat_code(inference, order)
     if single:
         always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one

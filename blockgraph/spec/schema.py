@@ -378,11 +378,18 @@ class InputSpec(SpecModel):
     image's; a mask has the image's size)."""
     optional: bool = False
     """A mask the caller may leave out (`forward(image)`, or `mask=None`): then nothing is padding."""
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    """How the model lays the image out in memory: `channels_last` copies it on entry to channels-last (NHWC) memory
+    (unless it already is), which convolutions, pools and norms keep: the same values (the kernels differ in their
+    summation order only), and on the CPU faster kernels for the convolutional families (PoolFormer, MobileViT and
+    InceptionNeXt choose it; timm's `train.py --channels-last` does the same to a timm model)."""
 
     @model_validator(mode="after")
     def _optional_mask(self) -> InputSpec:
         if self.optional and self.kind != "mask":
             raise ValueError("only a mask input can be optional (`kind: mask`)")
+        if self.memory_format != "contiguous" and self.kind != "image":
+            raise ValueError("only an image input has a memory format (`kind: image`)")
         return self
 
 

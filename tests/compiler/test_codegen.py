@@ -96,3 +96,45 @@ def test_inductor_compiled_model_equals_eager(name: str) -> None:
     torch._dynamo.reset()
     for got, expected in zip(tree_leaves(compiled), tree_leaves(eager), strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+_LAYOUT_SPEC = """
+name: layout
+input: {{name: image, channels: 3, size: [32, 32]{extra}}}
+blocks:
+  - {{name: conv, op: conv2d, dim_out: 8, kernel: 3, stride: 2}}
+  - {{name: norm, op: norm, kind: group, groups: 1}}
+  - {{name: pool, op: pool, kind: avg, kernel: 3, stride: 1, padding: 1}}
+  - {{name: head, op: avg_pool_head, dim: 8, num_classes: 5}}
+"""
+
+
+def test_an_image_in_channels_last_memory_gives_the_same_values(tmp_path) -> None:
+    """``memory_format: channels_last`` copies the image to channels-last memory on entry (the maps after it keep
+    that layout) and changes no value beyond float rounding (float64 here); an image already in it is not copied."""
+    models = {}
+    for fmt, extra in (("contiguous", ""), ("channels_last", ", memory_format: channels_last")):
+        path = tmp_path / f"{fmt}.yaml"
+        path.write_text(_LAYOUT_SPEC.format(extra=extra))
+        torch.manual_seed(0)
+        models[fmt] = bg.build_model(path, dtype=torch.float64).train()
+    seen = []
+    models["channels_last"].get_submodule("norm").register_forward_hook(
+        lambda m, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    outs = [models[fmt](x) for fmt in ("contiguous", "channels_last")]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), x)[0] for out in outs]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+    assert seen == [True]
+    assert "contiguous(memory_format=torch.channels_last)" in models["channels_last"].code
+    assert "memory_format" not in models["contiguous"].code
+    (tmp_path / "mask.yaml").write_text(
+        _LAYOUT_SPEC.format(extra="").replace(
+            "input: {name: image, channels: 3, size: [32, 32]}",
+            "inputs:\n  image: {channels: 3, size: [32, 32]}\n  mask: {kind: mask, memory_format: channels_last}",
+        )
+    )
+    with pytest.raises(bg.SpecError, match="only an image input has a memory format"):
+        bg.analyze(tmp_path / "mask.yaml")
