@@ -381,8 +381,8 @@ class InputSpec(SpecModel):
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     """How the model lays the image out in memory: `channels_last` copies it on entry to channels-last (NHWC) memory
     (unless it already is), which convolutions, pools and norms keep: the same values (the kernels differ in their
-    summation order only), and on the CPU faster kernels for the convolutional families (PoolFormer, MobileViT and
-    InceptionNeXt choose it; timm's `train.py --channels-last` does the same to a timm model)."""
+    summation order only), and on the CPU faster kernels for some convolutional families (PoolFormer and MobileViT
+    choose it; timm's `train.py --channels-last` does the same to a timm model)."""
 
     @model_validator(mode="after")
     def _optional_mask(self) -> InputSpec:
