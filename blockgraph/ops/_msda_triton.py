@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from blockgraph.ops.ms_deform_attn import (
+from blockgraph.ops._msda_ops import (
     kernel_grads,
     kernel_grads_like,
     kernel_output_like,
