@@ -233,7 +233,7 @@ def _generate(
         lines.append(f"        raise ValueError({takes + ', got shape '!r} + str({image}.shape))")
     for mask in masks:  # [B, H, W] booleans, B and (H, W) the image's
         m = var[mask.name]
-        bad = f"{m}.shape != [{image}.shape[0], H, W] or {m}.dtype != torch.bool"
+        bad = f"{m}.shape != [{image}.shape[0], H, W] or {m}.dtype != torch.bool or {m}.device != {image}.device"
         if script is None:
             bad = bad.replace(f"[{image}.shape[0], H, W]", f"({image}.shape[0], H, W)")
         present = f"{m} is not None and ({bad})" if mask.optional else f"({bad})"

@@ -15,6 +15,7 @@ import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from blockgraph.blocks.base import BuildContext
@@ -267,6 +268,13 @@ class BlockgraphModel(nn.Module):
         """Raise a :class:`ShapeError` explaining why ``forward`` cannot take ``mask`` with the image ``x``."""
         expected = [x.shape[0], x.shape[-2], x.shape[-1]]
         got = f"{getattr(mask, 'dtype', type(mask).__name__)} of shape {list(getattr(mask, 'shape', []))}"
+        if isinstance(mask, torch.Tensor) and mask.device != x.device:
+            raise ShapeError(
+                f"'{self.spec.name}' takes the padding mask '{name}' on the image's device ({x.device}), got it on "
+                f"{mask.device}",
+                node=name,
+                hint=f"move it with mask.to({str(x.device)!r})",
+            )
         raise ShapeError(
             f"'{self.spec.name}' takes the padding mask '{name}' as booleans of shape {expected} (the image's batch "
             f"and size), got {got}",

@@ -272,6 +272,14 @@ def test_a_mask_that_does_not_fit_the_image_is_refused(mask: torch.Tensor, messa
     assert info.value.node == "mask"
 
 
+def test_a_mask_on_another_device_than_the_image_is_refused() -> None:
+    model = bg.build_model(HYBRID, overrides={"depths": [1, 1, 1, 1], "enc_layers": 1}, device="meta")
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)  # on the CPU, the image on meta
+    with pytest.raises(bg.ShapeError, match="on the image's device \\(meta\\), got it on cpu") as info:
+        model(torch.empty(2, 3, 96, 128, device="meta"), mask)
+    assert info.value.node == "mask" and "mask.to('meta')" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
