@@ -57,7 +57,8 @@ DEFORMABLE = ("coat_lite_small_deformable", "deformable_encoder")
 
 def _models(ref: Reference, device: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     """Ours and the twin in train mode with drop path on (off on both sides for a spec without a ``drop_path``
-    variable: MobileViT's), ours holding the twin's weights, on ``device``; and the drop path rate used."""
+    variable: every twin's spec has one), ours holding the twin's weights, on ``device``; and the drop path rate
+    used."""
     set_fused(True)
     torch.manual_seed(seed)
     rate = DROP_PATH if "drop_path" in bg.analyze(ref.path).spec.variables else 0.0

@@ -4,8 +4,9 @@ the threads: on one AMD EPYC oneDNN won by 20%, on another of the same kind it l
 each shape times every candidate on this machine and the fastest is kept for the process, as
 ``torch.backends.cudnn.benchmark`` does for convolutions.
 
-- :func:`choose` picks (and remembers) a candidate for a key (the op, the shapes, dtype) on a device: a choice is
-  kept per device (and thread count), so one measured on the CPU never decides for a GPU.
+- :func:`choose` picks (and remembers) a candidate for a key (the op, the shapes, dtype) on a device, and
+  :func:`run_chosen` runs it: a choice is kept per device (and thread count), so one measured on the CPU never
+  decides for a GPU.
 - :func:`choices` shows what was chosen, with the times measured; ``BLOCKGRAPH_AUTOTUNE_LOG=1`` prints each choice
   as it is made (stderr).
 - ``BLOCKGRAPH_AUTOTUNE=0`` (or :func:`tuning` ``(False)``) turns the search off: the first candidate, the default,
@@ -105,6 +106,11 @@ def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, de
         times = ", ".join(f"{name} {s * 1e6:.0f} us" for name, s in choice.seconds.items())
         print(f"blockgraph autotune: {key}: {choice.chosen} ({times})", file=sys.stderr)
     return choice.chosen
+
+
+def run_chosen(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device) -> Any:
+    """The result of the candidate :func:`choose` picks for ``key`` on ``device``."""
+    return candidates[choose(key, candidates, device=device)]()
 
 
 def _measurable(device: torch.device) -> bool:

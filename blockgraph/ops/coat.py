@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from blockgraph.ops.autotune import choose
+from blockgraph.ops.autotune import run_chosen
 from blockgraph.ops.conv import depthwise_conv2d
 from blockgraph.ops.kernel import eager_inference, symbolic_tracing
 
@@ -33,7 +33,7 @@ def conv_pos_enc(x: Tensor, size: tuple[int, int], weight: Tensor, bias: Tensor 
         if eager_inference(x):  # the sum written in place of the concatenation, or the plain ops: the faster here
             fused, plain = partial(_cpe_fused, x, y, feat, extra), partial(_cpe_plain, x, y, feat, extra)
             key = ("conv_pos_enc", tuple(x.shape), tuple(weight.shape), x.dtype, tuple(x.stride()))
-            return fused() if choose(key, {"fused": fused, "plain": plain}, device=x.device) == "fused" else plain()
+            return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device)
     return _cpe_plain(x, y, feat, extra)
 
 
@@ -72,7 +72,7 @@ def factor_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, conv_v: Tens
             fused = partial(_factor_fused, q, factor, scale, conv_v, extra)
             plain = partial(_factor_plain, q, factor, scale, conv_v, extra)
             key = ("factor_attention", tuple(q.shape), tuple(k.shape), conv_v is not None, q.dtype)
-            return fused() if choose(key, {"fused": fused, "plain": plain}, device=q.device) == "fused" else plain()
+            return run_chosen(key, {"fused": fused, "plain": plain}, device=q.device)
     return _factor_plain(q, factor, scale, conv_v, extra)
 
 

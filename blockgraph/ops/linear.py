@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blockgraph.ops.autotune import choose
+from blockgraph.ops.autotune import run_chosen
 from blockgraph.ops.kernel import eager_inference, in_place, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
@@ -68,14 +68,12 @@ def linear(
         if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
             fused = partial(torch.ops.mkldnn._linear_pointwise.binary, x, residual, weight, bias, "add")
             plain = partial(_plain, x, weight, bias, None, residual)
-            chosen = choose(("linear", "add", *shapes), {"fused": fused, "plain": plain}, device=x.device)
-            return fused() if chosen == "fused" else plain()
+            return run_chosen(("linear", "add", *shapes), {"fused": fused, "plain": plain}, device=x.device)
         post = _post_op(act) if residual is None else None
         if post is not None:
             fused = partial(torch.ops.mkldnn._linear_pointwise, x, weight, bias, post[0], [], post[1])
             plain = partial(_plain, x, weight, bias, act, None)
-            chosen = choose(("linear", *post, *shapes), {"fused": fused, "plain": plain}, device=x.device)
-            return fused() if chosen == "fused" else plain()
+            return run_chosen(("linear", *post, *shapes), {"fused": fused, "plain": plain}, device=x.device)
     elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
         y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
     if y is None:
@@ -95,7 +93,7 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         fused = partial(_OneDnnLinear.apply, x, weight, bias)
         plain = partial(F.linear, x, weight, bias)
         key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
-        return fused() if choose(key, {"fused": fused, "plain": plain}, device=x.device) == "fused" else plain()
+        return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device)
     return F.linear(x, weight, bias)
 
 
