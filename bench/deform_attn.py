@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 from blockgraph.ops import (  # noqa: E402
-    _msda_cpp,
+    _cpp,
     ms_deform_attn,
     ms_deform_attn_backend,
     ms_deform_attn_reference,
@@ -161,7 +161,7 @@ def check_backends(names: list[str], device: str) -> None:
             if ms_deform_attn_backend(torch.empty(0, device="cuda")) != "triton":
                 raise RefusedError(f"{name}: triton does not import (pip install -e '.[gpu]')")
         if name == "cpp" and (device != "cpu" or ms_deform_attn_backend() != "cpp"):
-            raise RefusedError(f"cpp runs on the CPU, where the C++ kernel builds ({_msda_cpp.failure() or device})")
+            raise RefusedError(f"cpp runs on the CPU, where the C++ kernel builds ({_cpp.failure() or device})")
 
 
 @contextlib.contextmanager
@@ -236,13 +236,13 @@ def cold_build_seconds() -> float:
     """Build the C++ kernel from scratch (empty TORCH_EXTENSIONS_DIR) in a fresh process; wall-clock seconds."""
     code = (
         "import sys; sys.path.insert(0, '.')\n"
-        "from blockgraph.ops import _msda_cpp\n"
-        "assert _msda_cpp.load(), _msda_cpp.failure()\n"
-        "print(_msda_cpp.load_seconds())\n"
+        "from blockgraph.ops import _cpp\n"
+        "assert _cpp.load(), _cpp.failure()\n"
+        "print(_cpp.load_seconds())\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": tmp}
-        env.pop(_msda_cpp.DISABLE_ENV, None)
+        env.pop(_cpp.DISABLE_ENV, None)
         done = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
         )
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ms_deform_attn, N={args.batch} Lq=S={keys} M={M} D={D} L={len(LEVELS)} P={P}, float32, "
             f"{args.threads} threads, torch {torch.__version__}; auto backend: {backend}"
-            + (f" (kernel load {_msda_cpp.load_seconds():.1f} s)" if backend == "cpp" else f" ({_msda_cpp.failure()})")
+            + (f" (kernel load {_cpp.load_seconds():.1f} s)" if backend == "cpp" else f" ({_cpp.failure()})")
         )
         print("peak extra memory (MB = 1e6 bytes): resident-set high-water mark during fwd+bwd minus the resident set")
     print()

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from blockgraph.layers.common import DropPath, leading, linear, qkv_heads, residual_branch
 from blockgraph.layers.heads import classifier
 from blockgraph.layers.mlp import Mlp
-from blockgraph.ops.coat import conv_pos_enc, factor_attention
+from blockgraph.ops.coat import conv_pos_enc, factor_attention, factor_attention_crpe
 from blockgraph.ops.conv import depthwise_conv2d, merge_depthwise
-from blockgraph.ops.kernel import symbolic_tracing
+from blockgraph.ops.kernel import eager_training, symbolic_tracing
+from blockgraph.ops.linear import linear as linear_op
 
 torch.fx.wrap("depthwise_conv2d")  # torch.fx records the call: its kernel choice reads strides, which a trace lacks
 
@@ -64,7 +65,7 @@ class ConvRelPosEnc(nn.Module):
             return torch.cat(outs, dim=1).permute(0, 2, 3, 1).reshape(B, L, h, Ch)
         weight, bias = merge_depthwise(self.conv_list)  # (a ModuleList of Conv2d)
         img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
-        conv = depthwise_conv2d(img, weight, bias, weight.shape[-1] // 2)
+        conv = depthwise_conv2d(img, weight, bias, (weight.shape[-1] // 2, weight.shape[-1] // 2))
         return conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch)
 
 
@@ -95,6 +96,12 @@ class FactorAttnConvRelPosEnc(nn.Module):
     ) -> Tensor:
         """``residual + drop_path(attention(x))``. ``queries``: only the first ``queries`` tokens attend (every
         token is a key and a value), and only they are returned."""
+        if queries is None and eager_training(x):  # every token attends: one node (ops.coat.factor_attention_crpe)
+            B, N, C = x.shape
+            qkv = linear_op(x, self.qkv.weight, self.qkv.bias).view(B, N, 3, self.heads, C // self.heads)
+            weight, bias = merge_depthwise(crpe.conv_list)
+            y = factor_attention_crpe(qkv, self.scale, size, weight, bias)
+            return residual_branch(self.proj, y, residual, self.proj_drop, self.drop_path)
         q, k, v = qkv_heads(x, self.qkv.weight, self.qkv.bias, self.heads, queries)  # [B, Nq, h, Ch], [B, N, h, Ch] x2
         extra = x.shape[1] - size[0] * size[1]  # the CRPE adds nothing at extra (cls) tokens
         image_queries = queries is None if symbolic_tracing() else q.shape[1] > extra  # (a trace: no sizes)

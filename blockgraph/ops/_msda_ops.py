@@ -1,5 +1,5 @@
 """The fake kernels and the autograd formula shared by the kernel backends of
-:func:`blockgraph.ops.ms_deform_attn` (the C++ ops, ``_msda_cpp``, and the Triton ones, ``_msda_triton``), whose ops
+:func:`blockgraph.ops.ms_deform_attn` (the C++ ops, ``_cpp``, and the Triton ones, ``_msda_triton``), whose ops
 share their signatures: ``forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)``
 and ``backward(grad_out, <the same five>, need_value, need_loc, need_attn, *extra)`` → the three gradients, an empty
 ``[0]`` tensor for one not asked for."""

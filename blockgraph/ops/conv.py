@@ -4,12 +4,16 @@ into one, and a depthwise convolution of a map viewed from tokens."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blockgraph.ops.kernel import eager_inference, in_place, remember, stamp
+from blockgraph.ops import _cpp
+from blockgraph.ops.autotune import run_chosen
+from blockgraph.ops.kernel import eager_inference, eager_training, in_place, remember, stamp
 
 
 def conv_bn(
@@ -109,18 +113,119 @@ def _merge(convs: Sequence[nn.Conv2d]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
-def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding, groups=C)`` for a depthwise weight ``[C, 1, kh, kw]``. When
-    ``x``'s channels are its innermost dim (a map viewed from tokens ``[B, N, C]``), the weight goes in as a view
-    with channels-last strides: the same memory (only its size-1 dim's stride differs), so autograd and every path
-    may use it.
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, groups=C)`` for a depthwise weight ``[C, 1, kh, kw]`` (stride 1,
+    zero ``padding`` ``(ph, pw)``).
 
-    oneDNN then runs its channels-last kernel on ``x`` as it is, whatever the strides of ``x``'s size-1 dims. At
-    batch 1 (eager views, and inductor's under torch.compile) the batch dim's stride makes ``suggest_memory_format``
-    read such a map as channels-first, so with the plain weight the convolution copied its input to NCHW and ran
-    NCHW's slower depthwise kernel. At larger batches both weights give the same kernel and bits. A channels-first
-    ``x`` keeps the plain weight (its kernel and results unchanged).
+    When ``x``'s channels are its innermost dim (a map viewed from tokens ``[B, N, C]``, or a channels-last map), the
+    weight goes in as a view with channels-last strides: the same memory (only its size-1 dim's stride differs), so
+    autograd and every path may use it. oneDNN then runs its channels-last kernel on ``x`` as it is, whatever the
+    strides of ``x``'s size-1 dims. At batch 1 (eager views, and inductor's under torch.compile) the batch dim's
+    stride makes ``suggest_memory_format`` read such a map as channels-first, so with the plain weight the
+    convolution copied its input to NCHW and ran NCHW's slower depthwise kernel. At larger batches both weights give
+    the same kernel and bits. A channels-first ``x`` keeps the plain weight (its kernel and results unchanged).
+
+    In eager training on the CPU (:func:`~blockgraph.ops.kernel.eager_training`, the C++ kernels built) the backward
+    pass has two kernels, chosen by measuring on first use of each shape (:mod:`blockgraph.ops.autotune`): torch's
+    (oneDNN's backward-data and backward-weights: the weight gradient of a kernel larger than 3x3 takes 5-15x the
+    forward) or ours: the input gradient as the forward convolution of the output gradient with the flipped kernel,
+    the weight gradient by the C++ kernel ``blockgraph_conv::depthwise_weight_grad`` (one pass of fused
+    multiply-adds over the channels-last maps, sums in float32), the bias gradient a sum. Under ``create_graph``
+    (a gradient of the gradient) the backward is torch's, which is differentiable.
     """
+    if not torch.jit.is_scripting():  # (TorchScript compiles no branch under this test)
+        if (
+            eager_training(x)
+            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+            and x.dim() == 4
+            and weight.shape[1] == 1
+            and weight.shape[0] == x.shape[1]
+            and weight.shape[-1] <= 64
+            and _cpp.load()
+        ):
+            return _trained(x, weight, bias, padding)
+    return _depthwise(x, weight, bias, padding)
+
+
+def _depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
     if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
         weight = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
-    return F.conv2d(x, weight, bias, padding=[padding, padding], groups=weight.shape[0])
+    return F.conv2d(x, weight, bias, padding=[padding[0], padding[1]], groups=weight.shape[0])
+
+
+def _trained(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    if not torch.is_autocast_enabled("cpu"):
+        return _DepthwiseConv2d.apply(x, weight, bias, padding)
+    # Under autocast the convolution runs in its dtype: the inputs cast as autocast casts them (float32 and float16
+    # tensors; not float64), then the op without autocast. The casts are recorded: gradients reach the originals.
+    dtype = torch.get_autocast_dtype("cpu")
+    x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, bias))
+    with torch.autocast("cpu", enabled=False):
+        return _DepthwiseConv2d.apply(x, weight, bias, padding)
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """:func:`depthwise_conv2d`'s training path: torch's forward, a backward chosen by measuring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.bias = bias is not None
+        return _depthwise(x, weight, bias, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        return (*depthwise_conv2d_backward(grad, x, weight, ctx.padding, tuple(ctx.needs_input_grad[:3])), None)
+
+
+def depthwise_conv2d_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """The gradients of :func:`depthwise_conv2d` (input, weight, bias: those ``need`` asks for, else None) from the
+    output's ``grad``: torch's or ours, whichever measured faster for this shape on this machine (ours only when
+    the C++ kernels are built); torch's differentiable formula when a graph of the backward is recorded."""
+    torch_backward = partial(_torch_backward, grad, x, weight, padding, need)
+    if torch.is_grad_enabled() or not _cpp.load():  # create_graph: torch's formula, itself differentiable
+        return torch_backward()
+    ours = partial(_backward, grad, x, weight, padding, need)
+    kh, kw = weight.shape[-2:]
+    candidates = {"torch": torch_backward, "blockgraph": ours}  # the default first: torch's for 3x3 and smaller
+    if kh * kw > 9:
+        candidates = {"blockgraph": ours, "torch": torch_backward}
+    key = ("depthwise_conv2d_backward", tuple(x.shape), tuple(weight.shape), padding, x.dtype, x.stride(1) == 1,
+           grad.stride(1) == 1, need)  # fmt: skip
+    return run_chosen(key, candidates, device=x.device)
+
+
+def _torch_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """torch's gradients of the convolution (oneDNN on the CPU), with the forward's weight strides."""
+    if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
+        weight = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
+    C = weight.shape[0]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, [C], [1, 1], list(padding), [1, 1], False, [0, 0], C, list(need)
+    )
+    return gx, gw, gb
+
+
+def _backward(
+    grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], need: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """Ours: the input gradient as a forward convolution, the weight gradient by the C++ kernel, the bias's a sum."""
+    kh, kw = weight.shape[-2:]
+    ph, pw = padding
+    gx = gw = gb = None
+    if need[0]:
+        if ph <= kh - 1 and pw <= kw - 1:  # the correlation with the flipped kernel, padded by the rest of it
+            gx = _depthwise(grad, weight.flip(2, 3), None, (kh - 1 - ph, kw - 1 - pw))
+        else:
+            gx = _torch_backward(grad, x, weight, padding, (True, False, False))[0]
+    if need[1]:
+        gw = torch.ops.blockgraph_conv.depthwise_weight_grad(grad, x, kh, kw, ph, pw)
+    if need[2]:
+        gb = grad.sum((0, 2, 3))
+    return gx, gw, gb

@@ -42,6 +42,17 @@ def eager_inference(x: Tensor) -> bool:
     )
 
 
+def eager_training(x: Tensor) -> bool:
+    """Whether an op may run its eager training kernels (custom autograd formulas, CPU-only C++ kernels) on ``x``:
+    autograd records (grad mode on), torch runs eagerly (not compiling, tracing or exporting: those see the plain ops,
+    which they differentiate themselves), on the CPU. (False in TorchScript.)"""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic_tracing() or exporting():
+        return False
+    return x.device.type == "cpu"  # (read last: a proxy's device is no string)
+
+
 def symbolic_tracing() -> bool:
     """Whether ``torch.fx`` is tracing symbolically: values are proxies, which no Python branch may read; the
     ops take their plain reference paths, and blocks the decisions of the size the model is built for. (False

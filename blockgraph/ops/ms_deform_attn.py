@@ -11,7 +11,7 @@ Five implementations share that contract:
 
 - :func:`ms_deform_attn_reference`: the upstream ``ms_deform_attn_core_pytorch`` (four-corner ``F.grid_sample`` per
   level, stack, multiply, sum), kept as the oracle. It materializes ``[N*M, D, Lq, L*P]`` several times over.
-- ``"cpp"``: fused C++ kernels (``csrc/ms_deform_attn.cpp``, built on first use by ``_msda_cpp``). One pass over the
+- ``"cpp"``: fused C++ kernels (``csrc/ms_deform_attn.cpp``, built on first use by ``_cpp``). One pass over the
   samples gathers the four corners of every (level, point) from ``value`` in its native ``[N, S, M, D]`` layout,
   with the attention weight folded into the corner weights; nothing of size ``[.., L, P, 4, D]`` exists. Its
   backward is one pass too. The ops have fake kernels (meta tensors, torch.compile) and a registered autograd.
@@ -67,7 +67,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from blockgraph.errors import ShapeError
-from blockgraph.ops import _msda_cpp
+from blockgraph.ops import _cpp
 from blockgraph.ops._msda_ops import (
     kernel_grads,
     kernel_grads_like,
@@ -170,7 +170,7 @@ def exporting() -> bool:
 @torch.compiler.assume_constant_result
 def _cpp_available() -> bool:
     """Whether the C++ kernel is usable (built on the first call); torch.compile evaluates it once, at trace time."""
-    return _msda_cpp.load()
+    return _cpp.load()
 
 
 _triton: ModuleType | None = None
@@ -305,7 +305,7 @@ def _resolve(backend: Backend, value: Tensor) -> Literal["cpp", "triton", "torch
             )
         if not _cpp_available():
             raise ShapeError(
-                f"ms_deform_attn: the C++ kernel is unavailable ({_msda_cpp.failure() or 'not built'})",
+                f"ms_deform_attn: the C++ kernel is unavailable ({_cpp.failure() or 'not built'})",
                 hint='use backend="torch" or "auto"',
             )
         return "cpp"
@@ -334,7 +334,7 @@ def _cpp_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
     return kernel_grads(ctx, grad_out, torch.ops.blockgraph_msda.backward)
 
 
-_msda_cpp.after_load(_register_cpp_op)
+_cpp.after_load(_register_cpp_op)
 
 
 # ---------------------------------------------------------------------------------------------------------------

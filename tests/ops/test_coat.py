@@ -1,5 +1,6 @@
 """CoaT's token ops (blockgraph/ops/coat.py): both eager inference kernels against the references, in float64, with
-and without extra (cls) tokens, and for trimmed queries. The references themselves are checked against timm's
+and without extra (cls) tokens, and for trimmed queries; the training node of the whole attention (its own backward)
+against the reference ops' gradients. The references themselves are checked against timm's
 formulas through the layers (tests/blocks/test_optimizations.py)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from blockgraph.ops.autotune import forcing
-from blockgraph.ops.coat import conv_pos_enc, factor_attention
+from blockgraph.ops.coat import _crpe_reference, conv_pos_enc, factor_attention, factor_attention_crpe
 
 f64 = {"dtype": torch.float64}
 
@@ -56,3 +57,49 @@ def test_factor_attention_kernel_equals_the_reference(extra: int, queries: int |
         expected[:, extra:] += q[:, extra:] * conv_v
     got = factor_attention(q, k, v, Ch**-0.5, conv_v)
     torch.testing.assert_close(got, expected.reshape(B, q.shape[1], h * Ch), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv_kernel", ["blockgraph", "torch"])
+@pytest.mark.parametrize(("extra", "bias"), [(0, True), (1, True), (2, False)])
+def test_the_attention_training_node_gives_the_references_gradients(extra: int, bias: bool, conv_kernel: str) -> None:
+    """factor_attention_crpe (one autograd node, its own backward) against the reference ops in float64: the same
+    output, and gradients of qkv, the CRPE weight and bias within 1e-10, whichever backward the convolution takes; a
+    gradient of the gradient (create_graph) goes through the reference's graph and equals it."""
+    torch.manual_seed(0)
+    B, h, Ch, size = 2, 4, 3, (5, 6)
+    N = extra + size[0] * size[1]
+    qkv = torch.randn(B, N, 3, h, Ch, **f64, requires_grad=True)
+    weight = torch.randn(h * Ch, 1, 5, 5, **f64, requires_grad=True)
+    b = torch.randn(h * Ch, **f64, requires_grad=True) if bias else None
+    inputs = [t for t in (qkv, weight, b) if t is not None]
+    with forcing(conv_kernel):
+        got = factor_attention_crpe(qkv, Ch**-0.5, size, weight, b)
+        assert type(got.grad_fn).__name__ == "_FactorAttentionCrpeBackward"
+        upstream = torch.randn_like(got)
+        grads = torch.autograd.grad(got, inputs, upstream)
+    expected = _crpe_reference(qkv, Ch**-0.5, size, weight, b)
+    assert torch.equal(got, expected)  # the same ops in the same order (timm's forward_fx test compares bits)
+    for g, e in zip(grads, torch.autograd.grad(expected, inputs, upstream, retain_graph=True), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    (gq,) = torch.autograd.grad((factor_attention_crpe(qkv, Ch**-0.5, size, weight, b) * upstream).sum(), qkv,
+                                create_graph=True)  # fmt: skip
+    second = torch.autograd.grad(gq.square().sum(), weight)[0]
+    (gq,) = torch.autograd.grad((expected * upstream).sum(), qkv, create_graph=True)
+    torch.testing.assert_close(second, torch.autograd.grad(gq.square().sum(), weight)[0], rtol=0, atol=1e-10)
+
+
+def test_the_attention_training_node_runs_in_the_autocast_dtype() -> None:
+    """Under bf16 autocast: a bf16 output equal to the reference ops' under the same autocast (to bf16 rounding),
+    float32 gradients for the float32 CRPE weight."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 31, 3, 4, 8, requires_grad=True)
+    weight = torch.randn(32, 1, 7, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = factor_attention_crpe(qkv.bfloat16(), 8**-0.5, (5, 6), weight, None)
+        expected = _crpe_reference(qkv.bfloat16(), 8**-0.5, (5, 6), weight, None)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    gw = torch.autograd.grad(got.float().square().sum(), weight)[0]
+    ew = torch.autograd.grad(expected.float().square().sum(), weight)[0]
+    assert gw.dtype == torch.float32
+    torch.testing.assert_close(gw, ew, rtol=3e-2, atol=3e-2 * ew.abs().max().item())

@@ -1,6 +1,7 @@
 """The convolution ops (blockgraph/ops/conv.py) against the plain layers: Conv-BN folded in eager inference (and
-its cache under every way weights change), depthwise convolutions merged into one, and a depthwise convolution of
-a token map viewed channels-last."""
+its cache under every way weights change), depthwise convolutions merged into one, a depthwise convolution of
+a token map viewed channels-last, and the depthwise convolution's training backward (torch's and ours, with the C++
+weight-gradient kernel)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
+from blockgraph.ops import _cpp
+from blockgraph.ops.autotune import choices, forcing
 from blockgraph.ops.conv import conv_bn, depthwise_conv2d, merge_depthwise
 from tests.support.weights import ops_called, randomize_batchnorm
 
@@ -167,7 +170,7 @@ def test_depthwise_conv2d_equals_the_layer_with_its_gradients() -> None:
     x = _token_map(2, 6, 5, 7, dtype=torch.float64).requires_grad_()
     upstream = torch.randn(2, 6, 5, 7, dtype=torch.float64)
     inputs = (x, conv.weight, conv.bias)
-    got = depthwise_conv2d(x, conv.weight, conv.bias, 1)
+    got = depthwise_conv2d(x, conv.weight, conv.bias, (1, 1))
     expected = conv(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     grads = torch.autograd.grad(got, inputs, upstream)
@@ -185,10 +188,131 @@ def test_depthwise_conv2d_keeps_a_batch_one_token_map_channels_last() -> None:
     x = _token_map(1, 16, 5, 7)
     with torch.no_grad():
         plain = conv(x)
-        got = depthwise_conv2d(x, conv.weight, conv.bias, 1)
+        got = depthwise_conv2d(x, conv.weight, conv.bias, (1, 1))
         assert "aten::copy_" in ops_called(lambda: conv(x))  # the case this is for
-        assert "aten::copy_" not in ops_called(lambda: depthwise_conv2d(x, conv.weight, conv.bias, 1))
+        assert "aten::copy_" not in ops_called(lambda: depthwise_conv2d(x, conv.weight, conv.bias, (1, 1)))
         assert plain.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
         nchw = x.contiguous()
-        assert torch.equal(depthwise_conv2d(nchw, conv.weight, conv.bias, 1), conv(nchw))
+        assert torch.equal(depthwise_conv2d(nchw, conv.weight, conv.bias, (1, 1)), conv(nchw))
+
+
+# ------------------------------------------------------------------------ depthwise_conv2d's training backward
+
+needs_cpp = pytest.mark.skipif(not _cpp.load(), reason=f"the C++ kernels did not build: {_cpp.failure()}")
+
+BACKWARD_CASES = {  # channels, (kh, kw), (ph, pw), the input's layout
+    "7x7 channels-last": (16, (7, 7), (3, 3), "channels_last"),
+    "7x7 token map, C % 8 != 0": (13, (7, 7), (3, 3), "tokens"),
+    "3x3 NCHW": (8, (3, 3), (1, 1), "nchw"),
+    "1x11 band": (12, (1, 11), (0, 5), "channels_last"),
+    "11x1 band NCHW": (6, (11, 1), (5, 0), "nchw"),
+    "even 4x6, uneven padding": (9, (4, 6), (1, 2), "channels_last"),
+    "padding beyond the kernel": (8, (3, 3), (3, 0), "tokens"),
+}
+
+
+def _backward_input(channels: int, layout: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    if layout == "tokens":
+        return _token_map(2, channels, 9, 10, dtype=dtype)
+    x = torch.randn(2, channels, 9, 10, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+@needs_cpp
+@pytest.mark.parametrize("kernel", ["blockgraph", "torch"])
+@pytest.mark.parametrize("case", list(BACKWARD_CASES))
+def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str) -> None:
+    """Either backward (forced) gives the convolution's gradients: in float64 within 1e-10 of torch's (input,
+    weight, bias), whatever the kernel's shape, padding and the input's layout; the op is the training path."""
+    channels, size, padding, layout = BACKWARD_CASES[case]
+    torch.manual_seed(0)
+    x = _backward_input(channels, layout).requires_grad_()
+    weight = torch.randn(channels, 1, *size, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(channels, dtype=torch.float64, requires_grad=True)
+    with forcing(kernel):
+        got = depthwise_conv2d(x, weight, bias, padding)
+        assert type(got.grad_fn).__name__ == "_DepthwiseConv2dBackward"
+        upstream = torch.randn_like(got)
+        grads = torch.autograd.grad(got, (x, weight, bias), upstream)
+    expected = F.conv2d(x, weight, bias, padding=padding, groups=channels)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for g, e in zip(grads, torch.autograd.grad(expected, (x, weight, bias), upstream), strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+@needs_cpp
+def test_depthwise_weight_grad_is_float32_accurate_in_bf16_and_deterministic() -> None:
+    """The C++ weight gradient of bf16 maps sums in float32: as close to the float64 gradient as torch's own; and
+    its bits do not depend on the number of threads (fixed chunks, no atomics)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    exact = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.zeros(64, 1, 7, 7, dtype=torch.float64), None, [1, 1], [3, 3], [1, 1],
+        False, [0, 0], 64, [False, True, False],
+    )[1]  # fmt: skip
+    ours = torch.ops.blockgraph_conv.depthwise_weight_grad(grad.bfloat16(), x.bfloat16(), 7, 7, 3, 3)
+    theirs = torch.ops.aten.convolution_backward(
+        grad.bfloat16(), x.bfloat16(), torch.zeros(64, 1, 7, 7, dtype=torch.bfloat16), None, [1, 1], [3, 3],
+        [1, 1], False, [0, 0], 64, [False, True, False],
+    )[1]  # fmt: skip
+    assert ours.dtype == torch.bfloat16 and ours.shape == (64, 1, 7, 7)
+    scale = exact.abs().max()
+    assert (ours.double() - exact).abs().max() <= max(1.5 * (theirs.double() - exact).abs().max(), 4e-3 * scale)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.blockgraph_conv.depthwise_weight_grad(grad, x, 7, 7, 3, 3)
+        torch.set_num_threads(max(2, threads))
+        many = torch.ops.blockgraph_conv.depthwise_weight_grad(grad, x, 7, 7, 3, 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@needs_cpp
+def test_depthwise_weight_grad_refuses_a_gradient_of_the_wrong_shape() -> None:
+    x = torch.randn(2, 8, 9, 9)
+    with pytest.raises(RuntimeError, match="grad_out is not the output's shape"):
+        torch.ops.blockgraph_conv.depthwise_weight_grad(torch.randn(2, 8, 9, 8), x, 3, 3, 1, 1)
+
+
+@needs_cpp
+def test_depthwise_conv2d_second_derivatives_and_autocast() -> None:
+    """A gradient of the gradient (create_graph: torch's differentiable backward) equals the plain layer's; under
+    bf16 autocast the convolution runs in bf16 as ``F.conv2d`` does there, and the float32 parameters get float32
+    gradients equal to the plain layer's under the same autocast (to bf16 rounding)."""
+    torch.manual_seed(0)
+    conv = _depthwise(16, 7).double()
+    x = _backward_input(16, "channels_last").requires_grad_()
+    (gx,) = torch.autograd.grad(
+        depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).square().sum(), x, create_graph=True
+    )
+    got = torch.autograd.grad(gx.square().sum(), conv.weight)[0]
+    (gx,) = torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
+    torch.testing.assert_close(got, torch.autograd.grad(gx.square().sum(), conv.weight)[0], rtol=0, atol=1e-10)
+
+    conv = _depthwise(16, 7)
+    x = _backward_input(16, "channels_last", torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), forcing("blockgraph"):
+        got = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
+        expected = conv(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (conv.weight, conv.bias), upstream)
+    for g, e in zip(grads, torch.autograd.grad(expected, (conv.weight, conv.bias), upstream), strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
+
+
+@needs_cpp
+def test_a_7x7_depthwise_backward_is_chosen_by_measuring() -> None:
+    """A training step of the layer records its backward's choice (the autotuner's, per shape and dtype)."""
+    conv = _depthwise(8, 7)
+    x = _backward_input(8, "channels_last", torch.float32).requires_grad_()
+    depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
+    keys = [k for k in choices() if k[0] == "depthwise_conv2d_backward" and k[1] == tuple(x.shape)]
+    assert keys and choices()[keys[0]].chosen in ("blockgraph", "torch")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from blockgraph.errors import ShapeError
-from blockgraph.ops import _msda_cpp, ms_deform_attn, ms_deform_attn_backend, ms_deform_attn_reference
+from blockgraph.ops import _cpp, ms_deform_attn, ms_deform_attn_backend, ms_deform_attn_reference
 
 msda_module = importlib.import_module("blockgraph.ops.ms_deform_attn")  # the module (the package exports the function)
 
@@ -22,10 +22,10 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _cpp_or_skip() -> None:
-    if _msda_cpp.disabled_by_env():
-        pytest.skip(f"{_msda_cpp.DISABLE_ENV} is set")
-    if not _msda_cpp.load():
-        pytest.skip(f"the C++ kernel did not build: {_msda_cpp.failure()}")
+    if _cpp.disabled_by_env():
+        pytest.skip(f"{_cpp.DISABLE_ENV} is set")
+    if not _cpp.load():
+        pytest.skip(f"the C++ kernel did not build: {_cpp.failure()}")
 
 
 @pytest.fixture(params=["torch", "cpp", "gather"])
@@ -350,14 +350,14 @@ def assert_compiles_like_eager(inputs: Inputs, backend: str, compiler: str) -> N
 
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     value = torch.zeros(1, 1, 1, 1)
-    monkeypatch.setenv(_msda_cpp.DISABLE_ENV, "1")
+    monkeypatch.setenv(_cpp.DISABLE_ENV, "1")
     assert ms_deform_attn_backend() == "torch"
     with pytest.raises(ShapeError, match="disabled by BLOCKGRAPH_NO_CPP=1"):
         ms_deform_attn(*make_inputs(torch.float32), backend="cpp")
-    monkeypatch.delenv(_msda_cpp.DISABLE_ENV)
+    monkeypatch.delenv(_cpp.DISABLE_ENV)
     assert ms_deform_attn_backend(value.to(torch.float16)) == "torch"
     assert ms_deform_attn_backend(value.to("meta")) == "torch"
-    assert ms_deform_attn_backend(value) == ("cpp" if _msda_cpp.load() else "torch")
+    assert ms_deform_attn_backend(value) == ("cpp" if _cpp.load() else "torch")
 
 
 def test_exporting_picks_the_gather_path() -> None:
@@ -386,14 +386,14 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatc
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.delenv(_msda_cpp.DISABLE_ENV, raising=False)
-    monkeypatch.setattr(_msda_cpp, "SOURCE", broken)
-    monkeypatch.setattr(_msda_cpp, "EXTENSION_NAME", "blockgraph_msda_broken")
-    monkeypatch.setattr(_msda_cpp, "_loaded", None)
-    monkeypatch.setattr(_msda_cpp, "_failure", "")
+    monkeypatch.delenv(_cpp.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(_cpp, "SOURCES", [broken])
+    monkeypatch.setattr(_cpp, "EXTENSION_NAME", "blockgraph_msda_broken")
+    monkeypatch.setattr(_cpp, "_loaded", None)
+    monkeypatch.setattr(_cpp, "_failure", "")
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        assert not _msda_cpp.load()
-    assert "broken.cpp" in _msda_cpp.failure()  # the first compiler error, not ninja's last words
+        assert not _cpp.load()
+    assert "broken.cpp" in _cpp.failure()  # the first compiler error, not ninja's last words
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second attempt is not made, nor reported
         assert ms_deform_attn_backend() == "torch"

@@ -1,9 +1,11 @@
-"""Build-on-demand loader of the C++ kernels of :func:`blockgraph.ops.ms_deform_attn` (``csrc/ms_deform_attn.cpp``).
+"""Build-on-demand loader of blockgraph's C++ CPU kernels: :func:`blockgraph.ops.ms_deform_attn`'s
+(``csrc/ms_deform_attn.cpp``) and the depthwise convolution's weight gradient (``csrc/depthwise_conv.cpp``).
 
-The kernels are compiled once with ``torch.utils.cpp_extension.load`` (cached in the torch extensions directory,
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; rebuilt when the source or the flags change) and
-register the ops ``torch.ops.blockgraph_msda.forward`` / ``.backward``. When no compiler is available or the build
-fails, :func:`load` warns once and returns ``False``, and callers use the pure-PyTorch path. ``BLOCKGRAPH_NO_CPP=1``
+The kernels are compiled once, as one library, with ``torch.utils.cpp_extension.load`` (cached in the torch
+extensions directory, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; rebuilt when a source or the flags
+change) and register the ops ``torch.ops.blockgraph_msda.forward`` / ``.backward`` and
+``torch.ops.blockgraph_conv.depthwise_weight_grad``. When no compiler is available or the build
+fails, :func:`load` warns once and returns ``False``, and callers use the pure-PyTorch paths. ``BLOCKGRAPH_NO_CPP=1``
 skips the build altogether.
 
 torch serializes builds with a lock file in the build directory (``<dir>/<name>/lock``, a ``FileBaton``) and waits
@@ -23,8 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn.cpp"
-EXTENSION_NAME = "blockgraph_msda"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("ms_deform_attn.cpp", "depthwise_conv.cpp")]
+EXTENSION_NAME = "blockgraph_kernels"
 CFLAGS = ["-O3", "-fopenmp"]
 """-fopenmp: at::parallel_for is an inline ``#pragma omp parallel`` in torch's OpenMP builds."""
 LDFLAGS = ["-fopenmp"]
@@ -54,7 +56,8 @@ def disabled_by_env() -> bool:
 
 
 def load(*, verbose: bool = False) -> bool:
-    """Build (first time) and load the kernels; ``True`` when ``torch.ops.blockgraph_msda`` is usable.
+    """Build (first time) and load the kernels; ``True`` when their ops (``torch.ops.blockgraph_msda``,
+    ``torch.ops.blockgraph_conv``) are usable.
 
     Never raises: a failure is reported once as a :class:`RuntimeWarning` and remembered for the process.
     ``False`` without trying while ``BLOCKGRAPH_NO_CPP`` is set.
@@ -74,7 +77,7 @@ def load(*, verbose: bool = False) -> bool:
             with _bounded_lock_wait(cpp_extension):
                 cpp_extension.load(
                     name=EXTENSION_NAME,
-                    sources=[str(SOURCE)],
+                    sources=[str(source) for source in SOURCES],
                     extra_cflags=CFLAGS,
                     extra_ldflags=LDFLAGS,
                     is_python_module=False,
@@ -84,8 +87,8 @@ def load(*, verbose: bool = False) -> bool:
             _failure = _summary(e)
             _loaded = False
             warnings.warn(
-                f"blockgraph.ops: the C++ kernel of ms_deform_attn could not be built ({_failure}); "
-                f"using the pure-PyTorch path (set {DISABLE_ENV}=1 to skip the build)",
+                f"blockgraph.ops: the C++ kernels (ms_deform_attn, depthwise convolution) could not be built "
+                f"({_failure}); using the pure-PyTorch paths (set {DISABLE_ENV}=1 to skip the build)",
                 RuntimeWarning,
                 stacklevel=3,
             )

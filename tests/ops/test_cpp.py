@@ -1,4 +1,4 @@
-"""Tests of blockgraph.ops._msda_cpp's build: a lock left by a killed build never makes a process wait forever."""
+"""Tests of blockgraph.ops._cpp's build: a lock left by a killed build never makes a process wait forever."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import os
 
 import pytest
 
-from blockgraph.ops import _msda_cpp
+from blockgraph.ops import _cpp
 from tests.support.processes import run_bounded
 
 _SCRIPT = """\
 import json, os, sys, threading, time, warnings
 from torch.utils import cpp_extension
-from blockgraph.ops import _msda_cpp
+from blockgraph.ops import _cpp
 
 os.environ["TORCH_EXTENSIONS_DIR"] = sys.argv[1]
-os.environ.pop(_msda_cpp.DISABLE_ENV, None)
-_msda_cpp.STALE_LOCK_SECONDS = 5.0  # (where /proc cannot tell whether the owner lives)
+os.environ.pop(_cpp.DISABLE_ENV, None)
+_cpp.STALE_LOCK_SECONDS = 5.0  # (where /proc cannot tell whether the owner lives)
 
 
 def compile_nothing(*args, **kwargs):
@@ -25,7 +25,7 @@ def compile_nothing(*args, **kwargs):
 
 
 cpp_extension._write_ninja_file_and_build_library = compile_nothing
-lock = os.path.join(sys.argv[1], _msda_cpp.EXTENSION_NAME, "lock")  # torch's FileBaton in the build directory
+lock = os.path.join(sys.argv[1], _cpp.EXTENSION_NAME, "lock")  # torch's FileBaton in the build directory
 os.makedirs(os.path.dirname(lock), exist_ok=True)
 for case in sys.argv[2:]:
     fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as FileBaton.try_acquire
@@ -36,11 +36,11 @@ for case in sys.argv[2:]:
         os.close(fd)
     else:  # a build that is running, and ends in 1.5 s
         threading.Timer(1.5, lambda: (os.close(fd), os.remove(lock))).start()
-    _msda_cpp._loaded = None
+    _cpp._loaded = None
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = _msda_cpp.load()
+        loaded = _cpp.load()
     seconds = time.perf_counter() - start
     messages = [str(w.message) for w in caught]
     print(json.dumps({"case": case, "loaded": loaded, "seconds": seconds, "warnings": messages}), flush=True)
@@ -65,8 +65,8 @@ def test_a_stale_build_lock_falls_back_to_the_pure_path_with_a_warning(
     out = lock_cases[case]
     assert out["loaded"] is False and out["seconds"] < within, out
     [message] = out["warnings"]
-    assert "using the pure-PyTorch path" in message and "StaleLockError" in message, message
-    assert f"{_msda_cpp.EXTENSION_NAME}{os.sep}lock is stale" in message, message
+    assert "using the pure-PyTorch paths" in message and "StaleLockError" in message, message
+    assert f"{_cpp.EXTENSION_NAME}{os.sep}lock is stale" in message, message
     assert "delete it to build the kernel again" in message, message
 
 
