@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from blockgraph.layers.common import ACTIVATIONS, Linear, init_linear, uninitialized
 from blockgraph.ops.conv import depthwise_conv2d
-from blockgraph.ops.kernel import eager_training
+from blockgraph.ops.kernel import eager_training, symbolic_tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -287,8 +287,10 @@ class Concat(nn.Module):
 
 
 class Split(nn.Module):
-    """``torch.split(x, sizes, dim)``: consecutive groups of channels, as a tuple (views of ``x``). Written as one
-    ``narrow`` per part, so that ``torch.fx`` sees a tuple of that many values."""
+    """``torch.split(x, sizes, dim)``: consecutive groups of channels, as a tuple (views of ``x``): one autograd node,
+    whose backward concatenates the parts' gradients (one ``narrow`` per part would zero-fill a tensor of ``x``'s
+    size for each part and add them). Under ``torch.fx``'s symbolic trace one ``narrow`` per part, so that the graph
+    has a tuple of that many values."""
 
     def __init__(self, sizes: Sequence[int], dim: int = 1):
         super().__init__()
@@ -297,7 +299,9 @@ class Split(nn.Module):
         self.starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return tuple(x.narrow(self.dim, start, size) for start, size in zip(self.starts, self.sizes, strict=True))
+        if symbolic_tracing():
+            return tuple(x.narrow(self.dim, start, size) for start, size in zip(self.starts, self.sizes, strict=True))
+        return torch.split(x, self.sizes, self.dim)
 
     def script_forward(self, x: Tensor) -> list[Tensor]:
         return [x.narrow(self.dim, self.starts[i], self.sizes[i]) for i in range(len(self.sizes))]

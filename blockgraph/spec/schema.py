@@ -378,11 +378,13 @@ class InputSpec(SpecModel):
     image's; a mask has the image's size)."""
     optional: bool = False
     """A mask the caller may leave out (`forward(image)`, or `mask=None`): then nothing is padding."""
-    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    memory_format: Literal["contiguous", "channels_last", "channels_last_training"] = "contiguous"
     """How the model lays the image out in memory: `channels_last` copies it on entry to channels-last (NHWC) memory
     (unless it already is), which convolutions, pools and norms keep: the same values (the kernels differ in their
     summation order only), and on the CPU faster kernels for some convolutional families (PoolFormer and MobileViT
-    choose it; timm's `train.py --channels-last` does the same to a timm model)."""
+    choose it; timm's `train.py --channels-last` does the same to a timm model). `channels_last_training` does so in
+    training mode only (`model.train()`), and takes the image as given in eval mode: for a family whose training
+    step gains from it but whose inference does not (InceptionNeXt)."""
 
     @model_validator(mode="after")
     def _optional_mask(self) -> InputSpec:

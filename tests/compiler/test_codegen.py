@@ -130,6 +130,18 @@ def test_an_image_in_channels_last_memory_gives_the_same_values(tmp_path) -> Non
     assert seen == [True]
     assert "contiguous(memory_format=torch.channels_last)" in models["channels_last"].code
     assert "memory_format" not in models["contiguous"].code
+    # channels_last_training: the copy in training mode only
+    (tmp_path / "training.yaml").write_text(_LAYOUT_SPEC.format(extra=", memory_format: channels_last_training"))
+    torch.manual_seed(0)
+    model = bg.build_model(tmp_path / "training.yaml", dtype=torch.float64).train()
+    seen.clear()
+    model.get_submodule("norm").register_forward_hook(
+        lambda m, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    torch.testing.assert_close(model(x), outs[0], rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), models["contiguous"].eval()(x), rtol=0, atol=1e-12)
+    assert seen == [True, False]
     (tmp_path / "mask.yaml").write_text(
         _LAYOUT_SPEC.format(extra="").replace(
             "input: {name: image, channels: 3, size: [32, 32]}",
