@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from blockgraph.layers.common import ACTIVATIONS, Linear, init_linear, uninitialized
 from blockgraph.ops.conv import depthwise_conv2d
-from blockgraph.ops.kernel import eager_training, symbolic_tracing
+from blockgraph.ops.kernel import symbolic_tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -30,12 +30,13 @@ class Conv2d(nn.Conv2d):
         super().__init__(dim, dim_out, kernel, stride, padding, dilation, groups, bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """In eager training, a depthwise convolution (stride 1, zero padding) runs
+        """In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
         :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; otherwise (every other
-        convolution, inference) ``nn.Conv2d``'s forward."""
+        convolution, inference, a symbolic trace) ``nn.Conv2d``'s forward."""
         if not torch.jit.is_scripting():  # (TorchScript compiles no branch under this test)
             if (
-                eager_training(x)
+                torch.is_grad_enabled()
+                and not symbolic_tracing()
                 and self.groups == self.in_channels == self.out_channels
                 and self.stride == (1, 1)
                 and self.dilation == (1, 1)

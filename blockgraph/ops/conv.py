@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from blockgraph.ops import _cpp
 from blockgraph.ops.autotune import run_chosen
-from blockgraph.ops.kernel import eager_inference, eager_training, in_place, remember, stamp
+from blockgraph.ops.kernel import eager_inference, eager_training, in_place, remember, stamp, symbolic_tracing
+from blockgraph.ops.ms_deform_attn import exporting
 
 
 def conv_bn(
@@ -135,16 +136,35 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tu
     """
     if not torch.jit.is_scripting():  # (TorchScript compiles no branch under this test)
         if (
-            eager_training(x)
-            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+            (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
             and x.dim() == 4
             and weight.shape[1] == 1
             and weight.shape[0] == x.shape[1]
             and weight.shape[-1] <= 64
-            and _cpp.load()
         ):
-            return _trained(x, weight, bias, padding)
+            if eager_training(x) and _kernels_built():
+                return _trained(x, weight, bias, padding)
+            if _compiled_training(x) and _kernels_built():
+                return _trained(x, weight, bias, padding, compiled=True)
     return _depthwise(x, weight, bias, padding)
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Whether the C++ kernels are usable (built on the first call); torch.compile evaluates it once, at trace
+    time."""
+    return _cpp.load()
+
+
+def _compiled_training(x: Tensor) -> bool:
+    """Whether torch.compile traces a training graph on the CPU (not an export: that keeps standard ops)."""
+    return (
+        torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and not exporting()
+        and not symbolic_tracing()
+        and x.device.type == "cpu"
+    )
 
 
 def _depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -153,15 +173,22 @@ def _depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[in
     return F.conv2d(x, weight, bias, padding=[padding[0], padding[1]], groups=weight.shape[0])
 
 
-def _trained(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
-    if not torch.is_autocast_enabled("cpu"):
-        return _DepthwiseConv2d.apply(x, weight, bias, padding)
-    # Under autocast the convolution runs in its dtype: the inputs cast as autocast casts them (float32 and float16
-    # tensors; not float64), then the op without autocast. The casts are recorded: gradients reach the originals.
-    dtype = torch.get_autocast_dtype("cpu")
-    x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, bias))
-    with torch.autocast("cpu", enabled=False):
-        return _DepthwiseConv2d.apply(x, weight, bias, padding)
+def _trained(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], compiled: bool = False
+) -> Tensor:
+    """The training path: eager, the autograd Function (its backward measured); under torch.compile, the custom op
+    ``blockgraph::depthwise_conv2d`` (its backward chosen without measuring, as eager's default: ours above 3x3)."""
+    if torch.is_autocast_enabled("cpu"):
+        # Under autocast the convolution runs in its dtype: the inputs cast as autocast casts them (float32 and
+        # float16 tensors; not float64), then the op without autocast. The casts are recorded: gradients reach the
+        # originals.
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, bias))
+        with torch.autocast("cpu", enabled=False):
+            return _trained(x, weight, bias, padding, compiled)
+    if compiled:
+        return _depthwise_op(x, weight, bias, padding[0], padding[1])
+    return _DepthwiseConv2d.apply(x, weight, bias, padding)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -197,6 +224,53 @@ def depthwise_conv2d_backward(
     key = ("depthwise_conv2d_backward", tuple(x.shape), tuple(weight.shape), padding, x.dtype, x.stride(1) == 1,
            grad.stride(1) == 1, need)  # fmt: skip
     return run_chosen(key, candidates, device=x.device)
+
+
+@torch.library.custom_op("blockgraph::depthwise_conv2d", mutates_args=())
+def _depthwise_op(x: Tensor, weight: Tensor, bias: Tensor | None, ph: int, pw: int) -> Tensor:
+    """:func:`depthwise_conv2d`'s training path as torch.compile sees it: an op whose backward is ours (for kernels
+    larger than 3x3; torch's otherwise), traced into the compiled backward graph."""
+    return _depthwise(x, weight, bias, (ph, pw))
+
+
+@_depthwise_op.register_fake
+def _depthwise_op_fake(x: Tensor, weight: Tensor, bias: Tensor | None, ph: int, pw: int) -> Tensor:
+    return _depthwise(x, weight, bias, (ph, pw))  # (on fake tensors: the convolution's sizes and memory format)
+
+
+def _depthwise_op_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, _, ph, pw = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.padding = (ph, pw)
+
+
+def _depthwise_op_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    need = tuple(ctx.needs_input_grad[:3])
+    if weight.shape[-1] * weight.shape[-2] > 9:
+        return (*_backward(grad, x, weight, ctx.padding, need), None, None)
+    return (*_torch_backward(grad, x, weight, ctx.padding, need), None, None)
+
+
+_depthwise_op.register_autograd(_depthwise_op_backward, setup_context=_depthwise_op_setup)
+
+
+def _register_weight_grad() -> None:
+    """Teach torch the C++ weight gradient's shape (fake tensors: torch.compile) and that it has no derivative."""
+    torch.library.register_fake("blockgraph_conv::depthwise_weight_grad")(
+        lambda grad, x, kh, kw, ph, pw: x.new_empty(x.shape[1], 1, kh, kw)
+    )
+    torch.library.register_autograd("blockgraph_conv::depthwise_weight_grad", _refuse_double_backward)
+
+
+def _refuse_double_backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    raise RuntimeError(
+        "blockgraph_conv::depthwise_weight_grad has no derivative: a gradient of a depthwise convolution's gradient "
+        "under torch.compile is not supported (eager takes torch's differentiable formula)"
+    )
+
+
+_cpp.after_load(_register_weight_grad)
 
 
 def _torch_backward(

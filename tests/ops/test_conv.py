@@ -316,3 +316,28 @@ def test_a_7x7_depthwise_backward_is_chosen_by_measuring() -> None:
     depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
     keys = [k for k in choices() if k[0] == "depthwise_conv2d_backward" and k[1] == tuple(x.shape)]
     assert keys and choices()[keys[0]].chosen in ("blockgraph", "torch")
+
+
+@needs_cpp
+def test_a_compiled_training_graph_runs_our_backward() -> None:
+    """Under torch.compile (fullgraph) a depthwise convolution that records gradients is the op
+    ``blockgraph::depthwise_conv2d``, whose traced backward calls the C++ weight gradient (7x7: ours by default);
+    the gradients are the eager layer's (float64, 1e-10). ``aot_eager`` runs the traced graphs without inductor."""
+    from blockgraph.layers.primitives import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(16, 16, (7, 7), padding=(3, 3), groups=16).double()
+    x = _backward_input(16, "channels_last").requires_grad_()
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return conv(x).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    called = ops_called(lambda: torch.autograd.grad(compiled(x), (x, conv.weight, conv.bias)))
+    assert {"blockgraph::depthwise_conv2d", "blockgraph_conv::depthwise_weight_grad"} <= called
+    got = torch.autograd.grad(compiled(x), (x, conv.weight, conv.bias))
+    expected = torch.autograd.grad(F.conv2d(x, conv.weight, conv.bias, padding=3, groups=16).square().sum(),
+                                   (x, conv.weight, conv.bias))  # fmt: skip
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    torch._dynamo.reset()
