@@ -18,7 +18,7 @@
 // the number of threads.
 //
 // Instruction sets: as ms_deform_attn.cpp, the loops are compiled for the x86-64 baseline and with AVX2+FMA, the
-// AVX2 copy taken where the CPU and torch's own kernels use it.
+// AVX2 copy taken where the CPU and torch's own kernels use it (ms_deform_attn.cpp's blockgraph_use_avx2).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -37,6 +37,8 @@
 #endif
 
 #define DWCONV_INLINE inline __attribute__((always_inline))
+
+bool blockgraph_use_avx2();  // ms_deform_attn.cpp (the same library): whether the AVX2+FMA copy runs
 
 namespace {
 
@@ -167,15 +169,6 @@ __attribute__((target("avx2,fma"))) void chunks_avx2(const Shape& s, const scala
 }
 #endif
 
-bool use_avx2() {
-#ifdef DWCONV_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          (at::get_cpu_capability() == "AVX2" || at::get_cpu_capability() == "AVX512");
-  return yes;
-#else
-  return false;
-#endif
-}
 
 at::Tensor channels_innermost(const at::Tensor& t) {
   return t.stride(1) == 1 ? t : t.contiguous(at::MemoryFormat::ChannelsLast);
@@ -209,7 +202,7 @@ at::Tensor depthwise_weight_grad(const at::Tensor& grad_out, const at::Tensor& i
   const auto acc_type = is_double ? at::kDouble : at::kFloat;
   auto parts = at::empty({std::max<int64_t>(1, s.chunks), size}, input.options().dtype(acc_type));
   auto total = at::zeros({size}, input.options().dtype(acc_type));
-  const bool avx2 = use_avx2();
+  const bool avx2 = blockgraph_use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "blockgraph_conv::depthwise_weight_grad", [&] {
     using T = acc_t<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();

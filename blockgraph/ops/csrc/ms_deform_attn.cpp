@@ -302,8 +302,11 @@ __attribute__((target("avx2,fma"))) void backward_tasks_avx2(const Geometry& g, 
 }
 #endif
 
-// The AVX2+FMA copy runs where the CPU has it and torch's kernels (grid_sample included) use AVX2 or AVX512.
-bool use_avx2() {
+}  // namespace
+
+// The AVX2+FMA copy runs where the CPU has it and torch's kernels (grid_sample included) use AVX2 or AVX512. (Shared
+// with depthwise_conv.cpp, compiled into the same library.)
+bool blockgraph_use_avx2() {
 #ifdef MSDA_AVX2
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           (at::get_cpu_capability() == "AVX2" || at::get_cpu_capability() == "AVX512");
@@ -312,6 +315,10 @@ bool use_avx2() {
   return false;
 #endif
 }
+
+namespace {
+
+bool use_avx2() { return blockgraph_use_avx2(); }
 
 template <typename scalar_t>
 void forward_kernel(const Geometry& g, const scalar_t* value, const scalar_t* loc, const scalar_t* attn,
