@@ -198,7 +198,6 @@ class _DepthwiseConv2d(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
-        ctx.bias = bias is not None
         return _depthwise(x, weight, bias, padding)
 
     @staticmethod
