@@ -14,12 +14,10 @@ from torch import Tensor, nn
 from blockgraph.layers.common import DropPath, leading, linear, qkv_heads, residual_branch
 from blockgraph.layers.heads import classifier
 from blockgraph.layers.mlp import Mlp
-from blockgraph.ops.coat import conv_pos_enc, factor_attention, factor_attention_crpe
-from blockgraph.ops.conv import depthwise_conv2d, merge_depthwise
+from blockgraph.ops.coat import conv_pos_enc, crpe_conv, factor_attention, factor_attention_crpe
+from blockgraph.ops.conv import merge_depthwise
 from blockgraph.ops.kernel import eager_training, symbolic_tracing
 from blockgraph.ops.linear import linear as linear_op
-
-torch.fx.wrap("depthwise_conv2d")  # torch.fx records the call: its kernel choice reads strides, which a trace lacks
 
 
 class ConvPosEnc(nn.Module):
@@ -64,9 +62,7 @@ class ConvRelPosEnc(nn.Module):
                 start += n
             return torch.cat(outs, dim=1).permute(0, 2, 3, 1).reshape(B, L, h, Ch)
         weight, bias = merge_depthwise(self.conv_list)  # (a ModuleList of Conv2d)
-        img = v.reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
-        conv = depthwise_conv2d(img, weight, bias, (weight.shape[-1] // 2, weight.shape[-1] // 2))
-        return conv.permute(0, 2, 3, 1).reshape(B, L, h, Ch)
+        return crpe_conv(v, size, weight, bias)
 
 
 class FactorAttnConvRelPosEnc(nn.Module):

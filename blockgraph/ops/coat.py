@@ -19,7 +19,7 @@ from torch import Tensor
 
 from blockgraph.ops.autotune import run_chosen
 from blockgraph.ops.conv import depthwise_conv2d, depthwise_conv2d_backward
-from blockgraph.ops.kernel import eager_inference, symbolic_tracing
+from blockgraph.ops.kernel import as_autocast_runs, eager_inference, symbolic_tracing
 
 torch.fx.wrap("depthwise_conv2d")  # torch.fx records the call: its kernel choice reads strides, which a trace lacks
 
@@ -111,23 +111,27 @@ def factor_attention_crpe(
     autocast dtype, as the reference's ops do there (the projection's output is already in it; the convolution's
     weight and bias are cast).
     """
-    if not torch.is_autocast_enabled("cpu"):
-        return _FactorAttentionCrpe.apply(qkv, weight, bias, scale, size)
-    dtype = torch.get_autocast_dtype("cpu")
-    qkv, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (qkv, weight, bias))
-    with torch.autocast("cpu", enabled=False):
-        return _FactorAttentionCrpe.apply(qkv, weight, bias, scale, size)
+    return as_autocast_runs(_FactorAttentionCrpe.apply, (qkv, weight, bias), scale, size)
+
+
+def crpe_conv(v: Tensor, size: tuple[int, int], weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The CRPE's depthwise convolution (``weight`` ``[h*Ch, 1, k, k]``, odd ``k``, 'same' padding; the windows
+    merged) of the image tokens' values ``v`` ``[B, H*W, h, Ch]`` (channel = head * Ch + c), in the same layout: the
+    map is a view of the tokens (channels-last strides), and so is the result's."""
+    B, L, h, Ch = v.shape
+    p = weight.shape[-1] // 2
+    return depthwise_conv2d(_as_map(v, size), weight, bias, (p, p)).permute(0, 2, 3, 1).reshape(B, L, h, Ch)
+
+
+def _as_map(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """Image tokens ``[B, H*W, h, Ch]`` as a map ``[B, h*Ch, H, W]`` (a view where the strides allow)."""
+    return t.reshape(t.shape[0], size[0], size[1], -1).permute(0, 3, 1, 2)
 
 
 def _crpe_reference(qkv: Tensor, scale: float, size: tuple[int, int], weight: Tensor, bias: Tensor | None) -> Tensor:
     """:func:`factor_attention_crpe` by the reference ops (differentiable)."""
-    B, N, _, h, Ch = qkv.shape
     q, k, v = qkv.unbind(2)
-    L = size[0] * size[1]
-    img = v[:, N - L :].reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)
-    p = weight.shape[-1] // 2
-    conv_v = depthwise_conv2d(img, weight, bias, (p, p)).permute(0, 2, 3, 1).reshape(B, L, h, Ch)
-    return factor_attention(q, k, v, scale, conv_v)
+    return factor_attention(q, k, v, scale, crpe_conv(v[:, v.shape[1] - size[0] * size[1] :], size, weight, bias))
 
 
 class _FactorAttentionCrpe(torch.autograd.Function):
@@ -140,9 +144,7 @@ class _FactorAttentionCrpe(torch.autograd.Function):
         B, N, _, h, Ch = qkv.shape
         q, k, v = qkv.unbind(2)
         L = size[0] * size[1]
-        img = v[:, N - L :].reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)  # channels-last strides
-        p = weight.shape[-1] // 2
-        conv_v = depthwise_conv2d(img, weight, bias, (p, p)).permute(0, 2, 3, 1).reshape(B, L, h, Ch)
+        conv_v = crpe_conv(v[:, N - L :], size, weight, bias)
         ks = k.transpose(1, 2).softmax(dim=2)  # [B, h, N, Ch]
         kv = ks.transpose(-1, -2) @ v.transpose(1, 2)  # [B, h, Ch, Ch]
         factor = q.transpose(1, 2) @ kv
@@ -178,10 +180,9 @@ class _FactorAttentionCrpe(torch.autograd.Function):
         dks = v.transpose(1, 2) @ dkv.transpose(-1, -2)
         dk.copy_(torch._softmax_backward_data(dks, ks, 2, ks.dtype).transpose(1, 2))
         # the CRPE convolution of the image tokens' values; its input gradient joins v's
-        d_conv = (g[:, extra:] * q[:, extra:]).reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)
-        img = v[:, extra:].reshape(B, size[0], size[1], h * Ch).permute(0, 3, 1, 2)
         p = weight.shape[-1] // 2
         need = (True, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        d_img, d_weight, d_bias = depthwise_conv2d_backward(d_conv, img, weight, (p, p), need)
+        d_conv = _as_map(g[:, extra:] * q[:, extra:], size)
+        d_img, d_weight, d_bias = depthwise_conv2d_backward(d_conv, _as_map(v[:, extra:], size), weight, (p, p), need)
         dv[:, extra:].add_(d_img.permute(0, 2, 3, 1).reshape(B, L, h, Ch))
         return dqkv, d_weight, d_bias, None, None

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 
 from blockgraph.ops import _cpp
 from blockgraph.ops.autotune import run_chosen
-from blockgraph.ops.kernel import eager_inference, eager_training, in_place, remember, stamp, symbolic_tracing
+from blockgraph.ops.kernel import (
+    as_autocast_runs,
+    eager_inference,
+    eager_training,
+    in_place,
+    remember,
+    stamp,
+    symbolic_tracing,
+)
 from blockgraph.ops.ms_deform_attn import exporting
 
 
@@ -168,9 +176,16 @@ def _compiled_training(x: Tensor) -> bool:
 
 
 def _depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
-    if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
-        weight = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
+    weight = _weight_like(x, weight)
     return F.conv2d(x, weight, bias, padding=[padding[0], padding[1]], groups=weight.shape[0])
+
+
+def _weight_like(x: Tensor, weight: Tensor) -> Tensor:
+    """The depthwise ``weight`` as a channels-last view when ``x``'s channels are innermost (see
+    :func:`depthwise_conv2d`), else itself."""
+    if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
+        return weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
+    return weight
 
 
 def _trained(
@@ -178,17 +193,9 @@ def _trained(
 ) -> Tensor:
     """The training path: eager, the autograd Function (its backward measured); under torch.compile, the custom op
     ``blockgraph::depthwise_conv2d`` (its backward chosen without measuring, as eager's default: ours above 3x3)."""
-    if torch.is_autocast_enabled("cpu"):
-        # Under autocast the convolution runs in its dtype: the inputs cast as autocast casts them (float32 and
-        # float16 tensors; not float64), then the op without autocast. The casts are recorded: gradients reach the
-        # originals.
-        dtype = torch.get_autocast_dtype("cpu")
-        x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (x, weight, bias))
-        with torch.autocast("cpu", enabled=False):
-            return _trained(x, weight, bias, padding, compiled)
-    if compiled:
-        return _depthwise_op(x, weight, bias, padding[0], padding[1])
-    return _DepthwiseConv2d.apply(x, weight, bias, padding)
+    if compiled:  # (under autocast: in its dtype, as F.conv2d would run)
+        return as_autocast_runs(_depthwise_op, (x, weight, bias), padding[0], padding[1])
+    return as_autocast_runs(_DepthwiseConv2d.apply, (x, weight, bias), padding)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -276,8 +283,7 @@ def _torch_backward(
     grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], need: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
     """torch's gradients of the convolution (oneDNN on the CPU), with the forward's weight strides."""
-    if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
-        weight = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
+    weight = _weight_like(x, weight)
     C = weight.shape[0]
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad, x, weight, [C], [1, 1], list(padding), [1, 1], False, [0, 0], C, list(need)

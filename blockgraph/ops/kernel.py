@@ -53,6 +53,19 @@ def eager_training(x: Tensor) -> bool:
     return x.device.type == "cpu"  # (read last: a proxy's device is no string)
 
 
+def as_autocast_runs(fn: Callable[..., Tensor], tensors: tuple[Tensor | None, ...], *args: Any) -> Tensor:
+    """``fn(*tensors, *args)`` as CPU autocast runs an op of its lower-precision list: within autocast the floating
+    tensors other than float64 cast to its dtype (the casts recorded: gradients reach the originals), then ``fn``
+    with autocast off; outside autocast ``fn`` as given. For an autograd Function or custom op, whose inputs
+    autocast does not cast."""
+    if not torch.is_autocast_enabled("cpu"):
+        return fn(*tensors, *args)
+    dtype = torch.get_autocast_dtype("cpu")
+    cast = tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+    with torch.autocast("cpu", enabled=False):
+        return fn(*cast, *args)
+
+
 def symbolic_tracing() -> bool:
     """Whether ``torch.fx`` is tracing symbolically: values are proxies, which no Python branch may read; the
     ops take their plain reference paths, and blocks the decisions of the size the model is built for. (False

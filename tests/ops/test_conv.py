@@ -11,7 +11,7 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
 from blockgraph.ops import _cpp
-from blockgraph.ops.autotune import choices, forcing
+from blockgraph.ops.autotune import choices, forcing, tuning
 from blockgraph.ops.conv import conv_bn, depthwise_conv2d, merge_depthwise
 from tests.support.weights import ops_called, randomize_batchnorm
 
@@ -310,12 +310,23 @@ def test_depthwise_conv2d_second_derivatives_and_autocast() -> None:
 
 @needs_cpp
 def test_a_7x7_depthwise_backward_is_chosen_by_measuring() -> None:
-    """A training step of the layer records its backward's choice (the autotuner's, per shape and dtype)."""
+    """The first backward of a shape times torch's backward and ours and keeps the choice (per shape, dtype,
+    layout); the next backward of that shape reuses it without measuring again."""
     conv = _depthwise(8, 7)
-    x = _backward_input(8, "channels_last", torch.float32).requires_grad_()
-    depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
-    keys = [k for k in choices() if k[0] == "depthwise_conv2d_backward" and k[1] == tuple(x.shape)]
-    assert keys and choices()[keys[0]].chosen in ("blockgraph", "torch")
+    x = torch.randn(2, 8, 13, 17).contiguous(memory_format=torch.channels_last).requires_grad_()  # (a shape no other
+    # test uses: the choice is made here)
+
+    def keys() -> list[tuple]:
+        return [k for k in choices() if k[0] == "depthwise_conv2d_backward" and k[1] == tuple(x.shape)]
+
+    with tuning(True):
+        depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
+        assert len(keys()) == 1
+        choice = choices()[keys()[0]]
+        assert set(choice.seconds) == {"blockgraph", "torch"} and all(t > 0 for t in choice.seconds.values())
+        assert choice.chosen in choice.seconds
+        depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
+        assert choices()[keys()[0]] is choice
 
 
 @needs_cpp
