@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
-from report import Column, Store, common_args, goal, goal_line, log, ms, ratio, steady_malloc, table  # noqa: E402
+from report import Column, Store, common_args, goal, goal_line, log, ms, ratio, restart_with, table, table_path  # noqa: E402
 from timing import interleaved_samples, process, python  # noqa: E402
 from twins import Reference, twins  # noqa: E402
 
@@ -129,9 +129,9 @@ def main() -> None:
     common_args(parser, out="bench/results/builder.md", repeats=7)
     parser.add_argument("--process-repeats", type=int, default=5, help="timed rounds of each process (default 5)")
     args = parser.parse_args()
-    steady_malloc(args)
+    restart_with(args)
     torch.set_num_threads(args.threads)
-    store = Store(args.out, fresh=args.fresh, threads=args.threads)
+    store = Store(table_path(args), fresh=args.fresh, threads=args.threads)
     chosen = [] if args.render_only else twins(args.only)
     log(f"{len(chosen)} twins, {args.repeats} build rounds, {args.process_repeats} process rounds")
     store.run_jobs(

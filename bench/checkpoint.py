@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
-from report import Column, Job, Store, common_args, log, matches, ms, ratio, steady_malloc, table  # noqa: E402
+from report import Column, Job, Store, common_args, log, matches, ms, ratio, restart_with, table, table_path  # noqa: E402
 from timing import interleaved_samples  # noqa: E402
 
 import blockgraph as bg  # noqa: E402
@@ -97,9 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser, out="bench/results/checkpoint.md", repeats=15)
     args = parser.parse_args()
-    steady_malloc(args)
+    restart_with(args)
     torch.set_num_threads(args.threads)
-    store = Store(args.out, fresh=args.fresh, threads=args.threads)
+    store = Store(table_path(args), fresh=args.fresh, threads=args.threads)
     names = (
         []
         if args.render_only

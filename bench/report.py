@@ -45,6 +45,13 @@ def common_args(parser: argparse.ArgumentParser, *, out: str, repeats: int, devi
         "--repeats", type=int, default=repeats, help=f"timed rounds per measurement (default {repeats})"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--isa",
+        choices=("native", *ISA_CAPS),
+        default="native",
+        help="instruction set of torch's CPU kernels: native (all this CPU has) or avx2 (ATen, oneDNN and MKL capped "
+        "at AVX2: an AVX2-only CPU emulated on one with AVX-512; the table then defaults to NAME-avx2.md)",
+    )
     if device:
         gpu_out = cuda_table(out)
         parser.add_argument(
@@ -59,18 +66,25 @@ def common_args(parser: argparse.ArgumentParser, *, out: str, repeats: int, devi
         )
         parser.set_defaults(tables={"cpu": ROOT / out, "cuda": ROOT / gpu_out})
     else:
-        parser.add_argument(
-            "--out", type=Path, default=ROOT / out, help=f"markdown table (default {out}); rows in .json"
-        )
+        parser.add_argument("--out", type=Path, help=f"markdown table (default {out}); rows in .json")
+        parser.set_defaults(tables={"cpu": ROOT / out})
     parser.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs instead of updating them")
     parser.add_argument("--render-only", action="store_true", help="measure nothing; rewrite the table from the .json")
     parser.add_argument(
-        "--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds (see steady_malloc)"
+        "--default-malloc", action="store_true", help="keep glibc's adaptive malloc thresholds (see restart_with)"
     )
 
 
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
-"""glibc settings that keep freed activation memory in the process (see :func:`steady_malloc`)."""
+"""glibc settings that keep freed activation memory in the process (see :func:`restart_with`)."""
+
+ISA_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+"""``--isa``: the environment that caps the instruction set of torch's CPU kernels (ATen's vectorized ops, oneDNN's
+convolutions and matrix multiplies, MKL's) below what the CPU has. ``avx2`` makes a CPU with AVX-512 run the kernels
+an AVX2-only one would (the AMD EPYCs that expose no AVX-512): there oneDNN's matrix multiply, 2x faster than MKL's
+with AVX-512 on an AMD CPU (MKL takes its AVX2 path on AMD), is about level with it, so measured kernel choices
+differ. Our C++ kernels use AVX2 at most: the same under both. The libraries read the cap when they load: it is
+set by restarting the process (:func:`restart_with`)."""
 
 
 def cuda_table(out: str) -> str:
@@ -83,7 +97,7 @@ def cuda_table(out: str) -> str:
 def start(args: argparse.Namespace) -> Store:
     """What every benchmark does first with its options (:func:`common_args`): check the device (``--device cuda``
     where torch sees no GPU: a message and exit status 2), restart with steady malloc thresholds
-    (:func:`steady_malloc`), set the torch threads (and on a GPU, float32 without TF32), and open the store of its
+    (:func:`restart_with`), set the torch threads (and on a GPU, float32 without TF32), and open the store of its
     rows (by default the device's table)."""
     import torch
 
@@ -95,29 +109,43 @@ def start(args: argparse.Namespace) -> Store:
             file=sys.stderr,
         )
         sys.exit(2)
-    steady_malloc(args)
+    restart_with(args)
     torch.set_num_threads(args.threads)
     if device == "cuda":  # both sides of a ratio in float32 (cuDNN's convolutions take TF32 by default)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    if args.out is None:
-        args.out = args.tables[device]
-    return Store(args.out, fresh=args.fresh, threads=args.threads, device=device)
+    return Store(table_path(args, device), fresh=args.fresh, threads=args.threads, device=device)
 
 
-def steady_malloc(args: argparse.Namespace) -> None:
-    """Restart this process with :data:`STEADY_MALLOC` in its environment (unless ``--default-malloc``).
+def table_path(args: argparse.Namespace, device: str = "cpu") -> Path:
+    """The table a run writes: ``--out``, else the device's default, with ``-ISA`` added to its name under a capped
+    ``--isa`` (its rows would otherwise replace the native ones)."""
+    if args.out is not None:
+        return Path(args.out)
+    path = Path(args.tables[device])
+    return path if args.isa == "native" else path.with_name(f"{path.stem}-{args.isa}{path.suffix}")
 
-    By default glibc serves each large block (an activation map) with a fresh ``mmap`` and returns it on ``free``,
-    under a threshold that adapts to the process's history; every forward then page-faults its activations in
-    again. Measured: timm's mobilevit_s at batch 8 spends 0.7 s of a 0.77 s forward in 320,000 page faults, and the
+
+def environment(args: argparse.Namespace) -> dict[str, str]:
+    """The variables a run needs in its environment: :data:`STEADY_MALLOC` (unless ``--default-malloc``) and the
+    ``--isa`` cap (:data:`ISA_CAPS`)."""
+    return ({} if args.default_malloc else dict(STEADY_MALLOC)) | ISA_CAPS.get(args.isa, {})
+
+
+def restart_with(args: argparse.Namespace) -> None:
+    """Restart this process with :func:`environment` (a no-op when it is set already).
+
+    The ISA cap is read by the libraries when they load. The malloc thresholds (:data:`STEADY_MALLOC`): by default
+    glibc serves each large block (an activation map) with a fresh ``mmap`` and returns it on ``free``, under a
+    threshold that adapts to the process's history; every forward then page-faults its activations in again. Measured: timm's mobilevit_s at batch 8 spends 0.7 s of a 0.77 s forward in 320,000 page faults, and the
     same model takes 0.32 s or 0.75 s in one machine depending on what ran before it. With fixed thresholds the
     memory stays in the heap and is reused, so both models of a pair are timed on their kernels; the table states
     which allocator setting a run used.
     """
-    if args.default_malloc or all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+    wanted = environment(args)
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
         return
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
 
 def malloc_setting() -> str:
@@ -155,15 +183,38 @@ def goal(value: float | None, limit: float) -> str:
     return "✓" if over <= 0 else f"✗ (+{over:.0%})" if over >= 0.01 else f"✗ (+{over:.1%})"
 
 
-def _cpu() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_description() -> str:
+    """The CPU, the instruction set it exposes, and the one torch's kernels use (with any cap :data:`ISA_CAPS` set):
+    machines of one name differ (some AMD EPYCs expose AVX-512, others not), and kernel choices with them."""
+    import torch
+
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    flags = set(info.get("flags", "").split())
+    exposed = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "ISA unknown"
+    capped = sorted({k for caps in ISA_CAPS.values() for k in caps} & set(os.environ))
+    cap = f", capped: {' '.join(f'{k}={os.environ[k]}' for k in capped)}" if capped else ""
+    return (
+        f"{name}, {os.cpu_count()} logical CPUs, {exposed} exposed; torch's CPU kernels: "
+        f"{torch.backends.cpu.get_cpu_capability()}{cap}"
+    )
 
 
 def _relative(path: str) -> str:
@@ -205,7 +256,7 @@ class Store:
             "torch": torch.__version__,
             "timm": timm.__version__,
             "python": platform.python_version(),
-            "cpu": f"{_cpu()}, {os.cpu_count()} logical CPUs",
+            "cpu": cpu_description(),
             "threads": threads,
             "load_start": _load(),
             "malloc": malloc_setting(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,32 @@ def test_deform_attn_bench_measures_on_small_maps(monkeypatch: pytest.MonkeyPatc
     rows = deform_attn.measure("encoder", 1, ["reference", "torch"], batch=1)
     assert [row[:2] for row in rows] == [("encoder", "reference"), ("encoder", "torch")]
     assert all(fwd > 0 and both > 0 for _, _, fwd, both, _ in rows)
+
+
+def test_an_isa_capped_run_has_tables_of_its_own_and_restarts_with_the_cap(monkeypatch) -> None:
+    """--isa avx2 emulates an AVX2-only CPU: ATen, oneDNN and MKL capped through the environment (read when they
+    load, so the run restarts with it), rows in a table of its own; the header names the CPU and the cap."""
+    import argparse
+
+    import report
+
+    parser = argparse.ArgumentParser()
+    report.common_args(parser, out="bench/results/kernels.md", repeats=7)
+    native, capped = parser.parse_args([]), parser.parse_args(["--isa", "avx2"])
+    assert report.table_path(native) == report.ROOT / "bench/results/kernels.md"
+    assert report.table_path(capped) == report.ROOT / "bench/results/kernels-avx2.md"
+    assert report.table_path(parser.parse_args(["--isa", "avx2", "--out", "x.md"])) == Path("x.md")
+    assert report.environment(native) == report.STEADY_MALLOC
+    assert report.environment(capped) == report.STEADY_MALLOC | report.ISA_CAPS["avx2"]
+    assert report.ISA_CAPS["avx2"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    restarts = []
+    monkeypatch.setattr(report.os, "execve", lambda exe, argv, env: restarts.append(env))
+    for k, v in report.STEADY_MALLOC.items():
+        monkeypatch.setenv(k, v)
+    report.restart_with(native)
+    assert restarts == []  # set already
+    report.restart_with(capped)
+    assert len(restarts) == 1 and all(restarts[0][k] == v for k, v in report.ISA_CAPS["avx2"].items())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert report.cpu_description().endswith("capped: ONEDNN_MAX_CPU_ISA=AVX2")
+    assert "logical CPUs" in report.cpu_description() and "torch's CPU kernels: " in report.cpu_description()
