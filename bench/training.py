@@ -21,7 +21,7 @@ and labels on the GPU, float32 with TF32 off, bf16 under ``torch.autocast("cuda"
 timed step between two ``torch.cuda.synchronize``; the deformable core's share is of the GPU's kernel time. Without a
 GPU, ``--device cuda`` exits with status 2 and says so. Usage:
 
-    .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--checkpointing]
+    .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--no-bf16] [--checkpointing]
         [--device cpu|cuda] [--out bench/results/training.md] [--fresh] [--render-only]
 """
 
@@ -123,7 +123,14 @@ def _labels(batch: int, device: str) -> torch.Tensor:
     return torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool, device: str) -> list[dict[str, Any]]:
+def measure(
+    ref: Reference,
+    batches: list[int],
+    repeats: int,
+    compiled: bool,
+    device: str,
+    bf16s: tuple[bool, ...] = (False, True),
+) -> list[dict[str, Any]]:
     ours, twin, rate = _models(ref, device)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in (("ours", ours), ("twin", twin))}
     models = {"ours": ours, "twin": twin}
@@ -131,7 +138,7 @@ def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool, de
     for batch in batches:
         x, y = ref.input(batch, device=device), _labels(batch, device)
         row: dict[str, Any] = {"model": ref.name, "batch": batch, "drop_path": rate}
-        for bf16 in (False, True):
+        for bf16 in bf16s:
             calls = {k: partial(_step, models[k], opts[k], x, y, bf16) for k in models}
             t = _timed(calls, repeats, device)
             row |= {f"{k}{'_bf16' if bf16 else ''}_s": v for k, v in t.items()}
@@ -147,7 +154,7 @@ def measure(ref: Reference, batches: list[int], repeats: int, compiled: bool, de
         rows.append(row)
         log(
             f"  {ref.name} batch {batch}: eager {ratio(row['ours_s'], row['twin_s'])}, bf16 "
-            f"{ratio(row['ours_bf16_s'], row['twin_bf16_s'])}, saved {ratio(row['ours_saved'], row['twin_saved'])}"
+            f"{ratio(row.get('ours_bf16_s'), row.get('twin_bf16_s'))}, saved {ratio(row['ours_saved'], row['twin_saved'])}"
             + (f", compiled {ratio(row['ours_compiled_s'], row['twin_compiled_s'])}" if compiled else "")
         )
     return rows
@@ -232,7 +239,7 @@ TRAIN_COLUMNS: list[Column] = [
     ("ours ms", "r", lambda r: ms(r["ours_s"])),
     ("twin ms", "r", lambda r: ms(r["twin_s"])),
     ("fp32 ours / twin", "r", lambda r: ratio(r["ours_s"], r["twin_s"])),
-    ("bf16 ours / twin", "r", lambda r: ratio(r["ours_bf16_s"], r["twin_bf16_s"])),
+    ("bf16 ours / twin", "r", lambda r: ratio(r.get("ours_bf16_s"), r.get("twin_bf16_s"))),
     ("compiled ours / twin", "r", lambda r: ratio(r.get("ours_compiled_s"), r.get("twin_compiled_s"))),
     ("saved MiB ours", "r", lambda r: _mb(r["ours_saved"])),
     ("saved MiB twin", "r", lambda r: _mb(r["twin_saved"])),
@@ -286,15 +293,21 @@ def main() -> None:
     common_args(parser, out="bench/results/training.md", repeats=7, device=True)
     parser.add_argument("--batches", default="8", help="batch sizes (default 8)")
     parser.add_argument("--compile", action="store_true", help="also compiled steps (inductor; minutes per model)")
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="no bf16 column (emulated, far slower, on a CPU without bf16 instructions, as under --isa avx2)",
+    )
     parser.add_argument("--checkpointing", action="store_true", help="grad checkpointing rows (CoaT-Lite S, hybrid)")
     parser.add_argument("--deformable", type=int, metavar="BATCH", help="rows of the deformable specs at this batch")
     args = parser.parse_args()
     store = start(args)
     batches = [int(b) for b in args.batches.split(",")]
+    bf16s = (False,) if args.no_bf16 else (False, True)
     jobs: list[Job] = []
     if not args.render_only:
         jobs += [
-            ("train", r.name, partial(measure, r, batches, args.repeats, args.compile, args.device))
+            ("train", r.name, partial(measure, r, batches, args.repeats, args.compile, args.device, bf16s))
             for r in twins(args.only)
         ]
         if args.checkpointing:
