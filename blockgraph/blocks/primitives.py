@@ -67,6 +67,7 @@ class Conv2dSpec(BlockSpec):
     """A 2-d convolution of an image map (``nn.Conv2d``, as timm's ``create_conv2d`` with static padding)."""
 
     op: Literal["conv2d"]
+    takes_act: ClassVar[bool] = True
     dim_out: PositiveInt
     """Output channels."""
     kernel: Size2
@@ -141,6 +142,7 @@ class LinearSpec(BlockSpec):
     tensor in channels-last memory, which the next channel op reads without a copy): ConvNeXt's MLP."""
 
     op: Literal["linear"]
+    takes_act: ClassVar[bool] = True
     dim_out: PositiveInt
     """Output channels."""
     bias: bool = True
@@ -262,6 +264,9 @@ class ActSpec(BlockSpec):
     op: Literal["act"]
     kind: ActKind
     """Which activation."""
+
+    def fusable(self) -> bool:
+        return self.kind != "star_relu"  # (learned parameters: no kernel's epilogue computes it)
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         return x

@@ -274,11 +274,8 @@ def _generate(
     def ref(node: str, port: str | None) -> str:
         return var[node] if port is None else ports[node, port]
 
-    for i, name in enumerate(order):
+    def arguments(name: str, edges: list[Any]) -> list[str]:
         node = graph.nodes[name]
-        if node.is_input:
-            continue
-        edges = graph.in_edges(name)
         args = [ref(e.src, e.out) for e in edges]
         if node.spec.takes_size(*inference.inputs(name)):
             for t in inference.inputs(name):
@@ -296,7 +293,23 @@ def _generate(
             args.append(f"{field}={value}")
         if name in whole:  # its module was built to compute its first tokens only: all of them, here
             args.append("full=True")
+        return args
+
+    fused = {} if checkpoint or script is not None else fused_activations(inference, order, kept, {*trimmed, *whole})
+    producer_of = {act: producer for producer, act in fused.items()}
+    for i, name in enumerate(order):
+        node = graph.nodes[name]
+        if node.is_input or name in fused:  # (a producer is called by its activation's line)
+            continue
+        edges = graph.in_edges(name)
         module = accessor(node.module_name)
+        if name in producer_of:  # the producer's call, the activation passed to it
+            producer = producer_of[name]
+            edges = graph.in_edges(producer)
+            args = [*arguments(producer, edges), f"act={module}"]
+            module = accessor(graph.nodes[producer].module_name)
+        else:
+            args = arguments(name, edges)
         call = f"checkpointed({', '.join([module, *args])})" if checkpoint else f"{module}({', '.join(args)})"
         t = inference.types[name]
         if isinstance(t, TensorType):
@@ -325,6 +338,28 @@ def _generate(
     else:
         lines.append("    return {" + ", ".join(f"{k!r}: {ref(n, p)}" for k, n, p in chosen) + "}")
     return "\n".join(lines) + "\n"
+
+
+def fused_activations(
+    inference: Inference, order: list[str], kept: set[tuple[str, str | None]], excluded: set[str]
+) -> dict[str, str]:
+    """The activations that ride along their producer's call, as producer → activation node: an activation that
+    may (:meth:`~blockgraph.spec.schema.BlockSpec.fusable`) right after the node it reads, a node whose module takes
+    ``act=`` (:attr:`~blockgraph.spec.schema.BlockSpec.takes_act`: conv2d, linear) and that nothing else reads nor
+    returns. The producer's kernel may then apply it in its epilogue (in eager inference: oneDNN's post-op) instead
+    of a second pass over its output; the values are the same math. ``excluded``: nodes that must keep their call
+    (trimmed ones)."""
+    graph = inference.graph
+    fused = {}
+    for name, reader in zip(order, order[1:], strict=False):
+        node, act = graph.nodes[name], graph.nodes[reader]
+        if node.is_input or act.is_input or name in excluded or reader in excluded or (name, None) in kept:
+            continue
+        if not type(node.spec).takes_act or not act.spec.fusable() or act.shared:
+            continue
+        if [e.dst for e in graph.out_edges(name)] == [reader] and isinstance(inference.types[name], TensorType):
+            fused[name] = reader
+    return fused
 
 
 def _batch_stat_code(inference: Inference, order: list[str]) -> str:

@@ -26,12 +26,27 @@ class Linear(nn.Linear):
     add in its epilogue for eager inference; oneDNN for large products in graphs compiled for inference)."""
 
     def forward(self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+        if act is not None and has_hooks(act):  # hooks see the activation run as a module of its own
+            y = act(linear_op(x, self.weight, self.bias))
+            return y if residual is None else residual + y
         return linear_op(x, self.weight, self.bias, act=act, residual=residual)
 
     def script_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """TorchScript's (compiler/script.py): the plain reference; a caller applies the activation itself."""
         y = F.linear(x, self.weight, self.bias)
         return y if residual is None else residual + y
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks see ``module`` run (its own, or global ones): then an activation passed to a layer
+    (``act=``) runs as a call of its own, not in the layer's kernel."""
+    glob = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(glob, "_global_forward_hooks", None)
+        or getattr(glob, "_global_forward_pre_hooks", None)
+    )
 
 
 class DropPath(nn.Module):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
-from blockgraph.layers.common import ACTIVATIONS, Linear, init_linear, uninitialized
-from blockgraph.ops.conv import depthwise_conv2d
+from blockgraph.layers.common import ACTIVATIONS, Linear, has_hooks, init_linear, uninitialized
+from blockgraph.ops.conv import conv2d, depthwise_conv2d
 from blockgraph.ops.kernel import symbolic_tracing
 
 
@@ -29,21 +29,36 @@ class Conv2d(nn.Conv2d):
     ):  # fmt: skip
         super().__init__(dim, dim_out, kernel, stride, padding, dilation, groups, bias, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
-        :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; otherwise (every other
-        convolution, inference, a symbolic trace) ``nn.Conv2d``'s forward."""
-        if not torch.jit.is_scripting():  # (TorchScript compiles no branch under this test)
-            if (
-                torch.is_grad_enabled()
-                and not symbolic_tracing()
-                and self.groups == self.in_channels == self.out_channels
-                and self.stride == (1, 1)
-                and self.dilation == (1, 1)
-                and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str)
-            ):
-                return depthwise_conv2d(x, self.weight, self.bias, (self.padding[0], self.padding[1]))
+    def forward(self, x: Tensor, act: nn.Module | None = None) -> Tensor:
+        """The convolution, then ``act`` if given (the compiler passes the activation that alone reads this node).
+
+        In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
+        :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; with an activation,
+        :func:`~blockgraph.ops.conv.conv2d` (in eager inference, the activation in oneDNN's epilogue where that is
+        faster); otherwise ``nn.Conv2d``'s forward. An activation with hooks runs as a module of its own."""
+        if torch.jit.is_scripting():  # (TorchScript compiles script_forward instead; this keeps forward scriptable)
+            return self._conv_forward(x, self.weight, self.bias)
+        if act is not None and has_hooks(act):
+            return act(self.forward(x))
+        if (
+            torch.is_grad_enabled()
+            and not symbolic_tracing()
+            and self.groups == self.in_channels == self.out_channels
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        ):
+            y = depthwise_conv2d(x, self.weight, self.bias, (self.padding[0], self.padding[1]))
+            return y if act is None else act(y)
+        if act is None or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            y = self._conv_forward(x, self.weight, self.bias)
+            return y if act is None else act(y)
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        return conv2d(x, self.weight, self.bias, (stride[0], stride[1]), (padding[0], padding[1]),
+                      (dilation[0], dilation[1]), self.groups, act)  # fmt: skip
+
+    def script_forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.weight, self.bias)
 
 
@@ -51,8 +66,8 @@ class Linear2d(Linear):
     """:class:`~blockgraph.layers.common.Linear` over the channels of a map ``[B, C, h, w]``: permuted to
     channels-last ``[B, h, w, C]``, projected, permuted back (an NCHW tensor in channels-last memory)."""
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]  # no activation or residual to fuse
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    def forward(self, x: Tensor, act: nn.Module | None = None) -> Tensor:  # type: ignore[override]  # (no residual)
+        return super().forward(x.permute(0, 2, 3, 1), act=act).permute(0, 3, 1, 2)
 
     def script_forward(self, x: Tensor) -> Tensor:
         return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)

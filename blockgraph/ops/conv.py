@@ -1,5 +1,6 @@
-"""Convolution ops: Conv-BN(-activation) folded for inference, depthwise convolutions over channel groups merged
-into one, and a depthwise convolution of a map viewed from tokens."""
+"""Convolution ops: a convolution with its activation in oneDNN's epilogue for inference, Conv-BN(-activation)
+folded for inference, depthwise convolutions over channel groups merged into one, and a depthwise convolution of a
+map viewed from tokens (with a backward of our own in training)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,59 @@ from blockgraph.ops.kernel import (
     stamp,
     symbolic_tracing,
 )
+from blockgraph.ops.linear import onednn_applies, post_op
 from blockgraph.ops.ms_deform_attn import exporting
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    act: nn.Module | None = None,
+) -> Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (``act`` optional), zero padding.
+
+    In eager inference (:func:`~blockgraph.ops.kernel.eager_inference`) on the CPU in float32 without autocast, with
+    an activation oneDNN has as a post-op (ReLU, GELU, SiLU, Hardswish): oneDNN's convolution with the activation in
+    its epilogue (``mkldnn._convolution_pointwise``, the op inductor's CPU backend emits), where the plain path makes
+    a second pass over the output; or the plain convolution with the activation in place, whichever measured faster
+    here for this shape and memory format (:mod:`blockgraph.ops.autotune`; the fused one by default). Otherwise the
+    plain convolution, then the activation."""
+    fast = eager_inference(x)
+    post = post_op(act) if fast and act is not None else None
+    if post is not None and post[0] != "none" and onednn_applies(x, weight):
+        depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
+        w = _weight_like(x, weight) if depthwise else weight
+        fused = partial(
+            torch.ops.mkldnn._convolution_pointwise,
+            x, w, bias, list(padding), list(stride), list(dilation), groups, post[0], [], post[1],
+        )  # fmt: skip
+        plain = partial(_plain_conv2d, x, w, bias, stride, padding, dilation, groups, act)
+        key = ("conv2d", *post, tuple(x.shape), x.is_contiguous(), x.stride(1) == 1, tuple(weight.shape),
+               bias is not None, stride, padding, dilation, groups)  # fmt: skip
+        return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if act is None:
+        return y
+    return in_place(act, y) if fast else act(y)
+
+
+def _plain_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    act: nn.Module,
+) -> Tensor:
+    """The plain eager inference kernel: ``F.conv2d``, then the activation in place."""
+    return in_place(act, F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
 def conv_bn(

@@ -61,7 +61,7 @@ def linear(
     """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
     kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight)."""
     fast = eager_inference(x)
-    onednn = not symbolic_tracing() and _onednn_applies(x, weight)
+    onednn = not symbolic_tracing() and onednn_applies(x, weight)
     y = None
     if onednn and fast:
         shapes = (tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
@@ -69,7 +69,7 @@ def linear(
             fused = partial(torch.ops.mkldnn._linear_pointwise.binary, x, residual, weight, bias, "add")
             plain = partial(_plain, x, weight, bias, None, residual)
             return run_chosen(("linear", "add", *shapes), {"fused": fused, "plain": plain}, device=x.device)
-        post = _post_op(act) if residual is None else None
+        post = post_op(act) if residual is None else None
         if post is not None:
             fused = partial(torch.ops.mkldnn._linear_pointwise, x, weight, bias, post[0], [], post[1])
             plain = partial(_plain, x, weight, bias, act, None)
@@ -89,7 +89,7 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear``, or in an eager training step (CPU, float32, no autocast) oneDNN's training kernel
     (:class:`_OneDnnLinear`) when it is the faster here. ``torch.fx`` records it as one call, so that a traced graph
     runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
-    if _onednn_applies(x, weight) and _eager_training(x, weight):
+    if onednn_applies(x, weight) and _eager_training(x, weight):
         fused = partial(_OneDnnLinear.apply, x, weight, bias)
         plain = partial(F.linear, x, weight, bias)
         key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
@@ -100,8 +100,8 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 torch.fx.wrap("recorded_linear")
 
 
-def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether oneDNN's matrix multiply may compute this product: CPU, float32, no autocast (which computes
+def onednn_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN may compute this product (or convolution): CPU, float32, no autocast (which computes
     ``F.linear`` in bf16: ours would stay in float32)."""
     return (
         _ONEDNN
@@ -164,7 +164,7 @@ def _compiled_inference() -> bool:
     return torch.compiler.is_compiling() and not (torch.is_grad_enabled() or exporting())
 
 
-def _post_op(act: nn.Module | None) -> tuple[str, str] | None:
+def post_op(act: nn.Module | None) -> tuple[str, str] | None:
     """oneDNN's name and algorithm for ``act`` (``("none", "")`` for none), or None if oneDNN has no such post-op."""
     if act is None or isinstance(act, nn.Identity):
         return "none", ""

@@ -206,12 +206,21 @@ class BlockSpec(SpecModel):
     """Whether the block reads a padding mask (a model input of ``kind: mask``, type ``mask[H, W]``) among its
     inputs, which may then be None at run time (an optional mask the caller left out); other blocks are refused
     one statically."""
+    takes_act: ClassVar[bool] = False
+    """Whether the module's forward takes ``act=`` (an activation module) and returns ``act(its output)``: the
+    compiler passes it the activation node that alone reads this node's output (one whose :meth:`fusable` holds), so
+    that an inference kernel may apply it in its epilogue (a convolution's or a linear layer's)."""
     trims_tokens: ClassVar[bool] = False
     """Whether ``build`` honours ``ctx.keep_tokens``: a module that returns only the first ``keep_tokens`` tokens of
     its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
     that work whose result nothing reads is not done (ViT's last block computes the cls token alone); the node's
     static type still describes the full output. Such a module's forward takes ``full=True`` to compute every
     token all the same (``forward_features`` returns them)."""
+
+    def fusable(self) -> bool:
+        """Whether the block is an activation that may ride along the call of the node it reads, when that one
+        :attr:`takes_act` and nothing else reads it (the ``act`` op, but for a kind with parameters)."""
+        return False
 
     def takes_size(self, *inputs: TensorType) -> bool:
         """Whether ``forward`` takes the token grid ``(h, w)`` of each input, for these inputs: the class's

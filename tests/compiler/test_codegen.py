@@ -150,3 +150,54 @@ def test_an_image_in_channels_last_memory_gives_the_same_values(tmp_path) -> Non
     )
     with pytest.raises(bg.SpecError, match="only an image input has a memory format"):
         bg.analyze(tmp_path / "mask.yaml")
+
+
+_ACT_SPEC = """
+name: acts
+input: {name: image, channels: 3, size: [32, 32]}
+blocks:
+  - {name: conv, op: conv2d, dim_out: 16, kernel: 3, stride: 2}
+  - {name: act, op: act, kind: gelu}
+  - {name: tokens, op: rearrange, pattern: b c h w -> b (h w) c}
+  - {name: fc, op: linear, dim_out: 16}
+  - {name: fc_act, op: act, kind: silu}
+  - {name: star, op: act, kind: star_relu}
+  - {name: proj, op: linear, dim_out: 16}
+  - {name: proj_act, op: act, kind: relu}
+  - {name: sum, op: add, from: [proj, proj_act]}
+  - {name: pool, op: pool, kind: avg, global: true}
+  - {name: head, op: classifier, num_classes: 5}
+"""
+
+
+def test_an_activation_rides_along_the_convolution_or_linear_it_alone_reads(tmp_path) -> None:
+    """An activation right after a conv2d or linear that nothing else reads is passed to its call (``act=``), so
+    that an inference kernel applies it in its epilogue: the same values as the separate calls (eval, inference,
+    against the training-mode-free reference of each layer), the activation's hooks still called. Not fused: an
+    activation with parameters (star_relu), a producer with another reader, or one returned as an output."""
+    path = tmp_path / "acts.yaml"
+    path.write_text(_ACT_SPEC)
+    torch.manual_seed(0)
+    model = bg.build_model(path).eval()
+    code = model.code
+    assert "self.conv(image, act=self.act)" in code and "self.fc(tokens, act=self.fc_act)" in code
+    assert "act=self.star" not in code and "act=self.proj_act" not in code  # star_relu; proj read twice
+    x = torch.randn(2, 3, 32, 32)
+    layers = dict(model.named_children())
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        t = layers["act"](layers["conv"](x)).flatten(2).transpose(1, 2)
+        t = layers["star"](layers["fc_act"](layers["fc"](t)))
+        p = layers["proj"](t)
+        return layers["head"](layers["pool"](p + layers["proj_act"](p)))
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    seen = []
+    model.get_submodule("act").register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert seen == [torch.Size([2, 16, 16, 16])] * 2  # (reference's call, then the model's)
+    path.write_text(_ACT_SPEC + "outputs: {logits: head, conv: conv}\n")
+    assert "act=self.act)" not in bg.build_model(path, outputs=["conv", "logits"]).code
+    assert "act=self.act)" in bg.build_model(path, outputs=["logits"]).code

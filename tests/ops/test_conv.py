@@ -1,4 +1,5 @@
-"""The convolution ops (blockgraph/ops/conv.py) against the plain layers: Conv-BN folded in eager inference (and
+"""The convolution ops (blockgraph/ops/conv.py) against the plain layers: a convolution with its activation in
+oneDNN's epilogue, Conv-BN folded in eager inference (and
 its cache under every way weights change), depthwise convolutions merged into one, a depthwise convolution of
 a token map viewed channels-last, and the depthwise convolution's training backward (torch's and ours, with the C++
 weight-gradient kernel)."""
@@ -12,8 +13,62 @@ from torch import nn
 
 from blockgraph.ops import _cpp
 from blockgraph.ops.autotune import choices, forcing, tuning
-from blockgraph.ops.conv import conv_bn, depthwise_conv2d, merge_depthwise
+from blockgraph.ops.conv import conv2d, conv_bn, depthwise_conv2d, merge_depthwise
 from tests.support.weights import ops_called, randomize_batchnorm
+
+ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish()]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=repr)
+@pytest.mark.parametrize(
+    ("shape", "weight", "stride", "padding", "groups", "channels_last"),
+    [
+        ((2, 16, 14, 13), (64, 16, 1, 1), 1, 0, 1, False),  # an MLP's 1x1 (InceptionNeXt's, NCHW)
+        ((2, 16, 14, 13), (64, 16, 1, 1), 1, 0, 1, True),  # ConvNeXt's, channels-last
+        ((2, 16, 15, 15), (32, 16, 3, 3), 2, 1, 1, True),  # a strided stem
+        ((2, 16, 14, 13), (16, 1, 3, 3), 1, 1, 16, True),  # PVT-v2's depthwise 3x3
+        ((2, 16, 14, 13), (16, 1, 3, 3), 1, 1, 16, False),
+    ],
+)
+def test_a_convolution_with_its_activation_gives_the_plain_values_with_either_kernel(
+    act: nn.Module, shape, weight, stride: int, padding: int, groups: int, channels_last: bool
+) -> None:
+    """oneDNN's convolution with the activation as a post-op and the plain one (then the activation in place): the
+    same values as F.conv2d then the module, within float32 rounding, in the input's memory format; with autograd
+    on, the plain ops (and their gradients)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape), torch.randn(weight) / weight[1] ** 0.5, torch.randn(weight[0])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = ((stride, stride), (padding, padding), (1, 1), groups)
+    expected = act(F.conv2d(x, w, b, *args))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # (the map keeps the input's)
+    for kernel in ("fused", "plain"):
+        with torch.no_grad(), forcing(kernel):
+            got = conv2d(x, w, b, *args, act)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=kernel)
+        assert got.is_contiguous(memory_format=fmt), kernel
+    w.requires_grad_()
+    got = conv2d(x, w, b, *args, act)
+    assert torch.equal(got, act(F.conv2d(x, w, b, *args)))
+    (g,) = torch.autograd.grad(got.sum(), w)
+    (ref,) = torch.autograd.grad(act(F.conv2d(x, w, b, *args)).sum(), w)
+    assert torch.equal(g, ref)
+
+
+def test_a_fused_convolution_is_chosen_by_measuring_and_recorded_as_one_call() -> None:
+    """The first call of a shape times both kernels (autotune.choices lists the choice); oneDNN's pointwise
+    convolution is the one op the fused kernel runs (no separate activation pass)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(24, 8, 1, 1), torch.randn(24)
+    with torch.no_grad(), tuning(True):
+        conv2d(x, w, b, (1, 1), (0, 0), (1, 1), 1, nn.GELU())
+    key = [k for k in choices() if k[:3] == ("conv2d", "gelu", "none") and k[3] == (2, 8, 9, 9)]
+    assert key and set(choices()[key[0]].seconds) == {"fused", "plain"}
+    with torch.no_grad(), forcing("fused"):
+        called = ops_called(lambda: conv2d(x, w, b, (1, 1), (0, 0), (1, 1), 1, nn.GELU()))
+    assert "mkldnn::_convolution_pointwise" in called and "aten::gelu" not in called
 
 
 def _conv_bn(groups: int = 1, bias: bool = False, stride: int = 1, kernel: int = 3) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
