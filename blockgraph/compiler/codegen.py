@@ -246,9 +246,12 @@ def _generate(
             )
     if spec.input.memory_format == "channels_last":  # (a no-op for an image already in channels-last memory)
         lines.append(f"    {image} = {image}.contiguous(memory_format=torch.channels_last)")
-    elif spec.input.memory_format == "channels_last_training":
+    elif spec.input.memory_format in ("channels_last_training", "auto"):
         lines.append("    if self.training:")
         lines.append(f"        {image} = {image}.contiguous(memory_format=torch.channels_last)")
+        if spec.input.memory_format == "auto" and script is None:  # (TorchScript: the image as given)
+            lines.append("    else:")
+            lines.append(f"        {image} = self._measured_layout({image})")
     single = _batch_stat_code(inference, order)
     if single:
         always = "" if single == "True" else f" and ({single})"  # a BatchNorm of a vector: any batch of one

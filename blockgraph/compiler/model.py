@@ -13,6 +13,7 @@ import json
 import re
 import types
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ from blockgraph.compiler.check import check_custom_blocks
 from blockgraph.compiler.codegen import Program, generate
 from blockgraph.errors import BlockgraphError, BudgetError, ShapeError
 from blockgraph.graph.infer import Inference
+from blockgraph.layers.common import has_hooks
+from blockgraph.ops import autotune
+from blockgraph.ops.kernel import eager_inference
 from blockgraph.pipeline import Analysis, analyze_embedded
 from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import ModelBase
@@ -250,6 +254,30 @@ class BlockgraphModel(nn.Module):
     def inference(self) -> Inference:
         """``analysis.inference``: every node's type, the constraints, the accepted sizes."""
         return self._analysis.inference
+
+    def _measured_layout(self, image: torch.Tensor) -> torch.Tensor:
+        """``memory_format: auto`` in eval mode: in eager inference, ``image`` in the memory layout (NCHW or
+        channels-last) whose whole forward measured faster for its shape here (timed on the first call of each
+        shape: :func:`blockgraph.ops.autotune.choose`); elsewhere, or while measuring, the image as given."""
+        if self.__dict__.get("_measuring_layout") or not eager_inference(image) or image.dim() != 4:
+            return image
+        if "_layout_key" not in self.__dict__:  # the architecture: the spec's name and parameter count
+            self._layout_key = ("memory_format", self.spec.name, sum(p.numel() for p in self.parameters()))
+        key = (*self._layout_key, tuple(image.shape), image.dtype)
+        if autotune.chosen(key, device=image.device) is None and any(has_hooks(m) for m in self.modules()):
+            return image.contiguous()  # (hooks would see the timed calls)
+        layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+        candidates = {name: partial(self._forward_laid_out, image, fmt) for name, fmt in layouts.items()}
+        chosen = autotune.choose(key, candidates, device=image.device)
+        return image.contiguous(memory_format=layouts[chosen])
+
+    def _forward_laid_out(self, image: torch.Tensor, memory_format: torch.memory_format) -> Any:
+        """The forward on ``image`` laid out in ``memory_format`` (a candidate :meth:`_measured_layout` times)."""
+        self._measuring_layout = True
+        try:
+            return self(image.contiguous(memory_format=memory_format))
+        finally:
+            self._measuring_layout = False
 
     def _reject(self, x: Any) -> None:
         """Raise a :class:`ShapeError` explaining why ``forward`` cannot take ``x`` (called only on failure)."""

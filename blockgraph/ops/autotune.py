@@ -108,6 +108,12 @@ def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, de
     return choice.chosen
 
 
+def chosen(key: tuple[Any, ...], *, device: torch.device) -> str | None:
+    """The candidate remembered for ``key`` on ``device`` (measured before, at the current thread count), if any."""
+    found = _CHOICES.get((*key, device, torch.get_num_threads()))
+    return None if found is None else found.chosen
+
+
 def run_chosen(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device) -> Any:
     """The result of the candidate :func:`choose` picks for ``key`` on ``device``."""
     return candidates[choose(key, candidates, device=device)]()

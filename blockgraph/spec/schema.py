@@ -387,13 +387,19 @@ class InputSpec(SpecModel):
     image's; a mask has the image's size)."""
     optional: bool = False
     """A mask the caller may leave out (`forward(image)`, or `mask=None`): then nothing is padding."""
-    memory_format: Literal["contiguous", "channels_last", "channels_last_training"] = "contiguous"
+    memory_format: Literal["contiguous", "channels_last", "channels_last_training", "auto"] = "contiguous"
     """How the model lays the image out in memory: `channels_last` copies it on entry to channels-last (NHWC) memory
     (unless it already is), which convolutions, pools and norms keep: the same values (the kernels differ in their
     summation order only), and on the CPU faster kernels for some convolutional families (PoolFormer and MobileViT
     choose it; timm's `train.py --channels-last` does the same to a timm model). `channels_last_training` does so in
     training mode only (`model.train()`), and takes the image as given in eval mode: for a family whose training
-    step gains from it but whose inference does not (InceptionNeXt)."""
+    step gains from it but whose inference does not. `auto` does so in training mode, and in eager inference lays
+    the image out as measured faster for its shape on this machine: the first call of each shape (batch, size, dtype,
+    device) times the whole forward on the image in NCHW and in channels-last memory, and keeps the faster, as the
+    kernels are chosen (`blockgraph.ops.autotune`; NCHW unless channels-last is 3% faster; `BLOCKGRAPH_AUTOTUNE=0`
+    takes NCHW without measuring, and so does a model with forward hooks, which would see the timed calls). For a
+    family whose best layout depends on the batch (InceptionNeXt: channels-last 0.13 faster at batch 8, 0.10 slower
+    at batch 1). Other paths (autograd, torch.compile, export, TorchScript) take the image as given."""
 
     @model_validator(mode="after")
     def _optional_mask(self) -> InputSpec:

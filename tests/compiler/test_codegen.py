@@ -4,6 +4,7 @@ may stay)."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import pytest
@@ -150,6 +151,49 @@ def test_an_image_in_channels_last_memory_gives_the_same_values(tmp_path) -> Non
     )
     with pytest.raises(bg.SpecError, match="only an image input has a memory format"):
         bg.analyze(tmp_path / "mask.yaml")
+
+
+def test_an_auto_memory_format_is_measured_per_shape_in_inference(tmp_path) -> None:
+    """``memory_format: auto``: channels-last in training; in eager inference the layout whose whole forward
+    measured faster for the image's shape, timed once per shape (autotune.choices lists it), the values those of
+    the image as given; NCHW without measuring when tuning is off or forward hooks would see the timed calls; the
+    image as given under autograd and in TorchScript."""
+    from blockgraph.ops import autotune
+
+    (tmp_path / "auto.yaml").write_text(_LAYOUT_SPEC.format(extra=", memory_format: auto"))
+    torch.manual_seed(0)
+    model = bg.build_model(tmp_path / "auto.yaml").eval()
+    assert "self._measured_layout(image)" in model.code
+    autotune.reset()
+    seen = []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model._forward_laid_out(x, torch.contiguous_format)
+        with autotune.tuning(False):  # NCHW, nothing measured
+            torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected)
+        assert not [k for k in autotune.choices() if k[0] == "memory_format"]
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        measured = [k for k in autotune.choices() if k[0] == "memory_format"]
+        assert [k[3] for k in measured] == [(2, 3, 32, 32)]
+        assert set(autotune.choices()[measured[0]].seconds) == {"contiguous", "channels_last"}
+        hook = model.get_submodule("norm").register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        model(x)  # known: taken, hooks or not (one call)
+        model(torch.randn(1, 3, 32, 32))  # a new shape with hooks: NCHW, not measured
+        hook.remove()
+    assert len(seen) == 2 and len([k for k in autotune.choices() if k[0] == "memory_format"]) == 1
+    model.train()
+    seen_cl = []
+    hook = model.get_submodule("norm").register_forward_hook(
+        lambda m, args, out: seen_cl.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    model(x)
+    hook.remove()
+    assert seen_cl == [True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.x: "torch.jit.script is deprecated"
+        script = torch.jit.script(model.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(script(x), expected, rtol=1e-5, atol=1e-5)
 
 
 _ACT_SPEC = """
