@@ -4,7 +4,7 @@ map viewed from tokens (with a backward of our own in training)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -54,7 +54,7 @@ def conv2d(
             torch.ops.mkldnn._convolution_pointwise,
             x, w, bias, list(padding), list(stride), list(dilation), groups, post[0], [], post[1],
         )  # fmt: skip
-        plain = partial(_plain_conv2d, x, w, bias, stride, padding, dilation, groups, act)
+        plain = partial(_act_in_place, act, partial(F.conv2d, x, w, bias, stride, padding, dilation, groups))
         key = ("conv2d", *post, tuple(x.shape), x.is_contiguous(), x.stride(1) == 1, tuple(weight.shape),
                bias is not None, stride, padding, dilation, groups)  # fmt: skip
         return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device)
@@ -64,18 +64,9 @@ def conv2d(
     return in_place(act, y) if fast else act(y)
 
 
-def _plain_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    act: nn.Module,
-) -> Tensor:
-    """The plain eager inference kernel: ``F.conv2d``, then the activation in place."""
-    return in_place(act, F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+def _act_in_place(act: nn.Module, conv: Callable[[], Tensor]) -> Tensor:
+    """The plain eager inference kernel: the convolution ``conv()``, then the activation in place."""
+    return in_place(act, conv())
 
 
 def conv_bn(
