@@ -33,7 +33,8 @@ MODULE_ATTRIBUTES = frozenset(
 """Attributes of every ``nn.Module`` (methods, and what ``__init__`` sets): no module name may be one."""
 
 MODEL_ATTRIBUTES = frozenset(
-    """_DERIVED _analysis _api _attach _head _program _pruned _reject _reject_mask _reject_single analysis code
+    """_DERIVED _analysis _api _attach _forward_laid_out _head _layout_key _measured_layout _measuring_layout _program
+    _pruned _reject _reject_mask _reject_single analysis code
     default_cfg feature_info forward_features forward_head forward_intermediates get_classifier grad_checkpointing
     group_matcher head_hidden_size in_chans inference macs no_weight_decay node_types nodes num_classes num_features
     output_types outputs pretrained_cfg prune_intermediate_layers reset_classifier returns set_grad_checkpointing
