@@ -35,9 +35,8 @@ class Conv2d(nn.Conv2d):
         In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
         :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; with an activation,
         :func:`~blockgraph.ops.conv.conv2d` (in eager inference, the activation in oneDNN's epilogue where that is
-        faster); otherwise ``nn.Conv2d``'s forward. An activation with hooks runs as a module of its own."""
-        if torch.jit.is_scripting():  # (TorchScript compiles script_forward instead; this keeps forward scriptable)
-            return self._conv_forward(x, self.weight, self.bias)
+        faster); otherwise ``nn.Conv2d``'s forward. An activation with hooks runs as a module of its own.
+        (TorchScript compiles :meth:`script_forward` instead: compiler/script.py.)"""
         if act is not None and has_hooks(act):
             return act(self.forward(x))
         if (
