@@ -222,7 +222,8 @@ def test_shared_modules_are_registered_once_and_reused() -> None:
     keys = list(model.state_dict())
     assert sum(k.startswith("stage1.cpe.") for k in keys) == 2  # weight, bias: once
     assert not any(".blocks.0.cpe." in k for k in keys)
-    assert "cpe=self.stage1.cpe, crpe=self.stage1.crpe" in model.code
+    assert "    m_stage1 = self.stage1" in model.code.splitlines()
+    assert "cpe=m_stage1.cpe, crpe=m_stage1.crpe" in model.code
 
 
 def test_forward_rejects_a_bad_input_with_a_blockgraph_error() -> None:
@@ -513,7 +514,7 @@ def test_build_emit_python_prints_the_generated_forward(run_cli) -> None:
     assert out == bg.create_model("coat_lite_tiny", device="meta").code
     lines = out.splitlines()
     assert lines[0] == "def forward(self, image):"
-    assert "    stage1_patch_embed = self.stage1.patch_embed(image)  # [B, (H//4)*(W//4), 64]" in lines
+    assert "    stage1_patch_embed = m_stage1.patch_embed(image)  # [B, (H//4)*(W//4), 64]" in lines
     assert lines[-1] == "    return head"
     compile(out, "<emitted>", "exec")  # valid Python
     code, out, _ = run_cli("build", ROOT / "specs" / "coat_lite_tiny.yaml", "--emit-python", "--features-only")

@@ -12,6 +12,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import blockgraph as bg
+from blockgraph.compiler.codegen import script_program
 from tests.conftest import ROOT
 from tests.support.specs import shrunk
 
@@ -245,3 +246,22 @@ def test_an_activation_rides_along_the_convolution_or_linear_it_alone_reads(tmp_
     path.write_text(_ACT_SPEC + "outputs: {logits: head, conv: conv}\n")
     assert "act=self.act)" not in bg.build_model(path, outputs=["conv", "logits"]).code
     assert "act=self.act)" in bg.build_model(path, outputs=["logits"]).code
+
+
+def test_each_container_is_reached_from_self_once_per_forward_and_swaps_are_seen() -> None:
+    """A container two calls reach through gets a local name at its first use: one walk from ``self`` per
+    container and forward (Python overhead), looked up again on every call (a module swapped in is used)."""
+    model = bg.create_model("convnext_atto").eval()
+    walks = [line.split(" = ", 1)[1] for line in model.code.splitlines() if " = self." in line]
+    assert sorted(walks) == sorted(f"self.{child}" for child in ("stem", "stage0", "stage1", "stage2", "stage3", "head"))
+    assert "self.stage0.blocks[0]" not in model.code and "m_stage0_blocks_0.conv_dw(" in model.code
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.stage0.blocks[0] = torch.nn.Identity()  # the container replaced between calls: not cached anywhere
+        with pytest.raises(AttributeError, match="conv_dw"):
+            model(x)
+    assert before.shape == (1, 1000)
+    coat = bg.create_model("coat_lite_tiny", device="meta")
+    scripted = script_program(coat.inference, coat._program, set()).code  # TorchScript's program: the full paths
+    assert "self.stage1.blocks[0](" in scripted and "m_stage1" not in scripted
