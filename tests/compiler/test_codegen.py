@@ -253,7 +253,9 @@ def test_each_container_is_reached_from_self_once_per_forward_and_swaps_are_seen
     container and forward (Python overhead), looked up again on every call (a module swapped in is used)."""
     model = bg.create_model("convnext_atto").eval()
     walks = [line.split(" = ", 1)[1] for line in model.code.splitlines() if " = self." in line]
-    assert sorted(walks) == sorted(f"self.{child}" for child in ("stem", "stage0", "stage1", "stage2", "stage3", "head"))
+    assert sorted(walks) == sorted(
+        f"self.{child}" for child in ("stem", "stage0", "stage1", "stage2", "stage3", "head")
+    )
     assert "self.stage0.blocks[0]" not in model.code and "m_stage0_blocks_0.conv_dw(" in model.code
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
