@@ -264,8 +264,17 @@ class Store:
         if device != "cpu":
             self.info["gpu"] = torch.cuda.get_device_name(device)
 
-    def put(self, section: str, key: str, row: dict[str, Any]) -> None:
-        self.data["sections"].setdefault(section, {})[key] = {**row, "run": self.run}
+    def put(self, section: str, key: str, row: dict[str, Any], *, keep: Sequence[str] = ()) -> None:
+        """Store ``row`` for ``key`` (replacing the earlier run's); the columns in ``keep`` that this run did not
+        measure (``--compile`` left out) stay as the earlier row had them, with the run they come from in
+        ``carried`` (column → run), so the table can say so."""
+        rows = self.data["sections"].setdefault(section, {})
+        new = {**row, "run": self.run}
+        old = rows.get(key, {})
+        carried = {c: old.get("carried", {}).get(c, old["run"]) for c in keep if c not in row and c in old}
+        if carried:
+            new |= {c: old[c] for c in carried} | {"carried": carried}
+        rows[key] = new
 
     def rows(self, section: str) -> list[dict[str, Any]]:
         rows = self.data["sections"].get(section, {})
@@ -274,14 +283,20 @@ class Store:
     def save(self, render: Callable[[Store], str]) -> None:
         """Write the JSON rows and the markdown that ``render`` makes of them (both atomically)."""
         self.data["runs"][self.run] = self.info | {"load_end": _load()}
-        used = {row["run"] for section in self.data["sections"].values() for row in section.values()}
+        used = {
+            run
+            for section in self.data["sections"].values()
+            for row in section.values()
+            for run in (row["run"], *row.get("carried", {}).values())
+        }
         self.data["runs"] = {k: v for k, v in self.data["runs"].items() if k in used}
         write_atomic(self.json, json.dumps(self.data, indent=1) + "\n")
         write_atomic(self.out, render(self))
 
-    def run_jobs(self, jobs: Sequence[Job], render: Callable[[Store], str]) -> None:
-        """Run each job, store its rows (keyed by name, and batch where a row has one) and save after each; a job
-        that raises is reported and skipped, and the process exits with status 1 after the others have run."""
+    def run_jobs(self, jobs: Sequence[Job], render: Callable[[Store], str], *, keep: Sequence[str] = ()) -> None:
+        """Run each job, store its rows (keyed by name, and batch where a row has one; ``keep``: see :meth:`put`)
+        and save after each; a job that raises is reported and skipped, and the process exits with status 1 after
+        the others have run."""
         started = time.perf_counter()
         failed = []
         if not jobs:  # --render-only: the table again, from the rows kept
@@ -295,7 +310,7 @@ class Store:
                 log(f"  FAILED: {failed[-1]}")
                 continue
             for row in rows:
-                self.put(section, name + (f"/{row['batch']:04d}" if "batch" in row else ""), row)
+                self.put(section, name + (f"/{row['batch']:04d}" if "batch" in row else ""), row, keep=keep)
             self.save(render)
         log(f"wrote {self.out} (rows in {self.json.name}); total {time.perf_counter() - started:.0f} s")
         if failed:

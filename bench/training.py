@@ -239,12 +239,30 @@ TRAIN_COLUMNS: list[Column] = [
     ("ours ms", "r", lambda r: ms(r["ours_s"])),
     ("twin ms", "r", lambda r: ms(r["twin_s"])),
     ("fp32 ours / twin", "r", lambda r: ratio(r["ours_s"], r["twin_s"])),
-    ("bf16 ours / twin", "r", lambda r: ratio(r.get("ours_bf16_s"), r.get("twin_bf16_s"))),
-    ("compiled ours / twin", "r", lambda r: ratio(r.get("ours_compiled_s"), r.get("twin_compiled_s"))),
+    ("bf16 ours / twin", "r", lambda r: _kept(r, "bf16")),
+    ("compiled ours / twin", "r", lambda r: _kept(r, "compiled")),
     ("saved MiB ours", "r", lambda r: _mb(r["ours_saved"])),
     ("saved MiB twin", "r", lambda r: _mb(r["twin_saved"])),
     ("saved ours / twin", "r", lambda r: ratio(r["ours_saved"], r["twin_saved"])),
 ]
+KEPT = ("ours_bf16_s", "twin_bf16_s", "ours_compiled_s", "twin_compiled_s")
+"""Columns a run that leaves them out (no ``--compile``, ``--no-bf16``) keeps from the row's earlier run."""
+
+
+def _kept(row: dict[str, Any], column: str) -> str:
+    """The ours / twin ratio of a bf16 or compiled column, marked † when it comes from an earlier run."""
+    cell = ratio(row.get(f"ours_{column}_s"), row.get(f"twin_{column}_s"))
+    return f"{cell} †" if f"ours_{column}_s" in row.get("carried", {}) else cell
+
+
+def _kept_note(rows: list[dict[str, Any]]) -> list[str]:
+    runs = sorted({run for r in rows for run in r.get("carried", {}).values()})
+    if not runs:
+        return []
+    named = ", ".join(f"`{run}`" for run in runs)
+    return ["", f"† kept from the row's earlier run ({named}): the later run did not measure that column."]
+
+
 CKPT_COLUMNS: list[Column] = [
     ("model", "l", lambda r: r["model"]),
     ("batch", "r", lambda r: r["batch"]),
@@ -279,6 +297,7 @@ def render(store: Store) -> str:
         "## Steps",
         "",
         table(TRAIN_COLUMNS, store.rows("train")),
+        *_kept_note(store.rows("train")),
     ]
     if store.rows("checkpointing"):
         parts += ["", "## Grad checkpointing", "", table(CKPT_COLUMNS, store.rows("checkpointing"))]
@@ -322,7 +341,7 @@ def main() -> None:
                 for r in references()
                 if r.name in DEFORMABLE
             ]
-    store.run_jobs(jobs, render)
+    store.run_jobs(jobs, render, keep=KEPT)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,32 @@ def test_a_partial_run_replaces_only_its_rows(tmp_path) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == ["t.json", "t.md"]  # no temporary file left behind
 
 
+def test_a_run_that_leaves_a_column_out_keeps_the_earlier_runs_with_its_provenance(tmp_path) -> None:
+    out = tmp_path / "t.md"
+
+    def render(store: Store) -> str:
+        return "".join(f"{r['model']}={r['v']},{r.get('c')},{r.get('carried')}\n" for r in store.rows("s"))
+
+    first = Store(out, fresh=False, threads=2)  # as with --compile
+    first.put("s", "a", {"model": "a", "v": 1, "c": 10}, keep=["c"])
+    first.save(render)
+    second = Store(out, fresh=False, threads=2)  # without: c kept, said to come from the first run
+    second.put("s", "a", {"model": "a", "v": 2}, keep=["c"])
+    second.save(render)
+    assert out.read_text() == f"a=2,10,{{'c': '{first.run}'}}\n"
+    third = Store(out, fresh=False, threads=2)  # again without: still the first run's
+    third.put("s", "a", {"model": "a", "v": 3}, keep=["c"])
+    third.save(render)
+    assert out.read_text() == f"a=3,10,{{'c': '{first.run}'}}\n"
+    assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [first.run, third.run]
+    fourth = Store(out, fresh=False, threads=2)  # measured again: no longer carried; not kept unless asked
+    fourth.put("s", "a", {"model": "a", "v": 4, "c": 40}, keep=["c"])
+    fourth.put("s", "a", {"model": "a", "v": 5})
+    fourth.save(render)
+    assert out.read_text() == "a=5,None,None\n"
+    assert list(json.loads(out.with_suffix(".json").read_text())["runs"]) == [fourth.run]
+
+
 def test_saved_bytes_count_what_autograd_keeps_once_per_storage() -> None:
     """A linear layer keeps its input (for the weight's gradient), ReLU its output: 4x10 and 4x5 floats."""
     from training import saved_bytes
