@@ -13,7 +13,9 @@ import torch
 
 import blockgraph as bg
 from blockgraph.compiler.export import export_onnx
+from blockgraph.spec.references import SPEC_DIR
 from tests.conftest import ROOT
+from tests.support.specs import shrunk
 from tests.support.weights import randomize_batchnorm
 
 onnx = pytest.importorskip("onnx")
@@ -30,13 +32,18 @@ MODELS = {
     "mobilevit_s": None,
     "deformable_encoder": ["memory", "l0", "l1", "l2", "l3"],
 }
+DEPTHS = {"swin_tiny_patch4_window7_224": {"depths": [2, 2, 2, 2]}}
+"""Depths other than one per stage: Swin's second block of a stage shifts its windows (a roll and a mask)."""
 
 
 def random_model(name: str, outputs: list[str] | None = None) -> torch.nn.Module:
-    """A reference model with random weights: its own init, then every parameter perturbed (zero inits such as
-    Deformable-DETR's sampling offsets or layer scales would silence a branch) and BatchNorm statistics drawn."""
+    """A reference model with one block per stage (or :data:`DEPTHS`: every kind of block the full model has;
+    exporting a deeper one repeats the same code) and random weights: its own init, then every parameter perturbed
+    (zero inits such as Deformable-DETR's sampling offsets or layer scales would silence a branch) and BatchNorm
+    statistics drawn."""
     torch.manual_seed(0)
-    model = bg.create_model(name, outputs=outputs).eval()
+    overrides = shrunk(SPEC_DIR / f"{name}.yaml") | DEPTHS.get(name, {})
+    model = bg.build_model(name, overrides=overrides, outputs=outputs).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
