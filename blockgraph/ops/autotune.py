@@ -79,7 +79,13 @@ def forcing(candidate: str | None) -> Iterator[None]:
         _state["forced"] = before
 
 
-def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device) -> str:
+def choose(
+    key: tuple[Any, ...],
+    candidates: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    measure: dict[str, Callable[[], Any]] | None = None,
+) -> str:
     """The name of the candidate to run for ``key`` on ``device``: forced (:func:`forcing`), else remembered, else
     measured now (the default, the first candidate, when measuring is off or cannot be done on ``device``).
 
@@ -87,6 +93,8 @@ def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, de
         key: what the choice depends on (the op, shapes, dtype, ...); the device and thread count are added here.
         candidates: name → a call computing the op's result, each with the same values; the first is the default.
         device: where the candidates run (the op's input's device).
+        measure: name → the call to time for each candidate, when the candidate's cost is not its call alone (a
+            training kernel: its forward and its backward); by default the candidates themselves.
     """
     forced = _state["forced"]
     if forced is not None and forced in candidates:
@@ -100,7 +108,7 @@ def choose(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, de
         return found.chosen
     if not _measurable(device):
         return default
-    choice = _measure(candidates, device)
+    choice = _measure(candidates if measure is None else measure, device)
     _CHOICES[key] = choice
     if os.environ.get("BLOCKGRAPH_AUTOTUNE_LOG"):
         times = ", ".join(f"{name} {s * 1e6:.0f} us" for name, s in choice.seconds.items())
@@ -114,9 +122,15 @@ def chosen(key: tuple[Any, ...], *, device: torch.device) -> str | None:
     return None if found is None else found.chosen
 
 
-def run_chosen(key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device) -> Any:
-    """The result of the candidate :func:`choose` picks for ``key`` on ``device``."""
-    return candidates[choose(key, candidates, device=device)]()
+def run_chosen(
+    key: tuple[Any, ...],
+    candidates: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    measure: dict[str, Callable[[], Any]] | None = None,
+) -> Any:
+    """The result of the candidate :func:`choose` picks for ``key`` on ``device`` (``measure``: see there)."""
+    return candidates[choose(key, candidates, device=device, measure=measure)]()
 
 
 def _measurable(device: torch.device) -> bool:
@@ -135,7 +149,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _measure(candidates: dict[str, Callable[[], Any]], device: torch.device) -> Choice:
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    with torch.no_grad():
+    with torch.no_grad():  # (a call timing a training kernel turns gradients on for itself)
         for call in candidates.values():  # warm-up: first-call costs (oneDNN primitive creation) are not the kernel's
             call()
         for _ in range(ROUNDS):

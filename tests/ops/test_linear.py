@@ -9,8 +9,9 @@ import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
 from blockgraph.layers.common import Linear
+from blockgraph.ops import autotune
 from blockgraph.ops import linear as linear_module
-from blockgraph.ops.autotune import forcing
+from blockgraph.ops.autotune import forcing, tuning
 from blockgraph.ops.linear import linear
 from tests.support.weights import ops_called
 
@@ -143,3 +144,25 @@ def test_a_training_step_runs_onednn_when_it_is_chosen() -> None:
     with forcing("plain"), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: F.linear, in bf16
         y = linear(x, layer.weight, layer.bias)
     assert y.dtype == torch.bfloat16
+
+
+def test_a_training_kernel_is_chosen_by_timing_its_forward_and_backward(monkeypatch) -> None:
+    """A training step's choice times each kernel's forward and backward (their gradients on detached copies: the
+    layer's own gradients stay untouched), not the forward alone."""
+    timed: list[tuple[bool, list[bool]]] = []
+    step = linear_module._step
+
+    def spy(kernel, x, weight, bias):
+        timed.append((torch.is_grad_enabled(), [t.requires_grad for t in (x, weight)]))
+        return step(kernel, x, weight, bias)
+
+    monkeypatch.setattr(linear_module, "_step", spy)
+    layer, x = nn.Linear(8, 8), torch.randn(5, 8)  # an input without gradient: the first layer's
+    with tuning(True):
+        y = linear(x, layer.weight, layer.bias)
+    key = [k for k in autotune.choices() if k[:3] == ("linear", "train", (5, 8))]
+    assert key and set(autotune.choices()[key[0]].seconds) == {"fused", "plain"}
+    assert len(timed) == 2 * (1 + autotune.ROUNDS) and timed[0] == (False, [False, True])
+    assert layer.weight.grad is None and y.grad_fn is not None
+    y.sum().backward()
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(8, 8))
