@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +116,12 @@ def choose(
     return choice.chosen
 
 
-def chosen(key: tuple[Any, ...], *, device: torch.device) -> str | None:
-    """The candidate remembered for ``key`` on ``device`` (measured before, at the current thread count), if any."""
+def chosen(key: tuple[Any, ...], *, device: torch.device, among: Collection[str] = ()) -> str | None:
+    """The candidate that runs for ``key`` on ``device`` if it is known without measuring: forced (:func:`forcing`,
+    when the forced name is one of ``among``), else remembered (measured before, at the current thread count)."""
+    forced = _state["forced"]
+    if forced is not None and forced in among:
+        return str(forced)
     found = _CHOICES.get((*key, device, torch.get_num_threads()))
     return None if found is None else found.chosen
 
@@ -131,6 +135,23 @@ def run_chosen(
 ) -> Any:
     """The result of the candidate :func:`choose` picks for ``key`` on ``device`` (``measure``: see there)."""
     return candidates[choose(key, candidates, device=device, measure=measure)]()
+
+
+def step(kernel: Callable[..., torch.Tensor], *args: Any) -> None:
+    """``kernel(*args)``'s share of a training step, the cost to time for a training kernel (``measure=``): its
+    forward and its backward (the gradients of the tensor arguments that require them, from an output gradient of
+    ones in the output's layout), on detached copies of those (nothing reaches the arguments' own gradients). The
+    tensors it saves for its backward bypass the saved-tensor hooks in force (activation checkpointing counts and
+    packs those of the forward it may later recompute: the probe is not part of it)."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+        y = kernel(*args)
+        wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        torch.autograd.grad(y, wanted, torch.ones_like(y))
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _measurable(device: torch.device) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blockgraph.ops import _cpp
-from blockgraph.ops.autotune import run_chosen
+from blockgraph.ops.autotune import run_chosen, step
 from blockgraph.ops.kernel import (
     as_autocast_runs,
     eager_inference,
@@ -179,9 +179,9 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tu
     the same kernel and bits. A channels-first ``x`` keeps the plain weight (its kernel and results unchanged).
 
     In eager training on the CPU (:func:`~blockgraph.ops.kernel.eager_training`, the C++ kernels built) the backward
-    pass has two kernels, chosen by measuring on first use of each shape (:mod:`blockgraph.ops.autotune`): torch's
-    (oneDNN's backward-data and backward-weights: the weight gradient of a kernel larger than 3x3 takes 5-15x the
-    forward) or ours: the input gradient as the forward convolution of the output gradient with the flipped kernel,
+    pass has two kernels, chosen at the forward by timing a forward and a backward of each on first use of the shape
+    (:mod:`blockgraph.ops.autotune`): torch's (its own autograd node, oneDNN's backward-data and backward-weights:
+    the weight gradient of a kernel larger than 3x3 takes 5-15x the forward) or ours (an autograd Function): the input gradient as the forward convolution of the output gradient with the flipped kernel,
     the weight gradient by the C++ kernel ``blockgraph_conv::depthwise_weight_grad`` (one pass of fused
     multiply-adds over the channels-last maps, sums in float32), the bias gradient a sum. Under ``create_graph``
     (a gradient of the gradient) the backward is torch's, which is differentiable.
@@ -235,15 +235,38 @@ def _weight_like(x: Tensor, weight: Tensor) -> Tensor:
 def _trained(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int], compiled: bool = False
 ) -> Tensor:
-    """The training path: eager, the autograd Function (its backward measured); under torch.compile, the custom op
+    """The training path. Eager: torch's convolution (its own autograd node, whose backward is torch's) or the
+    autograd Function whose backward is ours, whichever measured faster over a forward and a backward on first use
+    of the shape (:func:`~blockgraph.ops.autotune.step`); chosen at the forward, so that a recomputation
+    (activation checkpointing) takes the path the forward took. Under torch.compile, the custom op
     ``blockgraph::depthwise_conv2d`` (its backward chosen without measuring, as eager's default: ours above 3x3)."""
     if compiled:  # (under autocast: in its dtype, as F.conv2d would run)
         return as_autocast_runs(_depthwise_op, (x, weight, bias), padding[0], padding[1])
+    kernels = {"torch": _depthwise, "blockgraph": _depthwise_function}  # the default first: torch's up to 3x3
+    if weight.shape[-1] * weight.shape[-2] > 9:
+        kernels = {"blockgraph": _depthwise_function, "torch": _depthwise}
+    candidates = {name: partial(kernel, x, weight, bias, padding) for name, kernel in kernels.items()}
+    steps = {name: partial(step, kernel, x, weight, bias, padding) for name, kernel in kernels.items()}
+    need = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    key = ("depthwise_conv2d_train", tuple(x.shape), tuple(weight.shape), padding, _compute_dtype(x),
+           x.stride(1) == 1, need)  # fmt: skip
+    return run_chosen(key, candidates, device=x.device, measure=steps)
+
+
+def _depthwise_function(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """The convolution through :class:`_DepthwiseConv2d` (our backward), in autocast's dtype under autocast."""
     return as_autocast_runs(_DepthwiseConv2d.apply, (x, weight, bias), padding)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` runs in: CPU autocast's for a floating tensor other than float64."""
+    if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
-    """:func:`depthwise_conv2d`'s training path: torch's forward, a backward chosen by measuring."""
+    """:func:`depthwise_conv2d`'s training path where ours is the faster backward: torch's forward, our backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -261,19 +284,11 @@ def depthwise_conv2d_backward(
     grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], need: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
     """The gradients of :func:`depthwise_conv2d` (input, weight, bias: those ``need`` asks for, else None) from the
-    output's ``grad``: torch's or ours, whichever measured faster for this shape on this machine (ours only when
-    the C++ kernels are built); torch's differentiable formula when a graph of the backward is recorded."""
-    torch_backward = partial(_torch_backward, grad, x, weight, padding, need)
-    if torch.is_grad_enabled() or not _cpp.load():  # create_graph: torch's formula, itself differentiable
-        return torch_backward()
-    ours = partial(_backward, grad, x, weight, padding, need)
-    kh, kw = weight.shape[-2:]
-    candidates = {"torch": torch_backward, "blockgraph": ours}  # the default first: torch's for 3x3 and smaller
-    if kh * kw > 9:
-        candidates = {"blockgraph": ours, "torch": torch_backward}
-    key = ("depthwise_conv2d_backward", tuple(x.shape), tuple(weight.shape), padding, x.dtype, x.stride(1) == 1,
-           grad.stride(1) == 1, need)  # fmt: skip
-    return run_chosen(key, candidates, device=x.device)
+    output's ``grad`` by our backward (:func:`_backward`); torch's differentiable formula when a graph of the
+    backward is recorded (a second derivative) or the C++ kernels are not built."""
+    if torch.is_grad_enabled() or not _cpp.load():
+        return _torch_backward(grad, x, weight, padding, need)
+    return _backward(grad, x, weight, padding, need)
 
 
 @torch.library.custom_op("blockgraph::depthwise_conv2d", mutates_args=())

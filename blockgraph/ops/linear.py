@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blockgraph.ops.autotune import run_chosen
+from blockgraph.ops.autotune import run_chosen, step
 from blockgraph.ops.kernel import eager_inference, in_place, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
@@ -87,27 +87,18 @@ def linear(
 
 def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear``, or in an eager training step (CPU, float32, no autocast) oneDNN's training kernel
-    (:class:`_OneDnnLinear`) when it is the faster here. ``torch.fx`` records it as one call, so that a traced graph
+    (:class:`_OneDnnLinear`) when it is the faster here, timed over the forward and the backward
+    (:func:`~blockgraph.ops.autotune.step`: timing the forward alone chose oneDNN for a classifier at batch 8,
+    [8, 768] x [768, 2304], 0.24 vs 0.38 ms, whose backward then copied the transposed weight: 1.66 ms a step
+    against F.linear's 1.16). ``torch.fx`` records it as one call, so that a traced graph
     runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
     if onednn_applies(x, weight) and _eager_training(x, weight):
         kernels = {"fused": _OneDnnLinear.apply, "plain": F.linear}
         candidates = {name: partial(kernel, x, weight, bias) for name, kernel in kernels.items()}
-        steps = {name: partial(_step, kernel, x, weight, bias) for name, kernel in kernels.items()}
+        steps = {name: partial(step, kernel, x, weight, bias) for name, kernel in kernels.items()}
         key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype, x.requires_grad)
         return run_chosen(key, candidates, device=x.device, measure=steps)
     return F.linear(x, weight, bias)
-
-
-def _step(kernel: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    """``kernel``'s share of a training step, as the autotuner times it: the forward and the backward (the
-    gradients of the inputs that require them), on detached copies (nothing reaches the layer's own gradients).
-    Timing the forward alone chose oneDNN for a classifier at batch 8 ([8, 768] x [768, 2304]: 0.24 vs 0.38 ms),
-    whose backward then copied the transposed weight: 1.66 ms a step against F.linear's 1.16."""
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (x, weight, bias) if t is not None]
-        y = kernel(*inputs) if bias is not None else kernel(*inputs, None)
-        wanted = [t for t in inputs if t.requires_grad]
-        torch.autograd.grad(y, wanted, torch.ones_like(y))
 
 
 torch.fx.wrap("recorded_linear")

@@ -13,7 +13,7 @@ from torch import nn
 
 from blockgraph.ops import _cpp
 from blockgraph.ops.autotune import choices, forcing, tuning
-from blockgraph.ops.conv import conv2d, conv_bn, depthwise_conv2d, merge_depthwise
+from blockgraph.ops.conv import conv2d, conv_bn, depthwise_conv2d, depthwise_conv2d_backward, merge_depthwise
 from tests.support.weights import ops_called, randomize_batchnorm
 
 ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish()]
@@ -279,7 +279,9 @@ def _backward_input(channels: int, layout: str, dtype: torch.dtype = torch.float
 @pytest.mark.parametrize("case", list(BACKWARD_CASES))
 def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str) -> None:
     """Either backward (forced) gives the convolution's gradients: in float64 within 1e-10 of torch's (input,
-    weight, bias), whatever the kernel's shape, padding and the input's layout; the op is the training path."""
+    weight, bias), whatever the kernel's shape, padding and the input's layout, through autograd and called as the
+    training Function's backward (which times both on first use); a backward known to be torch's records torch's
+    own autograd node, ours the Function."""
     channels, size, padding, layout = BACKWARD_CASES[case]
     torch.manual_seed(0)
     x = _backward_input(channels, layout).requires_grad_()
@@ -287,14 +289,18 @@ def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str
     bias = torch.randn(channels, dtype=torch.float64, requires_grad=True)
     with forcing(kernel):
         got = depthwise_conv2d(x, weight, bias, padding)
-        assert type(got.grad_fn).__name__ == "_DepthwiseConv2dBackward"
+        node = {"torch": "ConvolutionBackward0", "blockgraph": "_DepthwiseConv2dBackward"}[kernel]
+        assert type(got.grad_fn).__name__ == node
         upstream = torch.randn_like(got)
         grads = torch.autograd.grad(got, (x, weight, bias), upstream)
+        with torch.no_grad():
+            called = depthwise_conv2d_backward(upstream, x.detach(), weight.detach(), padding, (True, True, True))
     expected = F.conv2d(x, weight, bias, padding=padding, groups=channels)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    for g, e in zip(grads, torch.autograd.grad(expected, (x, weight, bias), upstream), strict=True):
-        assert g.shape == e.shape
+    for g, c, e in zip(grads, called, torch.autograd.grad(expected, (x, weight, bias), upstream), strict=True):
+        assert g.shape == c.shape == e.shape
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+        torch.testing.assert_close(c, e, rtol=0, atol=1e-10)
 
 
 @needs_cpp
@@ -365,23 +371,46 @@ def test_depthwise_conv2d_second_derivatives_and_autocast() -> None:
 
 @needs_cpp
 def test_a_7x7_depthwise_backward_is_chosen_by_measuring() -> None:
-    """The first backward of a shape times torch's backward and ours and keeps the choice (per shape, dtype,
-    layout); the next backward of that shape reuses it without measuring again."""
+    """The first forward of a shape in training times a forward and a backward of torch's path and ours and keeps
+    the choice (per shape, dtype, layout), recording that path's autograd node; the next forward reuses it without
+    measuring, and under autocast the choice is the one for the dtype the convolution runs in."""
     conv = _depthwise(8, 7)
     x = torch.randn(2, 8, 13, 17).contiguous(memory_format=torch.channels_last).requires_grad_()  # (a shape no other
     # test uses: the choice is made here)
 
     def keys() -> list[tuple]:
-        return [k for k in choices() if k[0] == "depthwise_conv2d_backward" and k[1] == tuple(x.shape)]
+        return [k for k in choices() if k[0] == "depthwise_conv2d_train" and k[1] == tuple(x.shape)]
 
+    nodes = {"torch": "ConvolutionBackward0", "blockgraph": "_DepthwiseConv2dBackward"}
     with tuning(True):
-        depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
-        assert len(keys()) == 1
+        y = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
+        assert len(keys()) == 1 and conv.weight.grad is None  # (timed on detached copies)
         choice = choices()[keys()[0]]
         assert set(choice.seconds) == {"blockgraph", "torch"} and all(t > 0 for t in choice.seconds.values())
-        assert choice.chosen in choice.seconds
-        depthwise_conv2d(x, conv.weight, conv.bias, (3, 3)).sum().backward()
-        assert choices()[keys()[0]] is choice
+        assert type(y.grad_fn).__name__ == nodes[choice.chosen]
+        y.sum().backward()
+        y = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
+        assert type(y.grad_fn).__name__ == nodes[choice.chosen] and choices()[keys()[0]] is choice
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
+            assert len(keys()) == 2 and {k[4] for k in keys()} == {torch.float32, torch.bfloat16}
+            bf16 = choices()[next(k for k in keys() if k[4] == torch.bfloat16)].chosen
+            assert type(y.grad_fn).__name__ == nodes[bf16] and y.dtype == torch.bfloat16
+
+
+def test_a_checkpointed_recomputation_takes_the_path_its_forward_took() -> None:
+    """The path is chosen at the forward: activation checkpointing's recomputation (during the backward) records
+    the same tensors as the forward it repeats, and the gradients are the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    conv = _depthwise(8, 3)
+    x = torch.randn(2, 8, 11, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with tuning(True):
+        y = checkpoint(lambda t: depthwise_conv2d(t, conv.weight, conv.bias, (1, 1)).relu(), x, use_reentrant=False)
+        y.sum().backward()
+    expected = F.conv2d(x, conv.weight, conv.bias, padding=1, groups=8).relu()
+    (gx,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5)
 
 
 @needs_cpp

@@ -150,13 +150,13 @@ def test_a_training_kernel_is_chosen_by_timing_its_forward_and_backward(monkeypa
     """A training step's choice times each kernel's forward and backward (their gradients on detached copies: the
     layer's own gradients stay untouched), not the forward alone."""
     timed: list[tuple[bool, list[bool]]] = []
-    step = linear_module._step
+    step = linear_module.step
 
     def spy(kernel, x, weight, bias):
         timed.append((torch.is_grad_enabled(), [t.requires_grad for t in (x, weight)]))
         return step(kernel, x, weight, bias)
 
-    monkeypatch.setattr(linear_module, "_step", spy)
+    monkeypatch.setattr(linear_module, "step", spy)
     layer, x = nn.Linear(8, 8), torch.randn(5, 8)  # an input without gradient: the first layer's
     with tuning(True):
         y = linear(x, layer.weight, layer.bias)
