@@ -122,6 +122,7 @@ class BlockgraphModel(nn.Module):
         self.feature_info = FeatureInfo(info, selected)
         self._analysis, self._program = analysis, program
         self._head = timm_api.find_head(analysis.inference)
+        self.__dict__.pop("_layout_key", None)  # (a new head or program: the architecture a layout was measured for)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -108,6 +108,7 @@ blocks:
   - {{name: norm, op: norm, kind: group, groups: 1}}
   - {{name: pool, op: pool, kind: avg, kernel: 3, stride: 1, padding: 1}}
   - {{name: head, op: avg_pool_head, dim: 8, num_classes: 5}}
+outputs: {{logits: head}}
 """
 
 
@@ -195,6 +196,11 @@ def test_an_auto_memory_format_is_measured_per_shape_in_inference(tmp_path) -> N
         script = torch.jit.script(model.eval())
     with torch.no_grad():
         torch.testing.assert_close(script(x), expected, rtol=1e-5, atol=1e-5)
+        before = model._layout_key
+        model.reset_classifier(3)  # another architecture: its layout measured anew, not the old head's choice
+        model(x)
+    assert model._layout_key != before and model._layout_key[2] == sum(p.numel() for p in model.parameters())
+    assert len([k for k in autotune.choices() if k[0] == "memory_format"]) == 2
 
 
 _ACT_SPEC = """
