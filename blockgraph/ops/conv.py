@@ -181,10 +181,11 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tu
     In eager training on the CPU (:func:`~blockgraph.ops.kernel.eager_training`, the C++ kernels built) the backward
     pass has two kernels, chosen at the forward by timing a forward and a backward of each on first use of the shape
     (:mod:`blockgraph.ops.autotune`): torch's (its own autograd node, oneDNN's backward-data and backward-weights:
-    the weight gradient of a kernel larger than 3x3 takes 5-15x the forward) or ours (an autograd Function): the input gradient as the forward convolution of the output gradient with the flipped kernel,
-    the weight gradient by the C++ kernel ``blockgraph_conv::depthwise_weight_grad`` (one pass of fused
-    multiply-adds over the channels-last maps, sums in float32), the bias gradient a sum. Under ``create_graph``
-    (a gradient of the gradient) the backward is torch's, which is differentiable.
+    the weight gradient of a kernel larger than 3x3 takes 5-15x the forward) or ours (an autograd Function): the
+    input gradient as the forward convolution of the output gradient with the flipped kernel, the weight gradient by
+    the C++ kernel ``blockgraph_conv::depthwise_weight_grad`` (one pass of fused multiply-adds over the channels-last
+    maps, sums in float32), the bias gradient a sum. Under ``create_graph`` (a gradient of the gradient) the backward
+    is torch's, which is differentiable.
     """
     if not torch.jit.is_scripting():  # (TorchScript compiles no branch under this test)
         if (
@@ -277,18 +278,30 @@ class _DepthwiseConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        return (*depthwise_conv2d_backward(grad, x, weight, ctx.padding, tuple(ctx.needs_input_grad[:3])), None)
+        need = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled() or not _cpp.load():  # create_graph: torch's formula, itself differentiable
+            return (*_torch_backward(grad, x, weight, ctx.padding, need), None)
+        return (*_backward(grad, x, weight, ctx.padding, need), None)
 
 
 def depthwise_conv2d_backward(
     grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], need: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
     """The gradients of :func:`depthwise_conv2d` (input, weight, bias: those ``need`` asks for, else None) from the
-    output's ``grad`` by our backward (:func:`_backward`); torch's differentiable formula when a graph of the
-    backward is recorded (a second derivative) or the C++ kernels are not built."""
-    if torch.is_grad_enabled() or not _cpp.load():
-        return _torch_backward(grad, x, weight, padding, need)
-    return _backward(grad, x, weight, padding, need)
+    output's ``grad``, for a backward written by hand around the convolution (CoaT's attention, ops/coat.py): torch's
+    or ours, whichever measured faster for this shape on this machine (ours only when the C++ kernels are built);
+    torch's differentiable formula when a graph of the backward is recorded."""
+    torch_backward = partial(_torch_backward, grad, x, weight, padding, need)
+    if torch.is_grad_enabled() or not _cpp.load():  # create_graph: torch's formula, itself differentiable
+        return torch_backward()
+    ours = partial(_backward, grad, x, weight, padding, need)
+    kh, kw = weight.shape[-2:]
+    candidates = {"torch": torch_backward, "blockgraph": ours}  # the default first: torch's for 3x3 and smaller
+    if kh * kw > 9:
+        candidates = {"blockgraph": ours, "torch": torch_backward}
+    key = ("depthwise_conv2d_backward", tuple(x.shape), tuple(weight.shape), padding, x.dtype, x.stride(1) == 1,
+           grad.stride(1) == 1, need)  # fmt: skip
+    return run_chosen(key, candidates, device=x.device)
 
 
 @torch.library.custom_op("blockgraph::depthwise_conv2d", mutates_args=())

@@ -279,9 +279,9 @@ def _backward_input(channels: int, layout: str, dtype: torch.dtype = torch.float
 @pytest.mark.parametrize("case", list(BACKWARD_CASES))
 def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str) -> None:
     """Either backward (forced) gives the convolution's gradients: in float64 within 1e-10 of torch's (input,
-    weight, bias), whatever the kernel's shape, padding and the input's layout, through autograd and called as the
-    training Function's backward (which times both on first use); a backward known to be torch's records torch's
-    own autograd node, ours the Function."""
+    weight, bias), whatever the kernel's shape, padding and the input's layout: through autograd (torch's path
+    records torch's own autograd node, ours the Function) and called directly, as CoaT's attention backward calls
+    it (which there times both on first use)."""
     channels, size, padding, layout = BACKWARD_CASES[case]
     torch.manual_seed(0)
     x = _backward_input(channels, layout).requires_grad_()
