@@ -150,9 +150,9 @@ def test_coat_attention_takes_its_fused_kernel_off_the_cpu_with_the_choice_kept_
     devices: list[torch.device] = []
     choose = autotune.choose
 
-    def spy(key: tuple, candidates: dict, *, device: torch.device) -> str:
+    def spy(key: tuple, candidates: dict, *, device: torch.device, **kwargs) -> str:
         devices.append(device)
-        return choose(key, candidates, device=device)
+        return choose(key, candidates, device=device, **kwargs)
 
     monkeypatch.setattr(autotune, "choose", spy)  # (run_chosen asks it)
     q, k, conv_v = torch.randn(2, 5, 2, 4), torch.randn(2, 5, 2, 4), torch.randn(2, 4, 2, 4)

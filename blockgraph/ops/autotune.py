@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,12 +116,8 @@ def choose(
     return choice.chosen
 
 
-def chosen(key: tuple[Any, ...], *, device: torch.device, among: Collection[str] = ()) -> str | None:
-    """The candidate that runs for ``key`` on ``device`` if it is known without measuring: forced (:func:`forcing`,
-    when the forced name is one of ``among``), else remembered (measured before, at the current thread count)."""
-    forced = _state["forced"]
-    if forced is not None and forced in among:
-        return str(forced)
+def chosen(key: tuple[Any, ...], *, device: torch.device) -> str | None:
+    """The candidate remembered for ``key`` on ``device`` (measured before, at the current thread count), if any."""
     found = _CHOICES.get((*key, device, torch.get_num_threads()))
     return None if found is None else found.chosen
 
