@@ -173,14 +173,6 @@ def _reads(inference: Inference, reader: str, t: TensorType) -> int | None:
     return graph.nodes[reader].spec.reads_tokens(t)  # type: ignore[union-attr]
 
 
-def accessor(dotted: str) -> str:
-    """Python code reaching a submodule from ``self``: ``stage1.blocks.0`` → ``self.stage1.blocks[0]``."""
-    out = "self"
-    for part in dotted.split("."):
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
-
-
 class _Names:
     def __init__(self, reserved: set[str]):
         self.used = set(reserved)
@@ -312,6 +304,8 @@ def _generate(
     local: dict[str, str] = {}
 
     def module_ref(dotted: str) -> str:
+        """Python code reaching a submodule (``stage1.blocks.0`` → ``self.stage1.blocks[0]``) through the local
+        names of its containers (each defined at its first use)."""
         parts = dotted.split(".")
         code = "self"
         for k, part in enumerate(parts):

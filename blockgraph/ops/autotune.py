@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -80,11 +81,7 @@ def forcing(candidate: str | None) -> Iterator[None]:
 
 
 def choose(
-    key: tuple[Any, ...],
-    candidates: dict[str, Callable[[], Any]],
-    *,
-    device: torch.device,
-    measure: dict[str, Callable[[], Any]] | None = None,
+    key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device, training: bool = False
 ) -> str:
     """The name of the candidate to run for ``key`` on ``device``: forced (:func:`forcing`), else remembered, else
     measured now (the default, the first candidate, when measuring is off or cannot be done on ``device``).
@@ -93,8 +90,8 @@ def choose(
         key: what the choice depends on (the op, shapes, dtype, ...); the device and thread count are added here.
         candidates: name → a call computing the op's result, each with the same values; the first is the default.
         device: where the candidates run (the op's input's device).
-        measure: name → the call to time for each candidate, when the candidate's cost is not its call alone (a
-            training kernel: its forward and its backward); by default the candidates themselves.
+        training: the candidates are training kernels (each a ``functools.partial``): time each one's forward and
+            backward (:func:`step`), not its call alone.
     """
     forced = _state["forced"]
     if forced is not None and forced in candidates:
@@ -108,7 +105,8 @@ def choose(
         return found.chosen
     if not _measurable(device):
         return default
-    choice = _measure(candidates if measure is None else measure, device)
+    timed = {name: partial(step, call) for name, call in candidates.items()} if training else candidates
+    choice = _measure(timed, device)
     _CHOICES[key] = choice
     if os.environ.get("BLOCKGRAPH_AUTOTUNE_LOG"):
         times = ", ".join(f"{name} {s * 1e6:.0f} us" for name, s in choice.seconds.items())
@@ -123,25 +121,23 @@ def chosen(key: tuple[Any, ...], *, device: torch.device) -> str | None:
 
 
 def run_chosen(
-    key: tuple[Any, ...],
-    candidates: dict[str, Callable[[], Any]],
-    *,
-    device: torch.device,
-    measure: dict[str, Callable[[], Any]] | None = None,
+    key: tuple[Any, ...], candidates: dict[str, Callable[[], Any]], *, device: torch.device, training: bool = False
 ) -> Any:
-    """The result of the candidate :func:`choose` picks for ``key`` on ``device`` (``measure``: see there)."""
-    return candidates[choose(key, candidates, device=device, measure=measure)]()
+    """The result of the candidate :func:`choose` picks for ``key`` on ``device`` (``training``: see there)."""
+    return candidates[choose(key, candidates, device=device, training=training)]()
 
 
-def step(kernel: Callable[..., torch.Tensor], *args: Any) -> None:
-    """``kernel(*args)``'s share of a training step, the cost to time for a training kernel (``measure=``): its
-    forward and its backward (the gradients of the tensor arguments that require them, from an output gradient of
-    ones in the output's layout), on detached copies of those (nothing reaches the arguments' own gradients). The
+def step(call: partial[torch.Tensor]) -> None:
+    """A training kernel's share of a step, what :func:`choose` times for it: ``call`` (a ``functools.partial``)
+    forward and backward (the gradients of its tensor arguments that require them, from an output gradient of ones
+    in the output's layout), on detached copies of those (nothing reaches the arguments' own gradients). The
     tensors it saves for its backward bypass the saved-tensor hooks in force (activation checkpointing counts and
     packs those of the forward it may later recompute: the probe is not part of it)."""
+    if not isinstance(call, partial):
+        raise TypeError(f"a training candidate must be a functools.partial (its arguments are copied), got {call!r}")
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-        args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
-        y = kernel(*args)
+        args = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in call.args]
+        y = call.func(*args, **call.keywords)
         wanted = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         torch.autograd.grad(y, wanted, torch.ones_like(y))
 

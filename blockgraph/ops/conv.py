@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blockgraph.ops import _cpp
-from blockgraph.ops.autotune import run_chosen, step
+from blockgraph.ops.autotune import run_chosen
 from blockgraph.ops.kernel import (
     as_autocast_runs,
+    autocast_dtype,
     eager_inference,
     eager_training,
     in_place,
@@ -243,27 +244,19 @@ def _trained(
     ``blockgraph::depthwise_conv2d`` (its backward chosen without measuring, as eager's default: ours above 3x3)."""
     if compiled:  # (under autocast: in its dtype, as F.conv2d would run)
         return as_autocast_runs(_depthwise_op, (x, weight, bias), padding[0], padding[1])
-    kernels = {"torch": _depthwise, "blockgraph": _depthwise_function}  # the default first: torch's up to 3x3
+    theirs, ours = partial(_depthwise, x, weight, bias, padding), partial(_depthwise_function, x, weight, bias, padding)
+    candidates = {"torch": theirs, "blockgraph": ours}  # the default first: torch's up to 3x3, ours above
     if weight.shape[-1] * weight.shape[-2] > 9:
-        kernels = {"blockgraph": _depthwise_function, "torch": _depthwise}
-    candidates = {name: partial(kernel, x, weight, bias, padding) for name, kernel in kernels.items()}
-    steps = {name: partial(step, kernel, x, weight, bias, padding) for name, kernel in kernels.items()}
+        candidates = {"blockgraph": ours, "torch": theirs}
     need = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    key = ("depthwise_conv2d_train", tuple(x.shape), tuple(weight.shape), padding, _compute_dtype(x),
+    key = ("depthwise_conv2d_train", tuple(x.shape), tuple(weight.shape), padding, autocast_dtype(x),
            x.stride(1) == 1, need)  # fmt: skip
-    return run_chosen(key, candidates, device=x.device, measure=steps)
+    return run_chosen(key, candidates, device=x.device, training=True)
 
 
 def _depthwise_function(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
     """The convolution through :class:`_DepthwiseConv2d` (our backward), in autocast's dtype under autocast."""
     return as_autocast_runs(_DepthwiseConv2d.apply, (x, weight, bias), padding)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a convolution of ``x`` runs in: CPU autocast's for a floating tensor other than float64."""
-    if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype
 
 
 class _DepthwiseConv2d(torch.autograd.Function):

@@ -60,10 +60,17 @@ def as_autocast_runs(fn: Callable[..., Tensor], tensors: tuple[Tensor | None, ..
     autocast does not cast."""
     if not torch.is_autocast_enabled("cpu"):
         return fn(*tensors, *args)
-    dtype = torch.get_autocast_dtype("cpu")
-    cast = tuple(t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+    cast = tuple(t if t is None else t.to(autocast_dtype(t)) for t in tensors)
     with torch.autocast("cpu", enabled=False):
         return fn(*cast, *args)
+
+
+def autocast_dtype(t: Tensor) -> torch.dtype:
+    """The dtype :func:`as_autocast_runs` gives ``t``: CPU autocast's for a floating tensor other than float64 while
+    autocast is on, else ``t``'s own."""
+    if torch.is_autocast_enabled("cpu") and t.is_floating_point() and t.dtype != torch.float64:
+        return torch.get_autocast_dtype("cpu")
+    return t.dtype
 
 
 def symbolic_tracing() -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blockgraph.ops.autotune import run_chosen, step
+from blockgraph.ops.autotune import run_chosen
 from blockgraph.ops.kernel import eager_inference, in_place, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
@@ -93,11 +93,10 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     against F.linear's 1.16). ``torch.fx`` records it as one call, so that a traced graph
     runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
     if onednn_applies(x, weight) and _eager_training(x, weight):
-        kernels = {"fused": _OneDnnLinear.apply, "plain": F.linear}
-        candidates = {name: partial(kernel, x, weight, bias) for name, kernel in kernels.items()}
-        steps = {name: partial(step, kernel, x, weight, bias) for name, kernel in kernels.items()}
+        fused = partial(_OneDnnLinear.apply, x, weight, bias)
+        plain = partial(F.linear, x, weight, bias)
         key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype, x.requires_grad)
-        return run_chosen(key, candidates, device=x.device, measure=steps)
+        return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device, training=True)
     return F.linear(x, weight, bias)
 
 
