@@ -160,7 +160,9 @@ def test_coat_attention_takes_its_fused_kernel_off_the_cpu_with_the_choice_kept_
     with torch.no_grad():
         factor_attention(q, k, k, 0.5, conv_v)  # the CPU: measured and remembered
         chosen = {key: c.chosen for key, c in autotune.choices().items()}
-        monkeypatch.setitem(autotune._CHOICES, next(iter(chosen)), autotune.Choice("plain", {}))  # the CPU's: plain
+        monkeypatch.setitem(
+            autotune._CHOICES, next(iter(chosen)), autotune.Choice("plain", {}, {}, 0)
+        )  # the CPU's: plain
         on_meta = [t.to("meta") for t in (q, k, k, conv_v)]
         audit = DeviceAudit("meta")
         with audit:

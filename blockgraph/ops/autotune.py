@@ -13,9 +13,15 @@ each shape times every candidate on this machine and the fastest is kept for the
   is taken without measuring (deterministic runs, benchmarks of a fixed choice). :func:`forcing` makes every op
   take a named candidate (tests check that each gives the same values).
 
-The candidates are measured interleaved, each run :data:`ROUNDS` times after a warm-up, and compared by their
-median; a candidate must be :data:`MARGIN` faster than the default to be chosen, so that noise does not flip a
-choice. Measuring costs a few runs of the op at each new shape: once per process. On an accelerator, whose kernels run
+The candidates are measured in rounds after a warm-up, each round running every candidate once, in an order that
+alternates between rounds (ABBA: neither runs always first, on colder caches); a candidate is compared with the
+default by the median over the rounds of its time divided by the default's in the same round (paired: a burst of
+load on a shared machine that slows both runs of a round cancels, one that hits a single run is an outlier the
+median ignores). A candidate must be :data:`MARGIN` faster than the default to be chosen, so that noise does not
+flip a choice; when after :data:`ROUNDS` rounds a candidate is within :data:`CLOSE` of the default, rounds go on up
+to :data:`MAX_ROUNDS` (on a 2-core AMD EPYC without AVX-512, oneDNN's and MKL's products of a ConvNeXt-T layer
+differ by 0-10% and single runs by 10-20%: 5 rounds chose differently from one process to the next for 4 of its 9
+shapes). Measuring costs a few runs of the op at each new shape: once per process. On an accelerator, whose kernels run
 asynchronously, each timed run waits for the device before and after (``torch.accelerator.synchronize``); where that
 is impossible (a CUDA graph being captured) or meaningless (the meta device, which computes nothing), the default is
 taken without measuring and nothing is remembered.
@@ -36,17 +42,26 @@ from typing import Any
 import torch
 
 ROUNDS = 5
-"""Timed runs of each candidate (after one warm-up each)."""
+"""Timed runs of each candidate (after one warm-up each), at least."""
+MAX_ROUNDS = 15
+"""Timed runs of each candidate, at most: when a candidate's time is within :data:`CLOSE` of the default's."""
 MARGIN = 0.03
 """How much faster than the default (the first candidate) another must be to be chosen: 3%."""
+CLOSE = 0.10
+"""A candidate within this fraction of the default's time after :data:`ROUNDS` rounds is measured on, up to
+:data:`MAX_ROUNDS`."""
 
 
 @dataclass(frozen=True)
 class Choice:
-    """What :func:`choose` decided for a key: the candidate, and the median seconds of each one measured."""
+    """What :func:`choose` decided for a key: the candidate, the median seconds of each one measured, its median
+    time relative to the default's in the same round (the paired ratio the choice compares), and the rounds
+    timed."""
 
     chosen: str
     seconds: dict[str, float]
+    relative: dict[str, float]
+    rounds: int
 
 
 _CHOICES: dict[tuple[Any, ...], Choice] = {}
@@ -109,8 +124,10 @@ def choose(
     choice = _measure(timed, device)
     _CHOICES[key] = choice
     if os.environ.get("BLOCKGRAPH_AUTOTUNE_LOG"):
-        times = ", ".join(f"{name} {s * 1e6:.0f} us" for name, s in choice.seconds.items())
-        print(f"blockgraph autotune: {key}: {choice.chosen} ({times})", file=sys.stderr)
+        times = ", ".join(
+            f"{name} {s * 1e6:.0f} us ({choice.relative[name]:.3f})" for name, s in choice.seconds.items()
+        )
+        print(f"blockgraph autotune: {key}: {choice.chosen} ({times}; {choice.rounds} rounds)", file=sys.stderr)
     return choice.chosen
 
 
@@ -161,22 +178,38 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _measure(candidates: dict[str, Callable[[], Any]], device: torch.device) -> Choice:
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    default = names[0]
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():  # (a call timing a training kernel turns gradients on for itself)
         for call in candidates.values():  # warm-up: first-call costs (oneDNN primitive creation) are not the kernel's
             call()
-        for _ in range(ROUNDS):
-            for name, call in candidates.items():
+        rounds = 0
+        while rounds < ROUNDS or (rounds < MAX_ROUNDS and _close(_relative(samples, default))):
+            for name in names if rounds % 2 == 0 else reversed(names):
                 _synchronize(device)
                 start = time.perf_counter()
-                call()
+                candidates[name]()
                 _synchronize(device)
                 samples[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(s) for name, s in samples.items()}
-    default = next(iter(candidates))
-    best = min(seconds, key=seconds.__getitem__)
-    chosen = best if seconds[best] < seconds[default] * (1 - MARGIN) else default
-    return Choice(chosen, seconds)
+            rounds += 1
+    relative = _relative(samples, default)
+    best = min(relative, key=relative.__getitem__)
+    chosen = best if relative[best] < 1 - MARGIN else default
+    return Choice(chosen, {name: statistics.median(s) for name, s in samples.items()}, relative, rounds)
+
+
+def _relative(samples: dict[str, list[float]], default: str) -> dict[str, float]:
+    """Each candidate's median, over the rounds, of its time divided by the default's in the same round."""
+    base = samples[default]
+    return {
+        name: statistics.median(t / max(b, 1e-9) for t, b in zip(s, base, strict=True)) for name, s in samples.items()
+    }
+
+
+def _close(relative: dict[str, float]) -> bool:
+    """Whether a candidate other than the default is within :data:`CLOSE` of it (the choice needs more rounds)."""
+    return any(abs(r - 1) < CLOSE for r in list(relative.values())[1:])
 
 
 def choices() -> dict[tuple[Any, ...], Choice]:

@@ -76,10 +76,54 @@ def test_on_an_accelerator_each_timed_run_waits_for_the_device(monkeypatch) -> N
     autotune.choose(("probe",), candidates, device=CUDA)
     timed = events[2:]  # after the warm-up run of each candidate
     assert events[:2] == ["fused", "plain"]
-    assert timed == [f"sync {CUDA}", "fused", f"sync {CUDA}", f"sync {CUDA}", "plain", f"sync {CUDA}"] * autotune.ROUNDS
+    rounds = next(iter(autotune.choices().values())).rounds
+    runs = [name for r in range(rounds) for name in (("fused", "plain") if r % 2 == 0 else ("plain", "fused"))]
+    assert timed == [e for name in runs for e in (f"sync {CUDA}", name, f"sync {CUDA}")]
     events.clear()
     autotune.choose(("probe", "cpu"), candidates, device=CPU)
     assert not any(e.startswith("sync") for e in events)  # the CPU runs an op when it is called
+
+
+class _Clock:
+    """A stand-in for the ``time`` module whose clock advances only by what the candidates script."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("plain", "chosen", "rounds"),
+    [
+        (0.5, "plain", autotune.ROUNDS),  # clearly faster: chosen after the first rounds
+        (2.0, "fused", autotune.ROUNDS),  # clearly slower
+        (0.95, "plain", autotune.MAX_ROUNDS),  # close: measured on, then chosen (beyond the margin)
+        (0.99, "fused", autotune.MAX_ROUNDS),  # within the margin: the default stays
+    ],
+)
+def test_candidates_are_compared_round_by_round_in_alternating_order(monkeypatch, plain, chosen, rounds) -> None:
+    """Each round runs both candidates, the order alternating (ABBA); a round's load slows both of its runs (here
+    each round is 1x, 10x or 3x slower than the last), and the choice compares, over the rounds, each candidate's
+    time relative to the default's in the same round; a candidate within ``CLOSE`` of the default is measured for
+    ``MAX_ROUNDS`` rounds, and is chosen only if ``MARGIN`` faster."""
+    clock, order = _Clock(), []
+    monkeypatch.setattr(autotune, "time", clock)
+    loads = iter([1.0, 1.0] + [1.0, 10.0, 3.0] * autotune.MAX_ROUNDS)  # warm-up, then per round
+    load = [1.0]
+
+    def run(name: str, seconds: float) -> None:
+        if len(order) % 2 == 0:  # the first run of a round: its load
+            load[0] = next(loads)
+        order.append(name)
+        clock.now += seconds * load[0]
+
+    candidates = {"fused": lambda: run("fused", 1.0), "plain": lambda: run("plain", plain)}
+    assert autotune.choose(("probe",), candidates, device=CPU) == chosen
+    choice = autotune.choices()[("probe", CPU, torch.get_num_threads())]
+    assert choice.rounds == rounds and choice.relative == {"fused": 1.0, "plain": pytest.approx(plain)}
+    assert order[2:6] == ["fused", "plain", "plain", "fused"]  # after the warm-up: ABBA
 
 
 def test_nothing_is_measured_or_remembered_where_nothing_runs_or_nothing_may_wait(monkeypatch) -> None:
