@@ -98,6 +98,53 @@ def test_linear_runs_onednn_in_graphs_compiled_for_inference_on_large_products()
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
 
 
+def _check_fused(layer: nn.Linear, rows: int) -> None:
+    """The layer's values through the fused kernel, with no epilogue, a GELU and a residual, at ``rows`` rows."""
+    x, r = torch.randn(rows, 24), torch.randn(rows, 40)
+    want = layer(x)
+    torch.testing.assert_close(linear(x, layer.weight, layer.bias), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=nn.GELU()), F.gelu(want), rtol=0, atol=1e-5)
+    torch.testing.assert_close(linear(x, layer.weight, layer.bias, residual=r), want + r, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not linear_module._ONEDNN, reason="oneDNN's matrix multiply")
+def test_the_fused_kernel_packs_each_weight_once_and_again_when_it_changes() -> None:
+    """The fused kernel reads a copy of the weight packed into oneDNN's layout, made on first use and kept while the
+    weight lives and is unchanged: any number of rows reads it; an update in place, a ``load_state_dict`` or a move
+    of its memory packs it again (the values follow the weight); a view, an inference tensor and a non-contiguous
+    weight are read as they are; the copy goes with the weight."""
+    import gc
+
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40)
+    packed = linear_module.packed_weight
+    with torch.no_grad(), forcing("fused"):
+        _check_fused(layer, 7)
+        first = packed(layer.weight, 7)
+        assert first.is_mkldnn and packed(layer.weight, 300) is first  # once, for any rows
+        _check_fused(layer, 300)
+        layer.weight.mul_(-2)  # in place: packed again, the new values read
+        assert packed(layer.weight, 7) is not first
+        _check_fused(layer, 5)
+        again = packed(layer.weight, 7)
+        layer.load_state_dict(nn.Linear(24, 40).state_dict())
+        assert packed(layer.weight, 7) is not again
+        _check_fused(layer, 5)
+        layer.weight.data = layer.weight.data.clone()  # its memory replaced (as .to() does)
+        _check_fused(layer, 5)
+        view = layer.weight[:20]
+        assert packed(view, 7) is view and not view.is_mkldnn
+        transposed = torch.randn(24, 40).t()
+        assert packed(transposed, 7) is transposed
+    with torch.inference_mode():
+        frozen = torch.randn(40, 24)
+    assert packed(frozen, 7) is frozen
+    count = len(linear_module._PACKED)
+    del layer, view
+    gc.collect()
+    assert len(linear_module._PACKED) == count - 1
+
+
 def test_a_model_gives_the_same_values_with_either_kernel() -> None:
     """ViT-Tiny in eager inference: oneDNN's fused kernels and the plain ones agree to float rounding."""
     import blockgraph as bg
