@@ -145,6 +145,29 @@ def test_the_fused_kernel_packs_each_weight_once_and_again_when_it_changes() -> 
     assert len(linear_module._PACKED) == count - 1
 
 
+def test_a_weight_keeps_its_packed_copy_only_where_the_fused_kernel_is_chosen(monkeypatch) -> None:
+    """Timing the fused kernel packs the weight; when the plain kernel is chosen, the copy is dropped (a later shape
+    that chooses the fused one packs it again and keeps it)."""
+    layer, x = nn.Linear(24, 40), torch.randn(3, 24)
+    verdict = ["plain"]
+
+    def measure(candidates: dict, device: torch.device) -> autotune.Choice:
+        for call in candidates.values():
+            call()
+        return autotune.Choice(verdict[0], {}, {}, 1)
+
+    monkeypatch.setattr(autotune, "_measure", measure)
+    with torch.no_grad(), tuning(True):
+        linear(x, layer.weight, layer.bias)  # both run, the fused one declared slower: its copy not kept
+        assert layer.weight not in linear_module._PACKED
+        verdict[0] = "fused"
+        torch.testing.assert_close(linear(x[:2], layer.weight, layer.bias), layer(x[:2]), rtol=0, atol=1e-5)
+        assert layer.weight in linear_module._PACKED
+        linear(x, layer.weight, layer.bias)  # the first shape: plain, remembered; the copy stays for the second
+        assert layer.weight in linear_module._PACKED
+    autotune.reset()
+
+
 def test_a_model_gives_the_same_values_with_either_kernel() -> None:
     """ViT-Tiny in eager inference: oneDNN's fused kernels and the plain ones agree to float rounding."""
     import blockgraph as bg
