@@ -28,6 +28,7 @@ from blockgraph.graph.infer import Inference
 from blockgraph.layers.common import has_hooks
 from blockgraph.ops import autotune
 from blockgraph.ops.kernel import eager_inference
+from blockgraph.ops.linear import release_packed
 from blockgraph.pipeline import Analysis, analyze_embedded
 from blockgraph.spec.plugins import custom_code
 from blockgraph.spec.schema import ModelBase
@@ -103,6 +104,13 @@ class BlockgraphModel(nn.Module):
     )
     """What :meth:`_attach` derives from the spec data: not pickled. (``spec_data`` is: read back from JSON text it
     means the same, but its form may differ, ``{3: 2}`` read as ``{"3": 2}``.)"""
+
+    def train(self, mode: bool = True) -> BlockgraphModel:
+        """``nn.Module.train`` (``eval()`` calls it too); it also drops the oneDNN copies of this model's weights that
+        eager inference packs (:func:`blockgraph.ops.linear.release_packed`), so that a weight written since in a
+        way autograd's version counter does not see (through ``.data``) is packed afresh."""
+        release_packed(self.parameters())
+        return super().train(mode)
 
     def _attach(self, analysis: Analysis, program: Program) -> None:
         graph = analysis.graph

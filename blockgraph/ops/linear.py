@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -99,7 +100,9 @@ def packed_weight(weight: Tensor, rows: int) -> Tensor:
     product of a ViT-S layer at batch 8 takes 0.77 of MKL's time against 0.82 (ViT-S's forward: 0.94 of timm's
     against 1.00). A weight changed since (in place: a version bump; its memory replaced: ``load_state_dict``,
     ``.to()``) is packed again; a view (rows of a larger weight), an inference tensor (no version to check) or a
-    non-contiguous weight is returned as it is. The cost: a second copy of each such weight while it lives."""
+    non-contiguous weight is returned as it is. A write the version does not count (through ``.data``, which
+    autograd does not see either, or a NumPy view) needs :func:`release_packed`, which a compiled model's
+    ``train()`` and ``eval()`` call for its weights. The cost: a second copy of each such weight while it lives."""
     if weight._base is not None or weight.is_inference() or not weight.is_contiguous():
         return weight
     stamp = (weight.data_ptr(), weight._version)
@@ -107,6 +110,16 @@ def packed_weight(weight: Tensor, rows: int) -> Tensor:
     if found is None or found[0] != stamp:
         found = _PACKED[weight] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
     return found[1]
+
+
+def release_packed(weights: Iterable[Tensor] | None = None) -> None:
+    """Drop the packed copies of ``weights`` (of every weight when None): their next fused product packs them
+    afresh (:func:`packed_weight`)."""
+    if weights is None:
+        _PACKED.clear()
+        return
+    for weight in weights:
+        _PACKED.pop(weight, None)
 
 
 def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

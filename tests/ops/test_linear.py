@@ -31,7 +31,8 @@ def test_linear_with_activation_equals_the_reference(
     torch.manual_seed(0)
     layer, x = nn.Linear(24, 40), torch.randn(shape)
     expected = (layer(x) if act is None else act(layer(x))).detach()
-    torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=0)  # reference
+    with forcing("plain"):  # the reference (autograd records: a training kernel would be chosen by measuring)
+        torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=0)
     with torch.no_grad(), forcing(kernel):
         torch.testing.assert_close(linear(x, layer.weight, layer.bias, act=act), expected, rtol=0, atol=1e-5)
 
@@ -143,6 +144,34 @@ def test_the_fused_kernel_packs_each_weight_once_and_again_when_it_changes() -> 
     del layer, view
     gc.collect()
     assert len(linear_module._PACKED) == count - 1
+
+
+def test_a_write_through_data_is_seen_after_release_and_at_a_models_eval() -> None:
+    """A write through ``.data`` does not count in the weight's version: the packed copy is released by
+    ``release_packed`` and by a compiled model's ``eval()``/``train()``, after which the new values are read."""
+    import blockgraph as bg
+
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40)
+    with torch.no_grad(), forcing("fused"):
+        _check_fused(layer, 7)
+        layer.weight.data.mul_(-2)  # (the version counter of .data is its own)
+        linear_module.release_packed([layer.weight])
+        _check_fused(layer, 7)
+        linear_module.release_packed()
+        assert len(linear_module._PACKED) == 0
+    model = bg.create_model("vit_tiny_patch16_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad(), forcing("fused"):
+        model(x)
+        assert any(p in linear_module._PACKED for p in model.parameters())
+        for p in model.parameters():
+            p.data.mul_(0.5)
+        model.eval()
+        assert all(p not in linear_module._PACKED for p in model.parameters())
+        fused = model(x)
+        with forcing("plain"):
+            torch.testing.assert_close(fused, model(x), rtol=0, atol=1e-5)
 
 
 def test_a_weight_keeps_its_packed_copy_only_where_the_fused_kernel_is_chosen(monkeypatch) -> None:
