@@ -93,13 +93,20 @@ def test_at_most_a_hundred_errors_are_reported_then_how_many_more() -> None:
 
 
 def test_a_spec_with_ninety_thousand_unknown_keys_is_refused_in_seconds(tmp_path, run_cli) -> None:
-    """Each unknown key costs a "did you mean" search: only the first ones are searched and reported."""
+    """Each unknown key costs a "did you mean" search: only the first ones are searched and reported. The run takes
+    a few times what parsing the text alone takes in the same process (2.3-2.5x measured; a search per key would
+    be thousands of times), not an absolute time: the suite's machines differ 3x in speed."""
+    from blockgraph.spec.load import _compose
+
     keys = ", ".join(f"k{i}: 1" for i in range(90_000))
     path = tmp_path / "spec.yaml"
     path.write_text(
         f"name: x\nstages:\n  - {{name: s, blocks: [{{name: b, op: linear, dim: 8, dim_out: 8, {keys}}}]}}\n"
     )
     start = time.perf_counter()
+    _compose(path.read_text(), str(path))
+    parsing = time.perf_counter() - start
+    start = time.perf_counter()
     code, _, err = run_cli("validate", path)
-    assert code == 2 and time.perf_counter() - start < 5
+    assert code == 2 and time.perf_counter() - start < 6 * parsing + 1
     assert err.count("unknown key") == MAX_REPORTED and "89,900 more error(s) not shown" in err
