@@ -110,7 +110,7 @@ def test_candidates_are_compared_round_by_round_in_alternating_order(monkeypatch
     ``MAX_ROUNDS`` rounds, and is chosen only if ``MARGIN`` faster."""
     clock, order = _Clock(), []
     monkeypatch.setattr(autotune, "time", clock)
-    loads = iter([1.0, 1.0] + [1.0, 10.0, 3.0] * autotune.MAX_ROUNDS)  # warm-up, then per round
+    loads = iter([1.0] + [1.0, 10.0, 3.0] * autotune.MAX_ROUNDS)  # the warm-up's, then each round's
     load = [1.0]
 
     def run(name: str, seconds: float) -> None:
