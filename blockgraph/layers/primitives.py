@@ -33,9 +33,10 @@ class Conv2d(nn.Conv2d):
         """The convolution, then ``act`` if given (the compiler passes the activation that alone reads this node).
 
         In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
-        :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; with an activation,
-        :func:`~blockgraph.ops.conv.conv2d` (in eager inference, the activation in oneDNN's epilogue where that is
-        faster); otherwise ``nn.Conv2d``'s forward. An activation with hooks runs as a module of its own.
+        :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; otherwise (zero
+        padding) :func:`~blockgraph.ops.conv.conv2d` (in eager inference, oneDNN's convolution on its packed weight
+        with the activation in its epilogue, where that measured faster); with other padding ``nn.Conv2d``'s forward.
+        An activation with hooks runs as a module of its own.
         (TorchScript compiles :meth:`script_forward` instead: compiler/script.py.)"""
         if act is not None and has_hooks(act):
             return act(self.forward(x))
@@ -50,7 +51,7 @@ class Conv2d(nn.Conv2d):
         ):
             y = depthwise_conv2d(x, self.weight, self.bias, (self.padding[0], self.padding[1]))
             return y if act is None else act(y)
-        if act is None or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
             y = self._conv_forward(x, self.weight, self.bias)
             return y if act is None else act(y)
         stride, padding, dilation = self.stride, self.padding, self.dilation

@@ -24,7 +24,7 @@ from blockgraph.ops.kernel import (
     stamp,
     symbolic_tracing,
 )
-from blockgraph.ops.linear import onednn_applies, post_op
+from blockgraph.ops.linear import onednn_applies, packed, post_op, run_packed
 from blockgraph.ops.ms_deform_attn import exporting
 
 
@@ -41,33 +41,57 @@ def conv2d(
     """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (``act`` optional), zero padding.
 
     In eager inference (:func:`~blockgraph.ops.kernel.eager_inference`) on the CPU in float32 without autocast, with
-    an activation oneDNN has as a post-op (ReLU, GELU, SiLU, Hardswish): oneDNN's convolution with the activation in
-    its epilogue (``mkldnn._convolution_pointwise``, the op inductor's CPU backend emits), where the plain path makes
-    a second pass over the output; or the plain convolution with the activation in place, whichever measured faster
-    here for this shape and memory format (:mod:`blockgraph.ops.autotune`; the fused one by default). Otherwise the
-    plain convolution, then the activation."""
+    no activation or one oneDNN has as a post-op (ReLU, GELU, SiLU, Hardswish): oneDNN's convolution
+    (``mkldnn._convolution_pointwise``, the op inductor's CPU backend emits for frozen weights) on the weight packed
+    once into its blocked layout (:func:`~blockgraph.ops.linear.packed`; ``F.conv2d`` reorders it on every call),
+    with the activation in its epilogue, where the plain path makes a second pass over the output; or the plain
+    convolution with the activation in place, whichever measured faster here for this shape and memory format
+    (:mod:`blockgraph.ops.autotune`; by default, when measuring is off, oneDNN's with an activation and the plain one
+    without). Otherwise the plain convolution, then the activation."""
     fast = eager_inference(x)
-    post = post_op(act) if fast and act is not None else None
-    if post is not None and post[0] != "none" and onednn_applies(x, weight):
+    post = post_op(act) if fast else None
+    if post is not None and onednn_applies(x, weight):
         depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
         w = _weight_like(x, weight) if depthwise else weight
-        fused = partial(
-            torch.ops.mkldnn._convolution_pointwise,
-            x, w, bias, list(padding), list(stride), list(dilation), groups, post[0], [], post[1],
-        )  # fmt: skip
+        fused = partial(_fused, x, weight, bias, padding, stride, dilation, groups, post)
         plain = partial(_act_in_place, act, partial(F.conv2d, x, w, bias, stride, padding, dilation, groups))
+        candidates = {"fused": fused, "plain": plain} if post[0] != "none" else {"plain": plain, "fused": fused}
         key = ("conv2d", *post, tuple(x.shape), x.is_contiguous(), x.stride(1) == 1, tuple(weight.shape),
                bias is not None, stride, padding, dilation, groups)  # fmt: skip
-        return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device)
+        return run_packed(key, weight, candidates, x.device)
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if act is None:
         return y
     return in_place(act, y) if fast else act(y)
 
 
-def _act_in_place(act: nn.Module, conv: Callable[[], Tensor]) -> Tensor:
-    """The plain eager inference kernel: the convolution ``conv()``, then the activation in place."""
-    return in_place(act, conv())
+def _fused(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    post: tuple[str, str],
+) -> Tensor:
+    """The fused eager inference kernel: oneDNN's convolution with the post-op ``post`` (oneDNN's name and
+    algorithm). A channels-last input reads the weight packed for it (``mkldnn._reorder_convolution_weight`` given
+    the input's size; made again for another size past the batch); a channels-first one reads the plain weight (the
+    kernel makes a channels-last output for a packed weight, whatever the input's format)."""
+    args = (list(padding), list(stride), list(dilation), groups)
+    if x.stride(1) == 1 and x.shape[1] > 1 and x.dim() == 4:
+        size = list(x.shape)
+        weight = packed(
+            weight, (*args, tuple(size[1:])), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, size)
+        )
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, post[0], [], post[1])
+
+
+def _act_in_place(act: nn.Module | None, conv: Callable[[], Tensor]) -> Tensor:
+    """The plain eager inference kernel: the convolution ``conv()``, then the activation (if any) in place."""
+    y = conv()
+    return y if act is None else in_place(act, y)
 
 
 def conv_bn(

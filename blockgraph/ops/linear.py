@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -71,12 +71,12 @@ def linear(
         if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
             fused = partial(_fused, x, weight, bias, None, residual)
             plain = partial(_plain, x, weight, bias, None, residual)
-            return _tuned(("linear", "add", *shapes), weight, {"fused": fused, "plain": plain}, x.device)
+            return run_packed(("linear", "add", *shapes), weight, {"fused": fused, "plain": plain}, x.device)
         post = post_op(act) if residual is None else None
         if post is not None:
             fused = partial(_fused, x, weight, bias, post, None)
             plain = partial(_plain, x, weight, bias, act, None)
-            return _tuned(("linear", *post, *shapes), weight, {"fused": fused, "plain": plain}, x.device)
+            return run_packed(("linear", *post, *shapes), weight, {"fused": fused, "plain": plain}, x.device)
     elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
         y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
     if y is None:
@@ -89,7 +89,8 @@ def linear(
 
 
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""weight → (its storage address and version when packed, the packed copy): kept while the weight lives."""
+"""weight → (its storage address, version and packing hint when packed, the packed copy): kept while the weight
+lives."""
 
 
 def packed_weight(weight: Tensor, rows: int) -> Tensor:
@@ -98,18 +99,25 @@ def packed_weight(weight: Tensor, rows: int) -> Tensor:
     kept with the weight (``rows``: the product's rows then, a hint for the layout; any number of rows may use it).
     Unpacked, ``_linear_pointwise`` reorders the weight on every call: on a 2-core AMD EPYC without AVX-512 the packed
     product of a ViT-S layer at batch 8 takes 0.77 of MKL's time against 0.82 (ViT-S's forward, every product fused:
-    0.945 against 0.979 of timm's in 15 interleaved rounds, 0.982 against 0.984 in 9). A weight changed since (in
-    place: a version bump; its memory replaced: ``load_state_dict``,
-    ``.to()``) is packed again; a view (rows of a larger weight), an inference tensor (no version to check) or a
-    non-contiguous weight is returned as it is. A write the version does not count (through ``.data``, which
-    autograd does not see either, or a NumPy view) needs :func:`release_packed`, which a compiled model's
+    0.945 against 0.979 of timm's in 15 interleaved rounds, 0.982 against 0.984 in 9). How the copy is kept:
+    :func:`packed`."""
+    return packed(weight, (), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+
+
+def packed(weight: Tensor, hint: tuple[Any, ...], reorder: Callable[[Tensor], Tensor]) -> Tensor:
+    """``reorder(weight)`` (oneDNN's blocked layout of a weight: a linear's, a convolution's), made on first use and
+    kept with the weight, until the weight or ``hint`` (what the layout was chosen for, when a different one would
+    be chosen for another call) changes. A weight changed since (in place: a version bump; its memory replaced:
+    ``load_state_dict``, ``.to()``) is packed again; a view (rows of a larger weight), an inference tensor (no version
+    to check) or a non-contiguous weight is returned as it is. A write the version does not count (through ``.data``,
+    which autograd does not see either, or a NumPy view) needs :func:`release_packed`, which a compiled model's
     ``train()`` and ``eval()`` call for its weights. The cost: a second copy of each such weight while it lives."""
     if weight._base is not None or weight.is_inference() or not weight.is_contiguous():
         return weight
-    stamp = (weight.data_ptr(), weight._version)
+    stamp = (weight.data_ptr(), weight._version, hint)
     found = _PACKED.get(weight)
     if found is None or found[0] != stamp:
-        found = _PACKED[weight] = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+        found = _PACKED[weight] = (stamp, reorder(weight.detach()))
     return found[1]
 
 
@@ -192,9 +200,10 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _tuned(key: tuple[Any, ...], weight: Tensor, candidates: dict[str, Any], device: torch.device) -> Tensor:
-    """The eager inference candidate chosen for ``key`` run; when it is measured now and the fused one loses, the
-    weight's packed copy (made to time it) is dropped, so that only weights the fused kernel reads keep one."""
+def run_packed(key: tuple[Any, ...], weight: Tensor, candidates: dict[str, Any], device: torch.device) -> Tensor:
+    """The eager inference candidate chosen for ``key`` run (the candidate named ``fused`` reads ``weight``'s packed
+    copy: :func:`packed`); when it is measured now and the fused one loses, that copy (made to time it) is dropped,
+    so that only weights the fused kernel reads keep one."""
     measured = chosen(key, device=device) is None
     name = choose(key, candidates, device=device)
     if measured and name != "fused":

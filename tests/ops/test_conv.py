@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
-from blockgraph.ops import _cpp
+from blockgraph.ops import _cpp, autotune
+from blockgraph.ops import linear as linear_module
 from blockgraph.ops.autotune import choices, forcing, tuning
 from blockgraph.ops.conv import conv2d, conv_bn, depthwise_conv2d, depthwise_conv2d_backward, merge_depthwise
 from tests.support.weights import ops_called, randomize_batchnorm
@@ -19,7 +20,7 @@ from tests.support.weights import ops_called, randomize_batchnorm
 ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish()]
 
 
-@pytest.mark.parametrize("act", ACTS, ids=repr)
+@pytest.mark.parametrize("act", [None, *ACTS], ids=repr)
 @pytest.mark.parametrize(
     ("shape", "weight", "stride", "padding", "groups", "channels_last"),
     [
@@ -31,17 +32,18 @@ ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswi
     ],
 )
 def test_a_convolution_with_its_activation_gives_the_plain_values_with_either_kernel(
-    act: nn.Module, shape, weight, stride: int, padding: int, groups: int, channels_last: bool
+    act: nn.Module | None, shape, weight, stride: int, padding: int, groups: int, channels_last: bool
 ) -> None:
-    """oneDNN's convolution with the activation as a post-op and the plain one (then the activation in place): the
-    same values as F.conv2d then the module, within float32 rounding, in the input's memory format; with autograd
-    on, the plain ops (and their gradients)."""
+    """oneDNN's convolution (on the packed weight for a channels-last input) with the activation as a post-op, or
+    none, and the plain one (then the activation in place): the same values as F.conv2d then the module, within
+    float32 rounding, in the input's memory format; with autograd on, the plain ops (and their gradients)."""
+    apply = act or nn.Identity()
     torch.manual_seed(0)
     x, w, b = torch.randn(shape), torch.randn(weight) / weight[1] ** 0.5, torch.randn(weight[0])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     args = ((stride, stride), (padding, padding), (1, 1), groups)
-    expected = act(F.conv2d(x, w, b, *args))
+    expected = apply(F.conv2d(x, w, b, *args))
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # (the map keeps the input's)
     for kernel in ("fused", "plain"):
         with torch.no_grad(), forcing(kernel):
@@ -50,9 +52,9 @@ def test_a_convolution_with_its_activation_gives_the_plain_values_with_either_ke
         assert got.is_contiguous(memory_format=fmt), kernel
     w.requires_grad_()
     got = conv2d(x, w, b, *args, act)
-    assert torch.equal(got, act(F.conv2d(x, w, b, *args)))
+    assert torch.equal(got, apply(F.conv2d(x, w, b, *args)))
     (g,) = torch.autograd.grad(got.sum(), w)
-    (ref,) = torch.autograd.grad(act(F.conv2d(x, w, b, *args)).sum(), w)
+    (ref,) = torch.autograd.grad(apply(F.conv2d(x, w, b, *args)).sum(), w)
     assert torch.equal(g, ref)
 
 
@@ -69,6 +71,48 @@ def test_a_fused_convolution_is_chosen_by_measuring_and_recorded_as_one_call() -
     with torch.no_grad(), forcing("fused"):
         called = ops_called(lambda: conv2d(x, w, b, (1, 1), (0, 0), (1, 1), 1, nn.GELU()))
     assert "mkldnn::_convolution_pointwise" in called and "aten::gelu" not in called
+
+
+def test_a_channels_last_convolution_packs_its_weight_once_and_again_when_it_or_the_map_changes() -> None:
+    """The fused kernel reads the weight packed for a channels-last input, made on first use: kept for another
+    batch, made again for another map size, an update in place or a ``load_state_dict`` (the values follow); a
+    channels-first input reads the plain weight and keeps its format; the copy is dropped where the plain kernel is
+    chosen."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 1)
+    args = ((1, 1), (0, 0), (1, 1), 1)
+
+    def check(x: torch.Tensor) -> torch.Tensor:
+        got = conv2d(x, conv.weight, conv.bias, *args, None)
+        torch.testing.assert_close(got, conv(x), rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+        return linear_module._PACKED[conv.weight][1] if conv.weight in linear_module._PACKED else None
+
+    x = torch.randn(4, 16, 10, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), forcing("fused"):
+        first = check(x)
+        assert first is not None and first.is_mkldnn and check(x[:2]) is first  # any batch
+        assert check(torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)) is not first
+        again = check(x)
+        conv.weight.mul_(-1)
+        assert check(x) is not again
+        conv.load_state_dict(nn.Conv2d(16, 32, 1).state_dict())
+        check(x)
+        linear_module.release_packed([conv.weight])
+        assert check(x.contiguous()) is None  # channels-first: the plain weight
+    verdict = ["plain"]
+
+    def measure(candidates: dict, device: torch.device) -> autotune.Choice:
+        for call in candidates.values():
+            call()
+        return autotune.Choice(verdict[0], {}, {}, 1)
+
+    with torch.no_grad(), tuning(True), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autotune, "_measure", measure)
+        assert check(x[:3]) is None  # both timed, the plain one chosen: no copy kept
+        verdict[0] = "fused"
+        assert check(x[:2]) is not None
+    autotune.reset()
 
 
 def _conv_bn(groups: int = 1, bias: bool = False, stride: int = 1, kernel: int = 3) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
