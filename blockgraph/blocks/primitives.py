@@ -68,6 +68,7 @@ class Conv2dSpec(BlockSpec):
 
     op: Literal["conv2d"]
     takes_act: ClassVar[bool] = True
+    takes_residual: ClassVar[bool] = True
     dim_out: PositiveInt
     """Output channels."""
     kernel: Size2
@@ -143,6 +144,7 @@ class LinearSpec(BlockSpec):
 
     op: Literal["linear"]
     takes_act: ClassVar[bool] = True
+    takes_residual: ClassVar[bool] = True
     dim_out: PositiveInt
     """Output channels."""
     bias: bool = True
@@ -294,6 +296,9 @@ class DropoutSpec(BlockSpec):
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         return x
 
+    def passes_residual_branch(self) -> bool:
+        return True
+
     def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from torch import nn
 
@@ -315,6 +320,9 @@ class DropPathSpec(BlockSpec):
 
     def infer(self, ctx: InferContext, x: TensorType) -> TensorType:
         return x
+
+    def passes_residual_branch(self) -> bool:
+        return True
 
     def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.common import DropPath
@@ -445,6 +453,9 @@ class LayerScaleSpec(BlockSpec):
         ctx.expect(x, layout=CHANNELS, channels=self.dim)
         return x
 
+    def passes_residual_branch(self) -> bool:
+        return True
+
     def build(self, ctx: BuildContext, x: TensorType) -> Any:
         from blockgraph.layers.primitives import layer_scale
 
@@ -519,6 +530,9 @@ class AddSpec(Elementwise):
     of C channels is added at every position. The output has the type of the inputs that are not vectors."""
 
     op: Literal["add"]
+
+    def joins_residual(self, inputs: int) -> bool:
+        return inputs == 2
 
     def build(self, ctx: BuildContext, *xs: TensorType) -> Any:
         from blockgraph.layers.primitives import Add

@@ -46,9 +46,11 @@ class Program:
         from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
         from blockgraph.layers.common import checkpointed
+        from blockgraph.layers.primitives import residual_add
 
         namespace: dict[str, Any] = {
-            "torch": torch, "checkpointed": checkpointed, "is_fx_tracing": is_fx_tracing, "Optional": Optional,
+            "torch": torch, "checkpointed": checkpointed, "residual_add": residual_add, "is_fx_tracing": is_fx_tracing,
+            "Optional": Optional,
         }  # fmt: skip
         exec(compile(self.code, filename, "exec"), namespace)  # noqa: S102 (our generated code: identifiers only)
         return namespace["forward"]
@@ -201,7 +203,7 @@ def _generate(
 ) -> str:
     graph = inference.graph
     spec = graph.spec
-    names = _Names({"self", "H", "W", "torch", "checkpointed", "is_fx_tracing", "Optional"})
+    names = _Names({"self", "H", "W", "torch", "checkpointed", "residual_add", "is_fx_tracing", "Optional"})
     var: dict[str, str] = {}
     image = names(spec.input.name)
     var[spec.input.name] = image
@@ -293,6 +295,9 @@ def _generate(
 
     fused = {} if checkpoint or script is not None else fused_activations(inference, order, kept, {*trimmed, *whole})
     producer_of = {act: producer for producer, act in fused.items()}
+    branches = {} if checkpoint or script is not None else fused_residuals(inference, order, kept, {*trimmed, *whole})
+    branches = {add: b for add, b in branches.items() if not {b.layer, *b.modules} & {*fused, *fused.values()}}
+    in_branch = {n for b in branches.values() for n in (b.layer, *b.modules)}
     # A container that two or more calls reach through gets a local name at its first use (`m_stage0_blocks_0 =
     # m_stage0_blocks[0]`): each call then costs one attribute lookup, not a walk from `self` through every level
     # (nn.Module.__getattr__, ModuleList indexing): about 4 us per block in Python. Not in TorchScript's program.
@@ -320,18 +325,27 @@ def _generate(
 
     for i, name in enumerate(order):
         node = graph.nodes[name]
-        if node.is_input or name in fused:  # (a producer is called by its activation's line)
+        if node.is_input or name in fused or name in in_branch:  # (called by their activation's or add's line)
             continue
         edges = graph.in_edges(name)
         module = module_ref(node.module_name)
-        if name in producer_of:  # the producer's call, the activation passed to it
-            producer = producer_of[name]
-            edges = graph.in_edges(producer)
-            args = [*arguments(producer, edges), f"act={module}"]
-            module = module_ref(graph.nodes[producer].module_name)
+        if name in branches:  # the residual branch's layer, its modules and this add, in one call
+            b = branches[name]
+            residual = next(e for e in edges if e.src != b.end)
+            edges = [*graph.in_edges(b.layer), residual]
+            chain = [module_ref(graph.nodes[n].module_name) for n in b.modules]
+            args = [module_ref(graph.nodes[b.layer].module_name), *arguments(b.layer, graph.in_edges(b.layer)),
+                    ref(residual.src, residual.out), f"({', '.join(chain)}{',' if len(chain) == 1 else ''})", module]  # fmt: skip
+            call = f"residual_add({', '.join(args)}{'' if b.first else ', first=False'})"
         else:
-            args = arguments(name, edges)
-        call = f"checkpointed({', '.join([module, *args])})" if checkpoint else f"{module}({', '.join(args)})"
+            if name in producer_of:  # the producer's call, the activation passed to it
+                producer = producer_of[name]
+                edges = graph.in_edges(producer)
+                args = [*arguments(producer, edges), f"act={module}"]
+                module = module_ref(graph.nodes[producer].module_name)
+            else:
+                args = arguments(name, edges)
+            call = f"checkpointed({', '.join([module, *args])})" if checkpoint else f"{module}({', '.join(args)})"
         t = inference.types[name]
         if isinstance(t, TensorType):
             var[name] = names(name)
@@ -394,6 +408,76 @@ def fused_activations(
         if [e.dst for e in graph.out_edges(name)] == [reader] and isinstance(inference.types[name], TensorType):
             fused[name] = reader
     return fused
+
+
+@dataclass(frozen=True)
+class ResidualBranch:
+    """A residual branch whose add the generated code calls with its layer (:func:`fused_residuals`)."""
+
+    layer: str
+    """The node that takes the residual (conv2d, linear)."""
+    modules: tuple[str, ...]
+    """The nodes between it and the add, in order (layer scales, dropout, drop path)."""
+    first: bool
+    """Whether the branch is the add's first input (the residual its second)."""
+
+    @property
+    def end(self) -> str:
+        """The node the add reads from the branch."""
+        return self.modules[-1] if self.modules else self.layer
+
+
+def fused_residuals(
+    inference: Inference, order: list[str], kept: set[tuple[str, str | None]], excluded: set[str]
+) -> dict[str, ResidualBranch]:
+    """The adds whose residual branch rides along the branch's layer, as add node → branch: a node whose module
+    takes ``residual=`` and ``scale=`` (:attr:`~blockgraph.spec.schema.BlockSpec.takes_residual`: conv2d, linear),
+    then only blocks that :meth:`~blockgraph.spec.schema.BlockSpec.passes_residual_branch` (layer scales, dropout,
+    drop path), then an add of two inputs of one type (:meth:`~blockgraph.spec.schema.BlockSpec.joins_residual`),
+    each next in the execution order and read by the next alone, none of them kept, excluded or sharing modules.
+    The generated code calls :func:`blockgraph.layers.primitives.residual_add`, which in eager inference adds the
+    residual in the layer's kernel (and folds the layer scales into its weights), and otherwise runs the modules as
+    written: ConvNeXt's, InceptionNeXt's and PoolFormer's MLP branches written in YAML get the epilogue the built-in
+    blocks have."""
+    graph = inference.graph
+    position = {name: i for i, name in enumerate(order)}
+
+    def alone(name: str) -> bool:  # a node of one tensor output, read by one node, kept by nobody
+        node = graph.nodes[name]
+        return (
+            not node.is_input
+            and name not in excluded
+            and (name, None) not in kept
+            and not node.shared
+            and isinstance(inference.types[name], TensorType)
+            and len(graph.out_edges(name)) == 1
+        )
+
+    branches = {}
+    for name in order:
+        add = graph.nodes[name]
+        edges = graph.in_edges(name)
+        if add.is_input or add.shared or name in excluded or not add.spec.joins_residual(len(edges)):
+            continue
+        if edges[0].src == edges[1].src or inference.types[edges[0].src] != inference.types[edges[1].src]:
+            continue
+        for k, edge in enumerate(edges):
+            chain = [edge.src]  # walking back from the add, each node the one right before the next
+            while alone(chain[-1]) and graph.nodes[chain[-1]].spec.passes_residual_branch():
+                before = graph.in_edges(chain[-1])
+                if len(before) != 1 or position[before[0].src] != position[chain[-1]] - 1:
+                    break
+                chain.append(before[0].src)
+            layer = chain[-1]
+            if (
+                position[edge.src] == position[name] - 1
+                and all(alone(n) for n in chain)
+                and type(graph.nodes[layer].spec).takes_residual
+                and len(graph.in_edges(layer)) == 1
+            ):
+                branches[name] = ResidualBranch(layer, tuple(reversed(chain[:-1])), first=k == 0)
+                break
+    return branches
 
 
 def _batch_stat_code(inference: Inference, order: list[str]) -> str:

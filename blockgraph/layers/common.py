@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
+from blockgraph.ops.kernel import eager_inference
 from blockgraph.ops.linear import linear as linear_op
+from blockgraph.ops.linear import scaled
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "identity": nn.Identity}
 
@@ -25,7 +27,18 @@ class Linear(nn.Linear):
     an activation and a residual add may ride along, and the op picks its kernel (oneDNN with the activation or the
     add in its epilogue for eager inference; oneDNN for large products in graphs compiled for inference)."""
 
-    def forward(self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
+    ) -> Tensor:
+        """``residual + scale * act(the layer(x))`` (``act``, ``residual``, ``scale``: optional; ``scale``, per
+        output channel; with a residual and no activation in eager inference, folded into the weights:
+        :func:`blockgraph.ops.linear.scaled`)."""
+        if scale is not None and residual is not None and act is None and eager_inference(x):
+            weight, bias = scaled(self.weight, self.bias, scale)
+            return linear_op(x, weight, bias, act=act, residual=residual)
+        if scale is not None:
+            y = self.forward(x, act) * scale
+            return y if residual is None else residual + y
         if act is not None and has_hooks(act):  # hooks see the activation run as a module of its own
             y = act(linear_op(x, self.weight, self.bias))
             return y if residual is None else residual + y

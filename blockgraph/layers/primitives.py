@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from blockgraph.layers.common import ACTIVATIONS, Linear, has_hooks, init_linear, uninitialized
 from blockgraph.ops.conv import conv2d, depthwise_conv2d
-from blockgraph.ops.kernel import symbolic_tracing
+from blockgraph.ops.kernel import eager_inference, symbolic_tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -29,8 +29,11 @@ class Conv2d(nn.Conv2d):
     ):  # fmt: skip
         super().__init__(dim, dim_out, kernel, stride, padding, dilation, groups, bias, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, act: nn.Module | None = None) -> Tensor:
-        """The convolution, then ``act`` if given (the compiler passes the activation that alone reads this node).
+    def forward(
+        self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
+    ) -> Tensor:
+        """The convolution, then ``act`` if given (the compiler passes the activation that alone reads this node);
+        or ``residual + scale * the convolution`` given a ``residual`` (``scale`` optional: :func:`residual_add`).
 
         In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
         :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; otherwise (zero
@@ -40,6 +43,13 @@ class Conv2d(nn.Conv2d):
         (TorchScript compiles :meth:`script_forward` instead: compiler/script.py.)"""
         if act is not None and has_hooks(act):
             return act(self.forward(x))
+        if residual is not None:
+            if act is None and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+                stride, padding, dilation = self.stride, self.padding, self.dilation
+                return conv2d(x, self.weight, self.bias, (stride[0], stride[1]), (padding[0], padding[1]),
+                              (dilation[0], dilation[1]), self.groups, residual=residual, scale=scale)  # fmt: skip
+            y = self.forward(x, act)
+            return residual + (y if scale is None else y * scale.view(1, -1, 1, 1))
         if (
             torch.is_grad_enabled()
             and not symbolic_tracing()
@@ -66,8 +76,11 @@ class Linear2d(Linear):
     """:class:`~blockgraph.layers.common.Linear` over the channels of a map ``[B, C, h, w]``: permuted to
     channels-last ``[B, h, w, C]``, projected, permuted back (an NCHW tensor in channels-last memory)."""
 
-    def forward(self, x: Tensor, act: nn.Module | None = None) -> Tensor:  # type: ignore[override]  # (no residual)
-        return super().forward(x.permute(0, 2, 3, 1), act=act).permute(0, 3, 1, 2)
+    def forward(  # type: ignore[override]
+        self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
+    ) -> Tensor:
+        r = None if residual is None else residual.permute(0, 2, 3, 1)
+        return super().forward(x.permute(0, 2, 3, 1), act=act, residual=r, scale=scale).permute(0, 3, 1, 2)
 
     def script_forward(self, x: Tensor) -> Tensor:
         return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
@@ -223,6 +236,36 @@ class LayerScale2d(LayerScale):
 def layer_scale(dim: int, layout: str, init: float = 1e-5, device: Any = None, dtype: Any = None) -> LayerScale:
     """:class:`LayerScale2d` for a map, else :class:`LayerScale`."""
     return (LayerScale2d if layout == "image" else LayerScale)(dim, init, device=device, dtype=dtype)
+
+
+def residual_add(
+    layer: nn.Module, x: Tensor, residual: Tensor, branch: Sequence[nn.Module], add: nn.Module, first: bool = True
+) -> Tensor:
+    """``add(branch(layer(x)), residual)`` (``add(residual, branch(...))`` when not ``first``): a residual branch
+    that ends in a layer taking a residual (:class:`Conv2d`, :class:`~blockgraph.layers.common.Linear`), then only
+    ``branch``'s modules, in order (layer scales, dropout, drop path), then the add of two tensors of one type (the
+    compiler calls it so: :func:`blockgraph.compiler.codegen.fused_residuals`).
+
+    In eager inference, when every module is in eval and no hooks would see their calls, the layer computes it
+    alone: ``residual + scale * layer(x)``, ``scale`` the product of the branch's layer scales (dropout and drop path
+    are identities in eval), the add in its kernel's epilogue and the scale folded into its weights (or the add in
+    place); the same values up to float rounding. Otherwise (training, compiling, tracing, exporting, autocast, hooks)
+    each module runs as written."""
+    if (
+        eager_inference(x)
+        and residual.dtype == x.dtype
+        and not torch.is_autocast_enabled(x.device.type)  # (the unfused branch promotes to the scale's dtype)
+        and not any(m.training or has_hooks(m) for m in (layer, *branch, add))
+    ):
+        scale = None
+        for m in branch:
+            if isinstance(m, LayerScale):
+                scale = m.gamma if scale is None else scale * m.gamma
+        return layer(x, residual=residual, scale=scale)
+    y = layer(x)
+    for m in branch:
+        y = m(y)
+    return add(y, residual) if first else add(residual, y)
 
 
 # ---------------------------------------------------------------------------------------------------------- joints

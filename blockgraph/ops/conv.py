@@ -24,7 +24,7 @@ from blockgraph.ops.kernel import (
     stamp,
     symbolic_tracing,
 )
-from blockgraph.ops.linear import onednn_applies, packed, post_op, run_packed
+from blockgraph.ops.linear import onednn_applies, packed, post_op, run_packed, scaled
 from blockgraph.ops.ms_deform_attn import exporting
 
 
@@ -37,18 +37,26 @@ def conv2d(
     dilation: tuple[int, int],
     groups: int,
     act: nn.Module | None = None,
+    residual: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (``act`` optional), zero padding.
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (``act`` optional), zero padding; or,
+    given a ``residual`` (and no ``act``), ``residual + scale * F.conv2d(...)`` (``scale``: per-channel factors, a
+    layer scale; optional).
 
     In eager inference (:func:`~blockgraph.ops.kernel.eager_inference`) on the CPU in float32 without autocast, with
-    no activation or one oneDNN has as a post-op (ReLU, GELU, SiLU, Hardswish): oneDNN's convolution
-    (``mkldnn._convolution_pointwise``, the op inductor's CPU backend emits for frozen weights) on the weight packed
-    once into its blocked layout (:func:`~blockgraph.ops.linear.packed`; ``F.conv2d`` reorders it on every call),
-    with the activation in its epilogue, where the plain path makes a second pass over the output; or the plain
-    convolution with the activation in place, whichever measured faster here for this shape and memory format
-    (:mod:`blockgraph.ops.autotune`; by default, when measuring is off, oneDNN's with an activation and the plain one
-    without). Otherwise the plain convolution, then the activation."""
+    no activation or one oneDNN has as a post-op (ReLU, GELU, SiLU, Hardswish), or with a residual: oneDNN's
+    convolution (``mkldnn._convolution_pointwise``, the op inductor's CPU backend emits for frozen weights) on the
+    weight packed once into its blocked layout (:func:`~blockgraph.ops.linear.packed`; ``F.conv2d`` reorders it on
+    every call), with the activation or the residual's add in its epilogue, where the plain path makes a second pass
+    over the output; or the plain convolution with the activation or the add in place, whichever measured faster
+    here for this shape and memory format (:mod:`blockgraph.ops.autotune`; by default, when measuring is off,
+    oneDNN's with an activation or a residual, the plain one without). The scale is folded into the weights
+    (:func:`~blockgraph.ops.linear.scaled`). Otherwise the plain convolution, then the activation, or the scale and
+    the add."""
     fast = eager_inference(x)
+    if residual is not None:
+        return _residual_conv2d(x, weight, bias, stride, padding, dilation, groups, residual, scale, fast)
     post = post_op(act) if fast else None
     if post is not None and onednn_applies(x, weight):
         depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
@@ -65,6 +73,41 @@ def conv2d(
     return in_place(act, y) if fast else act(y)
 
 
+def _residual_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    residual: Tensor,
+    scale: Tensor | None,
+    fast: bool,
+) -> Tensor:
+    """``residual + scale * F.conv2d(...)`` (see :func:`conv2d`)."""
+    if not fast:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return residual + (y if scale is None else y * scale.view(1, -1, 1, 1))
+    if scale is not None:
+        weight, bias = scaled(weight, bias, scale)
+    depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
+    w = _weight_like(x, weight) if depthwise else weight
+    plain = partial(_add_in_place, residual, partial(F.conv2d, x, w, bias, stride, padding, dilation, groups))
+    channels_last = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
+    if not (onednn_applies(x, weight) and channels_last and residual.stride(1) == 1):
+        return plain()
+    fused = partial(_fused, x, weight, bias, padding, stride, dilation, groups, None, residual)
+    key = ("conv2d", "add", tuple(x.shape), tuple(weight.shape), bias is not None, stride, padding, dilation,
+           groups, residual.is_contiguous(memory_format=torch.channels_last))  # fmt: skip
+    return run_packed(key, weight, {"fused": fused, "plain": plain}, x.device)
+
+
+def _add_in_place(residual: Tensor, conv: Callable[[], Tensor]) -> Tensor:
+    """The plain eager inference kernel with a residual: the convolution ``conv()``, then the add in place."""
+    return conv().add_(residual)
+
+
 def _fused(
     x: Tensor,
     weight: Tensor,
@@ -73,18 +116,25 @@ def _fused(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
-    post: tuple[str, str],
+    post: tuple[str, str] | None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The fused eager inference kernel: oneDNN's convolution with the post-op ``post`` (oneDNN's name and
-    algorithm). A channels-last input reads the weight packed for it (``mkldnn._reorder_convolution_weight`` given
-    the input's size; made again for another size past the batch); a channels-first one reads the plain weight (the
-    kernel makes a channels-last output for a packed weight, whatever the input's format)."""
+    algorithm) or the add of ``residual`` in its epilogue. A channels-last input reads the weight packed for it
+    (``mkldnn._reorder_convolution_weight`` given the input's size; made again for another size past the batch); a
+    channels-first one reads the plain weight (the kernel makes a channels-last output for a packed weight, whatever
+    the input's format)."""
     args = (list(padding), list(stride), list(dilation), groups)
     if x.stride(1) == 1 and x.shape[1] > 1 and x.dim() == 4:
         size = list(x.shape)
         weight = packed(
             weight, (*args, tuple(size[1:])), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, size)
         )
+    if residual is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, bias, *args, "add", None, None, [], None
+        )
+    assert post is not None
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, post[0], [], post[1])
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from blockgraph.ops.autotune import choose, chosen, run_chosen
-from blockgraph.ops.kernel import eager_inference, in_place, symbolic_tracing
+from blockgraph.ops.kernel import eager_inference, in_place, stamp, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -121,14 +121,35 @@ def packed(weight: Tensor, hint: tuple[Any, ...], reorder: Callable[[Tensor], Te
     return found[1]
 
 
+_SCALED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""weight → (the version and memory of the weight, bias and scale when folded, the folded weight and bias)."""
+
+
+def scaled(weight: Tensor, bias: Tensor | None, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A layer's ``weight`` and ``bias`` with the per-output-channel factors ``scale`` folded in (a layer scale
+    after the layer: ``scale * layer(x)`` is the layer with these weights, up to float rounding), made on first use
+    and kept with the weight until the weight, the bias or the scale changes (or :func:`release_packed`). Eager
+    inference only: the copies record no gradient."""
+    key = stamp(weight, bias, scale)
+    found = _SCALED.get(weight)
+    if found is None or found[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # (tensors with a version: packed() may keep a copy)
+            factors = scale.detach().reshape(-1)
+            folded = weight.detach() * factors.view(-1, *[1] * (weight.dim() - 1))
+            found = _SCALED[weight] = (key, (folded, None if bias is None else bias.detach() * factors))
+    return found[1]
+
+
 def release_packed(weights: Iterable[Tensor] | None = None) -> None:
-    """Drop the packed copies of ``weights`` (of every weight when None): their next fused product packs them
-    afresh (:func:`packed_weight`)."""
+    """Drop the packed copies of ``weights`` (of every weight when None) and their copies with a layer scale folded
+    in: their next fused product makes them afresh (:func:`packed`, :func:`scaled`)."""
     if weights is None:
         _PACKED.clear()
+        _SCALED.clear()
         return
     for weight in weights:
         _PACKED.pop(weight, None)
+        _SCALED.pop(weight, None)
 
 
 def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -210,6 +210,11 @@ class BlockSpec(SpecModel):
     """Whether the module's forward takes ``act=`` (an activation module) and returns ``act(its output)``: the
     compiler passes it the activation node that alone reads this node's output (one whose :meth:`fusable` holds), so
     that an inference kernel may apply it in its epilogue (a convolution's or a linear layer's)."""
+    takes_residual: ClassVar[bool] = False
+    """Whether the module's forward takes ``residual=`` and ``scale=`` (a tensor to add, per-channel factors) and
+    returns ``residual + scale * its output``: the compiler passes them for a residual branch that ends in this node,
+    then only blocks that :meth:`passes_residual_branch`, then an add that :meth:`joins_residual` (in eager
+    inference, oneDNN's epilogue adds the residual, the scale folded into the weights)."""
     trims_tokens: ClassVar[bool] = False
     """Whether ``build`` honours ``ctx.keep_tokens``: a module that returns only the first ``keep_tokens`` tokens of
     its output. The compiler asks for it when every reader of the node reads only those (:meth:`reads_tokens`), so
@@ -220,6 +225,15 @@ class BlockSpec(SpecModel):
     def fusable(self) -> bool:
         """Whether the block is an activation that may ride along the call of the node it reads, when that one
         :attr:`takes_act` and nothing else reads it (the ``act`` op, but for a kind with parameters)."""
+        return False
+
+    def passes_residual_branch(self) -> bool:
+        """Whether the block may lie between a layer that :attr:`takes_residual` and the add of a residual branch:
+        in eval, a per-channel scale of its input (``layer_scale``: ``gamma``) or the identity (dropout, drop path)."""
+        return False
+
+    def joins_residual(self, inputs: int) -> bool:
+        """Whether the block, with this many inputs, is the plain sum of two of one type (a residual's add)."""
         return False
 
     def takes_size(self, *inputs: TensorType) -> bool:

@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import blockgraph as bg
 from blockgraph.compiler.codegen import script_program
+from blockgraph.ops.autotune import forcing
 from tests.conftest import ROOT
 from tests.support.specs import shrunk
 
@@ -273,3 +274,90 @@ def test_each_container_is_reached_from_self_once_per_forward_and_swaps_are_seen
     coat = bg.create_model("coat_lite_tiny", device="meta")
     scripted = script_program(coat.inference, coat._program, set()).code  # TorchScript's program: the full paths
     assert "self.stage1.blocks[0](" in scripted and "m_stage1" not in scripted
+
+
+_RESIDUAL_SPEC = """
+name: residuals
+input: {name: image, channels: 3, size: [32, 32], memory_format: channels_last}
+blocks:
+  - {name: stem, op: conv2d, dim_out: 16, kernel: 3, stride: 2}
+  - {name: fc1, op: conv2d, dim_out: 32, kernel: 1}
+  - {name: act, op: act, kind: gelu}
+  - {name: fc2, op: conv2d, dim_out: 16, kernel: 1}
+  - {name: gamma, op: layer_scale, init: 0.5}
+  - {name: drop, op: drop_path, rate: 0.5}
+  - {name: add, op: add, from: [drop, stem]}
+  - {name: pw, op: conv2d, dim_out: 16, kernel: 1}
+  - {name: add2, op: add, from: [add, pw]}
+  - {name: proj, op: linear, dim_out: 16}
+  - {name: ls, op: layer_scale, init: 0.3}
+  - {name: ls2, op: layer_scale, init: 2.0}
+  - {name: add3, op: add, from: [ls2, add2]}
+  - {name: side, op: conv2d, dim_out: 16, kernel: 1}
+  - {name: add4, op: add, from: [side, add3]}
+  - {name: mix, op: add, from: [add4, side]}
+  - {name: dw, op: conv2d, dim_out: 16, kernel: 3, groups: 16}
+  - {name: dw_act, op: act, kind: relu}
+  - {name: add5, op: add, from: [dw_act, mix]}
+  - {name: pool, op: pool, kind: avg, global: true}
+  - {name: head, op: classifier, num_classes: 5}
+"""
+
+
+def _residual_reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The residual spec's model with each module called as written."""
+    m = dict(model.named_children())
+    stem = m["stem"](x)
+    add = m["drop"](m["gamma"](m["fc2"](m["act"](m["fc1"](stem))))) + stem
+    add2 = add + m["pw"](add)
+    add3 = m["ls2"](m["ls"](m["proj"](add2))) + add2
+    side = m["side"](add3)
+    mix = (side + add3) + side
+    return m["head"](m["pool"](m["dw_act"](m["dw"](mix)) + mix))
+
+
+def test_a_residual_branch_rides_along_the_convolution_or_linear_it_ends_in(tmp_path) -> None:
+    """An add whose input is a conv2d or linear followed only by layer scales, dropout or drop path, each read by the
+    next alone, is one call (``residual_add``), whose eager inference kernel adds the residual in its epilogue and
+    folds the scales into the weights: the same values as the modules called as written, in eval with either kernel
+    (float64 reference) and bit for bit in training (drop path on, same seed), gradients too; the values follow a
+    scale changed in place; under autocast, and when a hook is on a branch's module, the modules run as written
+    (the hook sees its call). Not fused: a layer another node reads
+    (``side``), a branch through an activation (``dw_act``)."""
+    path = tmp_path / "residuals.yaml"
+    path.write_text(_RESIDUAL_SPEC)
+    torch.manual_seed(0)
+    model = bg.build_model(path)
+    code = model.code
+    assert "residual_add(self.fc2, act, stem, (self.gamma, self.drop), self.add)" in code
+    assert "residual_add(self.pw, add, add, (), self.add2, first=False)" in code
+    assert "residual_add(self.proj, add2, add2, (self.ls, self.ls2), self.add3)" in code
+    assert code.count("residual_add(") == 3  # side: read twice; dw: its activation between
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    out = model(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(1)  # (the same drop path mask)
+    expected = _residual_reference(model, x.contiguous(memory_format=torch.channels_last))
+    expected.sum().backward()
+    assert torch.equal(out, expected)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+    model.eval()
+    with torch.no_grad():
+        expected = _residual_reference(model.double(), x.double())
+        model.float()
+        for kernel in ("fused", "plain"):
+            with forcing(kernel):
+                torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5, msg=kernel)
+        model.get_submodule("gamma").gamma.mul_(-3)
+        torch.testing.assert_close(model(x), _residual_reference(model, x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as written: the branch's dtypes kept
+        got = model(x)
+        assert torch.equal(got, _residual_reference(model, x.contiguous(memory_format=torch.channels_last)))
+    seen = []
+    model.get_submodule("ls").register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _residual_reference(model, x), rtol=1e-5, atol=1e-5)
+    assert len(seen) == 2  # (the model's call, then the reference's)

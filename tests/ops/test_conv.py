@@ -73,6 +73,50 @@ def test_a_fused_convolution_is_chosen_by_measuring_and_recorded_as_one_call() -
     assert "mkldnn::_convolution_pointwise" in called and "aten::gelu" not in called
 
 
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "weight", "padding", "groups", "channels_last"),
+    [
+        ((2, 64, 14, 13), (16, 64, 1, 1), 0, 1, True),  # ConvNeXt-atto's fc2
+        ((2, 64, 14, 13), (16, 64, 1, 1), 0, 1, False),
+        ((2, 16, 14, 13), (16, 1, 3, 3), 1, 16, True),  # a depthwise branch
+    ],
+)
+def test_a_convolution_adds_a_residual_with_its_scale_folded_in(
+    scale: bool, shape, weight, padding: int, groups: int, channels_last: bool
+) -> None:
+    """``residual + scale * conv(x)`` in eager inference, with the add in oneDNN's epilogue (the scale folded into a
+    copy of the weights, made again when the scale changes) or in place: the float64 values within float32
+    rounding, in the input's memory format; with autograd on, the plain ops."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    w, b = torch.randn(weight) / weight[1] ** 0.5, torch.randn(weight[0])
+    r = torch.randn(shape[0], weight[0], *shape[2:]).contiguous(memory_format=fmt)
+    gamma = nn.Parameter(torch.rand(weight[0]) + 0.5) if scale else None
+    args = ((1, 1), (padding, padding), (1, 1), groups)
+
+    def expected() -> torch.Tensor:
+        y = F.conv2d(x.double(), w.double(), b.double(), *args)
+        return r.double() + (y if gamma is None else y * gamma.double().view(1, -1, 1, 1))
+
+    for kernel in ("fused", "plain"):
+        with torch.no_grad(), forcing(kernel):
+            got = conv2d(x, w, b, *args, residual=r, scale=gamma)
+            torch.testing.assert_close(got.double(), expected(), rtol=1e-5, atol=1e-5, msg=kernel)
+            assert got.is_contiguous(memory_format=fmt), kernel
+            if gamma is not None:
+                gamma.mul_(-1)  # the folded copy follows
+                got = conv2d(x, w, b, *args, residual=r, scale=gamma)
+                torch.testing.assert_close(got.double(), expected(), rtol=1e-5, atol=1e-5, msg=kernel)
+    w.requires_grad_()
+    got = conv2d(x, w, b, *args, residual=r, scale=gamma)
+    assert got.requires_grad
+    torch.testing.assert_close(got.double(), expected(), rtol=1e-5, atol=1e-5)
+    linear_module.release_packed()
+    assert len(linear_module._SCALED) == 0
+
+
 def test_a_channels_last_convolution_packs_its_weight_once_and_again_when_it_or_the_map_changes() -> None:
     """The fused kernel reads the weight packed for a channels-last input, made on first use: kept for another
     batch, made again for another map size, an update in place or a ``load_state_dict`` (the values follow); a
