@@ -59,7 +59,7 @@ def test_factor_attention_kernel_equals_the_reference(extra: int, queries: int |
     torch.testing.assert_close(got, expected.reshape(B, q.shape[1], h * Ch), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv_kernel", ["blockgraph", "torch"])
+@pytest.mark.parametrize("conv_kernel", ["blockgraph", "torch", "hybrid"])
 @pytest.mark.parametrize(("extra", "bias"), [(0, True), (1, True), (2, False)])
 def test_the_attention_training_node_gives_the_references_gradients(extra: int, bias: bool, conv_kernel: str) -> None:
     """factor_attention_crpe (one autograd node, its own backward) against the reference ops in float64: the same

@@ -363,13 +363,13 @@ def _backward_input(channels: int, layout: str, dtype: torch.dtype = torch.float
 
 
 @needs_cpp
-@pytest.mark.parametrize("kernel", ["blockgraph", "torch"])
+@pytest.mark.parametrize("kernel", ["blockgraph", "torch", "hybrid"])
 @pytest.mark.parametrize("case", list(BACKWARD_CASES))
 def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str) -> None:
-    """Either backward (forced) gives the convolution's gradients: in float64 within 1e-10 of torch's (input,
-    weight, bias), whatever the kernel's shape, padding and the input's layout: through autograd (torch's path
-    records torch's own autograd node, ours the Function) and called directly, as CoaT's attention backward calls
-    it (which there times both on first use)."""
+    """Each backward (forced: torch's, ours, ours with torch's weight gradient) gives the convolution's gradients:
+    in float64 within 1e-10 of torch's (input, weight, bias), whatever the kernel's shape, padding and the input's
+    layout: through autograd (torch's path records torch's own autograd node, ours the Function) and called
+    directly, as CoaT's attention backward calls it (which there times them on first use)."""
     channels, size, padding, layout = BACKWARD_CASES[case]
     torch.manual_seed(0)
     x = _backward_input(channels, layout).requires_grad_()
@@ -377,7 +377,7 @@ def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str
     bias = torch.randn(channels, dtype=torch.float64, requires_grad=True)
     with forcing(kernel):
         got = depthwise_conv2d(x, weight, bias, padding)
-        node = {"torch": "ConvolutionBackward0", "blockgraph": "_DepthwiseConv2dBackward"}[kernel]
+        node = {"torch": "ConvolutionBackward0"}.get(kernel, "_DepthwiseConv2dBackward")
         assert type(got.grad_fn).__name__ == node
         upstream = torch.randn_like(got)
         grads = torch.autograd.grad(got, (x, weight, bias), upstream)
@@ -445,16 +445,17 @@ def test_depthwise_conv2d_second_derivatives_and_autocast() -> None:
 
     conv = _depthwise(16, 7)
     x = _backward_input(16, "channels_last", torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16), forcing("blockgraph"):
-        got = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
-        expected = conv(x)
-    assert got.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    upstream = torch.randn_like(got)
-    grads = torch.autograd.grad(got, (conv.weight, conv.bias), upstream)
-    for g, e in zip(grads, torch.autograd.grad(expected, (conv.weight, conv.bias), upstream), strict=True):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
+    for kernel in ("blockgraph", "hybrid"):
+        with torch.autocast("cpu", dtype=torch.bfloat16), forcing(kernel):
+            got = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
+            expected = conv(x)
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        upstream = torch.randn_like(got)
+        grads = torch.autograd.grad(got, (conv.weight, conv.bias), upstream)
+        for g, e in zip(grads, torch.autograd.grad(expected, (conv.weight, conv.bias), upstream), strict=True):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2 * e.abs().max().item())
 
 
 @needs_cpp
@@ -469,12 +470,16 @@ def test_a_7x7_depthwise_backward_is_chosen_by_measuring() -> None:
     def keys() -> list[tuple]:
         return [k for k in choices() if k[0] == "depthwise_conv2d_train" and k[1] == tuple(x.shape)]
 
-    nodes = {"torch": "ConvolutionBackward0", "blockgraph": "_DepthwiseConv2dBackward"}
+    nodes = {
+        "torch": "ConvolutionBackward0",
+        "blockgraph": "_DepthwiseConv2dBackward",
+        "hybrid": "_DepthwiseConv2dBackward",
+    }
     with tuning(True):
         y = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
         assert len(keys()) == 1 and conv.weight.grad is None  # (timed on detached copies)
         choice = choices()[keys()[0]]
-        assert set(choice.seconds) == {"blockgraph", "torch"} and all(t > 0 for t in choice.seconds.values())
+        assert set(choice.seconds) == {"blockgraph", "torch", "hybrid"} and all(t > 0 for t in choice.seconds.values())
         assert type(y.grad_fn).__name__ == nodes[choice.chosen]
         y.sum().backward()
         y = depthwise_conv2d(x, conv.weight, conv.bias, (3, 3))
