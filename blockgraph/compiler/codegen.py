@@ -334,8 +334,15 @@ def _generate(
             residual = next(e for e in edges if e.src != b.end)
             edges = [*graph.in_edges(b.layer), residual]
             chain = [module_ref(graph.nodes[n].module_name) for n in b.modules]
-            args = [module_ref(graph.nodes[b.layer].module_name), *arguments(b.layer, graph.in_edges(b.layer)),
-                    ref(residual.src, residual.out), f"({', '.join(chain)}{',' if len(chain) == 1 else ''})", module]  # fmt: skip
+            branch = f"({', '.join(chain)}{',' if len(chain) == 1 else ''})"
+            layer = module_ref(graph.nodes[b.layer].module_name)
+            args = [
+                layer,
+                *arguments(b.layer, graph.in_edges(b.layer)),
+                ref(residual.src, residual.out),
+                branch,
+                module,
+            ]
             call = f"residual_add({', '.join(args)}{'' if b.first else ', first=False'})"
         else:
             if name in producer_of:  # the producer's call, the activation passed to it

@@ -50,10 +50,11 @@ def conv2d(
     weight packed once into its blocked layout (:func:`~blockgraph.ops.linear.packed`; ``F.conv2d`` reorders it on
     every call), with the activation or the residual's add in its epilogue, where the plain path makes a second pass
     over the output; or the plain convolution with the activation or the add in place, whichever measured faster
-    here for this shape and memory format (:mod:`blockgraph.ops.autotune`; by default, when measuring is off,
-    oneDNN's with an activation or a residual, the plain one without). The scale is folded into the weights
-    (:func:`~blockgraph.ops.linear.scaled`). Otherwise the plain convolution, then the activation, or the scale and
-    the add."""
+    here for this shape and memory format (:mod:`blockgraph.ops.autotune`; by default, when measuring is off or the
+    two are within its margin, oneDNN's with an activation, a residual or a packed weight; the plain one for a
+    channels-first input without an activation, where both run oneDNN's convolution on the plain weight). The scale
+    is folded into the weights (:func:`~blockgraph.ops.linear.scaled`). Otherwise the plain convolution, then the
+    activation, or the scale and the add."""
     fast = eager_inference(x)
     if residual is not None:
         return _residual_conv2d(x, weight, bias, stride, padding, dilation, groups, residual, scale, fast)
@@ -63,7 +64,10 @@ def conv2d(
         w = _weight_like(x, weight) if depthwise else weight
         fused = partial(_fused, x, weight, bias, padding, stride, dilation, groups, post)
         plain = partial(_act_in_place, act, partial(F.conv2d, x, w, bias, stride, padding, dilation, groups))
-        candidates = {"fused": fused, "plain": plain} if post[0] != "none" else {"plain": plain, "fused": fused}
+        packs = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1  # (_fused reads the weight packed)
+        candidates = (
+            {"fused": fused, "plain": plain} if post[0] != "none" or packs else {"plain": plain, "fused": fused}
+        )
         key = ("conv2d", *post, tuple(x.shape), x.is_contiguous(), x.stride(1) == 1, tuple(weight.shape),
                bias is not None, stride, padding, dilation, groups)  # fmt: skip
         return run_packed(key, weight, candidates, x.device)
