@@ -57,7 +57,7 @@ def conv2d(
     activation, or the scale and the add."""
     fast = eager_inference(x)
     if residual is not None:
-        return _residual_conv2d(x, weight, bias, stride, padding, dilation, groups, residual, scale, fast)
+        return _residual_conv2d(x, weight, bias, (stride, padding, dilation, groups), residual, scale, fast)
     post = post_op(act) if fast else None
     if post is not None and onednn_applies(x, weight):
         depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
@@ -81,15 +81,14 @@ def _residual_conv2d(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
+    geometry: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int],
     residual: Tensor,
     scale: Tensor | None,
     fast: bool,
 ) -> Tensor:
-    """``residual + scale * F.conv2d(...)`` (see :func:`conv2d`)."""
+    """``residual + scale * F.conv2d(x, weight, bias, *geometry)`` (``geometry``: stride, padding, dilation,
+    groups; see :func:`conv2d`)."""
+    stride, padding, dilation, groups = geometry
     if not fast:
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return residual + (y if scale is None else y * scale.view(1, -1, 1, 1))
