@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
-from blockgraph.layers.common import ACTIVATIONS, Linear, has_hooks, init_linear, uninitialized
+from blockgraph.layers.common import ACTIVATIONS, DropPath, Linear, has_hooks, init_linear, uninitialized
 from blockgraph.ops.conv import conv2d, depthwise_conv2d
 from blockgraph.ops.kernel import eager_inference, symbolic_tracing
 
@@ -247,21 +247,20 @@ def residual_add(
     compiler calls it so: :func:`blockgraph.compiler.codegen.fused_residuals`).
 
     In eager inference, when every module is in eval and no hooks would see their calls, the layer computes it
-    alone: ``residual + scale * layer(x)``, ``scale`` the product of the branch's layer scales (dropout and drop path
-    are identities in eval), the add in its kernel's epilogue and the scale folded into its weights (or the add in
-    place); the same values up to float rounding. Otherwise (training, compiling, tracing, exporting, autocast, hooks)
-    each module runs as written."""
+    alone: ``residual + scale * layer(x)``, ``scale`` the branch's layer scale if any (dropout and drop path are
+    identities in eval), the add in its kernel's epilogue and the scale folded into its weights (or the add in
+    place); the same values up to float rounding. Otherwise (training, compiling, tracing, exporting, autocast, hooks,
+    two layer scales, a module of another kind) each module runs as written."""
+    scales = [m for m in branch if isinstance(m, LayerScale)]
     if (
         eager_inference(x)
         and residual.dtype == x.dtype
         and not torch.is_autocast_enabled(x.device.type)  # (the unfused branch promotes to the scale's dtype)
+        and len(scales) <= 1  # (one scale's fold is kept with the weight; a product would be folded every call)
+        and all(isinstance(m, LayerScale | DropPath | nn.Dropout) for m in branch)
         and not any(m.training or has_hooks(m) for m in (layer, *branch, add))
     ):
-        scale = None
-        for m in branch:
-            if isinstance(m, LayerScale):
-                scale = m.gamma if scale is None else scale * m.gamma
-        return layer(x, residual=residual, scale=scale)
+        return layer(x, residual=residual, scale=scales[0].gamma if scales else None)
     y = layer(x)
     for m in branch:
         y = m(y)

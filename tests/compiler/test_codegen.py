@@ -288,11 +288,13 @@ blocks:
   - {name: drop, op: drop_path, rate: 0.5}
   - {name: add, op: add, from: [drop, stem]}
   - {name: pw, op: conv2d, dim_out: 16, kernel: 1}
-  - {name: add2, op: add, from: [add, pw]}
+  - {name: pa, op: layer_scale, init: 0.3}
+  - {name: pb, op: layer_scale, init: 2.0}
+  - {name: add2, op: add, from: [add, pb]}
   - {name: proj, op: linear, dim_out: 16}
   - {name: ls, op: layer_scale, init: 0.3}
-  - {name: ls2, op: layer_scale, init: 2.0}
-  - {name: add3, op: add, from: [ls2, add2]}
+  - {name: pdrop, op: dropout, rate: 0.5}
+  - {name: add3, op: add, from: [pdrop, add2]}
   - {name: side, op: conv2d, dim_out: 16, kernel: 1}
   - {name: add4, op: add, from: [side, add3]}
   - {name: mix, op: add, from: [add4, side]}
@@ -309,8 +311,8 @@ def _residual_reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     m = dict(model.named_children())
     stem = m["stem"](x)
     add = m["drop"](m["gamma"](m["fc2"](m["act"](m["fc1"](stem))))) + stem
-    add2 = add + m["pw"](add)
-    add3 = m["ls2"](m["ls"](m["proj"](add2))) + add2
+    add2 = add + m["pb"](m["pa"](m["pw"](add)))
+    add3 = m["pdrop"](m["ls"](m["proj"](add2))) + add2
     side = m["side"](add3)
     mix = (side + add3) + side
     return m["head"](m["pool"](m["dw_act"](m["dw"](mix)) + mix))
@@ -321,8 +323,8 @@ def test_a_residual_branch_rides_along_the_convolution_or_linear_it_ends_in(tmp_
     next alone, is one call (``residual_add``), whose eager inference kernel adds the residual in its epilogue and
     folds the scales into the weights: the same values as the modules called as written, in eval with either kernel
     (float64 reference) and bit for bit in training (drop path on, same seed), gradients too; the values follow a
-    scale changed in place; under autocast, and when a hook is on a branch's module, the modules run as written
-    (the hook sees its call). Not fused: a layer another node reads
+    scale changed in place; under autocast, with two layer scales (``pa``, ``pb``) and when a hook is on a branch's
+    module, the modules run as written (the hook sees its call). Not fused: a layer another node reads
     (``side``), a branch through an activation (``dw_act``)."""
     path = tmp_path / "residuals.yaml"
     path.write_text(_RESIDUAL_SPEC)
@@ -330,8 +332,8 @@ def test_a_residual_branch_rides_along_the_convolution_or_linear_it_ends_in(tmp_
     model = bg.build_model(path)
     code = model.code
     assert "residual_add(self.fc2, act, stem, (self.gamma, self.drop), self.add)" in code
-    assert "residual_add(self.pw, add, add, (), self.add2, first=False)" in code
-    assert "residual_add(self.proj, add2, add2, (self.ls, self.ls2), self.add3)" in code
+    assert "residual_add(self.pw, add, add, (self.pa, self.pb), self.add2, first=False)" in code
+    assert "residual_add(self.proj, add2, add2, (self.ls, self.pdrop), self.add3)" in code
     assert code.count("residual_add(") == 3  # side: read twice; dw: its activation between
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(1)
