@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from blockgraph.layers.common import ACTIVATIONS, DropPath, Linear, has_hooks, init_linear, uninitialized
 from blockgraph.ops.conv import conv2d, depthwise_conv2d
-from blockgraph.ops.kernel import eager_inference, symbolic_tracing
+from blockgraph.ops.kernel import autocasting, eager_inference, symbolic_tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -255,7 +255,7 @@ def residual_add(
     if (
         eager_inference(x)
         and residual.dtype == x.dtype
-        and not torch.is_autocast_enabled(x.device.type)  # (the unfused branch promotes to the scale's dtype)
+        and not autocasting(x.device.type)  # (the unfused branch promotes to the scale's dtype)
         and len(scales) <= 1  # (one scale's fold is kept with the weight; a product would be folded every call)
         and all(isinstance(m, LayerScale | DropPath | nn.Dropout) for m in branch)
         and not any(m.training or has_hooks(m) for m in (layer, *branch, add))

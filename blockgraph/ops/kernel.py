@@ -65,6 +65,15 @@ def as_autocast_runs(fn: Callable[..., Tensor], tensors: tuple[Tensor | None, ..
         return fn(*cast, *args)
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a device type autocast does not know, such as meta,
+    where ``torch.is_autocast_enabled`` raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(t: Tensor) -> torch.dtype:
     """The dtype :func:`as_autocast_runs` gives ``t``: CPU autocast's for a floating tensor other than float64 while
     autocast is on, else ``t``'s own."""
