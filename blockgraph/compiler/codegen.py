@@ -296,7 +296,7 @@ def _generate(
     fused = {} if checkpoint or script is not None else fused_activations(inference, order, kept, {*trimmed, *whole})
     producer_of = {act: producer for producer, act in fused.items()}
     branches = {} if checkpoint or script is not None else fused_residuals(inference, order, kept, {*trimmed, *whole})
-    branches = {add: b for add, b in branches.items() if not {b.layer, *b.modules} & {*fused, *fused.values()}}
+    # (no node is in both: a branch's layer is read by a branch module or the add, never by an activation)
     in_branch = {n for b in branches.values() for n in (b.layer, *b.modules)}
     # A container that two or more calls reach through gets a local name at its first use (`m_stage0_blocks_0 =
     # m_stage0_blocks[0]`): each call then costs one attribute lookup, not a walk from `self` through every level
@@ -443,7 +443,7 @@ def fused_residuals(
     drop path), then an add of two inputs of one type (:meth:`~blockgraph.spec.schema.BlockSpec.joins_residual`),
     each next in the execution order and read by the next alone, none of them kept, excluded or sharing modules.
     The generated code calls :func:`blockgraph.layers.primitives.residual_add`, which in eager inference adds the
-    residual in the layer's kernel (and folds the layer scales into its weights), and otherwise runs the modules as
+    residual in the layer's kernel (and folds a layer scale into its weights), and otherwise runs the modules as
     written: ConvNeXt's, InceptionNeXt's and PoolFormer's MLP branches written in YAML get the epilogue the built-in
     blocks have."""
     graph = inference.graph

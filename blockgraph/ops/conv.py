@@ -62,9 +62,9 @@ def conv2d(
     if post is not None and onednn_applies(x, weight):
         depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
         w = _weight_like(x, weight) if depthwise else weight
-        fused = partial(_fused, x, weight, bias, padding, stride, dilation, groups, post)
+        fused = partial(_fused, x, weight, bias, (stride, padding, dilation, groups), post)
         plain = partial(_act_in_place, act, partial(F.conv2d, x, w, bias, stride, padding, dilation, groups))
-        packs = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1  # (_fused reads the weight packed)
+        packs = _channels_innermost(x)  # (_fused reads the weight packed)
         candidates = (
             {"fused": fused, "plain": plain} if post[0] != "none" or packs else {"plain": plain, "fused": fused}
         )
@@ -97,10 +97,9 @@ def _residual_conv2d(
     depthwise = weight.shape[1] == 1 and groups == weight.shape[0] > 1
     w = _weight_like(x, weight) if depthwise else weight
     plain = partial(_add_in_place, residual, partial(F.conv2d, x, w, bias, stride, padding, dilation, groups))
-    channels_last = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
-    if not (onednn_applies(x, weight) and channels_last and residual.stride(1) == 1):
+    if not (onednn_applies(x, weight) and _channels_innermost(x) and residual.stride(1) == 1):
         return plain()
-    fused = partial(_fused, x, weight, bias, padding, stride, dilation, groups, None, residual)
+    fused = partial(_fused, x, weight, bias, geometry, None, residual)
     key = ("conv2d", "add", tuple(x.shape), tuple(weight.shape), bias is not None, stride, padding, dilation,
            groups, residual.is_contiguous(memory_format=torch.channels_last))  # fmt: skip
     return run_packed(key, weight, {"fused": fused, "plain": plain}, x.device)
@@ -115,20 +114,18 @@ def _fused(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    padding: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
+    geometry: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int],
     post: tuple[str, str] | None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """The fused eager inference kernel: oneDNN's convolution with the post-op ``post`` (oneDNN's name and
-    algorithm) or the add of ``residual`` in its epilogue. A channels-last input reads the weight packed for it
-    (``mkldnn._reorder_convolution_weight`` given the input's size; made again for another size past the batch); a
-    channels-first one reads the plain weight (the kernel makes a channels-last output for a packed weight, whatever
-    the input's format)."""
+    """The fused eager inference kernel: oneDNN's convolution (``geometry``: stride, padding, dilation, groups) with
+    the post-op ``post`` (oneDNN's name and algorithm) or the add of ``residual`` in its epilogue. A channels-last
+    input reads the weight packed for it (``mkldnn._reorder_convolution_weight`` given the input's size; made again
+    for another size past the batch); a channels-first one reads the plain weight (the kernel makes a channels-last
+    output for a packed weight, whatever the input's format)."""
+    stride, padding, dilation, groups = geometry
     args = (list(padding), list(stride), list(dilation), groups)
-    if x.stride(1) == 1 and x.shape[1] > 1 and x.dim() == 4:
+    if _channels_innermost(x):
         size = list(x.shape)
         weight = packed(
             weight, (*args, tuple(size[1:])), lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *args, size)
@@ -139,6 +136,12 @@ def _fused(
         )
     assert post is not None
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, post[0], [], post[1])
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Whether ``x``, a map ``[B, C, h, w]``, has its channels innermost (channels-last memory, or a map viewed from
+    tokens): oneDNN's channels-last kernels read it as it is."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
 
 
 def _act_in_place(act: nn.Module | None, conv: Callable[[], Tensor]) -> Tensor:
@@ -306,7 +309,7 @@ def _depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[in
 def _weight_like(x: Tensor, weight: Tensor) -> Tensor:
     """The depthwise ``weight`` as a channels-last view when ``x``'s channels are innermost (see
     :func:`depthwise_conv2d`), else itself."""
-    if x.stride(1) == 1 and x.shape[1] > 1 and weight.is_contiguous():
+    if _channels_innermost(x) and weight.is_contiguous():
         return weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), weight.stride(3)))
     return weight
 

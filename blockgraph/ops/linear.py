@@ -114,10 +114,14 @@ def packed(weight: Tensor, hint: tuple[Any, ...], reorder: Callable[[Tensor], Te
     ``train()`` and ``eval()`` call for its weights. The cost: a second copy of each such weight while it lives."""
     if weight._base is not None or weight.is_inference() or not weight.is_contiguous():
         return weight
-    stamp = (weight.data_ptr(), weight._version, hint)
-    found = _PACKED.get(weight)
-    if found is None or found[0] != stamp:
-        found = _PACKED[weight] = (stamp, reorder(weight.detach()))
+    return _kept(_PACKED, weight, (weight.data_ptr(), weight._version, hint), lambda: reorder(weight.detach()))
+
+
+def _kept(cache: WeakIdKeyDictionary, weight: Tensor, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``cache`` with ``weight`` (gone with it) until ``key`` changes."""
+    found = cache.get(weight)
+    if found is None or found[0] != key:
+        found = cache[weight] = (key, make())
     return found[1]
 
 
@@ -130,14 +134,14 @@ def scaled(weight: Tensor, bias: Tensor | None, scale: Tensor) -> tuple[Tensor, 
     after the layer: ``scale * layer(x)`` is the layer with these weights, up to float rounding), made on first use
     and kept with the weight until the weight, the bias or the scale changes (or :func:`release_packed`). Eager
     inference only: the copies record no gradient."""
-    key = stamp(weight, bias, scale)
-    found = _SCALED.get(weight)
-    if found is None or found[0] != key:
+
+    def fold() -> tuple[Tensor, Tensor | None]:
         with torch.inference_mode(False), torch.no_grad():  # (tensors with a version: packed() may keep a copy)
             factors = scale.detach().reshape(-1)
             folded = weight.detach() * factors.view(-1, *[1] * (weight.dim() - 1))
-            found = _SCALED[weight] = (key, (folded, None if bias is None else bias.detach() * factors))
-    return found[1]
+            return folded, None if bias is None else bias.detach() * factors
+
+    return _kept(_SCALED, weight, stamp(weight, bias, scale), fold)
 
 
 def release_packed(weights: Iterable[Tensor] | None = None) -> None:
