@@ -33,9 +33,9 @@ from blockgraph.ops.linear import linear
 from tests.conftest import ROOT, SPECS
 from tests.support.specs import runtime_shapes, shrunk, small_size, static_shapes
 
-CPU_ONLY = ("mkldnn::", "blockgraph_msda::", "blockgraph::onednn_linear")
-"""Ops with kernels on the CPU only: oneDNN's (the linear op's fused and training kernels, and our compiled-graph op
-over it) and the C++ deformable attention's."""
+CPU_ONLY = ("mkldnn::", "blockgraph_msda::", "blockgraph::linear_inference", "blockgraph::conv2d_inference")
+"""Ops with kernels on the CPU only: oneDNN's (the linear and convolution ops' fused and training kernels, and our
+compiled-graph ops over them) and the C++ deformable attention's."""
 
 
 class DeviceAudit(TorchDispatchMode):

@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
-from blockgraph.ops.kernel import eager_inference
 from blockgraph.ops.linear import linear as linear_op
-from blockgraph.ops.linear import scaled
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "identity": nn.Identity}
 
@@ -25,17 +23,15 @@ def activation(name: str) -> nn.Module:
 class Linear(nn.Linear):
     """``nn.Linear`` (the same parameters, state_dict and results) whose forward is :func:`blockgraph.ops.linear.linear`:
     an activation and a residual add may ride along, and the op picks its kernel (oneDNN with the activation or the
-    add in its epilogue for eager inference; oneDNN for large products in graphs compiled for inference)."""
+    add in its epilogue for eager inference and in graphs compiled for inference)."""
 
     def forward(
         self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
     ) -> Tensor:
         """``residual + scale * act(the layer(x))`` (``act``, ``residual``, ``scale``: optional; ``scale``, per
-        output channel; with a residual and no activation in eager inference, folded into the weights:
-        :func:`blockgraph.ops.linear.scaled`)."""
-        if scale is not None and residual is not None and act is None and eager_inference(x):
-            weight, bias = scaled(self.weight, self.bias, scale)
-            return linear_op(x, weight, bias, act=act, residual=residual)
+        output channel; with a residual and no activation, the op's: in eager inference folded into the weights)."""
+        if scale is not None and residual is not None and act is None:
+            return linear_op(x, self.weight, self.bias, residual=residual, scale=scale)
         if scale is not None:
             y = self.forward(x, act) * scale
             return y if residual is None else residual + y

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from blockgraph.layers.common import ACTIVATIONS, DropPath, Linear, has_hooks, init_linear, uninitialized
 from blockgraph.ops.conv import conv2d, depthwise_conv2d
-from blockgraph.ops.kernel import autocasting, eager_inference, symbolic_tracing
+from blockgraph.ops.kernel import autocasting, compiled_inference, eager_inference, symbolic_tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -249,11 +249,12 @@ def residual_add(
     In eager inference, when every module is in eval and no hooks would see their calls, the layer computes it
     alone: ``residual + scale * layer(x)``, ``scale`` the branch's layer scale if any (dropout and drop path are
     identities in eval), the add in its kernel's epilogue and the scale folded into its weights (or the add in
-    place); the same values up to float rounding. Otherwise (training, compiling, tracing, exporting, autocast, hooks,
-    two layer scales, a module of another kind) each module runs as written."""
+    place); the same values up to float rounding. So does a graph torch.compile traces for inference (the layer's op
+    then calls that eager path, or runs the scale and add as written for inductor to fuse). Otherwise (training,
+    tracing, exporting, autocast, hooks, two layer scales, a module of another kind) each module runs as written."""
     scales = [m for m in branch if isinstance(m, LayerScale)]
     if (
-        eager_inference(x)
+        (eager_inference(x) or compiled_inference())
         and residual.dtype == x.dtype
         and not autocasting(x.device.type)  # (the unfused branch promotes to the scale's dtype)
         and len(scales) <= 1  # (one scale's fold is kept with the weight; a product would be folded every call)

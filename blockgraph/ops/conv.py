@@ -17,6 +17,7 @@ from blockgraph.ops.autotune import run_chosen
 from blockgraph.ops.kernel import (
     as_autocast_runs,
     autocast_dtype,
+    compiled_inference,
     eager_inference,
     eager_training,
     in_place,
@@ -24,7 +25,7 @@ from blockgraph.ops.kernel import (
     stamp,
     symbolic_tracing,
 )
-from blockgraph.ops.linear import onednn_applies, packed, post_op, run_packed, scaled
+from blockgraph.ops.linear import activation, onednn_applies, packed, post_op, run_packed, scaled
 from blockgraph.ops.ms_deform_attn import exporting
 
 
@@ -53,9 +54,18 @@ def conv2d(
     here for this shape and memory format (:mod:`blockgraph.ops.autotune`; by default, when measuring is off or the
     two are within its margin, oneDNN's with an activation, a residual or a packed weight; the plain one for a
     channels-first input without an activation, where both run oneDNN's convolution on the plain weight). The scale
-    is folded into the weights (:func:`~blockgraph.ops.linear.scaled`). Otherwise the plain convolution, then the
-    activation, or the scale and the add."""
+    is folded into the weights (:func:`~blockgraph.ops.linear.scaled`). A graph torch.compile traces for inference
+    calls this eager inference path as an opaque op (``blockgraph::conv2d_inference``) where it has something to
+    gain (an activation, or a map with its channels innermost, whose weight is packed): inductor without freezing
+    would run the convolution on the unpacked weight, and the activation, scale and add in passes of their own.
+    Otherwise the plain convolution, then the activation, or the scale and the add."""
     fast = eager_inference(x)
+    if not fast and compiled_inference() and onednn_applies(x, weight):
+        post = post_op(act)
+        if post is not None and (post[0] != "none" or _channels_innermost(x)):
+            return torch.ops.blockgraph.conv2d_inference(
+                x, weight, bias, list(stride), list(padding), list(dilation), groups, *post, residual, scale
+            )
     if residual is not None:
         return _residual_conv2d(x, weight, bias, (stride, padding, dilation, groups), residual, scale, fast)
     post = post_op(act) if fast else None
@@ -75,6 +85,46 @@ def conv2d(
     if act is None:
         return y
     return in_place(act, y) if fast else act(y)
+
+
+# The eager inference path as an op a compiled graph calls (:func:`conv2d`): inductor runs it as an opaque call, as it
+# runs ``aten.convolution``; it runs when the graph runs, eagerly (packed weights, epilogues, the kernel choice
+# measured on this machine), and makes its output in the memory format the fake kernel promises: channels-last for
+# an input with its channels innermost, else contiguous.
+_LIBRARY = torch.library.Library("blockgraph", "FRAGMENT")
+_LIBRARY.define(
+    "conv2d_inference(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups,"
+    " str post, str algorithm, Tensor? residual, Tensor? scale) -> Tensor"
+)
+
+
+def _conv2d_inference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+    groups: int, post: str, algorithm: str, residual: Tensor | None, scale: Tensor | None,
+) -> Tensor:  # fmt: skip
+    geometry = ((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
+    y = conv2d(x, weight, bias, *geometry, groups, activation(post, algorithm), residual, scale)
+    return y.contiguous(memory_format=_format_of(x))
+
+
+def _conv2d_inference_fake(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+    *args: Any,
+) -> Tensor:  # fmt: skip
+    size = [x.shape[0], weight.shape[0]]
+    for i in range(2):
+        size.append((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
+    return x.new_empty(size).contiguous(memory_format=_format_of(x))
+
+
+_LIBRARY.impl("conv2d_inference", _conv2d_inference, "CPU")
+torch.library.register_fake("blockgraph::conv2d_inference")(_conv2d_inference_fake)
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    """The memory format of a convolution's output in eager inference: channels-last for an input with its
+    channels innermost, else contiguous."""
+    return torch.channels_last if _channels_innermost(x) else torch.contiguous_format
 
 
 def _residual_conv2d(

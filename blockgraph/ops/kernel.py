@@ -42,6 +42,13 @@ def eager_inference(x: Tensor) -> bool:
     )
 
 
+def compiled_inference() -> bool:
+    """Whether torch.compile is tracing a graph for inference (no gradients recorded, not for export): a graph that
+    may call an op's eager inference kernels as opaque ops of their own (``blockgraph::linear_inference``, ...),
+    which run when the graph runs, eagerly."""
+    return torch.compiler.is_compiling() and not (torch.is_grad_enabled() or exporting())
+
+
 def eager_training(x: Tensor) -> bool:
     """Whether an op may run its eager training kernels (custom autograd formulas, CPU-only C++ kernels) on ``x``:
     autograd records (grad mode on), torch runs eagerly (not compiling, tracing or exporting: those see the plain ops,

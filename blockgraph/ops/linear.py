@@ -6,10 +6,10 @@
   oneDNN's blocked layout (:func:`packed_weight`); or the plain ``F.linear`` with the activation and the add in
   place, whichever is faster on this machine for this shape (measured on first use: :mod:`blockgraph.ops.autotune`;
   oneDNN by default when measuring is off).
-- A graph torch.compile traces for inference (no gradients, not exporting), CPU, float32, products of at least
-  :data:`COMPILED_ONEDNN_MIN_MACS` multiply-adds: oneDNN's matrix multiply through an op of our own
-  (``blockgraph::onednn_linear``). Inductor without freezing lowers ``F.linear`` to MKL's ``addmm``, 5-28% slower
-  on these shapes (measured per shape, compiled: README, "Inference speed").
+- A graph torch.compile traces for inference (no gradients, not exporting), CPU, float32: the eager inference path
+  above, called from the graph as an opaque op of our own (``blockgraph::linear_inference``), where inductor
+  without freezing would call MKL's ``addmm`` on the unpacked weight and the activation and the add in passes of
+  their own.
 - An eager training step (autograd recording; not compiling, tracing or exporting), CPU, float32: oneDNN's matrix
   multiply for the forward and the input's gradient (:class:`_OneDnnLinear`), or ``F.linear``, whichever is faster
   here for the shape (measured over the forward and the backward); then the activation and the add.
@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from blockgraph.ops.autotune import choose, chosen, run_chosen
-from blockgraph.ops.kernel import eager_inference, in_place, stamp, symbolic_tracing
+from blockgraph.ops.kernel import compiled_inference, eager_inference, in_place, stamp, symbolic_tracing
 from blockgraph.ops.ms_deform_attn import exporting
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -37,20 +38,38 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 # activation module type → oneDNN post-op name (GELU's algorithm is its ``approximate``; the others have none)
 _POST_OPS: dict[type, str] = {nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish", nn.GELU: "gelu"}
 
-# oneDNN's matrix multiply as an op of our own: inductor lowers ``mkldnn._linear_pointwise`` only for frozen weights
-# (its lowering asserts the weight is a graph constant; ``.binary`` has no fake kernel at all), so the graph calls
-# this one, which inductor runs as an opaque call, as it does ``addmm``.
+# The eager inference path as an op a compiled graph calls (:func:`linear`): inductor runs it as an opaque call, as it
+# does ``addmm``; it runs when the graph runs, eagerly, with the packed weights and the kernel choice of eager
+# inference. (Inductor lowers ``mkldnn._linear_pointwise`` only for frozen weights: its lowering asserts the weight
+# is a graph constant, and ``.binary`` has no fake kernel at all.)
 _LIBRARY = torch.library.Library("blockgraph", "DEF")
-_LIBRARY.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl(
-    "onednn_linear", lambda x, weight, bias: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""), "CPU"
-)
-torch.library.register_fake("blockgraph::onednn_linear")(
-    lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0]))
+COMPILED_MIN_MACS = 16_000_000
+"""Multiply-adds from which a compiled graph calls the eager inference path (``blockgraph::linear_inference``): below
+it, the op call's overhead (about 10 us) eats the gain (measured in whole graphs at batch 1, ours / timm compiled:
+MobileViT-XXS 1.04-1.05 with every product an op, 0.98 with 16M; ViT-Ti 0.70 either way)."""
+_LIBRARY.define(
+    "linear_inference(Tensor x, Tensor weight, Tensor? bias, str post, str algorithm, Tensor? residual,"
+    " Tensor? scale) -> Tensor"
 )
 
-COMPILED_ONEDNN_MIN_MACS = 64_000_000
-"""Multiply-adds from which a compiled graph calls oneDNN: below it, the op call's overhead eats the gain."""
+
+def _linear_inference(
+    x: Tensor, weight: Tensor, bias: Tensor | None, post: str, algorithm: str, residual: Tensor | None,
+    scale: Tensor | None,
+) -> Tensor:  # fmt: skip
+    y = linear(x, weight, bias, act=activation(post, algorithm), residual=residual, scale=scale)
+    return y.contiguous()  # (the layout the fake kernel promises)
+
+
+_LIBRARY.impl("linear_inference", _linear_inference, "CPU")
+
+
+@torch.library.register_fake("blockgraph::linear_inference")
+def _linear_inference_fake(
+    x: Tensor, weight: Tensor, bias: Tensor | None, post: str, algorithm: str, residual: Tensor | None,
+    scale: Tensor | None,
+) -> Tensor:  # fmt: skip
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def linear(
@@ -60,12 +79,23 @@ def linear(
     *,
     act: nn.Module | None = None,
     residual: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
     """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
-    kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight)."""
+    kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight). Given a
+    ``residual`` and no ``act``, ``scale`` (per output channel, a layer scale) multiplies the product before the add:
+    in eager inference folded into a copy of the weights (:func:`scaled`)."""
+    assert scale is None or (residual is not None and act is None), "a scale comes with a residual, no activation"
     fast = eager_inference(x)
     onednn = not symbolic_tracing() and onednn_applies(x, weight)
-    y = None
+    if onednn and not fast and compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_MIN_MACS:
+        post = post_op(act)
+        if post is not None:
+            return torch.ops.blockgraph.linear_inference(x, weight, bias, *post, residual, scale)
+    if scale is not None:
+        if not fast:
+            return residual + recorded_linear(x, weight, bias) * scale
+        weight, bias = scaled(weight, bias, scale)
     if onednn and fast:
         shapes = (tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype)
         if act is None and residual is not None and residual.shape == (*x.shape[:-1], weight.shape[0]):
@@ -77,10 +107,7 @@ def linear(
             fused = partial(_fused, x, weight, bias, post, None)
             plain = partial(_plain, x, weight, bias, act, None)
             return run_packed(("linear", *post, *shapes), weight, {"fused": fused, "plain": plain}, x.device)
-    elif onednn and _compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_ONEDNN_MIN_MACS:
-        y = torch.ops.blockgraph.onednn_linear(x, weight, bias)
-    if y is None:
-        y = recorded_linear(x, weight, bias)
+    y = recorded_linear(x, weight, bias)
     if act is not None:
         y = in_place(act, y) if fast else act(y)
     if residual is None:
@@ -256,11 +283,6 @@ def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, act: nn.Module | None
     return y if residual is None else y.add_(residual)
 
 
-def _compiled_inference() -> bool:
-    """Whether torch.compile is tracing a graph for inference (no gradients recorded, not for export)."""
-    return torch.compiler.is_compiling() and not (torch.is_grad_enabled() or exporting())
-
-
 def post_op(act: nn.Module | None) -> tuple[str, str] | None:
     """oneDNN's name and algorithm for ``act`` (``("none", "")`` for none), or None if oneDNN has no such post-op."""
     if act is None or isinstance(act, nn.Identity):
@@ -269,3 +291,14 @@ def post_op(act: nn.Module | None) -> tuple[str, str] | None:
     if name is None:
         return None
     return name, act.approximate if isinstance(act, nn.GELU) else ""
+
+
+@functools.cache
+def activation(post: str, algorithm: str) -> nn.Module | None:
+    """The activation module oneDNN's post-op ``post`` with ``algorithm`` computes (the inverse of :func:`post_op`;
+    None for ``"none"``)."""
+    if post == "none":
+        return None
+    if post == "gelu":
+        return nn.GELU(approximate=algorithm)
+    return next(module for module, name in _POST_OPS.items() if name == post)()

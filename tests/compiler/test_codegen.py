@@ -83,12 +83,13 @@ def test_one_graph_without_breaks_for_torch_compile(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     ["coat_tiny", "deit_base_distilled_patch16_224", "mpvit_tiny", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
-     "deformable_encoder"],
+     "deformable_encoder", "convnext_atto"],
 )  # fmt: skip
 def test_inductor_compiled_model_equals_eager(name: str) -> None:
     """One spec per family (CoaT's serial and parallel blocks, ViT with DeiT's head, MPViT, Swin, MobileViT, the
-    deformable encoder), depths at 1: torch.compile with inductor (the graphs compiled for inference call their
-    own kernels: oneDNN's matrix multiply, the merged CRPE) gives the eager model's values, float32, within 1e-4."""
+    deformable encoder, ConvNeXt's residual branches with their layer scales), depths at 1: torch.compile with
+    inductor (the graphs compiled for inference call the eager inference kernels as ops of their own: the linear and
+    convolution ops, the merged CRPE) gives the eager model's values, float32, within 1e-4."""
     path = ROOT / "specs" / f"{name}.yaml"
     torch.manual_seed(0)
     model = bg.build_model(path, overrides=shrunk(path)).eval()

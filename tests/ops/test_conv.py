@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from blockgraph.ops import _cpp, autotune
 from blockgraph.ops import linear as linear_module
 from blockgraph.ops.autotune import choices, forcing, tuning
 from blockgraph.ops.conv import conv2d, conv_bn, depthwise_conv2d, depthwise_conv2d_backward, merge_depthwise
+from blockgraph.ops.linear import post_op
 from tests.support.weights import ops_called, randomize_batchnorm
 
 ACTS = [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Hardswish()]
@@ -115,6 +117,68 @@ def test_a_convolution_adds_a_residual_with_its_scale_folded_in(
     torch.testing.assert_close(got.double(), expected(), rtol=1e-5, atol=1e-5)
     linear_module.release_packed()
     assert len(linear_module._SCALED) == 0
+
+
+@pytest.mark.parametrize(
+    ("act", "channels_last", "residual", "op"),
+    [
+        (nn.GELU(), False, False, True),  # an activation for the epilogue
+        (nn.SiLU(), True, False, True),
+        (None, True, False, True),  # a packed weight
+        (None, False, False, False),  # nothing to gain: inductor's convolution
+        (None, True, True, True),  # a residual and a scale for the epilogue
+        (None, False, True, False),
+        (nn.Tanh(), True, False, False),  # no such post-op
+    ],
+    ids=str,
+)
+def test_a_graph_compiled_for_inference_calls_the_eager_kernels_as_one_op(
+    act: nn.Module | None, channels_last: bool, residual: bool, op: bool
+) -> None:
+    """Under torch.compile without gradients a convolution with something to gain (an activation oneDNN has, or a
+    map with its channels innermost) is the op ``blockgraph::conv2d_inference``, which runs the eager inference path:
+    the float64 values within float32 rounding, in the memory format its fake kernel promises (the strides compared
+    with the fake's); the others, and every graph that records gradients, keep torch's convolution. ``aot_eager``
+    runs the traced graph eagerly, so the ops it holds show in the profile."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 9, 8).contiguous(memory_format=fmt)
+    w, b = torch.randn(32, 16, 3, 3) / 12, torch.randn(32)
+    r = torch.randn(2, 32, 9, 8).contiguous(memory_format=fmt) if residual else None
+    gamma = torch.rand(32) + 0.5 if residual else None
+    args = ((1, 1), (1, 1), (1, 1), 1)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return conv2d(x, w, b, *args, act, r, gamma)
+
+    y = F.conv2d(x.double(), w.double(), b.double(), *args)
+    expected = (act or nn.Identity())(y) if r is None else r.double() + y * gamma.double().view(1, -1, 1, 1)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        got = compiled(x)
+        called = ops_called(lambda: compiled(x))
+    assert ("blockgraph::conv2d_inference" in called) == op, called
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=fmt)
+    with torch.no_grad(), FakeTensorMode() as mode:
+        fake = torch.ops.blockgraph.conv2d_inference(
+            mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), [1, 1], [1, 1], [1, 1], 1,
+            *(post_op(act) or ("none", "")), None if r is None else mode.from_tensor(r),
+            None if gamma is None else mode.from_tensor(gamma),
+        )  # fmt: skip
+    for kernel in ("fused", "plain"):
+        with torch.no_grad(), forcing(kernel):
+            real = torch.ops.blockgraph.conv2d_inference(
+                x, w, b, [1, 1], [1, 1], [1, 1], 1, *(post_op(act) or ("none", "")), r, gamma
+            )
+        assert (real.shape, real.stride()) == (fake.shape, fake.stride()), kernel
+    torch._dynamo.reset()
+    if not op:
+        return
+    w.requires_grad_()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+    assert "blockgraph::conv2d_inference" not in ops_called(lambda: compiled(x))
+    torch._dynamo.reset()
 
 
 def test_a_channels_last_convolution_packs_its_weight_once_and_again_when_it_or_the_map_changes() -> None:

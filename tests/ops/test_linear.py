@@ -3,10 +3,13 @@ a residual in the epilogue, in eager inference and in graphs compiled for infere
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from blockgraph.layers.common import Linear
 from blockgraph.ops import autotune
@@ -70,28 +73,45 @@ def test_linear_runs_onednn_on_the_cpu_in_float32_and_plain_ops_elsewhere() -> N
 
 
 @pytest.mark.skipif(not linear_module._ONEDNN, reason="oneDNN's matrix multiply")
-def test_linear_runs_onednn_in_graphs_compiled_for_inference_on_large_products() -> None:
-    """oneDNN in a graph traced without gradients when the product is large enough, ``F.linear`` (so autograd)
-    otherwise; the compiled result equals the layer's. ``aot_eager`` runs the traced graph eagerly (the ops it holds
-    show in the profile); inductor once, for the values."""
+def test_a_graph_compiled_for_inference_calls_the_eager_kernels_on_large_products() -> None:
+    """A graph traced without gradients calls the eager inference path as one op (``blockgraph::linear_inference``:
+    the packed weight, the activation or the scaled residual in the epilogue) when the product is large enough,
+    ``F.linear`` (so autograd) otherwise; the compiled result is the reference's within float32 rounding, its strides
+    the fake kernel's (a permuted input, as a map's linear layer gives it). ``aot_eager`` runs the traced graph
+    eagerly (the ops it holds show in the profile); inductor once, for the values."""
     torch.manual_seed(0)
     layer = Linear(256, 512)
-    large = torch.randn(1, 512, 256)  # 512 * 256 * 512 multiply-adds: at least COMPILED_ONEDNN_MIN_MACS
+    large = torch.randn(1, 128, 256)  # 128 * 256 * 512 multiply-adds: at least COMPILED_MIN_MACS
     small = torch.randn(1, 64, 256)
-    assert large.numel() * 512 >= linear_module.COMPILED_ONEDNN_MIN_MACS > small.numel() * 512
+    assert large.numel() * 512 >= linear_module.COMPILED_MIN_MACS > small.numel() * 512
+    residual, gamma = torch.randn(1, 128, 512), torch.rand(512) + 0.5
 
-    def graph_ops(x: torch.Tensor) -> set[str]:
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    def graph_ops(fn, x: torch.Tensor) -> set[str]:
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
         compiled(x)
         return ops_called(lambda: compiled(x))
 
     with torch.no_grad():
-        assert "blockgraph::onednn_linear" in graph_ops(large)
-        assert "blockgraph::onednn_linear" not in graph_ops(small)
-        assert "blockgraph::onednn_linear" not in ops_called(lambda: layer(large))  # eager: its own kernel
-        got = torch.compile(layer, fullgraph=True, dynamic=False)(large)
-        torch.testing.assert_close(got, F.linear(large, layer.weight, layer.bias), rtol=0, atol=1e-5)
-    assert "blockgraph::onednn_linear" not in graph_ops(large)  # gradients recorded: F.linear
+        assert "blockgraph::linear_inference" in graph_ops(layer, large)
+        assert "blockgraph::linear_inference" not in graph_ops(layer, small)
+        assert "blockgraph::linear_inference" not in ops_called(lambda: layer(large))  # eager: its own kernel
+        gelu, scaled = partial(layer, act=nn.GELU()), partial(layer, residual=residual, scale=gamma)
+        assert "blockgraph::linear_inference" in graph_ops(gelu, large)
+        assert "blockgraph::linear_inference" in graph_ops(scaled, large)
+        reference = F.linear(large, layer.weight, layer.bias)
+        for fn, expected in ((layer, reference), (gelu, F.gelu(reference)), (scaled, residual + reference * gamma)):
+            got = torch.compile(fn, fullgraph=True, dynamic=False)(large)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            torch._dynamo.reset()
+        permuted = torch.randn(1, 256, 16, 8).permute(0, 2, 3, 1)
+        real = torch.ops.blockgraph.linear_inference(permuted, layer.weight, layer.bias, "gelu", "none", None, None)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.blockgraph.linear_inference(
+                mode.from_tensor(permuted), mode.from_tensor(layer.weight), mode.from_tensor(layer.bias),
+                "gelu", "none", None, None,
+            )  # fmt: skip
+        assert (real.shape, real.stride()) == (fake.shape, fake.stride())
+    assert "blockgraph::linear_inference" not in graph_ops(layer, large)  # gradients recorded: F.linear
     torch._dynamo.reset()
     x = large.clone().requires_grad_()
     torch.compile(layer, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
