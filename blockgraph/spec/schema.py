@@ -413,7 +413,9 @@ class InputSpec(SpecModel):
     kernels are chosen (`blockgraph.ops.autotune`; NCHW unless channels-last is 3% faster; `BLOCKGRAPH_AUTOTUNE=0`
     takes NCHW without measuring, and so does a model with forward hooks, which would see the timed calls). For a
     family whose best layout depends on the batch (InceptionNeXt: channels-last 0.13 faster at batch 8, 0.10 slower
-    at batch 1). Other paths (autograd, torch.compile, export, TorchScript) take the image as given."""
+    at batch 1). A graph torch.compile traces for inference on the CPU lays it out channels-last (it cannot time
+    candidates; its convolution ops read packed weights on such maps). Other paths (autograd, export, TorchScript)
+    take the image as given."""
 
     @model_validator(mode="after")
     def _optional_mask(self) -> InputSpec:

@@ -160,8 +160,9 @@ def test_an_image_in_channels_last_memory_gives_the_same_values(tmp_path) -> Non
 def test_an_auto_memory_format_is_measured_per_shape_in_inference(tmp_path) -> None:
     """``memory_format: auto``: channels-last in training; in eager inference the layout whose whole forward
     measured faster for the image's shape, timed once per shape (autotune.choices lists it), the values those of
-    the image as given; NCHW without measuring when tuning is off or forward hooks would see the timed calls; the
-    image as given under autograd and in TorchScript."""
+    the image as given; NCHW without measuring when tuning is off or forward hooks would see the timed calls;
+    channels-last in a graph compiled for inference (nothing measured); the image as given under autograd and in
+    TorchScript."""
     from blockgraph.ops import autotune
 
     (tmp_path / "auto.yaml").write_text(_LAYOUT_SPEC.format(extra=", memory_format: auto"))
@@ -193,6 +194,12 @@ def test_an_auto_memory_format_is_measured_per_shape_in_inference(tmp_path) -> N
     model(x)
     hook.remove()
     assert seen_cl == [True]
+    model.eval()
+    compiled = torch.compile(model._measured_layout, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert compiled(x).is_contiguous(memory_format=torch.channels_last)
+    assert compiled(x).is_contiguous()  # gradients recorded: as given
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.x: "torch.jit.script is deprecated"
         script = torch.jit.script(model.eval())
