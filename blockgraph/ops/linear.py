@@ -6,10 +6,10 @@
   oneDNN's blocked layout (:func:`packed_weight`); or the plain ``F.linear`` with the activation and the add in
   place, whichever is faster on this machine for this shape (measured on first use: :mod:`blockgraph.ops.autotune`;
   oneDNN by default when measuring is off).
-- A graph torch.compile traces for inference (no gradients, not exporting), CPU, float32: the eager inference path
-  above, called from the graph as an opaque op of our own (``blockgraph::linear_inference``), where inductor
-  without freezing would call MKL's ``addmm`` on the unpacked weight and the activation and the add in passes of
-  their own.
+- A graph torch.compile traces for inference (no gradients, not exporting), CPU, float32, products of at least
+  :data:`COMPILED_MIN_MACS` multiply-adds: the eager inference path above, called from the graph as an opaque op of
+  our own (``blockgraph::linear_inference``), where inductor without freezing would call MKL's ``addmm`` on the
+  unpacked weight and the activation and the add in passes of their own.
 - An eager training step (autograd recording; not compiling, tracing or exporting), CPU, float32: oneDNN's matrix
   multiply for the forward and the input's gradient (:class:`_OneDnnLinear`), or ``F.linear``, whichever is faster
   here for the shape (measured over the forward and the backward); then the activation and the add.
