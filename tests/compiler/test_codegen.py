@@ -331,7 +331,8 @@ def test_a_residual_branch_rides_along_the_convolution_or_linear_it_ends_in(tmp_
     next alone, is one call (``residual_add``), whose eager inference kernel adds the residual in its epilogue and
     folds the scales into the weights: the same values as the modules called as written, in eval with either kernel
     (float64 reference) and bit for bit in training (drop path on, same seed), gradients too; the values follow a
-    scale changed in place; under autocast, with two layer scales (``pa``, ``pb``) and when a hook is on a branch's
+    scale changed in place; in a graph compiled for inference the convolution's op takes the residual and the scale;
+    under autocast, with two layer scales (``pa``, ``pb``) and when a hook is on a branch's
     module, the modules run as written (the hook sees its call). Not fused: a layer another node reads
     (``side``), a branch through an activation (``dw_act``)."""
     path = tmp_path / "residuals.yaml"
@@ -363,6 +364,15 @@ def test_a_residual_branch_rides_along_the_convolution_or_linear_it_ends_in(tmp_
                 torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5, msg=kernel)
         model.get_submodule("gamma").gamma.mul_(-3)
         torch.testing.assert_close(model(x), _residual_reference(model, x), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # inference: the layers' ops take the add
+    with torch.no_grad(), forcing("fused"):
+        torch.testing.assert_close(compiled(x), _residual_reference(model, x), rtol=1e-5, atol=1e-5)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            compiled(x)
+    calls = [e.input_shapes for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("blockgraph::")]
+    with_residual = [(e[0], e[-2]) for e in calls if len(e) > 1 and e[-2]]  # the op's (input, residual) shapes
+    assert len(with_residual) == 1 and with_residual[0][1] == [2, 16, 16, 16], calls  # fc2's; pw has two scales
+    torch._dynamo.reset()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as written: the branch's dtypes kept
         got = model(x)
         assert torch.equal(got, _residual_reference(model, x.contiguous(memory_format=torch.channels_last)))
