@@ -25,7 +25,7 @@ from blockgraph.ops.kernel import (
     stamp,
     symbolic_tracing,
 )
-from blockgraph.ops.linear import activation, onednn_applies, packed, post_op, run_packed, scaled
+from blockgraph.ops.linear import onednn_applies, packed, post_op, post_op_module, run_packed, scaled
 from blockgraph.ops.ms_deform_attn import exporting
 
 
@@ -103,18 +103,16 @@ def _conv2d_inference(
     groups: int, post: str, algorithm: str, residual: Tensor | None, scale: Tensor | None,
 ) -> Tensor:  # fmt: skip
     geometry = ((stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]))
-    y = conv2d(x, weight, bias, *geometry, groups, activation(post, algorithm), residual, scale)
+    y = conv2d(x, weight, bias, *geometry, groups, post_op_module(post, algorithm), residual, scale)
     return y.contiguous(memory_format=_format_of(x))
 
 
 def _conv2d_inference_fake(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-    *args: Any,
+    groups: int, *args: Any,
 ) -> Tensor:  # fmt: skip
-    size = [x.shape[0], weight.shape[0]]
-    for i in range(2):
-        size.append((x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
-    return x.new_empty(size).contiguous(memory_format=_format_of(x))
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # (on fake tensors: the size, no arithmetic)
+    return y.contiguous(memory_format=_format_of(x))
 
 
 _LIBRARY.impl("conv2d_inference", _conv2d_inference, "CPU")

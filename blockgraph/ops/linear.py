@@ -57,7 +57,7 @@ def _linear_inference(
     x: Tensor, weight: Tensor, bias: Tensor | None, post: str, algorithm: str, residual: Tensor | None,
     scale: Tensor | None,
 ) -> Tensor:  # fmt: skip
-    y = linear(x, weight, bias, act=activation(post, algorithm), residual=residual, scale=scale)
+    y = linear(x, weight, bias, act=post_op_module(post, algorithm), residual=residual, scale=scale)
     return y.contiguous()  # (the layout the fake kernel promises)
 
 
@@ -294,7 +294,7 @@ def post_op(act: nn.Module | None) -> tuple[str, str] | None:
 
 
 @functools.cache
-def activation(post: str, algorithm: str) -> nn.Module | None:
+def post_op_module(post: str, algorithm: str) -> nn.Module | None:
     """The activation module oneDNN's post-op ``post`` with ``algorithm`` computes (the inverse of :func:`post_op`;
     None for ``"none"``)."""
     if post == "none":
