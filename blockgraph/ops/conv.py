@@ -1,6 +1,7 @@
-"""Convolution ops: a convolution with its activation in oneDNN's epilogue for inference, Conv-BN(-activation)
-folded for inference, depthwise convolutions over channel groups merged into one, and a depthwise convolution of a
-map viewed from tokens (with a backward of our own in training)."""
+"""Convolution ops: a convolution with its activation in oneDNN's epilogue for inference, a channels-last 1x1
+convolution as oneDNN's linear layer in training, Conv-BN(-activation) folded for inference, depthwise convolutions
+over channel groups merged into one, and a depthwise convolution of a map viewed from tokens (with a backward of our
+own in training)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ from blockgraph.ops.kernel import (
     stamp,
     symbolic_tracing,
 )
-from blockgraph.ops.linear import onednn_applies, packed, post_op, post_op_module, run_packed, scaled
+from blockgraph.ops.linear import (
+    onednn_applies,
+    onednn_linear,
+    packed,
+    post_op,
+    post_op_module,
+    run_packed,
+    scaled,
+)
 from blockgraph.ops.ms_deform_attn import exporting
 
 
@@ -58,7 +67,11 @@ def conv2d(
     calls this eager inference path as an opaque op (``blockgraph::conv2d_inference``) where it has something to
     gain (an activation, or a map with its channels innermost, whose weight is packed): inductor without freezing
     would run the convolution on the unpacked weight, and the activation, scale and add in passes of their own.
-    Otherwise the plain convolution, then the activation, or the scale and the add."""
+    In an eager training step on the CPU in float32, a 1x1 convolution (stride 1, one group) of a map with its
+    channels innermost runs the convolution or oneDNN's linear layer on the map's ``[B, h, w, C]`` view
+    (:func:`_pointwise_linear`), whichever measured faster over a forward and a backward (InceptionNeXt-T's 56x56 and
+    28x28 layers take the linear one). Otherwise the plain convolution, then the activation, or the scale and the
+    add."""
     fast = eager_inference(x)
     if not fast and compiled_inference() and onednn_applies(x, weight):
         post = post_op(act)
@@ -81,10 +94,42 @@ def conv2d(
         key = ("conv2d", *post, tuple(x.shape), x.is_contiguous(), x.stride(1) == 1, tuple(weight.shape),
                bias is not None, stride, padding, dilation, groups)  # fmt: skip
         return run_packed(key, weight, candidates, x.device)
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if _pointwise_training(x, weight, stride, padding, dilation, groups):
+        plain = partial(F.conv2d, x, weight, bias, stride, padding, dilation, groups)
+        key = ("conv2d", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.requires_grad)
+        candidates = {"plain": plain, "linear": partial(_pointwise_linear, x, weight, bias)}
+        y = run_chosen(key, candidates, device=x.device, training=True)
+    else:
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if act is None:
         return y
     return in_place(act, y) if fast else act(y)
+
+
+def _pointwise_training(
+    x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int
+) -> bool:
+    """Whether a convolution is a 1x1 one (stride 1, no padding, one group) on a map with its channels innermost in
+    an eager training step on the CPU in float32: a product ``[B * h * w, C] x [C, C_out]`` over the map's memory as
+    it is, which the oneDNN linear layer's training kernel may compute (:func:`_pointwise_linear`)."""
+    return (
+        eager_training(x)  # (first: False for a trace's proxies, whose shapes are no values)
+        and groups == 1
+        and tuple(stride) == (1, 1)
+        and tuple(padding) == (0, 0)
+        and weight.shape[2:] == (1, 1)
+        and _channels_innermost(x)
+        and onednn_applies(x, weight)
+    )
+
+
+def _pointwise_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 convolution of a map with its channels innermost as a linear layer on its ``[B, h, w, C]`` view, through
+    oneDNN's training kernel (:func:`~blockgraph.ops.linear.onednn_linear`), whose weight gradient (oneDNN's matrix
+    multiply on the transposed views) takes 0.6-0.8 of the convolution's backward-weights time at InceptionNeXt's
+    56x56 layers; the output is the channels-last map the convolution returns (a view: no copy either way)."""
+    y = onednn_linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+    return y.permute(0, 3, 1, 2)
 
 
 # The eager inference path as an op a compiled graph calls (:func:`conv2d`): inductor runs it as an opaque call, as it

@@ -38,7 +38,8 @@ def test_a_convolution_with_its_activation_gives_the_plain_values_with_either_ke
 ) -> None:
     """oneDNN's convolution (on the packed weight for a channels-last input) with the activation as a post-op, or
     none, and the plain one (then the activation in place): the same values as F.conv2d then the module, within
-    float32 rounding, in the input's memory format; with autograd on, the plain ops (and their gradients)."""
+    float32 rounding, in the input's memory format; with autograd on, the plain ops (and their gradients: the
+    training kernel of a channels-last 1x1 convolution, forced plain here, has a test of its own)."""
     apply = act or nn.Identity()
     torch.manual_seed(0)
     x, w, b = torch.randn(shape), torch.randn(weight) / weight[1] ** 0.5, torch.randn(weight[0])
@@ -53,7 +54,8 @@ def test_a_convolution_with_its_activation_gives_the_plain_values_with_either_ke
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=kernel)
         assert got.is_contiguous(memory_format=fmt), kernel
     w.requires_grad_()
-    got = conv2d(x, w, b, *args, act)
+    with forcing("plain"):
+        got = conv2d(x, w, b, *args, act)
     assert torch.equal(got, apply(F.conv2d(x, w, b, *args)))
     (g,) = torch.autograd.grad(got.sum(), w)
     (ref,) = torch.autograd.grad(apply(F.conv2d(x, w, b, *args)).sum(), w)
@@ -453,6 +455,47 @@ def test_depthwise_conv2d_training_gradients_equal_torchs(case: str, kernel: str
         assert g.shape == c.shape == e.shape
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
         torch.testing.assert_close(c, e, rtol=0, atol=1e-10)
+
+
+def _recorded(y: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``y`` was computed through."""
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo += [n for n, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("kernel", ["plain", "linear"])
+@pytest.mark.parametrize(("bias", "input_grad"), [(True, True), (False, True), (True, False)])
+def test_a_1x1_convolution_trains_as_a_linear_layer_with_the_references_gradients(
+    kernel: str, bias: bool, input_grad: bool
+) -> None:
+    """In an eager training step, a 1x1 convolution of a channels-last map runs either the convolution or the
+    oneDNN linear layer's training kernel on the map's [B, h, w, C] view (chosen by measuring; forced here): both
+    give the float64 reference's output and gradients to float32 accuracy (the linear one's weight gradient through
+    oneDNN's matrix multiply on transposed views, with either operand the wider), the output channels-last, and the
+    linear one records the linear layer's autograd node."""
+    torch.manual_seed(0)
+    for c_in, c_out in ((16, 40), (40, 16)):
+        x = torch.randn(2, c_in, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_(input_grad)
+        w = torch.randn(c_out, c_in, 1, 1, requires_grad=True)
+        b = torch.randn(c_out, requires_grad=True) if bias else None
+        upstream = torch.randn(2, c_out, 7, 9)
+        with forcing(kernel):
+            y = conv2d(x, w, b, (1, 1), (0, 0), (1, 1), 1, act=nn.GELU())
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert ("_OneDnnLinearBackward" in _recorded(y)) == (kernel == "linear")
+        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, leaves, upstream)
+        exact = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, w, b)]
+        y64 = F.gelu(F.conv2d(*exact))
+        grads64 = torch.autograd.grad(y64, [t for t in exact if t is not None and t.requires_grad], upstream.double())
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, grads64, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 @needs_cpp
