@@ -33,7 +33,14 @@ from blockgraph.ops.linear import linear
 from tests.conftest import ROOT, SPECS
 from tests.support.specs import runtime_shapes, shrunk, small_size, static_shapes
 
-CPU_ONLY = ("mkldnn::", "blockgraph_msda::", "blockgraph::linear_inference", "blockgraph::conv2d_inference")
+CPU_ONLY = (
+    "mkldnn::",
+    "blockgraph_msda::",
+    "blockgraph::linear_inference",
+    "blockgraph::conv2d_inference",
+    "blockgraph::linear_training",
+    "blockgraph::linear_grad_",
+)
 """Ops with kernels on the CPU only: oneDNN's (the linear and convolution ops' fused and training kernels, and our
 compiled-graph ops over them) and the C++ deformable attention's."""
 

@@ -19,12 +19,12 @@ from blockgraph.ops.kernel import (
     as_autocast_runs,
     autocast_dtype,
     compiled_inference,
+    compiled_training,
     eager_inference,
     eager_training,
     in_place,
     remember,
     stamp,
-    symbolic_tracing,
 )
 from blockgraph.ops.linear import (
     onednn_applies,
@@ -35,7 +35,6 @@ from blockgraph.ops.linear import (
     run_packed,
     scaled,
 )
-from blockgraph.ops.ms_deform_attn import exporting
 
 
 def conv2d(
@@ -371,7 +370,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tu
         ):
             if eager_training(x) and _kernels_built():
                 return _trained(x, weight, bias, padding)
-            if _compiled_training(x) and _kernels_built():
+            if compiled_training(x) and _kernels_built():
                 return _trained(x, weight, bias, padding, compiled=True)
     return _depthwise(x, weight, bias, padding)
 
@@ -381,17 +380,6 @@ def _kernels_built() -> bool:
     """Whether the C++ kernels are usable (built on the first call); torch.compile evaluates it once, at trace
     time."""
     return _cpp.load()
-
-
-def _compiled_training(x: Tensor) -> bool:
-    """Whether torch.compile traces a training graph on the CPU (not an export: that keeps standard ops)."""
-    return (
-        torch.compiler.is_compiling()
-        and torch.is_grad_enabled()
-        and not exporting()
-        and not symbolic_tracing()
-        and x.device.type == "cpu"
-    )
 
 
 def _depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:

@@ -49,6 +49,19 @@ def compiled_inference() -> bool:
     return torch.compiler.is_compiling() and not (torch.is_grad_enabled() or exporting())
 
 
+def compiled_training(x: Tensor) -> bool:
+    """Whether torch.compile traces a training graph (gradients recorded) on the CPU, not for export (an exported
+    graph keeps standard ops): a graph whose ops may carry backward formulas of ours (``blockgraph::depthwise_conv2d``,
+    ``blockgraph::linear_training``), traced into the compiled backward graph."""
+    return (
+        torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and not exporting()
+        and not symbolic_tracing()
+        and x.device.type == "cpu"
+    )
+
+
 def eager_training(x: Tensor) -> bool:
     """Whether an op may run its eager training kernels (custom autograd formulas, CPU-only C++ kernels) on ``x``:
     autograd records (grad mode on), torch runs eagerly (not compiling, tracing or exporting: those see the plain ops,

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from blockgraph.ops.autotune import choose, chosen, run_chosen
-from blockgraph.ops.kernel import compiled_inference, eager_inference, in_place, stamp, symbolic_tracing
+from blockgraph.ops.kernel import (
+    compiled_inference,
+    compiled_training,
+    eager_inference,
+    in_place,
+    stamp,
+    symbolic_tracing,
+)
 from blockgraph.ops.ms_deform_attn import exporting
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -191,11 +198,18 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     [8, 768] x [768, 2304], 0.24 vs 0.38 ms, whose backward then copied the transposed weight: 1.66 ms a step
     against F.linear's 1.16). ``torch.fx`` records it as one call, so that a traced graph
     runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
-    if onednn_applies(x, weight) and _eager_training(x, weight):
-        fused = partial(onednn_linear, x, weight, bias)
-        plain = partial(F.linear, x, weight, bias)
-        key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype, x.requires_grad)
-        return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device, training=True)
+    if onednn_applies(x, weight):
+        if _eager_training(x, weight):
+            fused = partial(onednn_linear, x, weight, bias)
+            plain = partial(F.linear, x, weight, bias)
+            key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype, x.requires_grad)
+            return run_chosen(key, {"fused": fused, "plain": plain}, device=x.device, training=True)
+        if (
+            compiled_training(x)
+            and (x.requires_grad or weight.requires_grad)
+            and x.numel() * weight.shape[0] >= COMPILED_MIN_MACS
+        ):
+            return torch.ops.blockgraph.linear_training(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -272,6 +286,62 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     if x.shape[1] >= grad.shape[1]:
         return torch.ops.mkldnn._linear_pointwise(grad.t(), x.t(), None, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t().contiguous()
+
+
+@torch.library.custom_op("blockgraph::linear_training", mutates_args=(), device_types="cpu")
+def _linear_training(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`recorded_linear` in a graph torch.compile traces for training (products of at least
+    :data:`COMPILED_MIN_MACS` multiply-adds): :class:`_OneDnnLinear` as an op with its backward, traced into the
+    compiled backward graph (``blockgraph::linear_grad_input``, ``blockgraph::linear_grad_weight``), where inductor
+    would run MKL's ``mm`` for the forward and both gradients. Not measured against ``F.linear`` (a traced graph
+    cannot time candidates): the eager step's measurements chose oneDNN's kernel at every product of at least 16M
+    multiply-adds in the reference models (ViT, Swin, PVT-v2, MobileViT, CoaT: about 0.5-0.6 of ``F.linear``'s
+    forward and backward time), ``F.linear`` only for a few products below it (classifiers at batch 8)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+@_linear_training.register_fake
+def _linear_training_fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("blockgraph::linear_grad_input", mutates_args=(), device_types="cpu")
+def _linear_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
+    """The input's gradient of ``blockgraph::linear_training``: ``grad @ weight`` through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t().contiguous(), None, "none", [], "")
+
+
+@_linear_grad_input.register_fake
+def _linear_grad_input_fake(grad: Tensor, weight: Tensor) -> Tensor:
+    return grad.new_empty((*grad.shape[:-1], weight.shape[1]))
+
+
+@torch.library.custom_op("blockgraph::linear_grad_weight", mutates_args=(), device_types="cpu")
+def _linear_grad_weight(grad: Tensor, x: Tensor) -> Tensor:
+    """The weight's gradient of ``blockgraph::linear_training``: :func:`weight_grad` over the rows."""
+    return weight_grad(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))
+
+
+@_linear_grad_weight.register_fake
+def _linear_grad_weight_fake(grad: Tensor, x: Tensor) -> Tensor:
+    return grad.new_empty((grad.shape[-1], x.shape[-1]))
+
+
+def _linear_training_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_training_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    x, weight = ctx.saved_tensors
+    grad_x = torch.ops.blockgraph.linear_grad_input(grad, weight) if ctx.needs_input_grad[0] else None
+    grad_w = torch.ops.blockgraph.linear_grad_weight(grad, x) if ctx.needs_input_grad[1] else None
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+_linear_training.register_autograd(_linear_training_backward, setup_context=_linear_training_setup)
 
 
 def run_packed(key: tuple[Any, ...], weight: Tensor, candidates: dict[str, Any], device: torch.device) -> Tensor:

@@ -1,5 +1,6 @@
 """The linear op (blockgraph/ops/linear.py): its oneDNN kernels against the plain reference, with an activation or
-a residual in the epilogue, in eager inference and in graphs compiled for inference."""
+a residual in the epilogue, in eager inference and in graphs compiled for inference; its training kernels, eager and
+compiled."""
 
 from __future__ import annotations
 
@@ -117,6 +118,50 @@ def test_a_graph_compiled_for_inference_calls_the_eager_kernels_on_large_product
     torch.compile(layer, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
     expected = torch.autograd.grad(F.linear(large, layer.weight, layer.bias).square().sum(), layer.weight)[0]
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
+
+
+TRAINING_OPS = {"blockgraph::linear_training", "blockgraph::linear_grad_input", "blockgraph::linear_grad_weight"}
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_a_graph_compiled_for_training_runs_onednn_forward_and_backward_on_large_products(input_grad: bool) -> None:
+    """A graph traced with gradients recorded calls ``blockgraph::linear_training`` for a product of at least
+    COMPILED_MIN_MACS multiply-adds (oneDNN's forward; its backward, in the compiled backward graph, the input's and
+    the weight's gradients as ops of ours, the input's only when it is wanted), ``F.linear`` for a smaller one; the
+    output and gradients are the float64 reference's within float32 rounding (aot_eager: the traced graphs run
+    eagerly, their ops in the profile; inductor: the values), for two input sizes under ``dynamic=True``."""
+    torch.manual_seed(0)
+    layer = Linear(256, 512)
+    large, small = torch.randn(2, 64, 256), torch.randn(1, 64, 256)
+    assert large.numel() * 512 >= linear_module.COMPILED_MIN_MACS > small.numel() * 512
+    exact = nn.Linear(256, 512).double()
+    exact.load_state_dict(layer.state_dict())
+
+    def step(fn, x: torch.Tensor) -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(input_grad)
+        y = fn(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        return [y, *([x.grad] if input_grad else []), layer.weight.grad, layer.bias.grad]
+
+    def reference(x: torch.Tensor) -> list[torch.Tensor]:
+        exact.zero_grad(set_to_none=True)
+        x = x.double().requires_grad_(input_grad)
+        y = exact(x)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y))
+        return [y, *([x.grad] if input_grad else []), exact.weight.grad, exact.bias.grad]
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)
+    step(compiled, large)
+    wanted = TRAINING_OPS - (set() if input_grad else {"blockgraph::linear_grad_input"})
+    assert TRAINING_OPS & ops_called(lambda: step(compiled, large)) == wanted
+    assert not TRAINING_OPS & ops_called(lambda: step(compiled, small))
+    for backend, x in (("aot_eager", large), ("inductor", large), ("inductor", torch.randn(3, 48, 256))):
+        torch._dynamo.reset()
+        fn = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
+        for got, want in zip(step(fn, x), reference(x), strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4, msg=backend)
+    torch._dynamo.reset()
 
 
 def _check_fused(layer: nn.Linear, rows: int) -> None:
