@@ -253,7 +253,7 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -263,7 +263,7 @@ class _OneDnnLinear(torch.autograd.Function):
             if torch.is_grad_enabled():  # a second derivative: an op autograd can differentiate
                 grad_x = grad.matmul(weight)
             else:
-                grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+                grad_x = _onednn_product(grad, weight.t(), None)
         flat = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             rows = x.reshape(-1, x.shape[-1])
@@ -273,16 +273,29 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` through oneDNN's matrix multiply (both made contiguous: no copy when they are)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
+
+
 def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad.T @ x`` (a linear layer's weight gradient, ``[out, in]``, from ``[rows, out]`` and ``[rows, in]``)
-    through oneDNN's matrix multiply on the transposed views, which its memory descriptors take as strides (no copy):
-    0.43-0.78 of MKL's ``mm`` time at the reference models' shapes on the machines measured (AMD EPYC, AVX-512:
-    ViT-B's fc1 [1576, 768] -> 3072 20.9 vs 35.2 ms, InceptionNeXt's 1x1 convolution at 56x56 [25088, 384] -> 96 6.7 vs
-    11.3 ms, 2 threads). The wider operand goes on oneDNN's weight side (its ``N``), the faster of the two orders in
-    15 of the 18 shapes measured."""
+    """``grad.T @ x`` (a linear layer's weight gradient, ``[out, in]``, from ``[rows, out]`` and ``[rows, in]``):
+    oneDNN's matrix multiply on the transposed views (:func:`_onednn_weight_grad`) or MKL's ``mm``, whichever
+    measured faster here for the shape (:mod:`blockgraph.ops.autotune`; oneDNN's by default). On the AVX-512 EPYC
+    oneDNN's took 0.43-0.78 of ``mm``'s time at the reference models' 18 shapes measured (ViT-B's fc1 [1576, 768] ->
+    3072: 20.9 vs 35.2 ms, InceptionNeXt's 1x1 convolution at 56x56, [25088, 384] -> 96: 6.7 vs 11.3 ms; 2 threads);
+    with torch's and oneDNN's kernels capped at AVX2, 0.89-2.0 (ViT-B's fc1 74.6 vs 37.3 ms)."""
     grad, x = grad.contiguous(), x.contiguous()
     if grad.shape[0] == 0:
         return grad.new_zeros(grad.shape[1], x.shape[1])
+    candidates = {"onednn": partial(_onednn_weight_grad, grad, x), "mm": partial(torch.mm, grad.t(), x)}
+    return run_chosen(("linear_weight_grad", tuple(grad.shape), tuple(x.shape), x.dtype), candidates, device=x.device)
+
+
+def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad.T @ x`` through oneDNN's matrix multiply on the transposed views of the two (contiguous) operands,
+    which its memory descriptors take as strides (no copy); the wider operand on oneDNN's weight side (its ``N``),
+    the faster of the two orders in 15 of 18 shapes measured."""
     if x.shape[1] >= grad.shape[1]:
         return torch.ops.mkldnn._linear_pointwise(grad.t(), x.t(), None, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t().contiguous()
@@ -297,7 +310,7 @@ def _linear_training(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     cannot time candidates): the eager step's measurements chose oneDNN's kernel at every product of at least 16M
     multiply-adds in the reference models (ViT, Swin, PVT-v2, MobileViT, CoaT: about 0.5-0.6 of ``F.linear``'s
     forward and backward time), ``F.linear`` only for a few products below it (classifiers at batch 8)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return _onednn_product(x, weight, bias)
 
 
 @_linear_training.register_fake
@@ -308,7 +321,7 @@ def _linear_training_fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Ten
 @torch.library.custom_op("blockgraph::linear_grad_input", mutates_args=(), device_types="cpu")
 def _linear_grad_input(grad: Tensor, weight: Tensor) -> Tensor:
     """The input's gradient of ``blockgraph::linear_training``: ``grad @ weight`` through oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t().contiguous(), None, "none", [], "")
+    return _onednn_product(grad, weight.t(), None)
 
 
 @_linear_grad_input.register_fake

@@ -120,6 +120,20 @@ def test_a_graph_compiled_for_inference_calls_the_eager_kernels_on_large_product
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "mm"])
+@pytest.mark.parametrize(("rows", "features", "out"), [(37, 24, 16), (37, 16, 24), (0, 16, 24)])
+def test_the_weight_gradient_is_the_references_with_either_kernel(kernel: str, rows: int, features: int, out: int):
+    """``weight_grad`` (``grad.T @ x``) by oneDNN on transposed views (either operand the wider) or by ``mm``, each
+    forced (the autotuner picks by timing): the float64 product within float32 rounding, contiguous ``[out, in]``,
+    zeros for no rows; a non-contiguous operand is made contiguous first."""
+    torch.manual_seed(0)
+    grad, x = torch.randn(rows, out), torch.randn(features, rows).t()
+    with forcing(kernel):
+        got = linear_module.weight_grad(grad, x)
+    assert got.shape == (out, features) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), grad.double().t() @ x.double(), rtol=1e-5, atol=1e-5)
+
+
 TRAINING_OPS = {"blockgraph::linear_training", "blockgraph::linear_grad_input", "blockgraph::linear_grad_weight"}
 
 
