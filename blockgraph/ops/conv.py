@@ -93,41 +93,33 @@ def conv2d(
         key = ("conv2d", *post, tuple(x.shape), x.is_contiguous(), x.stride(1) == 1, tuple(weight.shape),
                bias is not None, stride, padding, dilation, groups)  # fmt: skip
         return run_packed(key, weight, candidates, x.device)
-    y = recorded_conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y = recorded_conv2d(x, weight, bias, (stride, padding, dilation, groups))
     if act is None:
         return y
     return in_place(act, y) if fast else act(y)
 
 
-def recorded_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-) -> Tensor:
-    """``F.conv2d``, or in an eager training step a channels-last 1x1 convolution's faster kernel
-    (:func:`_pointwise_training`). ``torch.fx`` records it as one call, so that a traced graph runs the very kernel
-    the model runs (timm's fx test compares the two bit for bit), as :func:`~blockgraph.ops.linear.recorded_linear`."""
-    if _pointwise_training(x, weight, stride, padding, dilation, groups):
-        plain = partial(F.conv2d, x, weight, bias, stride, padding, dilation, groups)
+def recorded_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple[Any, ...]) -> Tensor:
+    """``F.conv2d(x, weight, bias, *args)`` (``args``: stride, padding, dilation, groups), or in an eager training
+    step a channels-last 1x1 convolution's faster kernel (:func:`_pointwise_training`). ``torch.fx`` records it as
+    one call, so that a traced graph runs the very kernel the model runs (timm's fx test compares the two bit for
+    bit), as :func:`~blockgraph.ops.linear.recorded_linear`."""
+    if _pointwise_training(x, weight, args):
+        plain = partial(F.conv2d, x, weight, bias, *args)
         key = ("conv2d", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.requires_grad)
         candidates = {"plain": plain, "linear": partial(_pointwise_linear, x, weight, bias)}
         return run_chosen(key, candidates, device=x.device, training=True)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, *args)
 
 
 torch.fx.wrap("recorded_conv2d")
 
 
-def _pointwise_training(
-    x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int
-) -> bool:
+def _pointwise_training(x: Tensor, weight: Tensor, args: tuple[Any, ...]) -> bool:
     """Whether a convolution is a 1x1 one (stride 1, no padding, one group) on a map with its channels innermost in
     an eager training step on the CPU in float32: a product ``[B * h * w, C] x [C, C_out]`` over the map's memory as
     it is, which the oneDNN linear layer's training kernel may compute (:func:`_pointwise_linear`)."""
+    stride, padding, _, groups = args
     return (
         eager_training(x)  # (first: False for a trace's proxies, whose shapes are no values)
         and groups == 1
