@@ -11,12 +11,13 @@ from torch.utils._pytree import tree_leaves
 import blockgraph as bg
 
 
-def shrunk(path: Path) -> dict[str, Any]:
-    """Overrides setting every depth and layer-count variable of the spec at ``path`` to 1."""
+def shrunk(path: Path, most: int = 1) -> dict[str, Any]:
+    """Overrides capping every depth and layer-count variable of the spec at ``path`` at ``most`` (2 keeps the blocks
+    that alternate, as Swin's shifted windows)."""
     overrides: dict[str, Any] = {}
     for name, value in bg.analyze(path).spec.variables.items():
         if "depth" in name or name.endswith("layers"):
-            overrides[name] = [1] * len(value) if isinstance(value, list) else 1
+            overrides[name] = [min(v, most) for v in value] if isinstance(value, list) else min(value, most)
     return overrides
 
 
