@@ -35,11 +35,11 @@ from blockgraph.ops.kernel import (
     compiled_inference,
     compiled_training,
     eager_inference,
+    eager_training,
     in_place,
     stamp,
     symbolic_tracing,
 )
-from blockgraph.ops.ms_deform_attn import exporting
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -199,7 +199,7 @@ def recorded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     against F.linear's 1.16). ``torch.fx`` records it as one call, so that a traced graph
     runs the very kernel the model runs (timm's fx test compares the two bit for bit)."""
     if onednn_applies(x, weight):
-        if _eager_training(x, weight):
+        if eager_training(x) and (x.requires_grad or weight.requires_grad):
             fused = partial(onednn_linear, x, weight, bias)
             plain = partial(F.linear, x, weight, bias)
             key = ("linear", "train", tuple(x.shape), tuple(weight.shape), bias is not None, x.dtype, x.requires_grad)
@@ -224,15 +224,6 @@ def onednn_applies(x: Tensor, weight: Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-    )
-
-
-def _eager_training(x: Tensor, weight: Tensor) -> bool:
-    """Whether autograd records this call eagerly (a training step): not compiling, tracing or exporting."""
-    return (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad)
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting())
     )
 
 
