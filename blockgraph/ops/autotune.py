@@ -24,7 +24,8 @@ differ by 0-10% and single runs by 10-20%: 5 rounds chose differently from one p
 shapes). Measuring costs a few runs of the op at each new shape: once per process. On an accelerator, whose kernels run
 asynchronously, each timed run waits for the device before and after (``torch.accelerator.synchronize``); where that
 is impossible (a CUDA graph being captured) or meaningless (the meta device, which computes nothing), the default is
-taken without measuring and nothing is remembered.
+taken without measuring and nothing is remembered. ``BLOCKGRAPH_AUTOTUNE_ROUNDS=N`` measures N rounds, no more (the
+test suite takes 1: every choice still measured, both candidates run, at a fifth of the cost).
 """
 
 from __future__ import annotations
@@ -41,10 +42,22 @@ from typing import Any
 
 import torch
 
-ROUNDS = 5
-"""Timed runs of each candidate (after one warm-up each), at least."""
-MAX_ROUNDS = 15
-"""Timed runs of each candidate, at most: when a candidate's time is within :data:`CLOSE` of the default's."""
+DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS = 5, 15
+
+
+def _rounds_from_environment() -> tuple[int, int]:
+    """``BLOCKGRAPH_AUTOTUNE_ROUNDS=N`` (a whole number from 1 to 1000): N rounds, no more and no less (the choice is
+    still measured, on fewer runs: quicker first calls, noisier choices; the test suite takes 1); anything else: the
+    defaults."""
+    text = os.environ.get("BLOCKGRAPH_AUTOTUNE_ROUNDS", "").strip()
+    if text.isdigit() and len(text) <= 4 and 1 <= int(text) <= 1000:
+        return int(text), int(text)
+    return DEFAULT_ROUNDS, DEFAULT_MAX_ROUNDS
+
+
+ROUNDS, MAX_ROUNDS = _rounds_from_environment()
+"""Timed runs of each candidate (after one warm-up each): at least ``ROUNDS``, at most ``MAX_ROUNDS`` (when a
+candidate's time is within :data:`CLOSE` of the default's); 5 and 15 unless ``BLOCKGRAPH_AUTOTUNE_ROUNDS`` says."""
 MARGIN = 0.03
 """How much faster than the default (the first candidate) another must be to be chosen: 3%."""
 CLOSE = 0.10

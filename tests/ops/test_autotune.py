@@ -15,10 +15,23 @@ CPU, META, CUDA = torch.device("cpu"), torch.device("meta"), torch.device("cuda"
 
 
 @pytest.fixture(autouse=True)
-def _fresh_choices():
+def _fresh_choices(monkeypatch):
+    """No choice remembered, and the default rounds (the suite measures one: tests/conftest.py)."""
+    monkeypatch.setattr(autotune, "ROUNDS", autotune.DEFAULT_ROUNDS)
+    monkeypatch.setattr(autotune, "MAX_ROUNDS", autotune.DEFAULT_MAX_ROUNDS)
     autotune.reset()
     yield
     autotune.reset()
+
+
+@pytest.mark.parametrize(
+    ("value", "rounds"),
+    [("", (5, 15)), ("1", (1, 1)), (" 7 ", (7, 7)), ("0", (5, 15)), ("-3", (5, 15)), ("2.5", (5, 15)),
+     ("1001", (5, 15)), ("9" * 5000, (5, 15)), ("x", (5, 15))],
+)  # fmt: skip
+def test_rounds_come_from_the_environment_or_the_defaults(monkeypatch, value, rounds) -> None:
+    monkeypatch.setenv("BLOCKGRAPH_AUTOTUNE_ROUNDS", value)
+    assert autotune._rounds_from_environment() == rounds
 
 
 def _probe(runs: dict[str, int], slow: str) -> dict[str, object]:
@@ -97,10 +110,10 @@ class _Clock:
 @pytest.mark.parametrize(
     ("plain", "chosen", "rounds"),
     [
-        (0.5, "plain", autotune.ROUNDS),  # clearly faster: chosen after the first rounds
-        (2.0, "fused", autotune.ROUNDS),  # clearly slower
-        (0.95, "plain", autotune.MAX_ROUNDS),  # close: measured on, then chosen (beyond the margin)
-        (0.99, "fused", autotune.MAX_ROUNDS),  # within the margin: the default stays
+        (0.5, "plain", autotune.DEFAULT_ROUNDS),  # clearly faster: chosen after the first rounds
+        (2.0, "fused", autotune.DEFAULT_ROUNDS),  # clearly slower
+        (0.95, "plain", autotune.DEFAULT_MAX_ROUNDS),  # close: measured on, then chosen (beyond the margin)
+        (0.99, "fused", autotune.DEFAULT_MAX_ROUNDS),  # within the margin: the default stays
     ],
 )
 def test_candidates_are_compared_round_by_round_in_alternating_order(monkeypatch, plain, chosen, rounds) -> None:
