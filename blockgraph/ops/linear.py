@@ -265,7 +265,9 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` through oneDNN's matrix multiply (both made contiguous: no copy when they are)."""
+    """``x @ weight.T + bias`` through oneDNN's matrix multiply, both made contiguous (a copy when one is not: the
+    input's gradient passes ``weight.t()``, a weight-sized copy each backward; reading it through its strides instead
+    was equal or faster natively but 1.67x slower capped at AVX2 for ViT-B's fc1)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
 
 
@@ -284,9 +286,11 @@ def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
 
 
 def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad.T @ x`` through oneDNN's matrix multiply on the transposed views of the two (contiguous) operands,
-    which its memory descriptors take as strides (no copy); the wider operand on oneDNN's weight side (its ``N``),
-    the faster of the two orders in 15 of 18 shapes measured."""
+    """``grad.T @ x`` through oneDNN's matrix multiply on the transposed views of the two (contiguous) operands: the
+    wider one on oneDNN's weight side (its ``N``), which reads it through its strides, the faster of the two orders in
+    15 of 18 shapes measured. torch's wrapper copies the other, the narrower operand's transpose (``[in, rows]`` of
+    ViT-B's fc1, [768, 1576]), and with ``x`` the narrower the result is transposed into place (a weight-sized copy):
+    both inside the times the choice in :func:`weight_grad` measures."""
     if x.shape[1] >= grad.shape[1]:
         return torch.ops.mkldnn._linear_pointwise(grad.t(), x.t(), None, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t().contiguous()
