@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
+from blockgraph.ops.kernel import autocasting, eager_training
 from blockgraph.ops.linear import linear as linear_op
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "identity": nn.Identity}
@@ -26,14 +27,23 @@ class Linear(nn.Linear):
     add in its epilogue for eager inference and in graphs compiled for inference)."""
 
     def forward(
-        self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
+        self,
+        x: Tensor,
+        act: nn.Module | None = None,
+        residual: Tensor | None = None,
+        scale: Tensor | None = None,
+        samples: Tensor | None = None,
     ) -> Tensor:
-        """``residual + scale * act(the layer(x))`` (``act``, ``residual``, ``scale``: optional; ``scale``, per
-        output channel; with a residual and no activation, the op's: in eager inference folded into the weights)."""
-        if scale is not None and residual is not None and act is None:
-            return linear_op(x, self.weight, self.bias, residual=residual, scale=scale)
-        if scale is not None:
-            y = self.forward(x, act) * scale
+        """``residual + samples * scale * act(the layer(x))`` (``act``, ``residual``, ``scale``, ``samples``:
+        optional; ``scale``, per output channel; ``samples``, per sample (a drop path's factors), with a residual in
+        a training step; with a residual and no activation, the op's: in eager inference the scale folded into the
+        weights, in eager training too, and the add one pass: :func:`blockgraph.ops.linear.linear`)."""
+        if (scale is not None or samples is not None) and residual is not None and act is None:
+            return linear_op(x, self.weight, self.bias, residual=residual, scale=scale, samples=samples)
+        if scale is not None or samples is not None:
+            y = self.forward(x, act)
+            y = y if scale is None else y * scale
+            y = y if samples is None else y * samples
             return y if residual is None else residual + y
         if act is not None and has_hooks(act):  # hooks see the activation run as a module of its own
             y = act(linear_op(x, self.weight, self.bias))
@@ -67,11 +77,16 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
+        mask = self.mask(x)
+        return x if mask is None else x * mask
+
+    def mask(self, x: Tensor) -> Tensor | None:
+        """The per-sample factors the forward multiplies ``x`` by (``[B, 1, ...]``: 0 for a dropped sample,
+        ``1 / keep`` for a kept one, drawn as timm draws them), or None where the forward is the identity."""
         if self.p == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -80,13 +95,49 @@ class DropPath(nn.Module):
 def residual_branch(layer: nn.Module, x: Tensor, residual: Tensor | None, *drops: nn.Module) -> Tensor:
     """``residual + drops(layer(x))`` (no add without ``residual``): a block's branch whose last layer takes a
     ``residual`` to add (:class:`Linear`, ``ConvBn``), followed by dropout and drop path (``drops``, in order). In
-    eval, where those are identities, the layer adds the residual itself (in its kernel's epilogue, or in place)."""
+    eval, where those are identities, the layer adds the residual itself (in its kernel's epilogue, or in place);
+    in an eager training step without autocast, a :class:`Linear` whose drops are drop paths (dropout at 0) adds
+    their per-sample factors times its output to the residual in one pass
+    (:func:`~blockgraph.ops.kernel.residual_training`)."""
     if residual is not None and not layer.training:
         return layer(x, residual=residual)
+    if (
+        residual is not None
+        and isinstance(layer, Linear)
+        and eager_training(x)
+        and residual.dtype == x.dtype
+        and not autocasting(x.device.type)  # (as written, the drop path draws its factors in the product's dtype)
+        and identities(drops, training=True)
+        and not has_hooks(layer)
+    ):
+        samples = drop_samples(drops, residual)  # [B, 1, 1] or None
+        if samples is not None:
+            return layer(x, residual=residual, samples=samples)  # (the drop path's factors and the add in one pass)
     y = layer(x)
     for drop in drops:
         y = drop(y)
     return y if residual is None else residual + y
+
+
+def identities(modules: Sequence[nn.Module], training: bool = False) -> bool:
+    """Whether each module is an identity but for a drop path's per-sample factors (:meth:`DropPath.mask`): a drop
+    path, dropout with ``p == 0`` or off, ``nn.Identity``; with ``training``, none with hooks that would see it run."""
+    return all(
+        isinstance(m, DropPath | nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
+        for m in modules
+    ) and not (training and any(has_hooks(m) for m in modules))
+
+
+def drop_samples(modules: Sequence[nn.Module], like: Tensor) -> Tensor | None:
+    """The product of the per-sample factors of the drop paths among ``modules`` (:func:`identities`), drawn in
+    their order, for a tensor like ``like``; None when none draws any. (A training step's branch draws them before
+    its layer runs, not after: the layers draw no random numbers, so the values are the same.)"""
+    samples = None
+    for m in modules:
+        mask = m.mask(like) if isinstance(m, DropPath) else None
+        if mask is not None:
+            samples = mask if samples is None else samples * mask
+    return samples
 
 
 def qkv_heads(

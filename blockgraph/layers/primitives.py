@@ -14,9 +14,18 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
-from blockgraph.layers.common import ACTIVATIONS, DropPath, Linear, has_hooks, init_linear, uninitialized
+from blockgraph.layers.common import (
+    ACTIVATIONS,
+    DropPath,
+    Linear,
+    drop_samples,
+    has_hooks,
+    identities,
+    init_linear,
+    uninitialized,
+)
 from blockgraph.ops.conv import conv2d, depthwise_conv2d
-from blockgraph.ops.kernel import autocasting, compiled_inference, eager_inference, symbolic_tracing
+from blockgraph.ops.kernel import autocasting, compiled_inference, eager_inference, eager_training, symbolic_tracing
 
 
 class Conv2d(nn.Conv2d):
@@ -30,10 +39,16 @@ class Conv2d(nn.Conv2d):
         super().__init__(dim, dim_out, kernel, stride, padding, dilation, groups, bias, device=device, dtype=dtype)
 
     def forward(
-        self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
+        self,
+        x: Tensor,
+        act: nn.Module | None = None,
+        residual: Tensor | None = None,
+        scale: Tensor | None = None,
+        samples: Tensor | None = None,
     ) -> Tensor:
         """The convolution, then ``act`` if given (the compiler passes the activation that alone reads this node);
-        or ``residual + scale * the convolution`` given a ``residual`` (``scale`` optional: :func:`residual_add`).
+        or ``residual + samples * scale * the convolution`` given a ``residual`` (``scale``, per channel, and
+        ``samples``, per sample in a training step, optional: :func:`residual_add`).
 
         In training (autograd recording; eager or compiled), a depthwise convolution (stride 1, zero padding) runs
         :func:`~blockgraph.ops.conv.depthwise_conv2d`, whose backward is faster than torch's; otherwise (zero
@@ -47,9 +62,11 @@ class Conv2d(nn.Conv2d):
             if act is None and self.padding_mode == "zeros" and not isinstance(self.padding, str):
                 stride, padding, dilation = self.stride, self.padding, self.dilation
                 return conv2d(x, self.weight, self.bias, (stride[0], stride[1]), (padding[0], padding[1]),
-                              (dilation[0], dilation[1]), self.groups, residual=residual, scale=scale)  # fmt: skip
+                              (dilation[0], dilation[1]), self.groups, residual=residual, scale=scale,
+                              samples=samples)  # fmt: skip
             y = self.forward(x, act)
-            return residual + (y if scale is None else y * scale.view(1, -1, 1, 1))
+            y = y if scale is None else y * scale.view(1, -1, 1, 1)
+            return residual + (y if samples is None else y * samples)
         if (
             torch.is_grad_enabled()
             and not symbolic_tracing()
@@ -77,10 +94,16 @@ class Linear2d(Linear):
     channels-last ``[B, h, w, C]``, projected, permuted back (an NCHW tensor in channels-last memory)."""
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, act: nn.Module | None = None, residual: Tensor | None = None, scale: Tensor | None = None
+        self,
+        x: Tensor,
+        act: nn.Module | None = None,
+        residual: Tensor | None = None,
+        scale: Tensor | None = None,
+        samples: Tensor | None = None,
     ) -> Tensor:
         r = None if residual is None else residual.permute(0, 2, 3, 1)
-        return super().forward(x.permute(0, 2, 3, 1), act=act, residual=r, scale=scale).permute(0, 3, 1, 2)
+        s = None if samples is None else samples.permute(0, 2, 3, 1)
+        return super().forward(x.permute(0, 2, 3, 1), act, r, scale, s).permute(0, 3, 1, 2)
 
     def script_forward(self, x: Tensor) -> Tensor:
         return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
@@ -250,9 +273,26 @@ def residual_add(
     alone: ``residual + scale * layer(x)``, ``scale`` the branch's layer scale if any (dropout and drop path are
     identities in eval), the add in its kernel's epilogue and the scale folded into its weights (or the add in
     place); the same values up to float rounding. So does a graph torch.compile traces for inference (the layer's op
-    then calls that eager path, or runs the scale and add as written for inductor to fuse). Otherwise (training,
-    tracing, exporting, autocast, hooks, two layer scales, a module of another kind) each module runs as written."""
+    then calls that eager path, or runs the scale and add as written for inductor to fuse). In an eager training
+    step (:func:`~blockgraph.ops.kernel.eager_training`) likewise, the drop paths' per-sample factors drawn first
+    (:func:`~blockgraph.layers.common.drop_samples`): the layer folds the scale into its weights and adds
+    ``samples * y`` to the residual in one pass (:func:`~blockgraph.ops.kernel.residual_training`), where the modules
+    as written make three passes forward and reduce the scale's gradient over every position. Otherwise (tracing,
+    exporting, compiling for training, autocast, hooks, two layer scales, active dropout, a module of another kind)
+    each module runs as written."""
     scales = [m for m in branch if isinstance(m, LayerScale)]
+    if (
+        eager_training(x)
+        and layer.training
+        and residual.dtype == x.dtype
+        and not autocasting(x.device.type)
+        and len(scales) <= 1
+        and identities([m for m in branch if not isinstance(m, LayerScale)], training=True)
+        and not any(has_hooks(m) for m in (layer, *scales, add))
+    ):
+        samples = drop_samples(branch, residual)
+        if scales or samples is not None:
+            return layer(x, residual=residual, scale=scales[0].gamma if scales else None, samples=samples)
     if (
         (eager_inference(x) or compiled_inference())
         and residual.dtype == x.dtype

@@ -24,6 +24,7 @@ from blockgraph.ops.kernel import (
     eager_training,
     in_place,
     remember,
+    residual_training,
     stamp,
 )
 from blockgraph.ops.linear import (
@@ -48,10 +49,12 @@ def conv2d(
     act: nn.Module | None = None,
     residual: Tensor | None = None,
     scale: Tensor | None = None,
+    samples: Tensor | None = None,
 ) -> Tensor:
     """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups))`` (``act`` optional), zero padding; or,
-    given a ``residual`` (and no ``act``), ``residual + scale * F.conv2d(...)`` (``scale``: per-channel factors, a
-    layer scale; optional).
+    given a ``residual`` (and no ``act``), ``residual + samples * scale * F.conv2d(...)`` (``scale``: per-channel
+    factors, a layer scale; ``samples``: per-sample factors ``[B, 1, 1, 1]``, a drop path's, in an eager training
+    step only; both optional).
 
     In eager inference (:func:`~blockgraph.ops.kernel.eager_inference`) on the CPU in float32 without autocast, with
     no activation or one oneDNN has as a post-op (ReLU, GELU, SiLU, Hardswish), or with a residual: oneDNN's
@@ -70,7 +73,13 @@ def conv2d(
     channels innermost runs the convolution or oneDNN's linear layer on the map's ``[B, h, w, C]`` view
     (:func:`_pointwise_linear`), whichever measured faster over a forward and a backward (InceptionNeXt-T's 56x56 and
     28x28 layers take the linear one). Otherwise the plain convolution, then the activation, or the scale and the
-    add."""
+    add; with a scale or per-sample factors, the scale folded into the weights and the add one ``addcmul``
+    (:func:`~blockgraph.ops.kernel.residual_training`)."""
+    if residual is not None and (scale is not None or samples is not None) and eager_training(x):
+        geometry = (stride, padding, dilation, groups)
+        conv = partial(_conv2d_training, x, geometry)
+        return residual_training(conv, weight, bias, residual, scale, samples)
+    assert samples is None, "per-sample factors are for an eager training step"
     fast = eager_inference(x)
     if not fast and compiled_inference() and onednn_applies(x, weight):
         post = post_op(act)
@@ -113,6 +122,12 @@ def recorded_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple[
 
 
 torch.fx.wrap("recorded_conv2d")
+
+
+def _conv2d_training(x: Tensor, geometry: tuple[Any, ...], weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`recorded_conv2d` with the weight and bias last (the product :func:`conv2d` gives
+    :func:`~blockgraph.ops.kernel.residual_training`)."""
+    return recorded_conv2d(x, weight, bias, geometry)
 
 
 def _pointwise_training(x: Tensor, weight: Tensor, args: tuple[Any, ...]) -> bool:

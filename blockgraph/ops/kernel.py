@@ -135,3 +135,25 @@ def remember(owner: nn.Module, attr: str, key: tuple, make: Callable[[], Any]) -
     value = make()
     owner.__dict__[attr] = (key, value)
     return value
+
+
+def residual_training(
+    product: Callable[[Tensor, Tensor | None], Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    scale: Tensor | None,
+    samples: Tensor | None,
+) -> Tensor:
+    """``residual + samples * scale * product(weight, bias)`` in a training step, the tail of a residual branch
+    (a layer, its layer scale, drop path, the add) in one pass over the output where running it as written makes three:
+    the scale (per output channel, ``[C_out]``) folded into the weight's rows and the bias (weight-sized ops, recorded:
+    the scale's gradient is the weight's gradient times the weight, summed per row, plus the bias's times the bias,
+    where the layer-scale module reduces over every position of the output), the per-sample factors ``samples``
+    (a drop path's mask scaled by ``1 / keep``, ``[B, 1, ...]``) and the add in one ``addcmul``. The same values up
+    to float rounding (a different order of the products)."""
+    if scale is not None:
+        weight = weight * scale.view(-1, *(1,) * (weight.dim() - 1))
+        bias = None if bias is None else bias * scale
+    y = product(weight, bias)
+    return residual + y if samples is None else torch.addcmul(residual, y, samples)

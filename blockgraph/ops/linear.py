@@ -37,6 +37,7 @@ from blockgraph.ops.kernel import (
     eager_inference,
     eager_training,
     in_place,
+    residual_training,
     stamp,
     symbolic_tracing,
 )
@@ -88,12 +89,20 @@ def linear(
     act: nn.Module | None = None,
     residual: Tensor | None = None,
     scale: Tensor | None = None,
+    samples: Tensor | None = None,
 ) -> Tensor:
     """``residual + act(F.linear(x, weight, bias))`` (``act`` and ``residual`` optional), through the fastest
     kernel allowed now (see the module docstring); ``weight`` may be a view (rows of a larger weight). Given a
     ``residual`` and no ``act``, ``scale`` (per output channel, a layer scale) multiplies the product before the add:
-    in eager inference folded into a copy of the weights (:func:`scaled`)."""
+    in eager inference folded into a copy of the weights (:func:`scaled`); and in an eager training step
+    (:func:`~blockgraph.ops.kernel.eager_training`) ``samples`` (per sample, a drop path's factors ``[B, 1, ...]``)
+    too, the scale folded into the weights on every call and the add one ``addcmul``
+    (:func:`~blockgraph.ops.kernel.residual_training`)."""
     assert scale is None or (residual is not None and act is None), "a scale comes with a residual, no activation"
+    assert samples is None or (residual is not None and act is None), "samples come with a residual, no activation"
+    if residual is not None and (scale is not None or samples is not None) and eager_training(x):
+        return residual_training(partial(recorded_linear, x), weight, bias, residual, scale, samples)
+    assert samples is None, "per-sample factors are for an eager training step"
     fast = eager_inference(x)
     onednn = not symbolic_tracing() and onednn_applies(x, weight)
     if onednn and not fast and compiled_inference() and x.numel() * weight.shape[0] >= COMPILED_MIN_MACS:

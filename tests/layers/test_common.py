@@ -1,15 +1,22 @@
 """The layers every family uses: Linear is nn.Linear with its state, and a residual branch adds its residual in the
-projection's epilogue only where dropout and drop path cannot be live."""
+projection's epilogue only where dropout and drop path cannot be live; in a training step, the scale folded into the
+weights and the drop path's factors and the add in one pass."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import nn
 
 from blockgraph.layers.common import DropPath, Linear, linear, residual_branch
 from blockgraph.layers.mlp import Mlp
+from blockgraph.layers.primitives import Add, Conv2d, layer_scale, residual_add
+from blockgraph.layers.primitives import linear as channel_linear
+from blockgraph.ops import conv as conv_ops
+from blockgraph.ops import linear as linear_ops
 from blockgraph.ops.autotune import forcing
+from blockgraph.ops.kernel import residual_training
 from tests.support.weights import ops_called
 
 
@@ -48,3 +55,63 @@ def test_drop_path_scales_kept_samples_and_is_the_identity_in_eval() -> None:
     kept = y[:, 0] != 0
     assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.75)) and abs(kept.float().mean().item() - 0.75) < 0.03
     assert layer.eval()(x) is x and DropPath(0.0)(x) is x
+
+
+@pytest.mark.parametrize("case", ["tokens", "linear2d", "conv3x3", "mlp"])
+def test_a_training_branch_folds_its_scale_and_adds_the_drop_path_in_one_pass(case: str, monkeypatch) -> None:
+    """In an eager training step a residual branch (a layer, its layer scale, drop path, dropout at 0, the add) runs
+    as one ``addcmul`` after a product with the scale folded into the weights (``residual_training``): the same
+    values and gradients as its modules run as written, from the same drop path draws (float64, 1e-10), with a
+    sample dropped and one kept; tokens and maps (channels-last), linear layers and a 3x3 convolution, and the
+    built-in blocks' ``residual_branch`` (an MLP: its drop path and the add)."""
+    torch.manual_seed(0)
+    dd = {"dtype": torch.float64}
+    if case == "mlp":
+        mlp = Mlp(16, 2.0, drop_path=0.5, **dd).train()
+        x, residual = torch.randn(6, 5, 16, **dd), torch.randn(6, 5, 16, **dd)
+        params = list(mlp.parameters())
+
+        def run(fused: bool) -> torch.Tensor:
+            if fused:
+                return mlp(x, residual)
+            return residual + mlp.drop_path(mlp.fc2(F.gelu(mlp.fc1(x))))
+    else:
+        image = case != "tokens"
+        layer = (
+            Conv2d(8, 8, (3, 3), padding=(1, 1), **dd)
+            if case == "conv3x3"
+            else channel_linear(8, 8, layout="image" if image else "tokens", **dd)
+        ).train()
+        scale = layer_scale(8, "image" if image else "tokens", init=0.5, **dd)
+        nn.init.normal_(scale.gamma)
+        branch = [scale, DropPath(0.5), nn.Dropout(0.0)]
+        add = Add(["image", "image"] if image else ["tokens", "tokens"])
+        shape = (6, 8, 5, 7) if image else (6, 5, 8)
+        x, residual = torch.randn(shape, **dd), torch.randn(shape, **dd)
+        if image:
+            x, residual = (t.contiguous(memory_format=torch.channels_last) for t in (x, residual))
+        params = [*layer.parameters(), scale.gamma]
+
+        def run(fused: bool) -> torch.Tensor:
+            if fused:
+                return residual_add(layer, x, residual, branch, add)
+            y = layer(x)
+            for m in branch:
+                y = m(y)
+            return add(y, residual)
+
+    folded = []
+    for ops in (conv_ops, linear_ops):
+        monkeypatch.setattr(ops, "residual_training", lambda *a: folded.append(a[-1]) or residual_training(*a))
+    x.requires_grad_(), residual.requires_grad_()
+    cotangent = torch.randn(residual.shape, **dd)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(3)
+        out = run(fused)
+        results.append((out, torch.autograd.grad(out, [x, residual, *params], cotangent)))
+    assert len(folded) == 1 and sorted(set(folded[0].flatten().tolist())) == [0.0, 2.0]  # one dropped, one kept
+    (out, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
