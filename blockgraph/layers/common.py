@@ -107,8 +107,8 @@ def residual_branch(layer: nn.Module, x: Tensor, residual: Tensor | None, *drops
         and eager_training(x)
         and residual.dtype == x.dtype
         and not autocasting(x.device.type)  # (as written, the drop path draws its factors in the product's dtype)
-        and identities(drops, training=True)
-        and not has_hooks(layer)
+        and identities(drops)
+        and not any(has_hooks(m) for m in (layer, *drops))
     ):
         samples = drop_samples(drops, residual)  # [B, 1, 1] or None
         if samples is not None:
@@ -119,13 +119,13 @@ def residual_branch(layer: nn.Module, x: Tensor, residual: Tensor | None, *drops
     return y if residual is None else residual + y
 
 
-def identities(modules: Sequence[nn.Module], training: bool = False) -> bool:
+def identities(modules: Sequence[nn.Module]) -> bool:
     """Whether each module is an identity but for a drop path's per-sample factors (:meth:`DropPath.mask`): a drop
-    path, dropout with ``p == 0`` or off, ``nn.Identity``; with ``training``, none with hooks that would see it run."""
+    path, dropout with ``p == 0`` or off, ``nn.Identity``."""
     return all(
         isinstance(m, DropPath | nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not m.training))
         for m in modules
-    ) and not (training and any(has_hooks(m) for m in modules))
+    )
 
 
 def drop_samples(modules: Sequence[nn.Module], like: Tensor) -> Tensor | None:

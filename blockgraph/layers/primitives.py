@@ -287,8 +287,8 @@ def residual_add(
         and residual.dtype == x.dtype
         and not autocasting(x.device.type)
         and len(scales) <= 1
-        and identities([m for m in branch if not isinstance(m, LayerScale)], training=True)
-        and not any(has_hooks(m) for m in (layer, *scales, add))
+        and identities([m for m in branch if not isinstance(m, LayerScale)])
+        and not any(has_hooks(m) for m in (layer, *branch, add))
     ):
         samples = drop_samples(branch, residual)
         if scales or samples is not None:

@@ -63,7 +63,8 @@ def test_a_training_branch_folds_its_scale_and_adds_the_drop_path_in_one_pass(ca
     as one ``addcmul`` after a product with the scale folded into the weights (``residual_training``): the same
     values and gradients as its modules run as written, from the same drop path draws (float64, 1e-10), with a
     sample dropped and one kept; tokens and maps (channels-last), linear layers and a 3x3 convolution, and the
-    built-in blocks' ``residual_branch`` (an MLP: its drop path and the add)."""
+    built-in blocks' ``residual_branch`` (an MLP: its drop path and the add). With a hook on the drop path, the
+    modules run as written."""
     torch.manual_seed(0)
     dd = {"dtype": torch.float64}
     if case == "mlp":
@@ -115,3 +116,7 @@ def test_a_training_branch_folds_its_scale_and_adds_the_drop_path_in_one_pass(ca
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    seen = []  # a hook on the drop path: it runs as a module of its own, and the hook sees it
+    (mlp.drop_path if case == "mlp" else branch[1]).register_forward_hook(lambda m, args, out: seen.append(m))
+    run(True)
+    assert len(folded) == 1 and len(seen) == 1
