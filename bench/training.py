@@ -12,7 +12,10 @@ medians, ``--threads`` torch threads, fixed glibc malloc thresholds; at each bat
 - with ``--compile``: both models under ``torch.compile`` (inductor, default mode), the compiled steps interleaved.
 
 ``--checkpointing`` adds, for CoaT-Lite Small and the deformable hybrid, the step time and saved bytes with
-``set_grad_checkpointing(True)`` against without (each block recomputed in the backward pass). ``--deformable BATCH``
+``set_grad_checkpointing(True)`` against without (each block recomputed in the backward pass). ``--folds`` adds, for
+ConvNeXt-atto, InceptionNeXt-T, PoolFormer-S12 and Swin-T, the step time and saved bytes with the residual branches
+folded (the default: a layer scale folded into the layer's weights, the drop path and the add one pass) against
+each module run as written (``blockgraph.ops.kernel.folding(False)``), interleaved. ``--deformable BATCH``
 adds the specs with multi-scale deformable attention (no twin): the absolute step time (the outputs' mean square as
 the loss) and the share of the step spent in the attention core, forward and backward, from torch.profiler.
 
@@ -21,7 +24,7 @@ and labels on the GPU, float32 with TF32 off, bf16 under ``torch.autocast("cuda"
 timed step between two ``torch.cuda.synchronize``; the deformable core's share is of the GPU's kernel time. Without a
 GPU, ``--device cuda`` exits with status 2 and says so. Usage:
 
-    .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--no-bf16] [--checkpointing]
+    .venv/bin/python bench/training.py [--only PATTERN] [--batches 8] [--repeats 7] [--compile] [--no-bf16] [--checkpointing] [--folds]
         [--device cpu|cuda] [--out bench/results/training.md] [--fresh] [--render-only]
 """
 
@@ -48,11 +51,13 @@ from twins import Reference, references, twins  # noqa: E402
 
 import blockgraph as bg  # noqa: E402
 from blockgraph.ops import ms_deform_attn_backend  # noqa: E402
+from blockgraph.ops.kernel import folding  # noqa: E402
 from tests.support.timm_oracle import create_timm, set_fused  # noqa: E402
 
 DROP_PATH = 0.1
 CHECKPOINTED = ("coat_lite_small", "coat_lite_small_deformable")
 DEFORMABLE = ("coat_lite_small_deformable", "deformable_encoder")
+FOLDED = ("convnext_atto", "inception_next_tiny", "poolformer_s12", "swin_tiny_patch4_window7_224")
 
 
 def _models(ref: Reference, device: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, float]:
@@ -194,6 +199,33 @@ def checkpointing(ref: Reference, batches: list[int], repeats: int, device: str)
     return rows
 
 
+def _folded(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, on: bool) -> None:
+    with folding(on):
+        _step(model, opt, x, y, False)
+
+
+def folds(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
+    """Step time and saved bytes with the residual branches folded (the default) and run as written
+    (``blockgraph.ops.kernel.folding(False)``), one model, the two interleaved."""
+    torch.manual_seed(0)
+    model = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rows = []
+    for batch in batches:
+        x, y = ref.input(batch, device=device), _labels(batch, device)
+        calls = {k: partial(_folded, model, opt, x, y, k == "folded") for k in ("folded", "written")}
+        t = _timed(calls, repeats, device)
+        saved = {}
+        for on in (True, False):
+            with folding(on):
+                saved[on] = saved_bytes(model, x)
+        rows.append({"model": ref.name, "batch": batch, "folded_s": t["folded"], "written_s": t["written"],
+                     "folded_saved": saved[True], "written_saved": saved[False]})  # fmt: skip
+        log(f"  {ref.name} batch {batch}: folded / as written: time {ratio(t['folded'], t['written'])}, saved "
+            f"{ratio(saved[True], saved[False])}")  # fmt: skip
+    return rows
+
+
 def deformable(ref: Reference, batch: int, repeats: int, device: str) -> list[dict[str, Any]]:
     """A training step of a model with multi-scale deformable attention (no twin): its absolute time, and the
     share of the step's time spent in the attention core, forward and backward (torch.profiler: the self time of the
@@ -275,6 +307,18 @@ CKPT_COLUMNS: list[Column] = [
 ]
 
 
+FOLD_COLUMNS: list[Column] = [
+    ("model", "l", lambda r: r["model"]),
+    ("batch", "r", lambda r: r["batch"]),
+    ("folded ms", "r", lambda r: ms(r["folded_s"])),
+    ("as written ms", "r", lambda r: ms(r["written_s"])),
+    ("time folded / as written", "r", lambda r: ratio(r["folded_s"], r["written_s"])),
+    ("saved MiB folded", "r", lambda r: _mb(r["folded_saved"])),
+    ("saved MiB as written", "r", lambda r: _mb(r["written_saved"])),
+    ("saved folded / as written", "r", lambda r: ratio(r["folded_saved"], r["written_saved"])),
+]
+
+
 DEFORMABLE_COLUMNS: list[Column] = [
     ("model", "l", lambda r: r["model"]),
     ("batch", "r", lambda r: r["batch"]),
@@ -301,6 +345,9 @@ def render(store: Store) -> str:
     ]
     if store.rows("checkpointing"):
         parts += ["", "## Grad checkpointing", "", table(CKPT_COLUMNS, store.rows("checkpointing"))]
+    if store.rows("folds"):
+        parts += ["", "## Residual branches folded (layer scale in the weights, drop path and add in one pass)", "",
+                  table(FOLD_COLUMNS, store.rows("folds"))]  # fmt: skip
     if store.rows("deformable"):
         parts += ["", "## Deformable attention (no twin): absolute step time, share of the step in the core", "",
                   table(DEFORMABLE_COLUMNS, store.rows("deformable"))]  # fmt: skip
@@ -318,6 +365,7 @@ def main() -> None:
         help="no bf16 column (emulated, far slower, on a CPU without bf16 instructions, as under --isa avx2)",
     )
     parser.add_argument("--checkpointing", action="store_true", help="grad checkpointing rows (CoaT-Lite S, hybrid)")
+    parser.add_argument("--folds", action="store_true", help="residual branches folded vs as written (4 models)")
     parser.add_argument("--deformable", type=int, metavar="BATCH", help="rows of the deformable specs at this batch")
     args = parser.parse_args()
     store = start(args)
@@ -334,6 +382,12 @@ def main() -> None:
                 ("checkpointing", r.name, partial(checkpointing, r, batches, args.repeats, args.device))
                 for r in references()
                 if r.name in CHECKPOINTED
+            ]
+        if args.folds:
+            jobs += [
+                ("folds", r.name, partial(folds, r, batches, args.repeats, args.device))
+                for r in references()
+                if r.name in FOLDED
             ]
         if args.deformable:
             jobs += [

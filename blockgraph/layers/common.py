@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual name)
 from torch import Tensor, nn
 
-from blockgraph.ops.kernel import autocasting, eager_training
+from blockgraph.ops.kernel import autocasting, training_fold
 from blockgraph.ops.linear import linear as linear_op
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "identity": nn.Identity}
@@ -104,7 +104,7 @@ def residual_branch(layer: nn.Module, x: Tensor, residual: Tensor | None, *drops
     if (
         residual is not None
         and isinstance(layer, Linear)
-        and eager_training(x)
+        and training_fold(x)
         and residual.dtype == x.dtype
         and not autocasting(x.device.type)  # (as written, the drop path draws its factors in the product's dtype)
         and identities(drops)

@@ -25,7 +25,7 @@ from blockgraph.layers.common import (
     uninitialized,
 )
 from blockgraph.ops.conv import conv2d, depthwise_conv2d
-from blockgraph.ops.kernel import autocasting, compiled_inference, eager_inference, eager_training, symbolic_tracing
+from blockgraph.ops.kernel import autocasting, compiled_inference, eager_inference, symbolic_tracing, training_fold
 
 
 class Conv2d(nn.Conv2d):
@@ -274,7 +274,7 @@ def residual_add(
     identities in eval), the add in its kernel's epilogue and the scale folded into its weights (or the add in
     place); the same values up to float rounding. So does a graph torch.compile traces for inference (the layer's op
     then calls that eager path, or runs the scale and add as written for inductor to fuse). In an eager training
-    step (:func:`~blockgraph.ops.kernel.eager_training`) likewise, the drop paths' per-sample factors drawn first
+    step (:func:`~blockgraph.ops.kernel.training_fold`) likewise, the drop paths' per-sample factors drawn first
     (:func:`~blockgraph.layers.common.drop_samples`): the layer folds the scale into its weights and adds
     ``samples * y`` to the residual in one pass (:func:`~blockgraph.ops.kernel.residual_training`), where the modules
     as written make three passes forward and reduce the scale's gradient over every position. Otherwise (tracing,
@@ -282,7 +282,7 @@ def residual_add(
     each module runs as written."""
     scales = [m for m in branch if isinstance(m, LayerScale)]
     if (
-        eager_training(x)
+        training_fold(x)
         and layer.training
         and residual.dtype == x.dtype
         and not autocasting(x.device.type)

@@ -9,7 +9,8 @@ memory, and each is tested against the reference. The layers call the op and nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -157,3 +158,24 @@ def residual_training(
         bias = None if bias is None else bias * scale
     y = product(weight, bias)
     return residual + y if samples is None else torch.addcmul(residual, y, samples)
+
+
+_FOLDING = {"enabled": True}
+
+
+@contextlib.contextmanager
+def folding(enable: bool) -> Iterator[None]:
+    """Within it, a training step's residual branches fold (``True``, the default: :func:`residual_training`) or run
+    each module as written (``False``: for benchmarks of the fold, ``bench/training.py --folds``)."""
+    before = _FOLDING["enabled"]
+    _FOLDING["enabled"] = enable
+    try:
+        yield
+    finally:
+        _FOLDING["enabled"] = before
+
+
+def training_fold(x: Tensor) -> bool:
+    """Whether a residual branch whose layer reads ``x`` may fold (:func:`residual_training`): an eager training step
+    (:func:`eager_training`) with folding on (:func:`folding`)."""
+    return bool(_FOLDING["enabled"]) and eager_training(x)

@@ -16,7 +16,7 @@ from blockgraph.layers.primitives import linear as channel_linear
 from blockgraph.ops import conv as conv_ops
 from blockgraph.ops import linear as linear_ops
 from blockgraph.ops.autotune import forcing
-from blockgraph.ops.kernel import residual_training
+from blockgraph.ops.kernel import folding, residual_training
 from tests.support.weights import ops_called
 
 
@@ -64,7 +64,7 @@ def test_a_training_branch_folds_its_scale_and_adds_the_drop_path_in_one_pass(ca
     values and gradients as its modules run as written, from the same drop path draws (float64, 1e-10), with a
     sample dropped and one kept; tokens and maps (channels-last), linear layers and a 3x3 convolution, and the
     built-in blocks' ``residual_branch`` (an MLP: its drop path and the add). With a hook on the drop path, the
-    modules run as written."""
+    modules run as written, and so they do with folding turned off."""
     torch.manual_seed(0)
     dd = {"dtype": torch.float64}
     if case == "mlp":
@@ -116,6 +116,9 @@ def test_a_training_branch_folds_its_scale_and_adds_the_drop_path_in_one_pass(ca
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with folding(False):  # turned off (benchmarks): the modules as written, bit for bit
+        torch.manual_seed(3)
+        assert torch.equal(run(True), expected) and len(folded) == 1
     seen = []  # a hook on the drop path: it runs as a module of its own, and the hook sees it
     (mlp.drop_path if case == "mlp" else branch[1]).register_forward_hook(lambda m, args, out: seen.append(m))
     run(True)
