@@ -165,65 +165,62 @@ def measure(
     return rows
 
 
-def _switched(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, on: bool) -> None:
-    model.set_grad_checkpointing(on)
-    _step(model, opt, x, y, False)
-
-
-def checkpointing(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
-    """Step time and saved bytes with grad checkpointing on and off (one model, two settings)."""
-    torch.manual_seed(0)
-    model = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    rows = []
-    for batch in batches:
-        x, y = ref.input(batch, device=device), _labels(batch, device)
-
-        t = _timed(
-            {
-                "plain": partial(_switched, model, opt, x, y, False),
-                "checkpointed": partial(_switched, model, opt, x, y, True),
-            },
-            repeats,
-            device,
-        )
-        saved = {}
-        for on in (False, True):
-            model.set_grad_checkpointing(on)
-            saved[on] = saved_bytes(model, x)
-        model.set_grad_checkpointing(False)
-        rows.append({"model": ref.name, "batch": batch, "plain_s": t["plain"], "ckpt_s": t["checkpointed"],
-                     "plain_saved": saved[False], "ckpt_saved": saved[True]})  # fmt: skip
-        log(f"  {ref.name} batch {batch}: checkpointed time {ratio(t['checkpointed'], t['plain'])}, saved "
-            f"{ratio(saved[True], saved[False])}")  # fmt: skip
-    return rows
-
-
-def _folded(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, on: bool) -> None:
-    with folding(on):
+def _switched(
+    model: Any,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    switch: Callable[[Any, bool], Any],
+    on: bool,
+) -> None:
+    with switch(model, on):
         _step(model, opt, x, y, False)
 
 
-def folds(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
-    """Step time and saved bytes with the residual branches folded (the default) and run as written
-    (``blockgraph.ops.kernel.folding(False)``), one model, the two interleaved."""
+def _two_settings(
+    ref: Reference, batches: list[int], repeats: int, device: str, switch: Callable[[Any, bool], Any],
+    settings: dict[str, bool],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Step time and saved bytes of one model in two settings, ``switch(model, on)`` a context that puts it in one
+    (``settings``: each row key's prefix -> ``on``), the two steps interleaved."""
     torch.manual_seed(0)
     model = bg.create_model(ref.name, drop_path_rate=DROP_PATH).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    (a, on_a), (b, on_b) = settings.items()
     rows = []
     for batch in batches:
         x, y = ref.input(batch, device=device), _labels(batch, device)
-        calls = {k: partial(_folded, model, opt, x, y, k == "folded") for k in ("folded", "written")}
-        t = _timed(calls, repeats, device)
+        t = _timed({k: partial(_switched, model, opt, x, y, switch, on) for k, on in settings.items()}, repeats, device)
         saved = {}
-        for on in (True, False):
-            with folding(on):
-                saved[on] = saved_bytes(model, x)
-        rows.append({"model": ref.name, "batch": batch, "folded_s": t["folded"], "written_s": t["written"],
-                     "folded_saved": saved[True], "written_saved": saved[False]})  # fmt: skip
-        log(f"  {ref.name} batch {batch}: folded / as written: time {ratio(t['folded'], t['written'])}, saved "
-            f"{ratio(saved[True], saved[False])}")  # fmt: skip
+        for k, on in settings.items():
+            with switch(model, on):
+                saved[k] = saved_bytes(model, x)
+        rows.append({"model": ref.name, "batch": batch, f"{a}_s": t[a], f"{b}_s": t[b], f"{a}_saved": saved[a],
+                     f"{b}_saved": saved[b]})  # fmt: skip
+        log(f"  {ref.name} batch {batch}: {b} / {a}: time {ratio(t[b], t[a])}, saved {ratio(saved[b], saved[a])}")
     return rows
+
+
+@contextlib.contextmanager
+def _checkpointed(model: Any, on: bool) -> Iterator[None]:
+    model.set_grad_checkpointing(on)
+    try:
+        yield
+    finally:
+        model.set_grad_checkpointing(False)
+
+
+def checkpointing(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
+    """Step time and saved bytes with grad checkpointing off and on."""
+    return _two_settings(ref, batches, repeats, device, _checkpointed, {"plain": False, "ckpt": True})
+
+
+def folds(ref: Reference, batches: list[int], repeats: int, device: str) -> list[dict[str, Any]]:
+    """Step time and saved bytes with the residual branches run as written (``blockgraph.ops.kernel.folding(False)``)
+    and folded (the default)."""
+    return _two_settings(
+        ref, batches, repeats, device, lambda model, on: folding(on), {"written": False, "folded": True}
+    )
 
 
 def deformable(ref: Reference, batch: int, repeats: int, device: str) -> list[dict[str, Any]]:
@@ -295,28 +292,36 @@ def _kept_note(rows: list[dict[str, Any]]) -> list[str]:
     return ["", f"† kept from the row's earlier run ({named}): the later run did not measure that column."]
 
 
-CKPT_COLUMNS: list[Column] = [
-    ("model", "l", lambda r: r["model"]),
-    ("batch", "r", lambda r: r["batch"]),
-    ("step ms", "r", lambda r: ms(r["plain_s"])),
-    ("checkpointed ms", "r", lambda r: ms(r["ckpt_s"])),
-    ("time checkpointed / plain", "r", lambda r: ratio(r["ckpt_s"], r["plain_s"])),
-    ("saved MiB", "r", lambda r: _mb(r["plain_saved"])),
-    ("saved MiB checkpointed", "r", lambda r: _mb(r["ckpt_saved"])),
-    ("saved checkpointed / plain", "r", lambda r: ratio(r["ckpt_saved"], r["plain_saved"])),
-]
+def _setting_columns(a: str, b: str, headers: tuple[str, ...]) -> list[Column]:
+    """The columns of :func:`_two_settings`' rows (keys ``a``, ``b``): model, batch, then under ``headers`` each
+    setting's step, b's time over a's, each setting's saved bytes, b's over a's."""
+    return [
+        ("model", "l", lambda r: r["model"]),
+        ("batch", "r", lambda r: r["batch"]),
+        *zip(
+            headers,
+            "rrrrrr",
+            (
+                lambda r: ms(r[f"{a}_s"]),
+                lambda r: ms(r[f"{b}_s"]),
+                lambda r: ratio(r[f"{b}_s"], r[f"{a}_s"]),
+                lambda r: _mb(r[f"{a}_saved"]),
+                lambda r: _mb(r[f"{b}_saved"]),
+                lambda r: ratio(r[f"{b}_saved"], r[f"{a}_saved"]),
+            ),
+            strict=True,
+        ),
+    ]
 
 
-FOLD_COLUMNS: list[Column] = [
-    ("model", "l", lambda r: r["model"]),
-    ("batch", "r", lambda r: r["batch"]),
-    ("folded ms", "r", lambda r: ms(r["folded_s"])),
-    ("as written ms", "r", lambda r: ms(r["written_s"])),
-    ("time folded / as written", "r", lambda r: ratio(r["folded_s"], r["written_s"])),
-    ("saved MiB folded", "r", lambda r: _mb(r["folded_saved"])),
-    ("saved MiB as written", "r", lambda r: _mb(r["written_saved"])),
-    ("saved folded / as written", "r", lambda r: ratio(r["folded_saved"], r["written_saved"])),
-]
+CKPT_COLUMNS = _setting_columns(
+    "plain", "ckpt", ("step ms", "checkpointed ms", "time checkpointed / plain", "saved MiB", "saved MiB checkpointed",
+                      "saved checkpointed / plain"),
+)  # fmt: skip
+FOLD_COLUMNS = _setting_columns(
+    "written", "folded", ("as written ms", "folded ms", "time folded / as written", "saved MiB as written",
+                          "saved MiB folded", "saved folded / as written"),
+)  # fmt: skip
 
 
 DEFORMABLE_COLUMNS: list[Column] = [
